@@ -1,0 +1,59 @@
+# raresignal — the two commands are `make demo` and `make test`; each sets itself up.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages the tests drive for real: promtool + Prometheus, Alertmanager.
+APT_PACKAGES := prometheus prometheus-alertmanager
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help demo test venv tools lint format protos bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## create .venv and install the pinned dependencies
+
+tools: ## install the Debian tools the tests use (promtool, prometheus, alertmanager)
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null || missing="$$missing prometheus-alertmanager"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing from Debian"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	  else \
+	    echo "note:$$missing not installed and apt-get unavailable: tests that need them will be skipped"; \
+	  fi; \
+	fi
+
+demo: venv ## start a server, train with a rare slice, watch an alert fire, write a plot
+	$(PY) -m raresignal.integrations.demo $(ARGS)
+
+test: venv tools ## run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv ## ruff
+	$(VENV)/bin/ruff check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+
+protos: venv ## regenerate protos/v1 from protos/raresignal/v1/*.proto
+	$(PY) protos/generate.py
+
+bench: venv ## run the benchmarks (see BENCHMARKS.md)
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo-output

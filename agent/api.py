@@ -1,0 +1,125 @@
+"""Contracts between the agent's parts: what an estimator sees and what it returns.
+
+The runtime (monitor, budget scheduler, sender) and the estimators meet only here, so
+either side can change without the other. Nothing in this module touches the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from raresignal.protos.catalog import spec as catalog_spec
+
+# forward(model, inputs) -> logits. Classification: [N, C]; causal LM: [N, T, V].
+ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
+# all_reduce_sum(tensor) -> tensor summed over ranks (identity in one process).
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One value an estimator measured at the current step."""
+
+    metric: str
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        allowed = catalog_spec(self.metric).labels
+        for key, _ in self.labels:
+            if key not in allowed:
+                raise ValueError(f"label {key!r} is not allowed on metric {self.metric!r}")
+
+    @property
+    def key(self) -> str:
+        return series_key(self.metric, dict(self.labels))
+
+
+def series_key(metric: str, labels: Mapping[str, str] | None = None) -> str:
+    """A stable text key for one series, e.g. ``probe_accuracy{probe=rare}``."""
+    if not labels:
+        return metric
+    inner = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return f"{metric}{{{inner}}}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fixed set of examples the monitor evaluates: inputs and their targets.
+
+    ``inputs`` is whatever ``forward`` accepts (a tensor, or a tuple/dict of tensors);
+    ``targets`` holds class indices ([N] for classification, [N, T] for causal LM,
+    with -100 for positions to ignore).
+    """
+
+    inputs: Any
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+
+@dataclass
+class DistributedContext:
+    """How estimators reach the other ranks. Every rank must call the same reductions
+    in the same order; the scheduler guarantees every rank runs the same estimators."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_sum: ReduceFn = field(default=lambda t: t)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class StepContext:
+    """What an estimator may look at during one optimizer step.
+
+    Built by the monitor after backward (gradients final: unscaled, accumulated) and
+    before ``optimizer.step()``. Estimators must leave gradients, parameters, the
+    model's train/eval mode and the RNG state as they found them.
+    """
+
+    step: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    forward: ForwardFn
+    loss: torch.Tensor | None = None  # detached training loss of this step
+    batch: tuple[Any, torch.Tensor] | None = None  # (inputs, targets) of this step, if given
+    batch_size: int | None = None
+    distributed: DistributedContext = field(default_factory=DistributedContext)
+    # Per-step cache an estimator may use to share work with later estimators of the same
+    # step (e.g. the gradient sketch); emptied by the monitor after each step.
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """One measurement with its own cadence.
+
+    ``name`` labels the estimator's timing series; ``default_interval`` is its cadence
+    in optimizer steps before the budget scheduler adjusts it (1 = every step);
+    ``expensive`` estimators are never run twice in one step and are the ones the
+    scheduler stretches first.
+    """
+
+    name: str
+    default_interval: int
+    expensive: bool
+
+    def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        """Measures at this step. May raise; the monitor logs, counts and goes on."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (baselines, warm starts, sketches)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...

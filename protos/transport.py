@@ -1,0 +1,49 @@
+"""Transport settings both ends must agree on (keepalive, sizes, metadata keys).
+
+gRPC closes a connection with GOAWAY ("too_many_pings") when a client pings more often
+than the server permits, so the agent's keepalive and the server's ping policy are
+defined once, here, and imported by both.
+"""
+
+from __future__ import annotations
+
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_HEALTH_PORT = 8081
+
+# Client pings every 30 s and waits 10 s for the answer; the server accepts pings
+# down to every 20 s, and pings without active calls (a sender may sit idle).
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+SERVER_MIN_PING_INTERVAL_MS = 20_000
+
+# A report batch is a few hundred samples; 4 MiB bounds a hostile one.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+AUTHORIZATION_METADATA_KEY = "authorization"  # value: "Bearer <token>"
+REJECTED_SEQUENCE_METADATA_KEY = "raresignal-rejected-sequence"
+
+
+def client_channel_options() -> list[tuple[str, int]]:
+    """Channel options for the agent and the CLI."""
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def server_options() -> list[tuple[str, int]]:
+    """Server options matching :func:`client_channel_options`."""
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
