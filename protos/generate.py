@@ -23,9 +23,8 @@ _ABSOLUTE_IMPORT = re.compile(r"^from raresignal\.v1 import ", re.MULTILINE)
 
 def generate(output_dir: Path) -> list[Path]:
     """Runs protoc on every .proto and writes the rewritten modules to ``output_dir``."""
-    from grpc_tools import protoc  # the pinned generator, a dev dependency only
-
     import grpc_tools
+    from grpc_tools import protoc  # the pinned generator, a dev dependency only
 
     proto_files = sorted(SOURCE_DIR.glob("*.proto"))
     include = Path(grpc_tools.__file__).resolve().parent / "_proto"

@@ -53,8 +53,8 @@ def test_drift_check_notices_a_changed_proto(tmp_path: Path) -> None:
 
 
 def _major_minor_patch(version: str) -> tuple[int, int, int]:
-    numbers = [int(n) for n in re.findall(r"\d+", version)[:3]]
-    return (numbers + [0, 0, 0])[0], (numbers + [0, 0])[1], (numbers + [0, 0, 0])[2]
+    major, minor, patch = [*(int(n) for n in re.findall(r"\d+", version)[:3]), 0, 0, 0][:3]
+    return major, minor, patch
 
 
 def test_runtime_versions_accept_the_gencode() -> None:

@@ -1,0 +1,39 @@
+"""The agent's numerical core: sketches, curvature, Fisher and rare-signal probes.
+
+``build_default_estimators`` wires them up as ``Estimator``s for the monitor; the
+modules underneath are usable on their own.
+"""
+
+from raresignal.agent.estimators.config import EstimatorConfig
+from raresignal.agent.estimators.factory import (
+    build_default_estimators,
+    build_shared_state,
+    default_forward,
+)
+from raresignal.agent.estimators.likelihood import (
+    CausalLMLikelihood,
+    ClassificationLikelihood,
+    Likelihood,
+)
+from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.shared import (
+    GRAD_SKETCH_KEY,
+    LOCAL_GRAD_SQ_NORM_KEY,
+    SharedState,
+)
+from raresignal.agent.estimators.sketch import GradientSketcher
+
+__all__ = [
+    "GRAD_SKETCH_KEY",
+    "LOCAL_GRAD_SQ_NORM_KEY",
+    "CausalLMLikelihood",
+    "ClassificationLikelihood",
+    "EstimatorConfig",
+    "GradientSketcher",
+    "Likelihood",
+    "ParameterSet",
+    "SharedState",
+    "build_default_estimators",
+    "build_shared_state",
+    "default_forward",
+]

@@ -1,0 +1,83 @@
+"""Settings of the default estimators: sketch sizes, cadences, sample counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from raresignal.agent.estimators.parameters import GroupSpec
+
+
+@dataclass
+class EstimatorConfig:
+    """Defaults follow the design table; cadences are in optimizer steps."""
+
+    # Sketch space shared by every estimator.
+    sketch_dim: int = 2048
+    seed: int = 0
+    # Dominant gradient subspace: Frequent Directions with ell rows, forgetting gamma per
+    # insertion, top-k basis U_dom; probe subspaces keep probe_rank directions.
+    fd_rows: int = 32
+    fd_decay: float = 0.99
+    subspace_rank: int = 8
+    probe_rank: int = 8
+    # Cadences.
+    gradient_stats_interval: int = 1
+    noise_scale_interval: int = 10
+    subspace_interval: int = 4
+    drift_interval: int = 500
+    sharpness_interval: int = 500
+    fisher_interval: int = 100
+    probes_interval: int = 200
+    representation_interval: int = 1000
+    # Curvature: the fixed probe batch, Lanczos and the trace.
+    curvature_batch_size: int = 64
+    hvp_backend: str = "auto"  # or double_backward, forward_over_reverse, finite_difference
+    sharpness_warmup_steps: int = 0
+    sharpness_tol: float = 0.02
+    sharpness_cold_iterations: int = 20
+    sharpness_warm_iterations: int = 10
+    trace_method: str = "hutchpp"  # or "hutchinson"
+    hutchinson_samples: int = 12  # products for the trace; 0 skips it
+    # Fisher and probes.
+    fisher_label_draws: int = 1
+    fisher_top_k: int = 8
+    empirical_fisher: bool = True
+    per_example_chunk: int = 16
+    per_example_method: str = "auto"  # or "vmap", "loop"
+    retention_warmup_step: int = 1000
+    common_probe_name: str = "common"
+    # Layer groups for per-group Fisher traces (None: top-level module names).
+    param_groups: GroupSpec = None
+    # Noise scale.
+    noise_scale_ema: float = 0.9
+    # Representation rank: the submodule to hook (None skips the estimator).
+    representation_layer: str | None = None
+    dormant_threshold: float = 0.025
+
+    def __post_init__(self) -> None:
+        intervals = {f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name.endswith("_interval")}
+        checks = {
+            "sketch_dim": self.sketch_dim >= 1,
+            "fd_rows": self.fd_rows >= 2,
+            "subspace_rank": 0 < self.subspace_rank < self.fd_rows,
+            "probe_rank": self.probe_rank >= 1,
+            "fd_decay": 0.0 < self.fd_decay <= 1.0,
+            "curvature_batch_size": self.curvature_batch_size >= 1,
+            "sharpness_tol": self.sharpness_tol > 0,
+            "sharpness_cold_iterations": self.sharpness_cold_iterations >= 1,
+            "sharpness_warm_iterations": self.sharpness_warm_iterations >= 1,
+            "trace_method": self.trace_method in ("hutchinson", "hutchpp"),
+            "hutchinson_samples": self.hutchinson_samples >= 0,
+            "hvp_backend": self.hvp_backend in ("auto", "double_backward",
+                                                "forward_over_reverse", "finite_difference"),
+            "fisher_label_draws": self.fisher_label_draws >= 1,
+            "per_example_chunk": self.per_example_chunk >= 1,
+            "per_example_method": self.per_example_method in ("auto", "vmap", "loop"),
+            "noise_scale_ema": 0.0 <= self.noise_scale_ema < 1.0,
+            **{name: value >= 1 for name, value in intervals.items()},
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"invalid EstimatorConfig: {values}")

@@ -1,0 +1,102 @@
+"""Builds the default estimators and the state they share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from raresignal.agent.api import Estimator, ForwardFn, Probe
+from raresignal.agent.estimators.config import EstimatorConfig
+from raresignal.agent.estimators.default_estimators import (
+    FisherEstimator,
+    GradientStatsEstimator,
+    GradientSubspaceEstimator,
+    NoiseScaleEstimator,
+    ProbeEstimator,
+    RepresentationEstimator,
+    SharpnessEstimator,
+    SubspaceDriftEstimator,
+)
+from raresignal.agent.estimators.likelihood import Likelihood, likelihood_for_task
+from raresignal.agent.estimators.objective import FunctionalModel
+from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.per_example import PerExampleGradients
+from raresignal.agent.estimators.shared import FixedBatch, SharedState
+from raresignal.agent.estimators.sketch import GradientSketcher
+from raresignal.agent.estimators.subspace import DominantSubspace
+from torch import nn
+
+
+def default_forward(model: nn.Module, inputs: object) -> torch.Tensor:
+    """model(inputs); a tuple is unpacked as positional and a dict as keyword arguments,
+    and an output with ``.logits`` (Hugging Face) gives its logits."""
+    if isinstance(inputs, dict):
+        output = model(**inputs)
+    elif isinstance(inputs, tuple):
+        output = model(*inputs)
+    else:
+        output = model(inputs)
+    return output.logits if hasattr(output, "logits") else output
+
+
+def build_shared_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                       common_probe: Probe | None, config: EstimatorConfig,
+                       task: str | Likelihood = "classification",
+                       forward: ForwardFn = default_forward) -> SharedState:
+    """The objects several estimators read and write."""
+    parameters = ParameterSet.from_model(model, config.param_groups)
+    likelihood = likelihood_for_task(task)
+    sketcher = GradientSketcher(parameters, config.sketch_dim, config.seed)
+    functional = FunctionalModel(model, forward, parameters)
+    return SharedState(
+        model=model, optimizer=optimizer, forward=forward, likelihood=likelihood,
+        config=config, parameters=parameters, sketcher=sketcher,
+        dominant=DominantSubspace(config.sketch_dim, config.fd_rows, config.subspace_rank,
+                                  config.fd_decay, parameters.device),
+        functional=functional,
+        per_example=PerExampleGradients(functional, likelihood, sketcher,
+                                        config.per_example_chunk, config.per_example_method),
+        curvature_batch=FixedBatch.from_probe(common_probe, config.curvature_batch_size),
+    )
+
+
+def build_default_estimators(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    probes: Mapping[str, Probe] | None = None,
+    common_probe: Probe | None = None,
+    config: EstimatorConfig | None = None,
+    task: str | Likelihood = "classification",
+    forward: ForwardFn = default_forward,
+) -> list[Estimator]:
+    """Every default estimator, sharing one sketcher, one dominant subspace, one probe batch.
+
+    ``task`` is "classification" (logits [N, C]), "causal_lm" (logits [N, T, V] aligned
+    with targets), "causal_lm_shifted" (Hugging Face labels) or a ``Likelihood``.
+    Probe estimators run only when probes are given; representation rank only when
+    ``config.representation_layer`` is set and a probe exists to run it on.
+    """
+    config = config or EstimatorConfig()
+    probes = dict(probes or {})
+    if common_probe is not None and config.common_probe_name in probes:
+        raise ValueError(f"probe name {config.common_probe_name!r} is taken by the common "
+                         "probe; rename the probe or set EstimatorConfig.common_probe_name")
+    for name, probe in probes.items():
+        if not isinstance(probe, Probe) or len(probe) == 0:
+            raise ValueError(f"probe {name!r} must be a non-empty Probe")
+    shared = build_shared_state(model, optimizer, common_probe, config, task, forward)
+    estimators: list[Estimator] = [
+        GradientStatsEstimator(shared),
+        NoiseScaleEstimator(shared),
+        GradientSubspaceEstimator(shared),
+        SubspaceDriftEstimator(shared),
+        SharpnessEstimator(shared),
+        FisherEstimator(shared),
+    ]
+    if probes:
+        estimators.append(ProbeEstimator(shared, probes, common_probe))
+    representation_probe = common_probe or next(iter(probes.values()), None)
+    if config.representation_layer is not None and representation_probe is not None:
+        estimators.append(RepresentationEstimator(shared, config.representation_layer,
+                                                  representation_probe))
+    return estimators

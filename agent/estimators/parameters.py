@@ -1,0 +1,126 @@
+"""The trainable parameters every estimator measures, in one fixed order, with groups.
+
+Estimators agree on which parameters they look at and in which order, so flat vectors,
+sketches and per-group reports line up between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Name components wrappers insert (FSDP, torch.compile, activation checkpointing) and the
+# leading "module" of DDP; stripped so that a parameter keeps its identity (and its sketch
+# hash) however the model is wrapped.
+_WRAPPER_COMPONENTS = frozenset(
+    {"_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module"})
+
+# Maps a parameter name to its group, or a mapping group -> name prefixes.
+GroupSpec = Callable[[str], str] | Mapping[str, Sequence[str]] | None
+
+
+def canonical_name(name: str) -> str:
+    """The parameter's name without the prefixes wrappers insert anywhere in the path."""
+    parts = [part for part in name.split(".") if part not in _WRAPPER_COMPONENTS]
+    if len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def top_level_group(name: str) -> str:
+    """Default grouping: the first component of the canonical name (``encoder``, ``head``)."""
+    return canonical_name(name).split(".")[0]
+
+
+def _group_function(spec: GroupSpec) -> Callable[[str], str]:
+    if spec is None:
+        return top_level_group
+    if callable(spec):
+        return spec
+    prefixes = [(group, prefix) for group, ps in spec.items() for prefix in ps]
+    prefixes.sort(key=lambda item: -len(item[1]))  # longest prefix wins
+
+    def by_prefix(name: str) -> str:
+        canonical = canonical_name(name)
+        for group, prefix in prefixes:
+            if canonical.startswith(prefix):
+                return group
+        return "other"
+
+    return by_prefix
+
+
+@dataclass(frozen=True)
+class ParameterSet:
+    """Named trainable parameters of a model, their groups, and flat-vector conversions."""
+
+    names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+    groups: tuple[str, ...]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, groups: GroupSpec = None) -> ParameterSet:
+        group_of = _group_function(groups)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters to monitor")
+        return cls(
+            names=tuple(n for n, _ in named),
+            params=tuple(p for _, p in named),
+            groups=tuple(group_of(n) for n, _ in named),
+        )
+
+    def __iter__(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(zip(self.names, self.params, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """Distinct groups in first-seen order."""
+        return tuple(dict.fromkeys(self.groups))
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def fp32_detached(self) -> dict[str, torch.Tensor]:
+        """Parameter values as fp32 tensors cut from autograd (no copy when already fp32)."""
+        return {n: p.detach().float() for n, p in self}
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.params]
+
+    def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """One fp32 vector from tensors aligned with the parameters (None counts as zeros)."""
+        parts = [
+            (t.detach().float() if t is not None else torch.zeros_like(p, dtype=torch.float32))
+            .reshape(-1)
+            for t, p in zip(tensors, self.params, strict=True)
+        ]
+        return torch.cat(parts)
+
+    def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector shaped like each parameter."""
+        out, offset = [], 0
+        for p in self.params:
+            out.append(vector[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+    def group_slices(self) -> dict[str, list[slice]]:
+        """Flat-vector slices belonging to each group."""
+        slices: dict[str, list[slice]] = {g: [] for g in self.group_names}
+        offset = 0
+        for p, g in zip(self.params, self.groups, strict=True):
+            slices[g].append(slice(offset, offset + p.numel()))
+            offset += p.numel()
+        return slices

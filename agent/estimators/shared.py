@@ -1,0 +1,93 @@
+"""State the default estimators share, created once by the factory.
+
+The sketcher (and its cached hash indices), the dominant subspace fed by one estimator
+and read by others, the fixed curvature batch, and the step's gradient sketch, which is
+computed once per step and handed on through ``ctx.cache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from raresignal.agent.api import ForwardFn, Probe, StepContext
+from raresignal.agent.estimators.config import EstimatorConfig
+from raresignal.agent.estimators.likelihood import Likelihood
+from raresignal.agent.estimators.objective import FunctionalModel, take
+from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.per_example import PerExampleGradients
+from raresignal.agent.estimators.sketch import GradientSketcher
+from raresignal.agent.estimators.subspace import DominantSubspace
+from torch import nn
+from torch.utils._pytree import tree_map
+
+# ctx.cache keys. The runtime may set LOCAL_GRAD_SQ_NORM under data parallelism: this
+# rank's squared gradient norm before the all-reduce (a float), which makes the noise
+# scale free.
+GRAD_SKETCH_KEY = "raresignal.grad_sketch"
+LOCAL_GRAD_SQ_NORM_KEY = "raresignal.local_grad_sq_norm"
+
+
+@dataclass
+class FixedBatch:
+    """One batch that curvature is always measured on: the common probe's first examples,
+    or the first training batch seen (copied, so later batches cannot change it)."""
+
+    size: int
+    inputs: Any = None
+    targets: torch.Tensor | None = None
+
+    @classmethod
+    def from_probe(cls, probe: Probe | None, size: int) -> FixedBatch:
+        batch = cls(size)
+        if probe is not None:
+            index = slice(0, min(size, len(probe)))
+            batch.inputs, batch.targets = take(probe.inputs, index), probe.targets[index]
+        return batch
+
+    def get(self, ctx: StepContext) -> tuple[Any, torch.Tensor] | None:
+        if self.targets is None and ctx.batch is not None:
+            inputs, targets = ctx.batch
+            index = slice(0, min(self.size, int(targets.shape[0])))
+            self.inputs = _copy(take(inputs, index))
+            self.targets = targets[index].detach().clone()
+        if self.targets is None:
+            return None
+        return self.inputs, self.targets
+
+
+def _copy(inputs: Any) -> Any:
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, inputs)
+
+
+@dataclass
+class SharedState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    forward: ForwardFn
+    likelihood: Likelihood
+    config: EstimatorConfig
+    parameters: ParameterSet
+    sketcher: GradientSketcher
+    dominant: DominantSubspace
+    functional: FunctionalModel
+    per_example: PerExampleGradients
+    curvature_batch: FixedBatch
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. which HVP backend is used
+
+    def generator(self, *salt: int) -> torch.Generator:
+        """A CPU generator seeded from the config seed and ``salt``; global RNG untouched."""
+        seed = self.config.seed
+        for value in salt:
+            seed = (seed * 1_000_003 + value) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def step_gradient_sketch(self, ctx: StepContext) -> torch.Tensor | None:
+        """S g of this step's gradient, computed once per step and cached in ``ctx.cache``."""
+        if GRAD_SKETCH_KEY not in ctx.cache:
+            if all(g is None for g in self.parameters.grads()):
+                ctx.cache[GRAD_SKETCH_KEY] = None
+            else:
+                ctx.cache[GRAD_SKETCH_KEY] = self.sketcher.sketch_grads()
+        return ctx.cache[GRAD_SKETCH_KEY]

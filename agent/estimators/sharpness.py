@@ -1,0 +1,126 @@
+"""Sharpness: top Hessian eigenvalue, preconditioned for Adam, against its stability edge.
+
+The edge-of-stability literature compares lambda_max with the largest curvature the
+optimizer can follow without diverging on a quadratic: 2/lr for SGD, (2 + 2 beta)/lr with
+heavy-ball momentum, and for Adam the preconditioned lambda_1(P^-1/2 H P^-1/2) against
+(2 + 2 beta1) / ((1 - beta1) lr) (Cohen et al. 2022, "Adaptive gradient methods at the edge
+of stability").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from raresignal.agent.estimators.hvp import HessianVectorProduct
+from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.spectral import (
+    Eigenpair,
+    MatVec,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos_top,
+)
+
+
+@dataclass(frozen=True)
+class OptimizerProfile:
+    """What the stability threshold depends on."""
+
+    kind: str  # "sgd", "sgd_momentum", "adam", or "other"
+    lr: float
+    beta: float = 0.0  # momentum (SGD) or beta1 (Adam)
+
+    @property
+    def preconditioned(self) -> bool:
+        return self.kind == "adam"
+
+    def stability_threshold(self) -> float | None:
+        """Largest stable curvature for this optimizer, or None when no formula applies."""
+        if self.lr <= 0:
+            return None
+        if self.kind == "sgd":
+            return 2.0 / self.lr
+        if self.kind == "sgd_momentum":
+            return (2.0 + 2.0 * self.beta) / self.lr
+        if self.kind == "adam":
+            return (2.0 + 2.0 * self.beta) / ((1.0 - self.beta) * self.lr)
+        return None
+
+
+def _float(value: object) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)  # type: ignore[arg-type]
+
+
+def optimizer_profile(optimizer: torch.optim.Optimizer | None) -> OptimizerProfile:
+    """Reads kind, learning rate and momentum of the first parameter group."""
+    if optimizer is None or not optimizer.param_groups:
+        return OptimizerProfile("other", 0.0)
+    group = optimizer.param_groups[0]
+    lr = _float(group.get("lr", 0.0))
+    if "betas" in group and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return OptimizerProfile("adam", lr, _float(group["betas"][0]))
+    if isinstance(optimizer, torch.optim.SGD):
+        momentum = _float(group.get("momentum", 0.0))
+        return OptimizerProfile("sgd_momentum" if momentum > 0 else "sgd", lr, momentum)
+    return OptimizerProfile("other", lr)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer,
+                        parameters: ParameterSet) -> torch.Tensor | None:
+    """Flat P = sqrt(v_hat) + eps from Adam's state (bias-corrected), None before step 1."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    for p in parameters.params:
+        state = optimizer.state.get(p, {})
+        group = group_of.get(id(p))
+        if group is None or "exp_avg_sq" not in state or "step" not in state:
+            return None
+        step = _float(state["step"])
+        if step < 1:
+            return None
+        beta2 = _float(group["betas"][1])
+        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
+        v_hat = v.detach().float() / (1.0 - beta2**step)
+        parts.append((v_hat.sqrt() + _float(group["eps"])).reshape(-1))
+    return torch.cat(parts).to(parameters.device)
+
+
+def preconditioned(matvec: MatVec, preconditioner: torch.Tensor) -> MatVec:
+    """x -> P^-1/2 H P^-1/2 x, for a diagonal P given as a flat vector."""
+    scale = preconditioner.rsqrt()
+    return lambda x: scale * matvec(scale * x)
+
+
+@dataclass
+class SharpnessTracker:
+    """Top eigenpair estimates warm-started from the previous call's eigenvector."""
+
+    dim: int
+    seed: int = 0
+    cold_iterations: int = 20
+    warm_iterations: int = 10
+    tol: float = 0.02
+    previous: torch.Tensor | None = None
+
+    def estimate(self, matvec: MatVec, device: torch.device) -> Eigenpair:
+        if self.previous is not None and self.previous.numel() == self.dim:
+            start, iterations = self.previous.to(device), self.warm_iterations
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            start = torch.randn(self.dim, generator=generator).to(device)
+            iterations = self.cold_iterations
+        pair = lanczos_top(matvec, start, iterations, self.tol)
+        self.previous = pair.vector.detach()
+        return pair
+
+
+def curvature_trace(hvp: HessianVectorProduct, samples: int, method: str,
+                    generator: torch.Generator) -> float:
+    """Trace of the Hessian by Hutchinson or Hutch++ with ``samples`` products."""
+    device = hvp.parameters.device
+    if method == "hutchinson":
+        return hutchinson_trace(hvp, hvp.parameters.numel, samples, generator, device)
+    if method == "hutchpp":
+        return hutchpp_trace(hvp, hvp.parameters.numel, samples, generator, device)
+    raise ValueError(f"unknown trace method {method!r}; expected 'hutchinson' or 'hutchpp'")

@@ -1,0 +1,129 @@
+"""Seeded sparse random projection (CountSketch) of gradients into d dimensions.
+
+Each parameter coordinate goes to one of d buckets with a random sign. Bucket and sign are
+a hash of the coordinate's *global* identity (the parameter's canonical name and its flat
+index in the full, unsharded parameter), so a shard sketched with its offset lands exactly
+where it would in the whole parameter: shard sketches sum to the sketch of the whole, on
+any rank and any device. No D x d matrix exists; the per-parameter bucket (int32) and sign
+(int8) tensors are hashed once and cached. E<Sx, Sy> = <x, y>, with variance at most
+2|x|^2|y|^2/d.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from raresignal.agent.estimators.parameters import ParameterSet, canonical_name
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values below 2**32.
+
+    int64 products wrap modulo 2**64, which keeps their low 32 bits exact.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def parameter_seed(name: str, seed: int) -> int:
+    """A 32-bit seed for one parameter, stable across processes and Python versions."""
+    digest = hashlib.blake2b(f"{seed}:{canonical_name(name)}".encode(), digest_size=4)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def bucket_and_sign(
+    name: str, numel: int, dim: int, seed: int, offset: int = 0, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket (int32 in [0, dim)) and sign (int8, +-1) of coordinates offset..offset+numel."""
+    p_seed = parameter_seed(name, seed)
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    low = index & _MASK32
+    high = index >> 32
+    h = _fmix32(low ^ p_seed)
+    h = _fmix32(h ^ _fmix32(high ^ 0x9E3779B9))
+    bucket = (h % dim).to(torch.int32)
+    sign_bit = _fmix32(h ^ 0x7F4A7C15) & 1
+    sign = (1 - 2 * sign_bit).to(torch.int8)
+    return bucket, sign
+
+
+class GradientSketcher:
+    """Projects parameter-shaped tensors into a d-dimensional sketch (fp32 accumulation).
+
+    ``shard_offsets`` gives, for a sharded parameter, the flat index of this rank's first
+    element in the full parameter; tensors passed for it are this rank's flat shard.
+    """
+
+    def __init__(
+        self,
+        parameters: ParameterSet,
+        dim: int = 2048,
+        seed: int = 0,
+        shard_offsets: dict[str, int] | None = None,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"sketch dimension must be positive, got {dim}")
+        self.parameters = parameters
+        self.dim = dim
+        self.seed = seed
+        self.shard_offsets = dict(shard_offsets or {})
+        self._cache: dict[tuple[str, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _indices(
+        self, name: str, numel: int, device: torch.device, offset: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = self.shard_offsets.get(name, 0) if offset is None else offset
+        key = (name, numel, offset, str(device))
+        if key not in self._cache:
+            self._cache[key] = bucket_and_sign(name, numel, self.dim, self.seed, offset, device)
+        return self._cache[key]
+
+    def sketch_tensor(
+        self, name: str, tensor: torch.Tensor, offset: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Adds the sketch of one parameter-shaped (or flat shard) tensor into ``out``."""
+        flat = tensor.detach().reshape(-1)
+        if out is None:
+            out = torch.zeros(self.dim, dtype=torch.float32, device=flat.device)
+        bucket, sign = self._indices(name, flat.numel(), flat.device, offset)
+        out.index_add_(0, bucket, flat.float() * sign)
+        return out
+
+    def sketch(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Sketch of a list of tensors aligned with the parameters (None counts as zero)."""
+        if len(tensors) != len(self.parameters):
+            raise ValueError(
+                f"expected {len(self.parameters)} tensors aligned with the parameters, "
+                f"got {len(tensors)}")
+        out = torch.zeros(self.dim, dtype=torch.float32, device=self.parameters.device)
+        for name, tensor in zip(self.parameters.names, tensors, strict=True):
+            if tensor is not None:
+                self.sketch_tensor(name, tensor.to(out.device), out=out)
+        return out
+
+    def sketch_grads(self) -> torch.Tensor:
+        """Sketch of the parameters' current ``.grad`` (missing grads count as zero)."""
+        return self.sketch(self.parameters.grads())
+
+    def sketch_batched(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Sketches B vectors at once: each tensor is [B, *param_shape]; returns [B, d]."""
+        present = [t for t in tensors if t is not None]
+        if not present:
+            raise ValueError("nothing to sketch: every tensor is None")
+        batch = present[0].shape[0]
+        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=self.parameters.device)
+        for name, tensor in zip(self.parameters.names, tensors, strict=True):
+            if tensor is None:
+                continue
+            flat = tensor.detach().to(out.device).reshape(batch, -1)
+            bucket, sign = self._indices(name, flat.shape[1], flat.device)
+            out.index_add_(1, bucket, flat.float() * sign)
+        return out

@@ -1,0 +1,428 @@
+"""The SQLite backend: one file in WAL mode (or ":memory:"), one connection, one writer.
+
+Every method is called from a single thread (the server's storage executor), so the
+connection is never shared between threads and the sequence check and the insert of a
+batch sit in one transaction without further locking.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from raresignal.server.storage import (
+    AlertRecord,
+    EngineWrites,
+    LatestValue,
+    RunRecord,
+    SeriesPoint,
+)
+from raresignal.server.validation import CheckedSample
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    run_name TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    world_size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_step INTEGER NOT NULL,
+    report_interval_seconds REAL NOT NULL,
+    config TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    finished_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    last_step INTEGER NOT NULL DEFAULT -1,
+    last_value REAL,
+    last_wall_time REAL,
+    UNIQUE (run_id, metric, labels)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    series_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    value REAL NOT NULL,
+    wall_time REAL NOT NULL,
+    PRIMARY KEY (series_id, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sender_sequences (
+    run_id TEXT NOT NULL,
+    sender_id TEXT NOT NULL,
+    last_sequence INTEGER NOT NULL,
+    PRIMARY KEY (run_id, sender_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rule_states (
+    run_id TEXT NOT NULL,
+    state_key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, state_key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    run_name TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    severity TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    value REAL NOT NULL,
+    threshold REAL NOT NULL,
+    step INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    fired_at REAL NOT NULL,
+    resolved_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_by_run ON alerts (run_id, started_at);
+CREATE TABLE IF NOT EXISTS alert_history (
+    alert_id TEXT NOT NULL,
+    previous_state INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    at REAL NOT NULL,
+    value REAL NOT NULL,
+    step INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alert_history_by_alert ON alert_history (alert_id);
+"""
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Bounds the samples kept per series so a month-long run does not grow without end.
+
+    The newest ``full_resolution`` samples of a series are kept as they came. Older ones
+    are capped at ``thinned_capacity``: whenever they exceed it, every second one is
+    dropped (the oldest always stays), so the resolution of old history halves each time
+    and a series never holds more than ``full_resolution + thinned_capacity`` samples.
+    """
+
+    full_resolution: int = 10_000
+    thinned_capacity: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.full_resolution < 1 or self.thinned_capacity < 2:
+            raise ValueError("retention needs full_resolution >= 1 and thinned_capacity >= 2")
+
+    @property
+    def limit(self) -> int:
+        return self.full_resolution + self.thinned_capacity
+
+
+def _run_from_row(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        run_id=row["run_id"], run_name=row["run_name"], state=row["state"],
+        world_size=row["world_size"], created_at=row["created_at"],
+        updated_at=row["updated_at"], last_step=row["last_step"],
+        report_interval_seconds=row["report_interval_seconds"],
+        config=json.loads(row["config"]), tags=json.loads(row["tags"]),
+        agent_version=row["agent_version"], finished_at=row["finished_at"],
+    )
+
+
+def _alert_from_row(row: sqlite3.Row) -> AlertRecord:
+    return AlertRecord(
+        alert_id=row["alert_id"], run_id=row["run_id"], run_name=row["run_name"],
+        rule=row["rule"], labels=json.loads(row["labels"]), state=row["state"],
+        severity=row["severity"], summary=row["summary"], value=row["value"],
+        threshold=row["threshold"], step=row["step"], started_at=row["started_at"],
+        fired_at=row["fired_at"], resolved_at=row["resolved_at"],
+    )
+
+
+def _alert_row(alert: AlertRecord) -> tuple[Any, ...]:
+    return (alert.alert_id, alert.run_id, alert.run_name, alert.rule,
+            json.dumps(alert.labels, sort_keys=True), alert.state, alert.severity,
+            alert.summary, alert.value, alert.threshold, alert.step, alert.started_at,
+            alert.fired_at, alert.resolved_at)
+
+
+def _run_row(run: RunRecord) -> tuple[Any, ...]:
+    return (run.run_id, run.run_name, run.state, run.world_size, run.created_at,
+            run.updated_at, run.last_step, run.report_interval_seconds,
+            json.dumps(run.config, sort_keys=True), json.dumps(run.tags, sort_keys=True),
+            run.agent_version, run.finished_at)
+
+
+class SQLiteStorage:
+    """:class:`raresignal.server.storage.Storage` on one SQLite database."""
+
+    def __init__(self, path: str, retention: RetentionPolicy | None = None) -> None:
+        self.path = path
+        self.retention = retention or RetentionPolicy()
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        if path != ":memory:":
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise RuntimeError(f"SQLite at {path} refused WAL mode (got {mode})")
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose
+        # the last transactions, never corrupt the file.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self._series_ids: dict[str, dict[tuple[str, str], int]] = {}
+        # Upper bounds of the sample count per series (replaced steps count twice), so the
+        # exact count is only taken when a series may have reached the retention limit.
+        self._sizes: dict[int, int] = {}
+        self._sequences: dict[tuple[str, str], int] = {
+            (row[0], row[1]): row[2]
+            for row in self._db.execute(
+                "SELECT run_id, sender_id, last_sequence FROM sender_sequences")
+        }
+
+    # -- runs ------------------------------------------------------------------------
+
+    def create_run(self, run: RunRecord) -> None:
+        with self._transaction():
+            self._db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _run_row(run))
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _run_from_row(row) if row else None
+
+    def update_run(self, run: RunRecord, writes: EngineWrites | None = None) -> None:
+        with self._transaction():
+            self._upsert_run(run)
+            if writes is not None:
+                self._write_engine(writes)
+
+    def list_runs(self, include_finished: bool) -> list[RunRecord]:
+        query = "SELECT * FROM runs"
+        if not include_finished:
+            query += " WHERE finished_at = 0"
+        return [_run_from_row(row) for row in self._db.execute(query + " ORDER BY created_at")]
+
+    # -- sequences and series ------------------------------------------------------------
+
+    def last_sequence(self, run_id: str, sender_id: str) -> int:
+        return self._sequences.get((run_id, sender_id), 0)
+
+    def last_sequences(self, run_id: str) -> dict[str, int]:
+        return {sender: seq for (run, sender), seq in self._sequences.items() if run == run_id}
+
+    def _series_of(self, run_id: str) -> dict[tuple[str, str], int]:
+        ids = self._series_ids.get(run_id)
+        if ids is None:
+            ids = {
+                (row[1], row[2]): row[0]
+                for row in self._db.execute(
+                    "SELECT series_id, metric, labels FROM series WHERE run_id = ?", (run_id,))
+            }
+            self._series_ids[run_id] = ids
+        return ids
+
+    def series_count(self, run_id: str) -> int:
+        return len(self._series_of(run_id))
+
+    def new_series_count(self, run_id: str, samples: Iterable[CheckedSample]) -> int:
+        known = self._series_of(run_id)
+        return len({(s.metric, s.labels_key) for s in samples} - known.keys())
+
+    def apply_batch(
+        self,
+        run: RunRecord,
+        sender_id: str,
+        sequence: int,
+        samples: Sequence[CheckedSample],
+        engine_writes: EngineWrites,
+    ) -> bool:
+        db = self._db
+        series = self._series_of(run.run_id)
+        created: list[tuple[str, str]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "SELECT last_sequence FROM sender_sequences WHERE run_id = ? AND sender_id = ?",
+                (run.run_id, sender_id)).fetchone()
+            if row is not None and sequence <= row[0]:
+                db.execute("ROLLBACK")
+                return False
+            db.execute(
+                "INSERT INTO sender_sequences VALUES (?,?,?) ON CONFLICT (run_id, sender_id) "
+                "DO UPDATE SET last_sequence = excluded.last_sequence",
+                (run.run_id, sender_id, sequence))
+            rows: list[tuple[int, int, float, float]] = []
+            latest: dict[int, tuple[int, float, float]] = {}
+            for sample in samples:
+                key = (sample.metric, sample.labels_key)
+                series_id = series.get(key)
+                if series_id is None:
+                    series_id = db.execute(
+                        "INSERT INTO series (run_id, metric, labels) VALUES (?,?,?)",
+                        (run.run_id, sample.metric, sample.labels_key)).lastrowid
+                    series[key] = series_id
+                    self._sizes[series_id] = 0
+                    created.append(key)
+                rows.append((series_id, sample.step, sample.value, sample.wall_time))
+                newest = latest.get(series_id)
+                if newest is None or sample.step >= newest[0]:
+                    latest[series_id] = (sample.step, sample.value, sample.wall_time)
+            db.executemany("INSERT OR REPLACE INTO samples VALUES (?,?,?,?)", rows)
+            db.executemany(
+                "UPDATE series SET last_step = ?, last_value = ?, last_wall_time = ? "
+                "WHERE series_id = ? AND last_step <= ?",
+                [(step, value, wall, sid, step) for sid, (step, value, wall) in latest.items()])
+            self._upsert_run(run)
+            self._write_engine(engine_writes)
+            self._apply_retention(rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for key in created:
+                series.pop(key, None)
+            self._sizes.clear()  # counts may include rolled-back rows; re-count lazily
+            raise
+        self._sequences[(run.run_id, sender_id)] = sequence
+        return True
+
+    def _apply_retention(self, rows: list[tuple[int, int, float, float]]) -> None:
+        added: dict[int, int] = {}
+        for row in rows:
+            added[row[0]] = added.get(row[0], 0) + 1
+        limit = self.retention.limit
+        for series_id, count in added.items():
+            size = self._sizes.get(series_id)
+            if size is None:
+                size = self._exact_size(series_id) - count
+            size += count
+            if size > limit:
+                size = self._exact_size(series_id)
+                if size > limit:
+                    size -= self._thin(series_id)
+            self._sizes[series_id] = size
+
+    def _exact_size(self, series_id: int) -> int:
+        return self._db.execute("SELECT count(*) FROM samples WHERE series_id = ?",
+                                (series_id,)).fetchone()[0]
+
+    def _thin(self, series_id: int) -> int:
+        """Drops every second sample older than the full-resolution window; returns how
+        many were dropped."""
+        older = [
+            row[0] for row in self._db.execute(
+                "SELECT step FROM samples WHERE series_id = ? ORDER BY step DESC "
+                "LIMIT -1 OFFSET ?", (series_id, self.retention.full_resolution))
+        ]
+        older.reverse()  # oldest first; keep the oldest and every second one after it
+        dropped = older[1::2]
+        self._db.executemany("DELETE FROM samples WHERE series_id = ? AND step = ?",
+                             [(series_id, step) for step in dropped])
+        return len(dropped)
+
+    def _upsert_run(self, run: RunRecord) -> None:
+        self._db.execute(
+            "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (run_id) DO UPDATE "
+            "SET run_name = excluded.run_name, state = excluded.state, "
+            "world_size = excluded.world_size, updated_at = excluded.updated_at, "
+            "last_step = excluded.last_step, "
+            "report_interval_seconds = excluded.report_interval_seconds, "
+            "config = excluded.config, tags = excluded.tags, "
+            "agent_version = excluded.agent_version, finished_at = excluded.finished_at",
+            _run_row(run))
+
+    def _write_engine(self, writes: EngineWrites) -> None:
+        if writes.rule_states:
+            self._db.executemany(
+                "INSERT INTO rule_states VALUES (?,?,?) ON CONFLICT (run_id, state_key) "
+                "DO UPDATE SET state = excluded.state",
+                [(run_id, key, json.dumps(state)) for run_id, key, state in writes.rule_states])
+        if writes.alerts:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO alerts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [_alert_row(alert) for alert in writes.alerts])
+        if writes.changes:
+            self._db.executemany(
+                "INSERT INTO alert_history VALUES (?,?,?,?,?,?)",
+                [(c.alert.alert_id, c.previous_state, c.alert.state, c.at, c.alert.value,
+                  c.alert.step) for c in writes.changes])
+
+    # -- reads -----------------------------------------------------------------------
+
+    def latest_values(self) -> list[LatestValue]:
+        return [
+            LatestValue(row[0], row[1], row[2], row[3], row[4], row[5])
+            for row in self._db.execute(
+                "SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
+                "FROM series WHERE last_value IS NOT NULL")
+        ]
+
+    def get_series(self, run_id: str, metric: str, labels_key: str,
+                   since_step: int) -> list[SeriesPoint]:
+        series_id = self._series_of(run_id).get((metric, labels_key))
+        if series_id is None:
+            return []
+        return [
+            SeriesPoint(row[0], row[1], row[2])
+            for row in self._db.execute(
+                "SELECT step, value, wall_time FROM samples WHERE series_id = ? AND step >= ? "
+                "ORDER BY step", (series_id, since_step))
+        ]
+
+    def sample_count(self, run_id: str | None = None) -> int:
+        if run_id is None:
+            return self._db.execute("SELECT count(*) FROM samples").fetchone()[0]
+        return self._db.execute(
+            "SELECT count(*) FROM samples JOIN series USING (series_id) WHERE run_id = ?",
+            (run_id,)).fetchone()[0]
+
+    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return [(row[0], row[1], json.loads(row[2]))
+                for row in self._db.execute("SELECT run_id, state_key, state FROM rule_states")]
+
+    def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
+               limit: int = 1000) -> list[AlertRecord]:
+        clauses, params = [], []
+        if run_id:
+            clauses.append("run_id = ?")
+            params.append(run_id)
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(states)
+        if rule:
+            clauses.append("rule = ?")
+            params.append(rule)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit)
+        return [
+            _alert_from_row(row)
+            for row in self._db.execute(
+                f"SELECT * FROM alerts{where} ORDER BY started_at DESC, alert_id LIMIT ?",
+                params)
+        ]
+
+    def alert_history(self, alert_id: str) -> list[tuple[int, int, float]]:
+        return [(row[0], row[1], row[2]) for row in self._db.execute(
+            "SELECT previous_state, state, at FROM alert_history WHERE alert_id = ? "
+            "ORDER BY rowid", (alert_id,))]
+
+    def close(self) -> None:
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

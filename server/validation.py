@@ -1,0 +1,192 @@
+"""Checks on every field a client sends, before anything is stored.
+
+A rejected request gets one precise gRPC status and a message that names the offending
+field, so a sender can tell a bad batch (drop it) from a transient failure (retry it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import NamedTuple
+
+import grpc
+
+from raresignal.protos.catalog import CATALOG
+from raresignal.protos.v1 import common_pb2, ingest_pb2
+
+MAX_NAME_CHARS = 128
+MAX_LABEL_VALUE_CHARS = 128
+MAX_STEP = 10**12
+MAX_SAMPLES_PER_BATCH = 10_000
+MAX_SERIES_PER_RUN = 10_000
+MAX_MAP_ENTRIES = 256
+MAX_MAP_VALUE_CHARS = 4096
+MAX_REPORT_INTERVAL_SECONDS = 7 * 24 * 3600.0
+MAX_WORLD_SIZE = 1_000_000
+
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+_FINISHED_STATES = {
+    common_pb2.RUN_STATE_COMPLETED,
+    common_pb2.RUN_STATE_FAILED,
+    common_pb2.RUN_STATE_ABORTED,
+}
+
+
+class RequestError(Exception):
+    """A request the server refuses, with the gRPC status code to answer it with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class CheckedSample(NamedTuple):
+    """A sample that passed validation, with its label set in canonical text form."""
+
+    metric: str
+    labels_key: str  # canonical JSON of the sorted label mapping, "{}" when unlabelled
+    step: int
+    value: float
+    wall_time: float
+
+
+def labels_key(labels: dict[str, str]) -> str:
+    """The canonical text of a label set: the key a series is stored and looked up by."""
+    return json.dumps(labels, sort_keys=True, separators=(",", ":")) if labels else "{}"
+
+
+# Label sets repeat from batch to batch (the same probes, the same layer groups), so their
+# canonical text is remembered rather than re-encoded for every sample.
+_KEY_CACHE: dict[tuple[tuple[str, str], ...], str] = {}
+_KEY_CACHE_SIZE = 65_536
+
+
+def _cached_labels_key(items: tuple[tuple[str, str], ...]) -> str:
+    key = _KEY_CACHE.get(items)
+    if key is None:
+        if len(_KEY_CACHE) >= _KEY_CACHE_SIZE:
+            _KEY_CACHE.clear()
+        key = _KEY_CACHE[items] = labels_key(dict(items))
+    return key
+
+
+def check_name(field: str, value: str) -> None:
+    if not value:
+        raise invalid(f"{field} is empty")
+    if len(value) > MAX_NAME_CHARS:
+        raise invalid(f"{field} has {len(value)} characters, more than {MAX_NAME_CHARS}")
+    if not _NAME_PATTERN.fullmatch(value):
+        raise invalid(f"{field} {value[:40]!r} may only use characters [A-Za-z0-9_.:/-]")
+
+
+def _check_map(field: str, entries: dict[str, str]) -> None:
+    if len(entries) > MAX_MAP_ENTRIES:
+        raise invalid(f"{field} has {len(entries)} entries, more than {MAX_MAP_ENTRIES}")
+    for key, value in entries.items():
+        if not key or len(key) > MAX_NAME_CHARS:
+            raise invalid(f"{field} key {key[:40]!r} must have 1..{MAX_NAME_CHARS} characters")
+        if len(value) > MAX_MAP_VALUE_CHARS:
+            raise invalid(f"{field}[{key!r}] has {len(value)} characters, more than "
+                          f"{MAX_MAP_VALUE_CHARS}")
+
+
+def check_open_run(request: ingest_pb2.OpenRunRequest) -> None:
+    check_name("run_name", request.run_name)
+    if request.resume_run_id and len(request.resume_run_id) > MAX_NAME_CHARS:
+        raise invalid(f"resume_run_id has more than {MAX_NAME_CHARS} characters")
+    if not 1 <= request.world_size <= MAX_WORLD_SIZE:
+        raise invalid(f"world_size must be between 1 and {MAX_WORLD_SIZE}, "
+                      f"got {request.world_size}")
+    interval = request.report_interval_seconds
+    if not math.isfinite(interval) or not 0 <= interval <= MAX_REPORT_INTERVAL_SECONDS:
+        raise invalid("report_interval_seconds must be finite and between 0 and "
+                      f"{MAX_REPORT_INTERVAL_SECONDS:g}, got {interval!r}")
+    if len(request.agent_version) > MAX_NAME_CHARS:
+        raise invalid(f"agent_version has more than {MAX_NAME_CHARS} characters")
+    _check_map("config", dict(request.config))
+    _check_map("tags", dict(request.tags))
+
+
+def check_close_state(state: int) -> int:
+    """The state a run is closed with: COMPLETED when unspecified."""
+    if state == common_pb2.RUN_STATE_UNSPECIFIED:
+        return common_pb2.RUN_STATE_COMPLETED
+    if state not in _FINISHED_STATES:
+        name = common_pb2.RunState.Name(state) if state in common_pb2.RunState.values() else state
+        raise invalid(f"state must be COMPLETED, FAILED or ABORTED to close a run, got {name}")
+    return state
+
+
+def check_batch_envelope(batch: ingest_pb2.ReportBatch) -> None:
+    """The fields that say where a batch goes, checked before its samples."""
+    if not batch.run_id:
+        raise invalid("run_id is empty")
+    if len(batch.run_id) > MAX_NAME_CHARS:
+        raise invalid(f"run_id has more than {MAX_NAME_CHARS} characters")
+    check_name("sender_id", batch.sender_id)
+    if batch.sequence < 1:
+        raise invalid("sequence must be >= 1")
+    if len(batch.samples) > MAX_SAMPLES_PER_BATCH:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"samples has {len(batch.samples)} entries, more than {MAX_SAMPLES_PER_BATCH} "
+            "per batch; split the batch",
+        )
+
+
+def check_samples(batch: ingest_pb2.ReportBatch) -> list[CheckedSample]:
+    """Every sample of a batch, checked; the first bad one rejects the whole batch."""
+    checked: list[CheckedSample] = []
+    isfinite = math.isfinite
+    for index, sample in enumerate(batch.samples):
+        metric = sample.metric
+        spec = CATALOG.get(metric)
+        if spec is None:
+            raise invalid(f"samples[{index}].metric {metric[:MAX_NAME_CHARS]!r} is not in the "
+                          "raresignal catalogue")
+        step = sample.step
+        if not 0 <= step <= MAX_STEP:
+            raise invalid(f"samples[{index}].step {step} of metric {metric!r} is outside "
+                          f"0..{MAX_STEP}")
+        value = sample.value
+        if not isfinite(value):
+            raise invalid(f"samples[{index}].value of metric {metric!r} at step {step} is not "
+                          f"finite ({value!r})")
+        wall_time = sample.wall_time
+        if not isfinite(wall_time) or wall_time < 0:
+            raise invalid(f"samples[{index}].wall_time of metric {metric!r} must be finite "
+                          f"and >= 0, got {wall_time!r}")
+        if sample.labels:
+            items = tuple(sorted(sample.labels.items()))
+            key_text = _KEY_CACHE.get(items)
+            if key_text is None:
+                for key, label_value in items:
+                    if key not in spec.labels:
+                        allowed = ", ".join(spec.labels) or "none"
+                        raise invalid(f"samples[{index}].labels key {key[:MAX_NAME_CHARS]!r} is "
+                                      f"not allowed on metric {metric!r} (allowed: {allowed})")
+                    if not label_value or len(label_value) > MAX_LABEL_VALUE_CHARS:
+                        raise invalid(f"samples[{index}].labels[{key!r}] must have 1.."
+                                      f"{MAX_LABEL_VALUE_CHARS} characters, got "
+                                      f"{len(label_value)}")
+                key_text = _cached_labels_key(items)
+            elif not _allowed_keys(items, spec.labels):
+                bad = next(k for k, _ in items if k not in spec.labels)
+                allowed = ", ".join(spec.labels) or "none"
+                raise invalid(f"samples[{index}].labels key {bad!r} is not allowed on metric "
+                              f"{metric!r} (allowed: {allowed})")
+        else:
+            key_text = "{}"
+        checked.append(CheckedSample(metric, key_text, step, value, wall_time))
+    return checked
+
+
+def _allowed_keys(items: tuple[tuple[str, str], ...], allowed: tuple[str, ...]) -> bool:
+    return all(key in allowed for key, _ in items)

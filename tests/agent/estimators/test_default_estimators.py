@@ -1,0 +1,101 @@
+"""Every default estimator on a small transformer (MHA / fused SDPA on CPU), through the
+Estimator protocol: catalogue metrics only, and training state left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyTransformer
+from raresignal.agent.api import Estimator, Measurement, Probe, StepContext
+from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
+from raresignal.protos.catalog import CATALOG
+
+EXPECTED = {
+    "gradient_stats": {"loss", "grad_norm", "learning_rate", "nonfinite_values",
+                       "nonfinite_steps_total", "update_to_weight_ratio"},
+    "noise_scale": {"gradient_noise_scale"},
+    "gradient_subspace": set(),
+    "subspace_drift": {"subspace_overlap", "subspace_max_angle_radians"},
+    "sharpness": {"sharpness", "preconditioned_sharpness", "sharpness_threshold",
+                  "sharpness_ratio", "hessian_trace", "hvp_count"},
+    "fisher": {"fisher_trace", "empirical_fisher_trace", "fisher_top_eigenvalue",
+               "fisher_effective_rank"},
+    "probes": {"probe_fisher_mass", "probe_fisher_mass_ratio", "probe_absorption",
+               "probe_bulk_residual", "probe_retention", "probe_interference", "probe_loss",
+               "probe_accuracy"},
+    "representation": {"representation_effective_rank", "representation_stable_rank",
+                       "representation_dormant_fraction"},
+}
+
+
+def _tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 7, (n, 6), generator=generator)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = -100
+    return tokens, targets
+
+
+def _snapshot(model: torch.nn.Module) -> tuple:
+    return ([m.training for m in model.modules()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            torch.get_rng_state(), [p.detach().clone() for p in model.parameters()])
+
+
+def _assert_unchanged(before: tuple, after: tuple, name: str) -> None:
+    assert before[0] == after[0], f"{name} changed a module's train/eval mode"
+    for a, b in zip(before[1], after[1], strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), \
+            f"{name} changed a gradient"
+    assert torch.equal(before[2], after[2]), f"{name} changed the RNG state"
+    assert all(torch.equal(a, b) for a, b in zip(before[3], after[3], strict=True)), \
+        f"{name} changed a parameter"
+
+
+def test_all_estimators_on_a_transformer_leave_training_untouched() -> None:
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = EstimatorConfig(sketch_dim=256, fd_rows=6, subspace_rank=3, probe_rank=3,
+                             curvature_batch_size=6, retention_warmup_step=2,
+                             hutchinson_samples=6, representation_layer="mlp.1")
+    estimators = build_default_estimators(
+        model, optimizer, {"rare": Probe(*_tokens(6, 1))}, Probe(*_tokens(8, 2)), config,
+        task="causal_lm", forward=lambda m, x: m(x))
+    assert all(isinstance(e, Estimator) for e in estimators)
+    seen: dict[str, set[str]] = {e.name: set() for e in estimators}
+    model.train()
+    for step in range(8):
+        tokens, targets = _tokens(8, 10 + step)
+        optimizer.zero_grad()
+        logits = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), targets.reshape(-1))
+        loss.backward()
+        ctx = StepContext(step=step, model=model, optimizer=optimizer,
+                          forward=lambda m, x: m(x), loss=loss.detach(),
+                          batch=(tokens, targets), batch_size=8)
+        for estimator in estimators:
+            before = _snapshot(model)
+            measurements = estimator.run(ctx)
+            _assert_unchanged(before, _snapshot(model), estimator.name)
+            for m in measurements:
+                assert isinstance(m, Measurement) and m.metric in CATALOG
+                assert torch.isfinite(torch.tensor(m.value)), m
+            seen[estimator.name] |= {m.metric for m in measurements}
+        optimizer.step()
+    assert seen == EXPECTED
+    sharpness = next(e for e in estimators if e.name == "sharpness")
+    assert sharpness.backend == "finite_difference"  # fused CPU attention: no 2nd derivative
+    # Checkpoints round-trip.
+    for estimator in estimators:
+        estimator.load_state_dict(estimator.state_dict())
+
+
+def test_bad_configuration_is_rejected_with_the_field_named() -> None:
+    with pytest.raises(ValueError, match="subspace_rank"):
+        EstimatorConfig(fd_rows=4, subspace_rank=4)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_default_estimators(TinyTransformer(), None, task="regression")
+    with pytest.raises(ValueError, match="taken by the common probe"):
+        build_default_estimators(TinyTransformer(), None, {"common": Probe(*_tokens(2, 0))},
+                                 Probe(*_tokens(2, 1)), task="causal_lm")

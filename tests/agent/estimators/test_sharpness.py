@@ -1,0 +1,132 @@
+"""Sharpness, preconditioned sharpness and Hessian trace against the exact Hessian."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import MLP, call, exact_hessian
+from raresignal.agent.estimators.hvp import make_hvp
+from raresignal.agent.estimators.likelihood import ClassificationLikelihood, mean_nll
+from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
+from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.sharpness import (
+    OptimizerProfile,
+    SharpnessTracker,
+    adam_preconditioner,
+    optimizer_profile,
+    preconditioned,
+)
+from raresignal.agent.estimators.spectral import hutchinson_trace, hutchpp_trace
+from torch import nn
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+           y: torch.Tensor, steps: int) -> None:
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        mean_nll(ClassificationLikelihood(), model(x), y).backward()
+        optimizer.step()
+    model.eval()
+
+
+def _setup(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    params = ParameterSet.from_model(model)
+    objective = BatchObjective(FunctionalModel(model, call, params),
+                               ClassificationLikelihood(), x, y)
+    return objective, params
+
+
+@pytest.fixture
+def trained_mlp(classification_batch):
+    torch.manual_seed(0)
+    model = MLP()
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.5), *classification_batch, 60)
+    return model
+
+
+def test_lambda_max_within_two_percent_and_cheap_once_warm(trained_mlp,
+                                                           classification_batch) -> None:
+    x, y = classification_batch
+    tracker = SharpnessTracker(ParameterSet.from_model(trained_mlp).numel, seed=0)
+    optimizer = torch.optim.SGD(trained_mlp.parameters(), lr=0.05)
+    warm_counts = []
+    for estimate in range(4):
+        objective, params = _setup(trained_mlp, x, y)
+        exact = float(torch.linalg.eigvalsh(exact_hessian(objective, params))[-1])
+        hvp = make_hvp("double_backward", objective, params)
+        pair = tracker.estimate(hvp, params.device)
+        # The design target: within 2% of the exact top eigenvalue of the dense Hessian.
+        assert abs(pair.value - exact) <= 0.02 * abs(exact)
+        if estimate > 0:
+            warm_counts.append(hvp.count)
+        _train(trained_mlp, optimizer, x, y, 3)  # a slowly moving model between estimates
+    assert max(warm_counts) <= 5, warm_counts
+
+
+def test_hutchinson_and_hutchpp_trace_within_five_percent(trained_mlp,
+                                                          classification_batch) -> None:
+    objective, params = _setup(trained_mlp, *classification_batch)
+    hessian = exact_hessian(objective, params)
+    exact = float(hessian.trace())
+    hvp = make_hvp("double_backward", objective, params)
+    samples = 300
+    # Var(z^T H z) = 2(|H|_F^2 - sum H_ii^2) for Rademacher z, so the mean of m samples has
+    # std sigma below; 3 sigma (a fixed seed, so the check is deterministic) must fit in 5%.
+    sigma = math.sqrt(2 * (float(hessian.pow(2).sum()) - float(hessian.diag().pow(2).sum()))
+                      / samples)
+    assert 3 * sigma <= 0.05 * abs(exact)
+    generator = torch.Generator().manual_seed(0)
+    estimate = hutchinson_trace(hvp, params.numel, samples, generator, params.device)
+    assert abs(estimate - exact) <= 3 * sigma
+    # Hutch++ with the same products: its variance is Hutchinson's on the deflated Hessian,
+    # never larger, so the same 3-sigma bound applies.
+    estimate_pp = hutchpp_trace(hvp, params.numel, samples, generator, params.device)
+    assert abs(estimate_pp - exact) <= 3 * sigma
+
+
+def test_preconditioned_sharpness_matches_the_exact_eigenvalue(classification_batch) -> None:
+    x, y = classification_batch
+    torch.manual_seed(0)
+    model = MLP()
+    adam = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.01)
+    _train(model, adam, x, y, 40)
+    objective, params = _setup(model, x, y)
+    diagonal = adam_preconditioner(adam, params)
+    assert diagonal is not None
+    # P = sqrt(v / (1 - beta2^t)) + eps, read independently here from Adam's state.
+    step = float(adam.state[params.params[0]]["step"])
+    manual = torch.cat([(adam.state[p]["exp_avg_sq"] / (1 - 0.99**step)).sqrt().reshape(-1)
+                        + 1e-8 for p in params.params])
+    torch.testing.assert_close(diagonal, manual)
+    scale = diagonal.double().rsqrt()
+    exact_matrix = scale[:, None] * exact_hessian(objective, params) * scale[None, :]
+    exact = float(torch.linalg.eigvalsh(exact_matrix)[-1])
+    hvp = make_hvp("double_backward", objective, params)
+    tracker = SharpnessTracker(params.numel, seed=1, cold_iterations=40)
+    value = tracker.estimate(preconditioned(hvp, diagonal), params.device).value
+    # Same 2% target as the plain sharpness; P^-1/2 only rescales the operator.
+    assert abs(value - exact) <= 0.02 * abs(exact)
+
+
+def test_stability_thresholds_per_optimizer() -> None:
+    params = [nn.Parameter(torch.zeros(2))]
+    sgd = optimizer_profile(torch.optim.SGD(params, lr=0.1))
+    momentum = optimizer_profile(torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    adam = optimizer_profile(torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999)))
+    adamw = optimizer_profile(torch.optim.AdamW(params, lr=2e-3, betas=(0.8, 0.999)))
+    assert sgd.stability_threshold() == pytest.approx(2 / 0.1)
+    assert momentum.stability_threshold() == pytest.approx((2 + 2 * 0.9) / 0.1)
+    assert adam.stability_threshold() == pytest.approx((2 + 2 * 0.9) / (0.1 * 1e-3))
+    assert adamw.stability_threshold() == pytest.approx((2 + 2 * 0.8) / (0.2 * 2e-3))
+    assert adam.preconditioned and not momentum.preconditioned
+    assert optimizer_profile(torch.optim.RMSprop(params)).stability_threshold() is None
+    assert OptimizerProfile("sgd", 0.0).stability_threshold() is None
+
+
+def test_no_preconditioner_before_the_first_adam_step() -> None:
+    model = nn.Linear(3, 2)
+    adam = torch.optim.Adam(model.parameters())
+    assert adam_preconditioner(adam, ParameterSet.from_model(model)) is None

@@ -1,0 +1,239 @@
+"""The alert engine as a pure function of samples and time: baselines, `for`,
+hysteresis, deduplication and the stall clock."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from raresignal.protos.v1 import common_pb2
+from raresignal.server.engine import AlertEngine
+from raresignal.server.rules import parse_rules
+from raresignal.server.storage import AlertChange
+from raresignal.server.validation import CheckedSample, labels_key
+
+PENDING = common_pb2.ALERT_STATE_PENDING
+FIRING = common_pb2.ALERT_STATE_FIRING
+RESOLVED = common_pb2.ALERT_STATE_RESOLVED
+UNSPECIFIED = common_pb2.ALERT_STATE_UNSPECIFIED
+
+RETENTION = """
+rules:
+  - alert: Retention
+    metric: probe_retention
+    op: "<"
+    threshold: 0.3
+    resolve_threshold: 0.5
+    for: 3
+    severity: critical
+    summary: "probe {probe}: {value}"
+"""
+
+
+def s(metric: str, step: int, value: float, **labels: str) -> CheckedSample:
+    return CheckedSample(metric, labels_key(labels), step, value, 0.0)
+
+
+def engine_for(text: str, interval: float = 0.0) -> AlertEngine:
+    engine = AlertEngine(parse_rules(text))
+    engine.track_run("r1", "run-one", interval, last_report_at=0.0)
+    return engine
+
+
+def feed(engine: AlertEngine, metric: str, values: list[float], start_step: int = 1,
+         **labels: str) -> list[AlertChange]:
+    changes = []
+    for offset, value in enumerate(values):
+        step = start_step + offset
+        changes += engine.observe("r1", [s(metric, step, value, **labels)], now=float(step))
+    return changes
+
+
+def states(changes: list[AlertChange]) -> list[tuple[int, int]]:
+    return [(c.previous_state, c.alert.state) for c in changes]
+
+
+def test_for_counts_consecutive_evaluations_before_firing() -> None:
+    engine = engine_for(RETENTION)
+    changes = feed(engine, "probe_retention", [0.9, 0.2, 0.2], probe="rare")
+    assert states(changes) == [(UNSPECIFIED, PENDING)]  # two bad values: still pending
+    changes = feed(engine, "probe_retention", [0.2], start_step=4, probe="rare")
+    assert states(changes) == [(PENDING, FIRING)]
+    assert changes[0].alert.labels == {"probe": "rare"}
+    assert changes[0].alert.summary == "probe rare: 0.2"
+
+
+def test_a_pending_alert_that_recovers_resolves_without_firing() -> None:
+    engine = engine_for(RETENTION)
+    changes = feed(engine, "probe_retention", [0.2, 0.2, 0.9], probe="rare")
+    assert states(changes) == [(UNSPECIFIED, PENDING), (PENDING, RESOLVED)]
+    assert changes[-1].alert.fired_at == 0.0
+    assert engine.active_alerts() == []
+
+
+def test_hysteresis_keeps_firing_between_fire_and_resolve_thresholds() -> None:
+    engine = engine_for(RETENTION)
+    feed(engine, "probe_retention", [0.1, 0.1, 0.1], probe="rare")
+    # 0.4 is above the fire threshold (0.3) but below the resolve threshold (0.5).
+    assert feed(engine, "probe_retention", [0.4, 0.45, 0.35], start_step=4, probe="rare") == []
+    assert [a.state for a in engine.active_alerts()] == [FIRING]
+    changes = feed(engine, "probe_retention", [0.5], start_step=7, probe="rare")
+    assert states(changes) == [(FIRING, RESOLVED)]
+    assert changes[0].alert.resolved_at == 7.0
+
+
+def test_one_episode_per_series_and_a_new_one_after_resolving() -> None:
+    engine = engine_for(RETENTION)
+    first = feed(engine, "probe_retention", [0.1] * 6, probe="rare")
+    assert len({c.alert.alert_id for c in first}) == 1  # no duplicates while it persists
+    assert states(first) == [(UNSPECIFIED, PENDING), (PENDING, FIRING)]
+    other = feed(engine, "probe_retention", [0.1] * 3, start_step=1, probe="other")
+    assert {c.alert.alert_id for c in other}.isdisjoint({c.alert.alert_id for c in first})
+    feed(engine, "probe_retention", [0.9], start_step=7, probe="rare")
+    second = feed(engine, "probe_retention", [0.1] * 3, start_step=8, probe="rare")
+    assert second[0].alert.alert_id != first[0].alert.alert_id
+
+
+def test_a_step_is_evaluated_once() -> None:
+    engine = engine_for(RETENTION)
+    feed(engine, "probe_retention", [0.1, 0.1], probe="rare")
+    # The same steps again (a replay of samples) do not advance the `for` count.
+    assert feed(engine, "probe_retention", [0.1, 0.1], start_step=1, probe="rare") == []
+    assert [a.state for a in engine.active_alerts()] == [PENDING]
+
+
+RATIO = """
+rules:
+  - alert: Collapse
+    metric: probe_fisher_mass_ratio
+    op: "<"
+    threshold: 0.2
+    relative_to: baseline_ratio
+    resolve_threshold: 0.3
+    for: 1
+    baseline: {warmup: 2, window: 5, smoothing: 1.0}
+"""
+
+
+def test_baseline_is_the_median_of_the_window_after_warmup() -> None:
+    engine = engine_for(RATIO)
+    warmup = [100.0, 0.001]  # ignored: a warm-up value that low would otherwise fire
+    window = [1.0, 2.0, 4.0, 3.0, 10.0]
+    assert feed(engine, "probe_fisher_mass_ratio", warmup + window, probe="rare") == []
+    state = engine.state("r1", 'Collapse/fire/probe_fisher_mass_ratio/{"probe":"rare"}')
+    assert state is not None
+    assert state.median == statistics.median(window) == 3.0
+    assert state.mad == statistics.median(abs(x - 3.0) for x in window) == 1.0
+    # Boundaries: fire below 0.2 x 3 = 0.6, resolve at 0.3 x 3 = 0.9 or above.
+    assert feed(engine, "probe_fisher_mass_ratio", [0.61], start_step=8, probe="rare") == []
+    changes = feed(engine, "probe_fisher_mass_ratio", [0.59], start_step=9, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    assert changes[0].alert.threshold == pytest.approx(0.6, rel=1e-12)  # float product
+    assert feed(engine, "probe_fisher_mass_ratio", [0.89], start_step=10, probe="rare") == []
+    assert states(feed(engine, "probe_fisher_mass_ratio", [0.9], start_step=11,
+                       probe="rare")) == [(FIRING, RESOLVED)]
+
+
+def test_ewma_smoothing_feeds_the_baseline_window() -> None:
+    engine = engine_for(RATIO.replace("smoothing: 1.0", "smoothing: 0.5"))
+    feed(engine, "probe_fisher_mass_ratio", [9.0, 9.0, 2.0, 4.0, 4.0, 8.0, 0.0], probe="p")
+    state = engine.state("r1", 'Collapse/fire/probe_fisher_mass_ratio/{"probe":"p"}')
+    assert state is not None
+    smoothed = [2.0, 3.0, 3.5, 5.75, 2.875]  # s_t = 0.5 x_t + 0.5 s_(t-1), exact in binary
+    assert state.median == statistics.median(smoothed)
+
+
+MAD = """
+rules:
+  - alert: Drift
+    metric: subspace_overlap
+    op: "<"
+    threshold: 5
+    relative_to: baseline_mad
+    resolve_threshold: 3
+    baseline: {warmup: 0, window: 5, smoothing: 1.0, mad_floor_fraction: 0.0}
+"""
+
+
+def test_mad_rule_fires_more_than_k_mads_below_the_median() -> None:
+    engine = engine_for(MAD)
+    feed(engine, "subspace_overlap", [0.80, 0.82, 0.84, 0.86, 0.88])  # median .84, MAD .02
+    # Fire boundary 0.84 - 5 x 0.02 = 0.74; resolve at 0.84 - 3 x 0.02 = 0.78.
+    assert feed(engine, "subspace_overlap", [0.745], start_step=6) == []
+    assert states(feed(engine, "subspace_overlap", [0.735], start_step=7)) == [
+        (UNSPECIFIED, FIRING)]
+    assert feed(engine, "subspace_overlap", [0.775], start_step=8) == []
+    assert states(feed(engine, "subspace_overlap", [0.785], start_step=9)) == [
+        (FIRING, RESOLVED)]
+
+
+WHILE = """
+rules:
+  - alert: Absorbed
+    metric: probe_bulk_residual
+    op: "<"
+    threshold: 0.1
+    resolve_threshold: 0.15
+    while: {metric: probe_loss, op: ">=", threshold: 0.95, relative_to: baseline_ratio}
+    baseline: {warmup: 0, window: 2, smoothing: 1.0}
+"""
+
+
+def test_while_condition_must_hold_on_the_matching_series() -> None:
+    engine = engine_for(WHILE)
+    feed(engine, "probe_loss", [2.0, 2.0], probe="rare")  # baseline median 2.0
+    feed(engine, "probe_loss", [1.0], start_step=3, probe="rare")  # improving: 1.0 < 1.9
+    assert feed(engine, "probe_bulk_residual", [0.05], start_step=3, probe="rare") == []
+    feed(engine, "probe_loss", [1.95], start_step=4, probe="rare")  # not improving
+    assert feed(engine, "probe_bulk_residual", [0.05], start_step=4, probe="other") == []
+    changes = feed(engine, "probe_bulk_residual", [0.05], start_step=4, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+
+
+def test_while_metric_is_read_fresh_when_both_arrive_at_one_step() -> None:
+    engine = engine_for(WHILE)
+    feed(engine, "probe_loss", [2.0, 2.0], probe="rare")
+    both = [s("probe_bulk_residual", 3, 0.05, probe="rare"), s("probe_loss", 3, 2.5,
+                                                                  probe="rare")]
+    assert states(engine.observe("r1", both, now=3.0)) == [(UNSPECIFIED, FIRING)]
+
+
+STALL = """
+rules:
+  - alert: RunStalled
+    stalled_for_intervals: 5
+"""
+
+
+def test_run_stalled_follows_an_injected_clock() -> None:
+    engine = engine_for(STALL, interval=2.0)  # last report at t=0; limit 10 s
+    assert engine.tick(now=10.0) == []
+    changes = engine.tick(now=10.5)
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    assert changes[0].alert.threshold == 10.0 and changes[0].alert.value == 10.5
+    assert engine.tick(now=30.0) == []  # still the same episode
+    changes = engine.observe("r1", [s("loss", 1, 1.0)], now=31.0)
+    assert states(changes) == [(FIRING, RESOLVED)]
+    assert engine.tick(now=40.0) == []  # 9 s since the last report
+    assert len(engine.tick(now=41.5)) == 1  # a new episode
+
+
+def test_closing_a_run_resolves_its_alerts_and_stops_the_clock() -> None:
+    engine = engine_for(STALL + RETENTION.replace("rules:\n", ""), interval=1.0)
+    feed(engine, "probe_retention", [0.1] * 3, probe="rare")
+    changes = engine.close_run("r1", now=4.0)
+    assert states(changes) == [(FIRING, RESOLVED)]
+    assert engine.tick(now=1000.0) == []
+
+
+def test_state_survives_a_round_trip_through_storage_form() -> None:
+    engine = engine_for(RETENTION)
+    feed(engine, "probe_retention", [0.1, 0.1], probe="rare")
+    writes = engine.take_writes()
+    restored = AlertEngine(parse_rules(RETENTION))
+    restored.track_run("r1", "run-one", 0.0, last_report_at=0.0)
+    restored.restore(writes.rule_states, [a for a in writes.alerts if a.state == PENDING])
+    changes = restored.observe("r1", [s("probe_retention", 3, 0.1, probe="rare")], now=3.0)
+    assert states(changes) == [(PENDING, FIRING)]  # the third consecutive evaluation
+    assert changes[0].alert.alert_id == writes.alerts[0].alert_id
