@@ -22,6 +22,8 @@ class EstimatorConfig:
     probe_rank: int = 8
     # Cadences.
     gradient_stats_interval: int = 1
+    # The update/weight ratio needs a pass over every weight on two consecutive steps.
+    update_ratio_interval: int = 10
     noise_scale_interval: int = 10
     subspace_interval: int = 4
     drift_interval: int = 500

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
 from raresignal.agent.api import Measurement, Probe, StepContext
 from raresignal.agent.estimators.fisher import (
     group_traces,
@@ -72,7 +73,8 @@ class GradientStatsEstimator:
     def __init__(self, shared: SharedState) -> None:
         self.shared = shared
         self.default_interval = shared.config.gradient_stats_interval
-        self.updates = UpdateRatioTracker(shared.sketcher)
+        self.updates = UpdateRatioTracker(shared.sketcher,
+                                           every=shared.config.update_ratio_interval)
         self.nonfinite_steps = 0
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
+
 from raresignal.agent.api import Estimator, ForwardFn, Probe
 from raresignal.agent.estimators.config import EstimatorConfig
 from raresignal.agent.estimators.default_estimators import (
@@ -24,7 +26,6 @@ from raresignal.agent.estimators.per_example import PerExampleGradients
 from raresignal.agent.estimators.shared import FixedBatch, SharedState
 from raresignal.agent.estimators.sketch import GradientSketcher
 from raresignal.agent.estimators.subspace import DominantSubspace
-from torch import nn
 
 
 def default_forward(model: nn.Module, inputs: object) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from raresignal.agent.estimators.per_example import (
     PerExampleGradients,
     PerExampleSummary,

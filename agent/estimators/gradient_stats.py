@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.sketch import GradientSketcher
 
@@ -44,21 +45,32 @@ def parameter_sketch(sketcher: GradientSketcher) -> torch.Tensor:
 
 @dataclass
 class UpdateRatioTracker:
-    """|theta_t - theta_{t-1}| / |theta_t| from parameter sketches of consecutive steps."""
+    """|theta_t - theta_{t-1}| / |theta_t| from parameter sketches of consecutive steps.
+
+    A parameter sketch is one pass over every weight, so it is taken only on the two
+    steps around each report: step s - 1 (remembered) and step s (compared), for s a
+    multiple of ``every``. With ``every = 1`` every step is reported.
+    """
 
     sketcher: GradientSketcher
+    every: int = 1
     previous: torch.Tensor | None = None
     previous_step: int | None = None
 
-    def observe(self, step: int) -> tuple[float, float | None]:
-        """(weight norm, update ratio or None) at ``step``; remembers this step's sketch."""
-        params = [p.detach() for p in self.sketcher.parameters.params]
-        weight_norm = float(torch.linalg.vector_norm(
-            torch.stack([n.double() for n in torch._foreach_norm(params, 2.0)])))
+    def observe(self, step: int) -> tuple[float | None, float | None]:
+        """(weight norm, update ratio) at ``step``, each None when this step reports none."""
+        report = step % self.every == 0 and self.previous_step == step - 1
+        remember = (step + 1) % self.every == 0
+        if not (report or remember):
+            self.previous, self.previous_step = None, None
+            return None, None
         current = parameter_sketch(self.sketcher)
-        ratio = None
-        if (self.previous is not None and self.previous_step == step - 1
-                and weight_norm > 0 and math.isfinite(weight_norm)):
-            ratio = float((current - self.previous).norm()) / weight_norm
-        self.previous, self.previous_step = current, step
+        weight_norm = ratio = None
+        if report and self.previous is not None:
+            params = [p.detach() for p in self.sketcher.parameters.params]
+            weight_norm = float(torch.linalg.vector_norm(
+                torch.stack([n.double() for n in torch._foreach_norm(params, 2.0)])))
+            if weight_norm > 0 and math.isfinite(weight_norm):
+                ratio = float((current - self.previous).norm()) / weight_norm
+        self.previous, self.previous_step = (current, step) if remember else (None, None)
         return weight_norm, ratio

@@ -17,9 +17,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.func import grad, jvp
+
 from raresignal.agent.estimators.objective import Params
 from raresignal.agent.estimators.parameters import ParameterSet
-from torch.func import grad, jvp
 
 Objective = Callable[[Params], torch.Tensor]
 

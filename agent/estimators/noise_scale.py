@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from raresignal.agent.estimators.likelihood import Likelihood
 from raresignal.agent.estimators.objective import FunctionalModel, take, to_fp32_inputs
 

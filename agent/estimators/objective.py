@@ -12,12 +12,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from raresignal.agent.api import ForwardFn
-from raresignal.agent.estimators.likelihood import Likelihood, mean_nll
-from raresignal.agent.estimators.parameters import ParameterSet
 from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
+
+from raresignal.agent.api import ForwardFn
+from raresignal.agent.estimators.likelihood import Likelihood, mean_nll
+from raresignal.agent.estimators.parameters import ParameterSet
 
 Params = dict[str, torch.Tensor]
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
+
 from raresignal.agent.estimators.likelihood import Likelihood
 from raresignal.agent.estimators.objective import FunctionalModel, Params, take, to_fp32_inputs
 from raresignal.agent.estimators.sketch import GradientSketcher
-from torch.func import grad, vmap
-from torch.utils._pytree import tree_map
 
 VMAP = "vmap"
 LOOP = "loop"

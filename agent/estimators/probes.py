@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from raresignal.agent.estimators.subspace import orthonormal_rows_basis
 
 

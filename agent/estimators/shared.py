@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
 from raresignal.agent.api import ForwardFn, Probe, StepContext
 from raresignal.agent.estimators.config import EstimatorConfig
 from raresignal.agent.estimators.likelihood import Likelihood
@@ -19,8 +22,6 @@ from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.per_example import PerExampleGradients
 from raresignal.agent.estimators.sketch import GradientSketcher
 from raresignal.agent.estimators.subspace import DominantSubspace
-from torch import nn
-from torch.utils._pytree import tree_map
 
 # ctx.cache keys. The runtime may set LOCAL_GRAD_SQ_NORM under data parallelism: this
 # rank's squared gradient norm before the all-reduce (a float), which makes the noise

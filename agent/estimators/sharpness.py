@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from raresignal.agent.estimators.hvp import HessianVectorProduct
 from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.spectral import (

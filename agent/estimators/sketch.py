@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
+
 from raresignal.agent.estimators.parameters import ParameterSet, canonical_name
 
 _MASK32 = 0xFFFFFFFF

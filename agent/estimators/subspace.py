@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import torch
+
 from raresignal.agent.estimators.frequent_directions import FrequentDirections
 
 

@@ -100,8 +100,9 @@ def lm_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def exact_hessian(objective, parameters) -> torch.Tensor:
     """Dense Hessian of the objective on the flattened parameters (math attention kernel,
     which has double backward), symmetrised."""
-    from raresignal.agent.estimators.objective import flat_function
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from raresignal.agent.estimators.objective import flat_function
 
     f = flat_function(objective, parameters)
     flat = parameters.flatten(parameters.params)

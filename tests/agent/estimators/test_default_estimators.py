@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TinyTransformer
+
 from raresignal.agent.api import Estimator, Measurement, Probe, StepContext
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
 from raresignal.protos.catalog import CATALOG
@@ -58,7 +59,8 @@ def test_all_estimators_on_a_transformer_leave_training_untouched() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     config = EstimatorConfig(sketch_dim=256, fd_rows=6, subspace_rank=3, probe_rank=3,
                              curvature_batch_size=6, retention_warmup_step=2,
-                             hutchinson_samples=6, representation_layer="mlp.1")
+                             hutchinson_samples=6, representation_layer="mlp.1",
+                             update_ratio_interval=2)
     estimators = build_default_estimators(
         model, optimizer, {"rare": Probe(*_tokens(6, 1))}, Probe(*_tokens(8, 2)), config,
         task="causal_lm", forward=lambda m, x: m(x))

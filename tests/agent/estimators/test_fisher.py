@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from conftest import call
+from torch import nn
+
 from raresignal.agent.estimators.fisher import (
     effective_rank,
     group_traces,
@@ -18,7 +20,6 @@ from raresignal.agent.estimators.objective import FunctionalModel
 from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.per_example import PerExampleGradients
 from raresignal.agent.estimators.sketch import GradientSketcher
-from torch import nn
 
 
 def _engine(model: nn.Module, likelihood, method: str = "auto", dim: int = 2048):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+
 from raresignal.agent.estimators.frequent_directions import FrequentDirections
 from raresignal.agent.estimators.subspace import (
     chance_corrected_overlap,

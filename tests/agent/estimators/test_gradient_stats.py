@@ -6,6 +6,7 @@ import math
 
 import torch
 from conftest import MLP
+
 from raresignal.agent.estimators.gradient_stats import (
     UpdateRatioTracker,
     gradient_norm_and_nonfinite,
@@ -36,6 +37,22 @@ def test_update_ratio_within_the_sketch_error(classification_batch) -> None:
         assert ratio is not None and abs(ratio / exact - 1) <= 5 * math.sqrt(2 / 2048)
         previous = current
     assert tracker.observe(9)[1] is None  # steps 6-8 unseen: no ratio across a gap
+
+
+def test_update_ratio_sketches_only_around_reported_steps(mlp) -> None:
+    """With every=10 the ratio comes at steps 10, 20, ... and nowhere else."""
+    tracker = UpdateRatioTracker(GradientSketcher(ParameterSet.from_model(mlp), 256, seed=1),
+                                 every=10)
+    reported = []
+    for step in range(0, 31):
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p.add_(0.01)
+        if tracker.observe(step)[1] is not None:
+            reported.append(step)
+        remembered = tracker.previous is not None
+        assert remembered == ((step + 1) % 10 == 0)
+    assert reported == [10, 20, 30]
 
 
 def test_grad_norm_and_nonfinite_count(mlp) -> None:

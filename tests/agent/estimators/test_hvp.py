@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SdpaBlock, TinyTransformer, call, exact_hessian
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from raresignal.agent.estimators.hvp import BACKENDS, auto_hvp, make_hvp
 from raresignal.agent.estimators.likelihood import CausalLMLikelihood, ClassificationLikelihood
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
 from raresignal.agent.estimators.parameters import ParameterSet
-from torch import nn
-from torch.autograd.function import once_differentiable
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # fp32 Hessian-vector products vs an fp32 dense Hessian: exact backends agree to ~1e-6
 # relative (summation order); central differences add truncation O(h^2) and rounding

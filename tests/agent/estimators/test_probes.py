@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from raresignal.agent.api import Probe, StepContext
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
 from raresignal.agent.estimators.default_estimators import (
     GradientSubspaceEstimator,
     ProbeEstimator,
 )
-from torch import nn
 
 COMMON, RARE = slice(0, 10), slice(10, 14)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import call
+
 from raresignal.agent.estimators.representation import capture_features, representation_stats
 
 

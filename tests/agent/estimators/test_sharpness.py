@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from conftest import MLP, call, exact_hessian
+from torch import nn
+
 from raresignal.agent.estimators.hvp import make_hvp
 from raresignal.agent.estimators.likelihood import ClassificationLikelihood, mean_nll
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
@@ -19,7 +21,6 @@ from raresignal.agent.estimators.sharpness import (
     preconditioned,
 )
 from raresignal.agent.estimators.spectral import hutchinson_trace, hutchpp_trace
-from torch import nn
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,

@@ -6,9 +6,10 @@ import itertools
 import math
 
 import torch
+from torch import nn
+
 from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.sketch import GradientSketcher, bucket_and_sign
-from torch import nn
 
 
 def _sketcher(dim: int = 2048, seed: int = 0) -> tuple[GradientSketcher, ParameterSet]:
