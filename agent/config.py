@@ -1,0 +1,115 @@
+"""Settings of the monitor runtime: overhead budget, reporting, spool and transport.
+
+The estimator settings live in ``raresignal.agent.estimators.EstimatorConfig``; they are
+imported only when the monitor builds its default estimators, so reading this module
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raresignal.agent.estimators import EstimatorConfig
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Paths of PEM files for TLS (``root_certificates``) and mTLS (the client pair).
+
+    Leaving ``root_certificates`` empty uses the system's trust store.
+    """
+
+    root_certificates: str | None = None
+    certificate_chain: str | None = None
+    private_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("mTLS needs both certificate_chain and private_key, or neither")
+
+    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(root, key, chain) as bytes, in the order grpc.ssl_channel_credentials wants."""
+
+        def load(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return load(self.root_certificates), load(self.private_key), load(
+            self.certificate_chain)
+
+
+@dataclass
+class MonitorConfig:
+    """Everything the runtime needs besides the model: budget, reporting and transport."""
+
+    enabled: bool = True
+    # Overhead budget: monitor wall time over training step time.
+    target_overhead: float = 0.03
+    # Settings of the default estimators; None builds EstimatorConfig() when needed.
+    estimator_config: EstimatorConfig | None = None
+    # The scheduler may stretch an estimator's interval up to this multiple of its default.
+    max_interval_factor: int = 64
+    # Steps between two budget decisions (a fixed cadence so every rank decides together).
+    budget_adjust_every_steps: int = 10
+    # Steps over which the reported overhead ratio is measured.
+    overhead_window_steps: int = 500
+    # Reporting: samples go out in batches at least this often, and at most batch_size
+    # samples to a batch.
+    report_interval_seconds: float = 1.0
+    batch_size: int = 512
+    # Steps of measurements waiting for the sender thread before step() starts dropping.
+    queue_size: int = 4096
+    # Spool: where unsent batches wait while the server is unreachable (None: a per-run
+    # folder under the user's cache directory) and how large it may grow.
+    spool_dir: str | None = None
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_fsync: bool = True
+    # Transport.
+    token: str | None = None
+    tls: TlsConfig | None = None
+    network_timeout_seconds: float = 5.0
+    reconnect_initial_seconds: float = 0.5
+    reconnect_max_seconds: float = 30.0
+    # close() waits at most this long for the spool to drain before giving up.
+    close_timeout_seconds: float = 10.0
+    # Only this rank talks to the server; every rank measures.
+    rank_to_send: int = 0
+    # Free-text run metadata sent with OpenRun.
+    run_config: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "target_overhead": 0 < self.target_overhead < 1,
+            "max_interval_factor": self.max_interval_factor >= 1,
+            "budget_adjust_every_steps": self.budget_adjust_every_steps >= 1,
+            "overhead_window_steps": self.overhead_window_steps >= 1,
+            "report_interval_seconds": self.report_interval_seconds > 0,
+            "batch_size": self.batch_size >= 1,
+            "queue_size": self.queue_size >= 1,
+            "spool_max_bytes": self.spool_max_bytes >= 1024,
+            "network_timeout_seconds": self.network_timeout_seconds > 0,
+            "reconnect_initial_seconds": self.reconnect_initial_seconds > 0,
+            "reconnect_max_seconds": self.reconnect_max_seconds
+            >= self.reconnect_initial_seconds,
+            "close_timeout_seconds": self.close_timeout_seconds >= 0,
+            "rank_to_send": self.rank_to_send >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"invalid MonitorConfig: {values}")
+
+
+def default_spool_dir(run_name: str) -> Path:
+    """A per-run folder under the user's cache directory (or the temp dir without one)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.access(os.path.dirname(base) or ".", os.W_OK):
+        base = tempfile.gettempdir()
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", run_name) or "run"
+    return Path(base) / "raresignal" / "spool" / safe_name

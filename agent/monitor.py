@@ -1,0 +1,400 @@
+"""The monitor: the one object a training loop talks to.
+
+Call ``step()`` once per optimizer step, after backward and before ``optimizer.step()``
+(gradients are final then). It runs the estimators the budget scheduler says are due,
+keeps their latest values in process and hands them to the sender thread. It never raises
+because of the monitor and never waits on the network: an estimator that raises is
+logged (rate-limited) and counted, and reporting happens in the background.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.metadata
+import logging
+import math
+import time
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from raresignal.agent import distributed
+from raresignal.agent.api import (
+    DistributedContext,
+    Estimator,
+    ForwardFn,
+    Measurement,
+    Probe,
+    StepContext,
+    series_key,
+)
+from raresignal.agent.budget import BudgetScheduler
+from raresignal.agent.config import MonitorConfig, default_spool_dir
+from raresignal.agent.ratelimit import RateLimitedLog
+from raresignal.agent.sender import RUN_STATES, SampleTuple, Sender
+
+if TYPE_CHECKING:
+    from raresignal.agent.estimators.likelihood import Likelihood
+
+log = logging.getLogger(__name__)
+
+_STATE_FORMAT = 1
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _agent_version() -> str:
+    try:
+        return importlib.metadata.version("raresignal")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Calls the model the usual way for its inputs and returns the logits."""
+    if isinstance(inputs, Mapping):
+        output = model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        output = model(*inputs)
+    else:
+        output = model(inputs)
+    logits = getattr(output, "logits", output)  # Hugging Face models return an object
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"forward returned {type(output).__name__}, not logits; pass "
+                        "forward=(model, inputs) -> logits to the Monitor")
+    return logits
+
+
+def _check_estimators(estimators: Sequence[Any]) -> list[Estimator]:
+    for estimator in estimators:
+        if not isinstance(estimator, Estimator):
+            raise TypeError(f"{estimator!r} is not an Estimator: it needs name, "
+                            "default_interval, expensive, run, state_dict and load_state_dict")
+    return list(estimators)
+
+
+class Monitor:
+    """Measures training health at every step and reports it; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        server: str | None = None,
+        run_name: str = "run",
+        probes: Mapping[str, Probe] | None = None,
+        common_probe: Probe | None = None,
+        forward: ForwardFn | None = None,
+        task: str | Likelihood = "classification",
+        config: MonitorConfig | None = None,
+        token: str | None = None,
+        estimators: Sequence[Estimator] | None = None,
+    ) -> None:
+        self.config = config or MonitorConfig()
+        self.model = model
+        self.optimizer = optimizer
+        self.server = server
+        self.run_name = run_name
+        self.task = task
+        self._token = token if token is not None else self.config.token
+        self._forward = forward or default_forward
+        # Bound at the first step: a monitor may be built before init_process_group.
+        self._dist: DistributedContext | None = None
+        if estimators is None:
+            estimators = self._default_estimators(dict(probes or {}), common_probe)
+        self.estimators: dict[str, Estimator] = {
+            e.name: e for e in _check_estimators(estimators)}
+        self._budget = BudgetScheduler(
+            [(e.name, e.default_interval, e.expensive) for e in estimators],
+            target_overhead=self.config.target_overhead,
+            max_interval_factor=self.config.max_interval_factor,
+            adjust_every=self.config.budget_adjust_every_steps,
+            window_steps=self.config.overhead_window_steps,
+        )
+        self._step = 0
+        self._latest: dict[str, float] = {}
+        self._estimator_errors: dict[str, int] = {}
+        self._last_exit: float | None = None
+        self._last_report = -math.inf
+        self._last_step_seconds: float | None = None
+        self._closed = False
+        self._log = RateLimitedLog(log)
+        self._sends = False
+        self._resume: dict[str, Any] = {}
+        self._sender: Sender | None = None
+
+    def _default_estimators(self, probes: dict[str, Probe], common_probe: Probe | None
+                            ) -> list[Estimator]:
+        from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
+
+        return build_default_estimators(
+            self.model, self.optimizer, probes, common_probe,
+            self.config.estimator_config or EstimatorConfig(), task=self.task,
+            forward=self._forward)
+
+    # -- the training loop's calls -------------------------------------------------------
+
+    def step(self, loss: torch.Tensor | float | None = None,
+             batch: tuple[Any, torch.Tensor] | None = None) -> None:
+        """Measures this optimizer step. Never raises because of the monitor."""
+        if not self.config.enabled or self._closed:
+            return
+        entered = time.perf_counter()
+        train_seconds = None if self._last_exit is None else entered - self._last_exit
+        step = self._step
+        estimator_seconds = 0.0
+        if self._dist is None:
+            self._bind_distributed()
+        try:
+            estimator_seconds = self._measure(step, loss, batch, train_seconds)
+        except Exception:
+            self._log.warning("step", "raresignal: the monitor failed at step %d; training "
+                              "goes on", step, exc_info=True)
+        self._step += 1
+        try:
+            # Every rank reaches this at every step: the scheduler's collective lives here.
+            self._budget.end_step(step, time.perf_counter() - entered, estimator_seconds,
+                                  train_seconds)
+        except Exception:
+            self._log.warning("budget", "raresignal: the budget scheduler failed at step %d",
+                              step, exc_info=True)
+        self._last_exit = time.perf_counter()
+
+    def _bind_distributed(self) -> None:
+        """Joins torch.distributed if it is initialised; decides whether this rank sends."""
+        try:
+            self._dist = distributed.build_context()
+            self._budget.reduce_max = distributed.max_reducer()
+        except Exception:
+            self._log.warning("distributed", "raresignal: cannot read the process group; "
+                              "measuring this rank alone", exc_info=True)
+            self._dist = DistributedContext()
+        self._sends = self.server is not None and self._dist.rank == self.config.rank_to_send
+        if self._sends:
+            atexit.register(_flush_at_exit, weakref.ref(self))
+
+    def _measure(self, step: int, loss: torch.Tensor | float | None,
+                 batch: tuple[Any, torch.Tensor] | None, train_seconds: float | None
+                 ) -> float:
+        if train_seconds is not None:
+            self._last_step_seconds = train_seconds
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+        elif loss is not None:
+            loss = torch.tensor(float(loss))
+        batch_size = None
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            targets = batch[1]
+            if isinstance(targets, torch.Tensor) and targets.dim() > 0:
+                batch_size = int(targets.shape[0])
+        assert self._dist is not None
+        ctx = StepContext(step=step, model=self.model, optimizer=self.optimizer,
+                          forward=self._forward, loss=loss, batch=batch,
+                          batch_size=batch_size, distributed=self._dist)
+        measurements: list[Measurement] = []
+        spent = 0.0
+        for name in self._budget.due(step):
+            started = time.perf_counter()
+            measurements.extend(self._run_estimator(self.estimators[name], ctx))
+            seconds = time.perf_counter() - started
+            spent += seconds
+            self._budget.record_run(name, step, seconds)
+        ctx.cache.clear()
+        self._publish(step, measurements)
+        return spent
+
+    def _run_estimator(self, estimator: Estimator, ctx: StepContext) -> list[Measurement]:
+        try:
+            result = list(estimator.run(ctx))
+        except Exception as error:
+            self._estimator_errors[estimator.name] = (
+                self._estimator_errors.get(estimator.name, 0) + 1)
+            self._log.warning(f"estimator:{estimator.name}:{type(error).__name__}",
+                              "raresignal: estimator %r failed at step %d (%s: %s); "
+                              "training goes on", estimator.name, ctx.step,
+                              type(error).__name__, error, exc_info=True)
+            return []
+        good = [m for m in result if isinstance(m, Measurement)]
+        if len(good) < len(result):
+            self._log.warning(f"estimator:{estimator.name}:type", "raresignal: estimator %r "
+                              "returned values that are not Measurements; ignored",
+                              estimator.name)
+        return good
+
+    def _publish(self, step: int, measurements: list[Measurement]) -> None:
+        """Updates latest() and queues the samples (finite values only: the server
+        rejects a batch holding a NaN, and the non-finite count is its own metric)."""
+        for m in measurements:
+            self._latest[m.key] = m.value
+        if self._sender is None and self._sends:
+            self._sender = self._make_sender()
+            self._sender.start()
+        if self._sender is None:
+            return
+        now = time.monotonic()
+        report_agent = now - self._last_report >= self.config.report_interval_seconds
+        if report_agent:
+            self._last_report = now
+            agent = self._agent_values(step)
+        wall_time = time.time()
+        samples: list[SampleTuple] = [
+            (m.metric, m.labels, step, float(m.value), wall_time)
+            for m in measurements if math.isfinite(m.value)]
+        if report_agent:
+            samples.extend((metric, labels, step, value, wall_time)
+                           for (metric, labels), value in agent.items()
+                           if math.isfinite(value))
+        self._sender.submit(samples)
+
+    def _agent_values(self, step: int) -> dict[tuple[str, Labels], float]:
+        """The monitor's own series: progress, cost, cadences, health of the reporting."""
+        values: dict[tuple[str, Labels], float] = {("step", ()): float(step)}
+        if self._last_step_seconds is not None:
+            values["step_duration_seconds", ()] = self._last_step_seconds
+        overhead = self._budget.measured_overhead
+        if overhead is not None:
+            values["agent_overhead_ratio", ()] = overhead
+        for name, schedule in self._budget.schedules.items():
+            labels = (("estimator", name),)
+            values["agent_estimator_interval_steps", labels] = float(schedule.interval)
+            if schedule.last_seconds is not None:
+                values["agent_estimator_seconds", labels] = schedule.last_seconds
+            if name in self._estimator_errors:
+                values["agent_estimator_errors_total", labels] = float(
+                    self._estimator_errors[name])
+        if self._sender is not None:
+            values["agent_dropped_reports_total", ()] = float(self._sender.dropped_reports)
+            values["agent_spool_bytes", ()] = float(self._sender.spool_bytes)
+            values["agent_send_failures_total", ()] = float(self._sender.send_failures)
+        return values
+
+    def _make_sender(self) -> Sender:
+        assert self.server is not None
+        spool_dir = Path(self.config.spool_dir) if self.config.spool_dir else (
+            default_spool_dir(self.run_name))
+        config = self.config
+        if self._token != config.token:
+            config = replace(config, token=self._token)
+        return Sender(
+            self.server, self.run_name, config, spool_dir,
+            sender_id=self._resume.get("sender_id")
+            or f"rank{self._dist.rank}-{uuid.uuid4().hex[:8]}",
+            world_size=self._dist.world_size,
+            run_id=self._resume.get("run_id"),
+            next_sequence=self._resume.get("next_sequence", 1),
+            agent_version=_agent_version(),
+        )
+
+    # -- reading -------------------------------------------------------------------------
+
+    def latest(self) -> dict[str, float]:
+        """The last value of every series measured in this process, by series key,
+        the monitor's own series (overhead, cadences, ...) included."""
+        latest = dict(self._latest)
+        if self._step > 0:
+            for (metric, labels), value in self._agent_values(self._step - 1).items():
+                latest[series_key(metric, dict(labels))] = value
+        return latest
+
+    @property
+    def run_id(self) -> str | None:
+        """The server's id of the run, once opened (or the id a loaded state resumes)."""
+        if self._sender is not None and self._sender.run_id:
+            return self._sender.run_id
+        return self._resume.get("run_id")
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps measured so far (including those of a loaded state)."""
+        return self._step
+
+    @property
+    def intervals(self) -> dict[str, int]:
+        """Current cadence of every estimator, in steps."""
+        return self._budget.intervals
+
+    @property
+    def estimator_errors(self) -> dict[str, int]:
+        return dict(self._estimator_errors)
+
+    @property
+    def sender(self) -> Sender | None:
+        return self._sender
+
+    # -- checkpointing -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the same run: ids, numbering, cadences, estimators.
+
+        The run id is in it once the run is open; the sender opens it right after the
+        first step, so only a checkpoint taken before the server was ever reached lacks
+        it (resuming from that one opens a new run).
+        """
+        sender = self._sender
+        return {
+            "format": _STATE_FORMAT,
+            "step": self._step,
+            "run_id": self.run_id,
+            "sender_id": sender.sender_id if sender else self._resume.get("sender_id"),
+            "next_sequence": sender.next_sequence if sender else self._resume.get(
+                "next_sequence", 1),
+            "budget": self._budget.state_dict(),
+            "estimators": {name: e.state_dict() for name, e in self.estimators.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a state; call it before the first step() to resume the same run."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"unknown monitor state format {state.get('format')!r}; "
+                             f"expected {_STATE_FORMAT}")
+        if self._sender is not None:
+            raise RuntimeError("load_state_dict must be called before the first step()")
+        self._step = int(state["step"])
+        self._resume = {key: state[key] for key in ("run_id", "sender_id", "next_sequence")
+                        if state.get(key) is not None}
+        self._budget.load_state_dict(state.get("budget", {}))
+        for name, saved in state.get("estimators", {}).items():
+            if name in self.estimators:
+                self.estimators[name].load_state_dict(saved)
+
+    # -- ending --------------------------------------------------------------------------
+
+    def close(self, state: str = "completed") -> bool:
+        """Flushes the reports (waiting at most ``close_timeout_seconds``) and closes the
+        run. True when every report reached the server (or nothing was to be sent)."""
+        if state not in RUN_STATES:
+            raise ValueError(f"state must be one of {sorted(RUN_STATES)}, got {state!r}")
+        if self._closed:
+            return True
+        self._closed = True
+        if self._sender is None:
+            return True
+        if self._step > 0:
+            agent = self._agent_values(self._step - 1)
+            wall_time = time.time()
+            self._sender.submit([(metric, labels, self._step - 1, value, wall_time)
+                                 for (metric, labels), value in agent.items()
+                                 if math.isfinite(value)])
+        return self._sender.close(state, self.config.close_timeout_seconds)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close("completed" if exc_type is None else "failed")
+
+
+def _flush_at_exit(ref: weakref.ReferenceType[Monitor]) -> None:
+    """At interpreter exit, sends what is pending but leaves the run open: a script that
+    never called close() did not say how the run ended."""
+    monitor = ref()
+    if monitor is None or monitor._closed or monitor._sender is None:
+        return
+    monitor._closed = True
+    monitor._sender.close(None, monitor.config.close_timeout_seconds)

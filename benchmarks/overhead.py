@@ -1,0 +1,250 @@
+"""Training throughput with and without the monitor, measured in one process.
+
+The same model keeps training throughout; blocks of steps alternate between bare
+(no monitor call) and monitored (``monitor.step`` every step, default settings, every
+default estimator on, rare and common probes given). Alternating blocks in one run means
+both sides see the same machine load, CPU frequency and caches; the overhead is one minus
+the ratio of the median monitored throughput to the median bare throughput.
+
+Two workloads: a ~3M-parameter causal transformer (``causal_lm`` task) and a small CNN
+(classification). Example::
+
+    python benchmarks/overhead.py --models transformer cnn --blocks 10 --block-steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from raresignal.agent import Monitor, MonitorConfig, Probe
+
+
+class CausalTransformer(nn.Module):
+    """A GPT-style decoder: token + position embeddings, pre-norm blocks, causal mask."""
+
+    def __init__(self, vocab: int = 1024, width: int = 256, layers: int = 3, heads: int = 4,
+                 context: int = 64) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
+        positions = torch.arange(length, device=tokens.device)
+        hidden = self.tokens(tokens) + self.positions(positions)
+        return self.head(self.norm(self.blocks(hidden, mask=mask, is_causal=True)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(),
+                                  nn.Linear(128, classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+@dataclass
+class Workload:
+    """A model, its optimizer, a batch source, its loss and its probes."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    task: str
+    probes: dict[str, Probe]
+    common_probe: Probe
+
+
+def transformer_workload(device: torch.device, batch: int) -> Workload:
+    model = CausalTransformer().to(device)
+    vocab, context = 1024, 64
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def sequences(count: int, rare: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Common sequences count upwards; rare ones repeat their first token: two rules.
+        start = torch.randint(0, vocab, (count, 1), generator=generator)
+        steps = torch.zeros(count, context + 1, dtype=torch.long) if rare else (
+            torch.arange(context + 1).expand(count, -1))
+        tokens = ((start + steps) % vocab).to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return sequences(batch, rare=False)
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    return Workload("transformer", model, torch.optim.AdamW(model.parameters(), lr=3e-4),
+                    next_batch, loss, "causal_lm", {"rare": Probe(*sequences(16, True))},
+                    Probe(*sequences(16, False)))
+
+
+def cnn_workload(device: torch.device, batch: int) -> Workload:
+    model = SmallCNN().to(device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.randn(count, 3, 32, 32, generator=generator)
+        labels = (pixels[:, 0, :4, :4].mean(dim=(1, 2)) > 0).long() + 2 * (
+            pixels[:, 1, :4, :4].mean(dim=(1, 2)) > 0).long()
+        return pixels.to(device), labels.to(device)
+
+    return Workload("cnn", model,
+                    torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                    lambda: images(batch), nn.functional.cross_entropy, "classification",
+                    {"rare": Probe(*images(32))}, Probe(*images(64)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_block(work: Workload, monitor: Monitor | None, steps: int,
+              device: torch.device) -> float:
+    """Trains ``steps`` steps; returns steps per second."""
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        inputs, targets = work.next_batch()
+        work.optimizer.zero_grad(set_to_none=True)
+        loss = work.loss(work.model(inputs), targets)
+        loss.backward()
+        if monitor is not None:
+            monitor.step(loss=loss, batch=(inputs, targets))
+        work.optimizer.step()
+    _sync(device)
+    return steps / (time.perf_counter() - started)
+
+
+@dataclass
+class Result:
+    name: str
+    parameters: int
+    bare: float
+    monitored: float
+    bare_seconds: float
+    monitored_seconds: float
+    reported_overhead: float | None
+    intervals: dict[str, int]
+    estimator_seconds: dict[str, float]
+
+    @property
+    def overhead(self) -> float:
+        """From the ratio of median block throughputs (robust to machine noise)."""
+        return 1.0 - self.monitored / self.bare
+
+    @property
+    def amortized_overhead(self) -> float:
+        """From total times: counts the rare blocks where a long-cadence estimator ran,
+        which the medians leave out."""
+        return self.monitored_seconds / self.bare_seconds - 1.0
+
+
+def measure(work: Workload, args: argparse.Namespace, device: torch.device) -> Result:
+    monitor = Monitor(work.model, work.optimizer, server=args.server, run_name=work.name,
+                      probes=work.probes, common_probe=work.common_probe, task=work.task,
+                      config=MonitorConfig(target_overhead=args.target))
+    # Warm-up: allocator, kernels, and the first (cold) run of every estimator.
+    run_block(work, None, args.warmup_steps, device)
+    run_block(work, monitor, args.warmup_steps, device)
+    bare, monitored = [], []
+    for _ in range(args.blocks):
+        bare.append(run_block(work, None, args.block_steps, device))
+        monitored.append(run_block(work, monitor, args.block_steps, device))
+        if args.verbose:
+            print(f"{work.name}: block {len(bare)}: bare {bare[-1]:.2f} steps/s, "
+                  f"monitored {monitored[-1]:.2f} steps/s", flush=True)
+    latest = monitor.latest()
+    monitor.close()
+    prefix = "agent_estimator_seconds{estimator="
+    return Result(
+        work.name, sum(p.numel() for p in work.model.parameters()),
+        statistics.median(bare), statistics.median(monitored),
+        sum(args.block_steps / rate for rate in bare),
+        sum(args.block_steps / rate for rate in monitored),
+        latest.get("agent_overhead_ratio"), monitor.intervals,
+        {key[len(prefix):-1]: value for key, value in latest.items()
+         if key.startswith(prefix)})
+
+
+def print_table(results: list[Result], target: float) -> None:
+    header = (f"{'model':<12}{'params':>10}{'bare steps/s':>14}{'monitored':>11}"
+              f"{'overhead':>10}{'amortized':>11}{'self-reported':>15}{'target':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        reported = "n/a" if r.reported_overhead is None else f"{r.reported_overhead:.2%}"
+        print(f"{r.name:<12}{r.parameters:>10,}{r.bare:>14.2f}{r.monitored:>11.2f}"
+              f"{r.overhead:>10.2%}{r.amortized_overhead:>11.2%}{reported:>15}"
+              f"{target:>8.0%}")
+    print("\noverhead: 1 - median monitored / median bare block throughput; amortized: "
+          "from total times;\nself-reported: the monitor's agent_overhead_ratio "
+          "(its last 500 steps)")
+    for r in results:
+        print(f"\n{r.name}: estimator (cadence in steps, last run in ms)")
+        for name, interval in r.intervals.items():
+            seconds = r.estimator_seconds.get(name)
+            last = "not run" if seconds is None else f"{seconds * 1e3:.1f} ms"
+            print(f"  {name:<20}{interval:>7}  {last}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=["transformer", "cnn"],
+                        default=["transformer", "cnn"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--blocks", type=int, default=10,
+                        help="bare/monitored block pairs (default: 10)")
+    parser.add_argument("--block-steps", type=int, default=100,
+                        help="optimizer steps per block (default: 100; blocks x block-steps "
+                             "should cover the longest cadence, 500, at least twice)")
+    parser.add_argument("--warmup-steps", type=int, default=20,
+                        help="steps before measuring, bare then monitored (default: 20)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 8 sequences / 64 images)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--target", type=float, default=0.03,
+                        help="the monitor's overhead target (default: 0.03)")
+    parser.add_argument("--server", default=None,
+                        help="raresignal server address to report to (default: none, "
+                             "measurements stay in process)")
+    parser.add_argument("--verbose", action="store_true", help="print every block")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    builders = {"transformer": (transformer_workload, 8), "cnn": (cnn_workload, 64)}
+    results = []
+    for name in args.models:
+        build, default_batch = builders[name]
+        results.append(measure(build(device, args.batch or default_batch), args, device))
+    print_table(results, args.target)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The budget scheduler holds the monitor's overhead under its target."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+import torch
+from runtime_toys import (
+    LossEstimator,
+    SleepyEstimator,
+    classification_data,
+    small_classifier,
+)
+from torch import nn
+
+from raresignal.agent import Monitor, MonitorConfig
+from raresignal.agent.budget import BudgetScheduler
+
+
+def _drive(scheduler: BudgetScheduler, steps: int, step_seconds: float,
+           costs: dict[str, float], start: int = 0) -> list[list[str]]:
+    """Runs the scheduler with fixed, synthetic timings; returns who ran at each step."""
+    ran = []
+    for step in range(start, start + steps):
+        due = scheduler.due(step)
+        for name in due:
+            scheduler.record_run(name, step, costs[name])
+        spent = sum(costs[name] for name in due)
+        scheduler.end_step(step, spent, spent, step_seconds)
+        ran.append(due)
+    return ran
+
+
+def test_expensive_estimators_never_share_a_step() -> None:
+    scheduler = BudgetScheduler([("a", 5, True), ("b", 5, True), ("c", 5, True),
+                                 ("cheap", 1, False)], target_overhead=1e9)
+    ran = _drive(scheduler, 100, 1.0, {"a": 0.1, "b": 0.1, "c": 0.1, "cheap": 0.0})
+    for due in ran:
+        assert sum(name in ("a", "b", "c") for name in due) <= 1
+        assert "cheap" in due
+    for name in ("a", "b", "c"):
+        runs = [step for step, due in enumerate(ran) if name in due]
+        assert len(runs) == 20  # every 5 steps, just shifted by the stagger
+        assert {b - a for a, b in itertools.pairwise(runs)} == {5}
+
+
+def test_stretches_the_expensive_estimator_first_until_the_prediction_fits() -> None:
+    scheduler = BudgetScheduler([("cheap", 1, False), ("costly", 1, True)],
+                                target_overhead=0.03, max_interval_factor=1024)
+    # Step 10 ms; the costly estimator takes 6 ms; the cheap one 0.01 ms.
+    _drive(scheduler, 10, 0.010, {"cheap": 1e-5, "costly": 6e-3})
+    # 6 ms / interval / 10 ms <= 3 % - 0.1 % needs interval >= 21; doubling gives 32.
+    assert scheduler.intervals == {"cheap": 1, "costly": 32}
+    predicted = scheduler.predicted_overhead()
+    assert predicted is not None and predicted <= 0.03
+
+
+def test_an_estimator_too_costly_for_any_cadence_stops_at_its_bound() -> None:
+    scheduler = BudgetScheduler([("huge", 2, True)], target_overhead=0.03,
+                                max_interval_factor=8)
+    _drive(scheduler, 30, 0.001, {"huge": 1.0})
+    assert scheduler.intervals == {"huge": 16}
+
+
+def test_cadence_comes_back_when_the_estimator_gets_cheap() -> None:
+    scheduler = BudgetScheduler([("costly", 4, True)], target_overhead=0.03,
+                                max_interval_factor=1024)
+    _drive(scheduler, 20, 0.010, {"costly": 6e-3})
+    stretched = scheduler.intervals["costly"]
+    assert stretched > 4
+    # The cost falls a hundredfold (e.g. a warm start kicked in): the EMA follows and the
+    # interval halves at successive boundaries back to the default, never below.
+    _drive(scheduler, 600, 0.010, {"costly": 6e-5}, start=20)
+    assert scheduler.intervals["costly"] == 4
+
+
+def test_state_round_trip_keeps_cadences_and_due_steps() -> None:
+    first = BudgetScheduler([("cheap", 1, False), ("costly", 1, True)])
+    _drive(first, 20, 0.010, {"cheap": 1e-5, "costly": 6e-3})
+    second = BudgetScheduler([("cheap", 1, False), ("costly", 1, True)])
+    second.load_state_dict(first.state_dict())
+    assert second.intervals == first.intervals
+    assert [second.due(step) for step in range(20, 120)] == [
+        first.due(step) for step in range(20, 120)]
+
+
+def test_duplicate_names_are_refused() -> None:
+    try:
+        BudgetScheduler([("a", 1, False), ("a", 2, True)])
+    except ValueError as error:
+        assert "'a'" in str(error)
+    else:
+        raise AssertionError("duplicate estimator names were accepted")
+
+
+def test_monitor_lowers_a_sleeping_estimators_cadence_until_overhead_is_under_target(
+) -> None:
+    torch.set_num_threads(1)
+    model = small_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    inputs, targets = classification_data()
+    sleepy = SleepyEstimator("toy_sleepy", seconds=0.006)
+    config = MonitorConfig(target_overhead=0.03, max_interval_factor=256,
+                           overhead_window_steps=150)
+    monitor = Monitor(model, optimizer, server=None, run_name="budget",
+                      estimators=[LossEstimator(), sleepy], config=config)
+    overhead_after_warmup = None
+    for step in range(450):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        time.sleep(0.010)  # the "training work" the overhead is measured against
+        monitor.step(loss=loss, batch=(inputs, targets))
+        optimizer.step()
+        if step == 10:
+            overhead_after_warmup = monitor.latest()["agent_overhead_ratio"]
+
+    latest = monitor.latest()
+    # The estimator ran every step at first: 6 ms on 10 ms steps is far over 3 %.
+    assert overhead_after_warmup is not None and overhead_after_warmup > 0.03
+    # Its cadence was stretched (6 ms / 10 ms / 3 % = 20 steps at least), the cheap
+    # estimator's was not, and the overhead measured over the last 150 steps is in budget.
+    assert monitor.intervals["toy_sleepy"] >= 20
+    assert monitor.intervals["toy_loss"] == 1
+    assert latest["agent_overhead_ratio"] < 0.03
+    assert latest["agent_estimator_interval_steps{estimator=toy_sleepy}"] == (
+        monitor.intervals["toy_sleepy"])
+    assert latest["agent_estimator_seconds{estimator=toy_sleepy}"] >= 0.006
+    assert len(sleepy.runs) < 450 / 10
+
+
+def test_a_pause_between_steps_does_not_count_as_a_long_step() -> None:
+    scheduler = BudgetScheduler([("costly", 1, True)], target_overhead=0.03,
+                                max_interval_factor=1024)
+    _drive(scheduler, 40, 0.010, {"costly": 6e-3})
+    before = scheduler.step_seconds
+    # An evaluation loop of 30 s between two steps: step time and cadence stay put.
+    scheduler.end_step(40, 0.0, 0.0, 30.0)
+    assert scheduler.step_seconds == before
+    interval = scheduler.intervals["costly"]
+    _drive(scheduler, 9, 0.010, {"costly": 6e-3}, start=41)
+    assert scheduler.intervals["costly"] == interval
+
+
+def test_a_cold_first_run_counts_until_the_second_run_replaces_it() -> None:
+    scheduler = BudgetScheduler([("warm_started", 1, True)], target_overhead=0.03)
+    scheduler.record_run("warm_started", 0, 5.0)  # cold: lazy set-up, no warm start
+    assert scheduler.schedules["warm_started"].cost_seconds == 5.0
+    scheduler.record_run("warm_started", 1, 1e-2)
+    assert scheduler.schedules["warm_started"].cost_seconds == 1e-2  # not averaged in
+    scheduler.record_run("warm_started", 2, 2e-2)
+    assert scheduler.schedules["warm_started"].cost_seconds == pytest.approx(1.3e-2)
