@@ -1,0 +1,176 @@
+"""The Lightning callback in a real ``Trainer.fit`` against a real server, for both
+Lightning packages, plus checkpoint/resume."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from raresignal.agent import MonitorConfig
+from raresignal.protos.v1 import common_pb2
+from storage_reads import get_series, list_runs
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+FLAVOURS = {
+    "lightning.pytorch": "raresignal.integrations.lightning",
+    "pytorch_lightning": "raresignal.integrations.pytorch_lightning",
+}
+STEPS = 6
+
+
+def _data(seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(count, 6, generator=generator)
+    return inputs, (inputs[:, 0] > 0).long() + (inputs[:, 1] > 1).long()
+
+
+def _module_class(flavour: Any) -> type:
+    """A tiny classifier of the given Lightning package that remembers, per step, its
+    weights and loss, so the test can recompute what the monitor measured."""
+
+    class Classifier(flavour.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+            self.weights_at: dict[int, dict[str, torch.Tensor]] = {}
+            self.loss_at: dict[int, float] = {}
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.net(inputs)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            inputs, targets = batch
+            self.weights_at[self.trainer.global_step] = {
+                k: v.detach().clone() for k, v in self.state_dict().items()}
+            loss = nn.functional.cross_entropy(self(inputs), targets)
+            self.loss_at[self.trainer.global_step] = loss.item()
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Classifier
+
+
+def _config() -> MonitorConfig:
+    return MonitorConfig(report_interval_seconds=0.1)
+
+
+def _fit(flavour_name: str, server: Any, tmp_path: Path, steps: int,
+         ckpt_path: str | None = None, extra: tuple[Any, ...] = ()) -> tuple[Any, Any, Any]:
+    flavour = importlib.import_module(flavour_name)
+    callback_module = importlib.import_module(FLAVOURS[flavour_name])
+    torch.manual_seed(0)
+    model = _module_class(flavour)()
+    callback = callback_module.RaresignalCallback(
+        server=server.grpc_target, run_name=f"fit-{flavour_name}",
+        probes={"rare": _data(1, 32)},
+        common_probe=DataLoader(TensorDataset(*_data(2, 32)), batch_size=8),
+        config=_config())
+    loggers = flavour.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = flavour.Trainer(max_steps=steps, callbacks=[callback, *extra], logger=loggers,
+                              accelerator="cpu", devices=1, enable_progress_bar=False,
+                              enable_model_summary=False, log_every_n_steps=1,
+                              default_root_dir=str(tmp_path), enable_checkpointing=False)
+    loader = DataLoader(TensorDataset(*_data(0, 64)), batch_size=16)
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return trainer, callback, model
+
+
+@pytest.mark.parametrize("flavour_name", list(FLAVOURS))
+def test_fit_reports_every_step_and_probe_accuracy_to_the_server_and_loggers(
+        flavour_name: str, server: Any, tmp_path: Path) -> None:
+    flavour = importlib.import_module(flavour_name)
+    callback_class = importlib.import_module(FLAVOURS[flavour_name]).RaresignalCallback
+    assert issubclass(callback_class, flavour.Callback)
+    other = next(importlib.import_module(n) for n in FLAVOURS if n != flavour_name)
+    assert not issubclass(callback_class, other.Callback)
+
+    trainer, callback, model = _fit(flavour_name, server, tmp_path, STEPS)
+    run_id = callback.run_id
+    assert run_id
+
+    # The loss of every optimizer step reached the server's storage, at its step.
+    losses = get_series(server.grpc_target, run_id, "loss")
+    assert [step for step, _ in losses] == list(range(STEPS))
+    for step, value in losses:
+        # The monitor sends float(loss) of the very tensor Lightning computed: float32
+        # rounding of the recorded .item() is the only difference allowed.
+        assert value == pytest.approx(model.loss_at[step], rel=1e-6)
+
+    # Probe accuracy as stored equals the accuracy of the weights of that step, exactly
+    # (a count over 32 examples has no rounding).
+    rare_x, rare_y = _data(1, 32)
+    accuracy = get_series(server.grpc_target, run_id, "probe_accuracy", {"probe": "rare"})
+    assert accuracy, "no probe accuracy was stored"
+    reference = type(model)()
+    for step, value in accuracy:
+        reference.load_state_dict(model.weights_at[step])
+        with torch.no_grad():
+            expected = (reference(rare_x).argmax(-1) == rare_y).float().mean().item()
+        assert value == expected, step
+
+    # The run closed as completed when fit ended.
+    run = next(r for r in list_runs(server.grpc_target) if r.run_id == run_id)
+    assert run.state == common_pb2.RUN_STATE_COMPLETED
+
+    # The headline values went to the Lightning logger as well, at their steps.
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [(int(r["step"]), float(r["raresignal/probe_accuracy/rare"])) for r in rows
+              if r.get("raresignal/probe_accuracy/rare")]
+    stored = dict(accuracy)
+    assert logged and all(stored[step] == value for step, value in logged)
+
+
+def test_resume_from_checkpoint_keeps_run_id_baselines_and_step_numbering(
+        server: Any, tmp_path: Path) -> None:
+    flavour_name = "lightning.pytorch"
+    trainer, first, _ = _fit(flavour_name, server, tmp_path, 4)
+    checkpoint = tmp_path / "resume.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"][first.state_key]
+    assert saved["run_id"] == first.run_id and saved["step"] == 4
+
+    import lightning.pytorch as pl
+
+    class LoadedState(pl.Callback):
+        """Reads the monitor's state right after it started, before its first step."""
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.state = trainer.callbacks[0].monitor.state_dict()
+
+    loaded = LoadedState()
+    _, second, _ = _fit(flavour_name, server, tmp_path, 8, ckpt_path=str(checkpoint),
+                        extra=(loaded,))
+    _assert_same_state(loaded.state["estimators"], saved["estimators"])
+    assert loaded.state["step"] == 4 and loaded.state["run_id"] == first.run_id
+    assert second.run_id == first.run_id
+    losses = get_series(server.grpc_target, first.run_id, "loss")
+    # One run, numbered on across the resume, every step exactly once.
+    assert [step for step, _ in losses] == list(range(8))
+    final = second.state_dict()
+    assert final["step"] == 8 and final["sender_id"] == saved["sender_id"]
+    assert len([r for r in list_runs(server.grpc_target)
+                if r.run_name == f"fit-{flavour_name}"]) == 1
+
+
+def _assert_same_state(actual: Any, expected: Any) -> None:
+    """Estimator state (baselines, warm starts, sketches) equal, tensors element by element."""
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected)
+        for key in expected:
+            _assert_same_state(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected, strict=True):
+            _assert_same_state(a, e)
+    else:
+        assert actual == expected or (actual != actual and expected != expected)
