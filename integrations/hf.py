@@ -25,6 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
 from raresignal.agent import Monitor, MonitorConfig
 from raresignal.agent.api import Estimator, Probe
 from raresignal.integrations.lightning_callback import headline_metrics
@@ -36,8 +39,6 @@ from raresignal.integrations.torch import (
     to_probe,
     to_probes,
 )
-from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 STATE_FILE = "raresignal_monitor.pt"
 IGNORE_INDEX = -100

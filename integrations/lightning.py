@@ -10,6 +10,7 @@ Users of the standalone ``pytorch_lightning`` package import the same class from
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
+
 from raresignal.integrations.lightning_callback import LightningMonitorHooks, callback_class
 
 RaresignalCallback: type[LightningMonitorHooks] = callback_class(Callback, __name__)

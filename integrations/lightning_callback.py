@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
+
 from raresignal.agent import Monitor, MonitorConfig, default_forward
 from raresignal.agent.api import Estimator, Probe
 from raresignal.integrations.torch import (
@@ -23,7 +25,6 @@ from raresignal.integrations.torch import (
     to_probe,
     to_probes,
 )
-from torch import nn
 
 # The series the callback also hands to Lightning's loggers: the ones a person reads first.
 HEADLINE_METRICS = (

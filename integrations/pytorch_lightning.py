@@ -10,6 +10,7 @@ Users of ``lightning.pytorch`` import the same class from
 from __future__ import annotations
 
 from pytorch_lightning.callbacks import Callback
+
 from raresignal.integrations.lightning_callback import LightningMonitorHooks, callback_class
 
 RaresignalCallback: type[LightningMonitorHooks] = callback_class(Callback, __name__)

@@ -14,8 +14,9 @@ from itertools import islice
 from typing import Any
 
 import torch
-from raresignal.agent.api import Probe
 from torch.utils.data import DataLoader, Dataset, default_collate
+
+from raresignal.agent.api import Probe
 
 # Everything a probe may be given as.
 ProbeSource = Probe | tuple[Any, torch.Tensor] | Dataset | DataLoader | Iterable[Any]

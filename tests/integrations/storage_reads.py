@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from raresignal.protos.transport import client_channel_options
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc
 

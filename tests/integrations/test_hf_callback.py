@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from storage_reads import get_series, list_runs
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
 from raresignal.agent import MonitorConfig
 from raresignal.integrations.hf import RaresignalTrainerCallback
 from raresignal.protos.v1 import common_pb2
-from storage_reads import get_series, list_runs
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 STEPS = 4
 VOCAB = 24

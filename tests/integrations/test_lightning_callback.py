@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from raresignal.agent import MonitorConfig
-from raresignal.protos.v1 import common_pb2
 from storage_reads import get_series, list_runs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from raresignal.agent import MonitorConfig
+from raresignal.protos.v1 import common_pb2
 
 FLAVOURS = {
     "lightning.pytorch": "raresignal.integrations.lightning",

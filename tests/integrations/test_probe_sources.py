@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
 from raresignal.agent.api import Probe
 from raresignal.integrations.torch import move_to, split_batch, to_probe, to_probes
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 INPUTS = torch.arange(40, dtype=torch.float32).reshape(10, 4)
 TARGETS = torch.arange(10) % 3
