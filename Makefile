@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests drive for real: promtool + Prometheus, Alertmanager.
 APT_PACKAGES := prometheus prometheus-alertmanager
 ARGS ?=
-PYTEST_ARGS ?=
+# Two workers by default: most tests wait on sockets or subprocesses, not the CPU.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: help demo test venv tools lint format protos bench clean
 
