@@ -21,6 +21,23 @@ ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Calls the model the usual way for its inputs and returns the logits: a dict is
+    passed as keyword arguments, a tuple or list as positional ones, and an output with
+    ``.logits`` (Hugging Face models) gives its logits."""
+    if isinstance(inputs, Mapping):
+        output = model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        output = model(*inputs)
+    else:
+        output = model(inputs)
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"forward returned {type(output).__name__}, not logits; pass "
+                        "forward=(model, inputs) -> logits to the Monitor")
+    return logits
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One value an estimator measured at the current step."""

@@ -32,6 +32,7 @@ from raresignal.agent.api import (
     Measurement,
     Probe,
     StepContext,
+    default_forward,
     series_key,
 )
 from raresignal.agent.budget import BudgetScheduler
@@ -54,21 +55,6 @@ def _agent_version() -> str:
         return importlib.metadata.version("raresignal")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Calls the model the usual way for its inputs and returns the logits."""
-    if isinstance(inputs, Mapping):
-        output = model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        output = model(*inputs)
-    else:
-        output = model(inputs)
-    logits = getattr(output, "logits", output)  # Hugging Face models return an object
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"forward returned {type(output).__name__}, not logits; pass "
-                        "forward=(model, inputs) -> logits to the Monitor")
-    return logits
 
 
 def _check_estimators(estimators: Sequence[Any]) -> list[Estimator]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from raresignal.agent.api import Estimator, ForwardFn, Probe
+from raresignal.agent.api import Estimator, ForwardFn, Probe, default_forward
 from raresignal.agent.estimators.config import EstimatorConfig
 from raresignal.agent.estimators.default_estimators import (
     FisherEstimator,
@@ -26,18 +26,6 @@ from raresignal.agent.estimators.per_example import PerExampleGradients
 from raresignal.agent.estimators.shared import FixedBatch, SharedState
 from raresignal.agent.estimators.sketch import GradientSketcher
 from raresignal.agent.estimators.subspace import DominantSubspace
-
-
-def default_forward(model: nn.Module, inputs: object) -> torch.Tensor:
-    """model(inputs); a tuple is unpacked as positional and a dict as keyword arguments,
-    and an output with ``.logits`` (Hugging Face) gives its logits."""
-    if isinstance(inputs, dict):
-        output = model(**inputs)
-    elif isinstance(inputs, tuple):
-        output = model(*inputs)
-    else:
-        output = model(inputs)
-    return output.logits if hasattr(output, "logits") else output
 
 
 def build_shared_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
