@@ -52,9 +52,16 @@ format: venv
 protos: venv ## regenerate protos/v1 from protos/raresignal/v1/*.proto
 	$(PY) protos/generate.py
 
-bench: venv ## run the benchmarks (see BENCHMARKS.md)
+# Peers the curvature benchmark compares against. --no-deps: backpack-for-pytorch asks for
+# torchvision, whose PyPI build does not load beside the CPU torch pinned here.
+BENCH_PEERS := pyhessian==0.1 backpack-for-pytorch==1.7.1 einops==0.8.2 unfoldNd==0.2.3
+
+bench: venv ## run the benchmarks (figures and commands in BENCHMARKS.md)
+	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/curvature.py --quick
+	$(PY) benchmarks/detection.py --quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo-output

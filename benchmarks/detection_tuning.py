@@ -1,0 +1,179 @@
+"""Threshold choice on the tuning seeds, the same discipline for every detector.
+
+For each detector (and for raresignal, each alert rule on its own) every threshold of a
+grid is scored on the tuning runs with :func:`detection_scoring.merit`: a threshold with a
+false alarm never beats one without; among quiet ones the most early detections win, then
+detections, then median lead time; ties go to the less sensitive threshold (more margin).
+Grids run from least to most sensitive. The chosen thresholds are then reported on the
+held-out seeds, which the choice never saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import yaml
+from detection_detectors import (
+    Alarm,
+    RiseAlarm,
+    SpikeAlarm,
+    grad_spike_alarms,
+    loss_rise_alarms,
+    probe_loss_alarms,
+    raresignal_alarms,
+)
+from detection_runs import RunTrace
+from detection_scoring import Outcome, merit, score
+
+from raresignal.server.rules import Relative, Rule
+
+# Fire thresholds tried per rule, least sensitive first; resolve thresholds keep the
+# shipped fire/resolve proportion, so hysteresis keeps its direction. A rule relative to
+# its baseline gets the grid of its kind (the shipped file may change a rule's kind);
+# an absolute rule gets the grid of its metric.
+RATIO_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # fraction of the baseline, for "<" rules
+MAD_GRID = (30.0, 20.0, 10.0, 5.0, 3.0)  # MADs from the baseline
+ABSOLUTE_GRIDS: dict[str, tuple[float, ...]] = {
+    "probe_bulk_residual": (0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
+    "probe_retention": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7),
+    "probe_interference": (-0.6, -0.4, -0.2, -0.1, -0.05),
+    "sharpness_ratio": (3.0, 2.0, 1.5, 1.1, 1.0),
+}
+
+
+def grid_for(rule: Rule) -> tuple[float, ...] | None:
+    """The thresholds to try for ``rule``; None for a rule the tuning leaves alone."""
+    condition = rule.condition
+    if condition is None or rule.alert == "NonFiniteGradients":
+        return None
+    if condition.relative_to is Relative.BASELINE_MAD:
+        return MAD_GRID
+    if condition.relative_to is Relative.BASELINE_RATIO:
+        return RATIO_GRID if condition.points_down else None
+    return ABSOLUTE_GRIDS.get(condition.metric)
+
+
+LOSS_FACTORS = (50.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.5)
+GRAD_KS = (200.0, 100.0, 50.0, 20.0, 10.0, 5.0)
+PROBE_LOSS_FACTORS = (50.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.5)
+BASELINE_GRIDS: dict[str, tuple[float, ...]] = {
+    "loss_rise": LOSS_FACTORS,
+    "grad_norm_spike": GRAD_KS,
+    "probe_loss_rise": PROBE_LOSS_FACTORS,
+}
+
+DetectFn = Callable[[RunTrace], list[Alarm]]
+
+
+def with_threshold(rule: Rule, threshold: float) -> Rule:
+    """The rule with a new fire threshold and a resolve threshold in the same proportion."""
+    assert rule.condition is not None
+    shipped = rule.condition.threshold
+    ratio = rule.resolve_threshold / shipped if shipped else 1.0
+    return replace(rule, condition=replace(rule.condition, threshold=threshold),
+                   resolve_threshold=threshold * ratio)
+
+
+def evaluate(traces: Sequence[RunTrace], name: str, detect: DetectFn) -> list[Outcome]:
+    return [score(trace, name, detect(trace)) for trace in traces]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The threshold picked for one detector or rule, and how it did on the tuning runs."""
+
+    name: str
+    value: float | None  # None: no threshold of the grid was free of false alarms
+    quiet: bool
+    tried: tuple[tuple[float, tuple[float, ...]], ...]  # (threshold, merit) per grid point
+
+
+def choose(name: str, grid: Sequence[float], traces: Sequence[RunTrace],
+           detector_for: Callable[[float], DetectFn]) -> Choice:
+    scored = [(value, merit(evaluate(traces, name, detector_for(value)))) for value in grid]
+    best_value, best_merit = scored[0]
+    for value, value_merit in scored[1:]:
+        if value_merit > best_merit:
+            best_value, best_merit = value, value_merit
+    quiet = best_merit[0] == 0
+    return Choice(name, best_value if quiet else None, quiet, tuple(scored))
+
+
+def rules_detector(rules: Sequence[Rule]) -> DetectFn:
+    return lambda trace: raresignal_alarms(trace, rules)
+
+
+def tune_rules(rules: Sequence[Rule], traces: Sequence[RunTrace]) -> dict[str, Choice]:
+    """Each tunable rule on its own, on the tuning runs."""
+    choices: dict[str, Choice] = {}
+    for rule in rules:
+        grid = grid_for(rule)
+        if grid is None:
+            continue
+        choices[rule.alert] = choose(
+            rule.alert, grid, traces,
+            lambda value, rule=rule: rules_detector([with_threshold(rule, value)]))
+    return choices
+
+
+def tuned_rules(rules: Sequence[Rule], choices: dict[str, Choice]) -> list[Rule]:
+    """The rule set with every tuned threshold applied; a rule with no quiet threshold on
+    the tuning runs is left out (it could only add false alarms)."""
+    out: list[Rule] = []
+    for rule in rules:
+        choice = choices.get(rule.alert)
+        if choice is None:
+            out.append(rule)
+        elif choice.value is not None:
+            out.append(with_threshold(rule, choice.value))
+    return out
+
+
+def baseline_detector(name: str, value: float) -> DetectFn:
+    """The detector of a baseline at one threshold (tuning and reporting use this)."""
+    if name == "loss_rise":
+        return lambda trace: loss_rise_alarms(trace, RiseAlarm(value, consecutive=5))
+    if name == "grad_norm_spike":
+        return lambda trace: grad_spike_alarms(trace, SpikeAlarm(value, consecutive=3))
+    if name == "probe_loss_rise":
+        # The probe is evaluated every few steps, so fewer points and less smoothing.
+        return lambda trace: probe_loss_alarms(trace, RiseAlarm(value, consecutive=2,
+                                                                smoothing=0.5, warmup=3))
+    raise KeyError(f"unknown baseline {name!r}")
+
+
+def tune_baselines(traces: Sequence[RunTrace]) -> dict[str, Choice]:
+    return {name: choose(name, grid, traces,
+                         lambda value, name=name: baseline_detector(name, value))
+            for name, grid in BASELINE_GRIDS.items()}
+
+
+def baseline_value(name: str, choice: Choice) -> float:
+    """The threshold a baseline is reported at: its quiet choice, else its least
+    sensitive grid point (it then shows its false alarms rather than nothing)."""
+    return choice.value if choice.value is not None else BASELINE_GRIDS[name][0]
+
+
+def candidate_rules_yaml(shipped_text: str, choices: dict[str, Choice]) -> str:
+    """The shipped rules file with the tuned thresholds written in, as a candidate for
+    ``--rules`` and for review. A rule with no quiet threshold keeps its shipped values
+    and is named in the header, since dropping a rule is a decision, not a measurement."""
+    document = yaml.safe_load(shipped_text)
+    unquiet = []
+    for entry in document["rules"]:
+        choice = choices.get(entry.get("alert"))
+        if choice is None:
+            continue
+        if choice.value is None:
+            unquiet.append(entry["alert"])
+            continue
+        shipped = float(entry["threshold"])
+        resolve = float(entry.get("resolve_threshold", shipped))
+        entry["threshold"] = choice.value
+        entry["resolve_threshold"] = round(choice.value * (resolve / shipped if shipped
+                                                           else 1.0), 6)
+    header = ("# Candidate rules chosen by benchmarks/detection.py on its tuning seeds.\n"
+              + (f"# No quiet threshold in the grid for: {', '.join(unquiet)}.\n"
+                 if unquiet else ""))
+    return header + yaml.safe_dump(document, sort_keys=False, width=100)
