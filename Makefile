@@ -64,4 +64,4 @@ bench: venv ## run the benchmarks (figures and commands in BENCHMARKS.md)
 	$(PY) benchmarks/detection.py --quick
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo-output
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache raresignal-demo
