@@ -30,12 +30,12 @@ from raresignal.agent.api import Probe, series_key
 from raresignal.agent.estimators import EstimatorConfig
 from raresignal.integrations.alert_watch import AlertWatcher
 from raresignal.integrations.demo_report import AlertMark, write_report
-from raresignal.integrations.demo_server import start_server
 from raresignal.integrations.demo_task import TaskConfig, make_examples
 from raresignal.integrations.demo_training import CollapseInducer, DemoModule, TokenStream
 from raresignal.integrations.lightning import RaresignalCallback
 from raresignal.protos.transport import client_channel_options
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
+from raresignal.server.process import ServerProcess
 
 RARE_PROBE = "rare"
 COMMON_PROBE = "common"
@@ -191,7 +191,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> DemoResult:
     if not settings.healthy:
         callbacks.append(CollapseInducer(stream, settings.collapse_step))
 
-    with start_server(database, out) as server:
+    with ServerProcess(database, out).start() as server:
         print(f"raresignal server: gRPC {server.grpc_target}, Prometheus metrics "
               f"{server.metrics_url} (scrape it while the demo runs)")
         print(describe_cadences())

@@ -7,18 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from runtime_server import ServerProcess, free_port, stored_series
+from runtime_server import free_port, stored_series
 from runtime_toys import LossEstimator, small_classifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from raresignal.agent import Monitor, MonitorConfig
+from raresignal.server.process import ServerProcess
 
 
 @pytest.mark.timeout(120)
 def test_forked_dataloader_workers_with_a_live_sender(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    server = ServerProcess(tmp_path / "rs.db", free_port(), tmp_path)
+    server = ServerProcess(tmp_path / "rs.db", tmp_path, grpc_port=free_port())
     server.start()
     try:
         generator = torch.Generator().manual_seed(0)
@@ -30,7 +31,7 @@ def test_forked_dataloader_workers_with_a_live_sender(tmp_path: Path) -> None:
                             multiprocessing_context="fork")
         model = small_classifier()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        monitor = Monitor(model, optimizer, server=server.target, run_name="fork",
+        monitor = Monitor(model, optimizer, server=server.grpc_target, run_name="fork",
                           estimators=[LossEstimator()],
                           config=MonitorConfig(spool_dir=str(tmp_path / "spool"),
                                                report_interval_seconds=0.02,
@@ -48,7 +49,7 @@ def test_forked_dataloader_workers_with_a_live_sender(tmp_path: Path) -> None:
                 step += 1
         assert monitor.close() is True
         assert monitor.run_id is not None
-        assert stored_series(server.target, monitor.run_id) == losses
+        assert stored_series(server.grpc_target, monitor.run_id) == losses
         assert len(losses) == 12
     finally:
         server.stop()

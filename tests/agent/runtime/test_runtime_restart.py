@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from runtime_server import ServerProcess, free_port, stored_series
+from runtime_server import free_port, stored_series
 from runtime_toys import (
     GradNormEstimator,
     LossEstimator,
@@ -18,6 +18,7 @@ from runtime_toys import (
 from torch import nn
 
 from raresignal.agent import Monitor, MonitorConfig
+from raresignal.server.process import ServerProcess
 
 NETWORK_TIMEOUT = 2.0
 
@@ -25,14 +26,14 @@ NETWORK_TIMEOUT = 2.0
 def test_killed_and_restarted_server_ends_with_every_report_exactly_once(
         tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    server = ServerProcess(tmp_path / "rs.db", free_port(), tmp_path)
+    server = ServerProcess(tmp_path / "rs.db", tmp_path, grpc_port=free_port())
     server.start()
     try:
         model = small_classifier()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         inputs, targets = classification_data()
         monitor = Monitor(
-            model, optimizer, server=server.target, run_name="restart",
+            model, optimizer, server=server.grpc_target, run_name="restart",
             estimators=[LossEstimator(), GradNormEstimator()],
             config=MonitorConfig(spool_dir=str(tmp_path / "spool"),
                                  report_interval_seconds=0.05,
@@ -68,8 +69,8 @@ def test_killed_and_restarted_server_ends_with_every_report_exactly_once(
         assert run_id is not None
 
         # Every step's loss is stored, with the exact float the loop saw.
-        assert stored_series(server.target, run_id) == losses
-        assert set(stored_series(server.target, run_id, "grad_norm")) == set(range(150))
+        assert stored_series(server.grpc_target, run_id) == losses
+        assert set(stored_series(server.grpc_target, run_id, "grad_norm")) == set(range(150))
         # Exactly once: each sequence number 1..N was APPLIED once (a batch applied just
         # before the kill and replayed after comes back DUPLICATE), and the server's own
         # record of the sender stops at N.
