@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests drive for real: promtool + Prometheus, Alertmanager.
 APT_PACKAGES := prometheus prometheus-alertmanager
 ARGS ?=
+# Peers the curvature benchmark and its tests compare against. --no-deps: backpack asks
+# for torchvision, whose PyPI build does not load beside the CPU torch pinned here.
+BENCH_PEERS := pyhessian==0.1 backpack-for-pytorch==1.7.1 einops==0.8.2 unfoldNd==0.2.3
 # Two workers by default: most tests wait on sockets or subprocesses, not the CPU.
 PYTEST_ARGS ?= -n 2
 
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
 	@touch $@
 
 venv: $(STAMP) ## create .venv and install the pinned dependencies
@@ -52,12 +56,7 @@ format: venv
 protos: venv ## regenerate protos/v1 from protos/raresignal/v1/*.proto
 	$(PY) protos/generate.py
 
-# Peers the curvature benchmark compares against. --no-deps: backpack-for-pytorch asks for
-# torchvision, whose PyPI build does not load beside the CPU torch pinned here.
-BENCH_PEERS := pyhessian==0.1 backpack-for-pytorch==1.7.1 einops==0.8.2 unfoldNd==0.2.3
-
 bench: venv ## run the benchmarks (figures and commands in BENCHMARKS.md)
-	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/curvature.py --quick
