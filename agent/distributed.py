@@ -8,16 +8,23 @@ CUDA device there and come back; gloo reduces CPU tensors in place.
 
 Every rank must issue these collectives in the same order: the scheduler takes care of
 that by running the same estimators at the same steps on every rank.
+
+Under FSDP the sketch of a sharded gradient is the sum of the ranks' shard sketches;
+:func:`sum_over_mesh` adds them up over the mesh dimensions the parameters are split on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from raresignal.agent.api import DistributedContext
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def is_distributed() -> bool:
@@ -62,3 +69,11 @@ def max_reducer(group: dist.ProcessGroup | None = None
     if not is_distributed():
         return None
     return _reducer(dist.ReduceOp.MAX, group)
+
+
+def sum_over_mesh(tensor: torch.Tensor, mesh: DeviceMesh, dims: Sequence[int]) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks of ``mesh`` along ``dims`` (one all-reduce per
+    dim, over that dim's process group): the ranks that hold the other shards."""
+    for dim in dims:
+        tensor = _reducer(dist.ReduceOp.SUM, mesh.get_group(dim))(tensor)
+    return tensor

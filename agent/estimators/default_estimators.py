@@ -59,6 +59,21 @@ from raresignal.agent.estimators.subspace import (
 log = logging.getLogger(__name__)
 
 
+def _skipped_for_shards(shared: SharedState, estimator: str) -> bool:
+    """True when the parameters are sharded (FSDP): the estimator needs every value of a
+    parameter in one process (HVPs, per-example gradients), so it measures nothing rather
+    than gather the model. The parameters' types decide, so every rank skips alike (no
+    collective is left unmatched); logged once per estimator, not counted as an error."""
+    if not shared.parameters.sharded:
+        return False
+    note = f"{estimator}.skipped"
+    if note not in shared.notes:
+        shared.notes[note] = "parameters sharded"
+        log.info("raresignal: %s is off: the parameters are sharded (FSDP) and it needs "
+                 "whole parameters in one process", estimator)
+    return True
+
+
 def _finite(measurements: list[Measurement]) -> list[Measurement]:
     """Drops values that are not finite: they mean 'not measurable now', not a reading."""
     return [m for m in measurements if math.isfinite(m.value)]
@@ -106,7 +121,8 @@ class GradientStatsEstimator:
 
 
 class NoiseScaleEstimator:
-    """B_simple: per-rank vs all-reduced norms when the runtime provides them, else halves."""
+    """B_simple: per-rank vs all-reduced norms when the runtime provides them, else halves.
+    Off under FSDP (sharded parameters): the half-batch gradients need whole parameters."""
 
     name = "noise_scale"
     expensive = True
@@ -117,6 +133,8 @@ class NoiseScaleEstimator:
         self.ema = NoiseScaleEMA(shared.config.noise_scale_ema)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        if _skipped_for_shards(self.shared, self.name):
+            return []
         dist = ctx.distributed
         local_sq = ctx.cache.get(LOCAL_GRAD_SQ_NORM_KEY)
         if dist.is_distributed and local_sq is not None and ctx.batch_size:
@@ -211,7 +229,8 @@ class SubspaceDriftEstimator:
 
 class SharpnessEstimator:
     """lambda_max (and Adam's preconditioned lambda_1) with its stability threshold, and the
-    Hessian trace, on the fixed curvature batch."""
+    Hessian trace, on the fixed curvature batch. Off under FSDP (sharded parameters):
+    HVPs need whole parameters."""
 
     name = "sharpness"
     expensive = True
@@ -239,6 +258,8 @@ class SharpnessEstimator:
         return make_hvp(self.backend, objective, params)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        if _skipped_for_shards(self.shared, self.name):
+            return []
         config = self.shared.config
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None or ctx.step < config.sharpness_warmup_steps:
@@ -287,7 +308,8 @@ class SharpnessEstimator:
 
 class FisherEstimator:
     """Per-group traces of the true Fisher (and, beside them, the empirical Fisher), and the
-    top of the sketched Fisher spectrum with its effective rank."""
+    top of the sketched Fisher spectrum with its effective rank. Off under FSDP (sharded
+    parameters): per-example gradients need whole parameters."""
 
     name = "fisher"
     expensive = True
@@ -297,6 +319,8 @@ class FisherEstimator:
         self.default_interval = shared.config.fisher_interval
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        if _skipped_for_shards(self.shared, self.name):
+            return []
         config = self.shared.config
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None:
@@ -328,7 +352,8 @@ class FisherEstimator:
 
 
 class ProbeEstimator:
-    """Rare-signal geometry of each probe set against the common probe and U_dom."""
+    """Rare-signal geometry of each probe set against the common probe and U_dom. Off under
+    FSDP (sharded parameters): per-example gradients need whole parameters."""
 
     name = "probes"
     expensive = True
@@ -374,6 +399,8 @@ class ProbeEstimator:
         return params.flatten(list(grads))
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        if _skipped_for_shards(self.shared, self.name):
+            return []
         config = self.shared.config
         params = self.shared.parameters
         dominant = self.shared.dominant.basis() if self.shared.dominant.ready else None

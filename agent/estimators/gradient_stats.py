@@ -35,12 +35,8 @@ def gradient_norm_and_nonfinite(parameters: ParameterSet) -> tuple[float, int]:
 
 
 def parameter_sketch(sketcher: GradientSketcher) -> torch.Tensor:
-    """fp64 sketch of the parameter values."""
-    out = torch.zeros(sketcher.dim, dtype=torch.float64, device=sketcher.parameters.device)
-    for name, p in sketcher.parameters:
-        bucket, sign = sketcher._indices(name, p.numel(), p.device)
-        out.index_add_(0, bucket, p.detach().reshape(-1).double() * sign)
-    return out
+    """fp64 sketch of the parameter values (of the full values when they are sharded)."""
+    return sketcher.sketch(list(sketcher.parameters.params), dtype=torch.float64)
 
 
 @dataclass

@@ -7,6 +7,11 @@ where it would in the whole parameter: shard sketches sum to the sketch of the w
 any rank and any device. No D x d matrix exists; the per-parameter bucket (int32) and sign
 (int8) tensors are hashed once and cached. E<Sx, Sy> = <x, y>, with variance at most
 2|x|^2|y|^2/d.
+
+Sharded DTensors (FSDP2) are sketched the same way: each rank sketches its own rows at
+their offset, and :meth:`GradientSketcher.sketch` sums the shard sketches over the ranks
+holding the other shards with one all-reduce of d values, so every rank gets the sketch of
+the full tensor. Every rank must then call ``sketch`` at the same steps.
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ from collections.abc import Sequence
 
 import torch
 
-from raresignal.agent.estimators.parameters import ParameterSet, canonical_name
+from raresignal.agent import distributed
+from raresignal.agent.estimators.parameters import (
+    ParameterSet,
+    canonical_name,
+    is_sharded,
+    local_part,
+)
 
 _MASK32 = 0xFFFFFFFF
 
@@ -98,16 +109,34 @@ class GradientSketcher:
         out.index_add_(0, bucket, flat.float() * sign)
         return out
 
-    def sketch(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Sketch of a list of tensors aligned with the parameters (None counts as zero)."""
+    def sketch(self, tensors: Sequence[torch.Tensor | None],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Sketch of a list of tensors aligned with the parameters (None counts as zero),
+        accumulated in ``dtype``. Sharded DTensors contribute their local rows, summed
+        over the ranks that hold the other rows (one all-reduce per distinct mesh)."""
         if len(tensors) != len(self.parameters):
             raise ValueError(
                 f"expected {len(self.parameters)} tensors aligned with the parameters, "
                 f"got {len(tensors)}")
-        out = torch.zeros(self.dim, dtype=torch.float32, device=self.parameters.device)
+        device = self.parameters.device
+        out = torch.zeros(self.dim, dtype=dtype, device=device)
+        # Shard sketches per (mesh, sharded mesh dims), in parameter order: the same keys
+        # in the same order on every rank, whatever rows each rank holds.
+        shard_sums: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
         for name, tensor in zip(self.parameters.names, tensors, strict=True):
-            if tensor is not None:
-                self.sketch_tensor(name, tensor.to(out.device), out=out)
+            if tensor is None:
+                continue
+            part = local_part(tensor)
+            target = out
+            if part.sharded:
+                target = shard_sums.setdefault(
+                    (part.mesh, part.shard_dims), torch.zeros_like(out))
+            values = part.values.to(device)
+            bucket, sign = self._indices(name, values.numel(), values.device,
+                                         part.offset if part.sharded else None)
+            target.index_add_(0, bucket, values.to(dtype) * sign)
+        for (mesh, dims), shard_sum in shard_sums.items():
+            out += distributed.sum_over_mesh(shard_sum, mesh, dims)
         return out
 
     def sketch_grads(self) -> torch.Tensor:
@@ -117,6 +146,9 @@ class GradientSketcher:
     def sketch_batched(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Sketches B vectors at once: each tensor is [B, *param_shape]; returns [B, d]."""
         present = [t for t in tensors if t is not None]
+        if any(is_sharded(t) for t in present):
+            raise ValueError("per-example sketches need whole parameters; sharded "
+                             "(FSDP) tensors must be gathered first")
         if not present:
             raise ValueError("nothing to sketch: every tensor is None")
         batch = present[0].shape[0]

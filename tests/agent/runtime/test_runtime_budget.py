@@ -101,34 +101,36 @@ def test_monitor_lowers_a_sleeping_estimators_cadence_until_overhead_is_under_ta
     model = small_classifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     inputs, targets = classification_data()
-    sleepy = SleepyEstimator("toy_sleepy", seconds=0.006)
+    sleepy = SleepyEstimator("toy_sleepy", seconds=0.015)
     config = MonitorConfig(target_overhead=0.03, max_interval_factor=256,
                            overhead_window_steps=150)
     monitor = Monitor(model, optimizer, server=None, run_name="budget",
                       estimators=[LossEstimator(), sleepy], config=config)
     overhead_after_warmup = None
-    for step in range(450):
+    for step in range(400):
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(inputs), targets)
         loss.backward()
-        time.sleep(0.010)  # the "training work" the overhead is measured against
+        # The "training work" the overhead is measured against: long enough that the
+        # monitor's own bookkeeping stays far below 3% on a loaded machine.
+        time.sleep(0.025)
         monitor.step(loss=loss, batch=(inputs, targets))
         optimizer.step()
         if step == 10:
             overhead_after_warmup = monitor.latest()["agent_overhead_ratio"]
 
     latest = monitor.latest()
-    # The estimator ran every step at first: 6 ms on 10 ms steps is far over 3 %.
+    # The estimator ran every step at first: 15 ms on 25 ms steps is far over 3 %.
     assert overhead_after_warmup is not None and overhead_after_warmup > 0.03
-    # Its cadence was stretched (6 ms / 10 ms / 3 % = 20 steps at least), the cheap
+    # Its cadence was stretched (15 ms / 25 ms / 3 % = 20 steps at least), the cheap
     # estimator's was not, and the overhead measured over the last 150 steps is in budget.
     assert monitor.intervals["toy_sleepy"] >= 20
     assert monitor.intervals["toy_loss"] == 1
     assert latest["agent_overhead_ratio"] < 0.03
     assert latest["agent_estimator_interval_steps{estimator=toy_sleepy}"] == (
         monitor.intervals["toy_sleepy"])
-    assert latest["agent_estimator_seconds{estimator=toy_sleepy}"] >= 0.006
-    assert len(sleepy.runs) < 450 / 10
+    assert latest["agent_estimator_seconds{estimator=toy_sleepy}"] >= 0.015
+    assert len(sleepy.runs) < 400 / 10
 
 
 def test_a_pause_between_steps_does_not_count_as_a_long_step() -> None:
