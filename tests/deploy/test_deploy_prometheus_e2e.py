@@ -83,6 +83,21 @@ def _rules_every_second(tmp_path: Path) -> Path:
     return path
 
 
+def scraping_prometheus(start_prometheus: Callable[[dict[str, Any]], PrometheusServer],
+                        metrics_url: str, tmp_path: Path) -> PrometheusServer:
+    """A Prometheus scraping ``metrics_url`` every second with the chart's rules loaded,
+    returned once its first scrape succeeded."""
+    target = metrics_url.split("://", 1)[1].split("/", 1)[0]
+    prometheus = start_prometheus({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(_rules_every_second(tmp_path))],
+        "scrape_configs": [{"job_name": "raresignal", "static_configs": [
+            {"targets": [target]}]}],
+    })
+    assert _poll(prometheus, 'up{job="raresignal"} == 1'), "the server is not scraped"
+    return prometheus
+
+
 def _poll(prometheus: PrometheusServer, expr: str) -> list[dict[str, Any]]:
     """The query's result once it is non-empty; [] if it stays empty until the deadline."""
     deadline = time.monotonic() + DEADLINE_SECONDS
@@ -100,14 +115,7 @@ def test_collapse_reaches_prometheus_alerts_and_the_dashboard(
     config = ServerConfig(db_path=str(tmp_path / "raresignal.db"), host="127.0.0.1",
                           grpc_port=0, metrics_port=0, health_port=0)
     with start_in_thread(config) as server:
-        target = server.metrics_url.split("://", 1)[1].split("/", 1)[0]
-        prometheus = start_prometheus({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(_rules_every_second(tmp_path))],
-            "scrape_configs": [{"job_name": "raresignal", "static_configs": [
-                {"targets": [target]}]}],
-        })
-        assert _poll(prometheus, 'up{job="raresignal"} == 1'), "the server is not scraped"
+        prometheus = scraping_prometheus(start_prometheus, server.metrics_url, tmp_path)
 
         acks = _report_run(server.grpc_target)
         assert [a.outcome for a in acks] == [ingest_pb2.ReportAck.OUTCOME_APPLIED] * len(acks)

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from deploy_support import PrometheusServer, dashboard_queries
-from test_deploy_prometheus_e2e import _poll, _rules_every_second
+from test_deploy_prometheus_e2e import _poll, scraping_prometheus
 
 from raresignal.integrations.demo import RARE_PROBE, DemoSettings, demo_monitor_config, probes
 from raresignal.integrations.demo_task import TaskConfig
@@ -41,14 +41,7 @@ def test_real_training_collapse_reaches_prometheus_and_the_dashboard(
     config = ServerConfig(db_path=str(tmp_path / "raresignal.db"), host="127.0.0.1",
                           grpc_port=0, metrics_port=0, health_port=0)
     with start_in_thread(config) as server:
-        target = server.metrics_url.split("://", 1)[1].split("/", 1)[0]
-        prometheus = start_prometheus({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(_rules_every_second(tmp_path))],
-            "scrape_configs": [{"job_name": "raresignal",
-                                "static_configs": [{"targets": [target]}]}],
-        })
-        assert _poll(prometheus, 'up{job="raresignal"} == 1'), "the server is not scraped"
+        prometheus = scraping_prometheus(start_prometheus, server.metrics_url, tmp_path)
 
         callback = RaresignalCallback(server=server.grpc_target, run_name=RUN,
                                       probes={RARE_PROBE: rare}, common_probe=common,
