@@ -167,11 +167,14 @@ class AlertPrinter:
             self._fired.add(alert.alert_id)
         elif alert.state != common_pb2.ALERT_STATE_RESOLVED or alert.alert_id not in self._fired:
             return
-        state = common_pb2.AlertState.Name(alert.state).removeprefix("ALERT_STATE_")
         labels = ",".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
-        tqdm.write(f"\n>>> ALERT {state}: {alert.rule}{{{labels}}} at step {alert.step}: "
-                   f"{alert.summary} (value {alert.value:.4g}, threshold "
-                   f"{alert.threshold:.4g})")
+        if alert.state == common_pb2.ALERT_STATE_FIRING:
+            tqdm.write(f"\n>>> ALERT FIRING: {alert.rule}{{{labels}}} at step {alert.step}: "
+                       f"{alert.summary} (value {alert.value:.4g}, threshold "
+                       f"{alert.threshold:.4g})")
+        else:  # the summary describes the firing condition, not the resolution
+            tqdm.write(f"\n>>> ALERT RESOLVED: {alert.rule}{{{labels}}} at step {alert.step} "
+                       f"(value {alert.value:.4g})")
 
 
 def run_demo(settings: DemoSettings, progress: bool = True) -> DemoResult:

@@ -53,3 +53,26 @@ def test_report_without_alerts_draws_no_alert_line(tmp_path: Path) -> None:
     figure = write_report(SERIES, [], "control", tmp_path / "healthy.png")
     for ax in figure.axes:
         assert all(line.get_label() != "alert fired" for line in ax.get_lines())
+
+
+def test_alert_printer_prints_firing_and_resolution_but_not_silent_pending(capsys) -> None:
+    from raresignal.integrations.demo import AlertPrinter
+    from raresignal.protos.v1 import alerts_pb2, common_pb2
+
+    def event(alert_id: str, state: int) -> alerts_pb2.AlertEvent:
+        return alerts_pb2.AlertEvent(alert=common_pb2.Alert(
+            alert_id=alert_id, rule="RareSignalInterference", labels={"probe": "rare"},
+            state=state, step=343, value=0.19, threshold=0.27, summary="interference fell"))
+
+    printer = AlertPrinter()
+    printer(event("a", common_pb2.ALERT_STATE_PENDING))
+    printer(event("b", common_pb2.ALERT_STATE_RESOLVED))  # pending that never fired
+    assert capsys.readouterr().out == ""
+    printer(event("a", common_pb2.ALERT_STATE_FIRING))
+    printer(event("a", common_pb2.ALERT_STATE_RESOLVED))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert lines == [
+        ">>> ALERT FIRING: RareSignalInterference{probe=rare} at step 343: interference fell "
+        "(value 0.19, threshold 0.27)",
+        ">>> ALERT RESOLVED: RareSignalInterference{probe=rare} at step 343 (value 0.19)",
+    ]
