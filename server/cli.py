@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     alerts.add_argument("--state", action="append", default=[],
                         choices=("pending", "firing", "resolved"), help="only these states")
     alerts.add_argument("--limit", type=int, default=100, help="at most this many (list)")
+    alerts.add_argument("--all", action="store_true",
+                        help="also list pending episodes that cleared without ever firing")
     _add_client_options(alerts)
     return parser
 
@@ -276,6 +278,14 @@ ALERT_HEADER = ("SINCE", "STATE", "SEVERITY", "ALERT", "RUN", "LABELS", "VALUE",
                 "SUMMARY")
 
 
+def worth_listing(alerts: Sequence[common_pb2.Alert], include_unfired: bool
+                  ) -> list[common_pb2.Alert]:
+    """The alerts a person asked to see: a pending episode that cleared before its ``for``
+    window was met never fired, and is left out unless asked for."""
+    return [a for a in alerts if include_unfired or a.fired_at > 0
+            or a.state != common_pb2.ALERT_STATE_RESOLVED]
+
+
 def run_alerts(args: argparse.Namespace) -> int:
     states = [getattr(common_pb2, f"ALERT_STATE_{s.upper()}") for s in args.state]
     alert_filter = alerts_pb2.AlertFilter(run_id=args.run, rule=args.rule, states=states)
@@ -285,7 +295,8 @@ def run_alerts(args: argparse.Namespace) -> int:
             response = stub.ListAlerts(
                 alerts_pb2.ListAlertsRequest(filter=alert_filter, limit=args.limit),
                 metadata=_metadata(args), timeout=30)
-            print(format_table(ALERT_HEADER, [_alert_row(a) for a in response.alerts]))
+            shown = worth_listing(response.alerts, include_unfired=args.all)
+            print(format_table(ALERT_HEADER, [_alert_row(a) for a in shown]))
             return 0
         print("  ".join(ALERT_HEADER), flush=True)
         try:
