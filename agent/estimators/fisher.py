@@ -57,10 +57,14 @@ def effective_rank(eigenvalues: torch.Tensor) -> float:
 def sketched_spectrum(summary: PerExampleSummary, k: int | None = None) -> FisherSpectrum:
     """Top-k eigenvalues of the sketched Fisher G^T G / n_tokens, from G = S g_i rows.
 
-    They are the squared singular values of G, so no d x d matrix is formed.
+    They are the squared singular values of G, taken as the eigenvalues of the smaller
+    Gram matrix (G G^T when there are fewer rows than sketch dimensions): the same numbers
+    to rounding, several times faster than an SVD of G.
     """
     total = float(summary.counts.sum().clamp(min=1.0))
-    values = torch.linalg.svdvals(summary.sketches.double()).pow(2) / total
+    g = summary.sketches.double()
+    gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
+    values = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0.0) / total
     rank = effective_rank(values)
     top = values[:k] if k is not None else values
     return FisherSpectrum(top.float(), rank if math.isfinite(rank) else float("nan"))
