@@ -1,13 +1,24 @@
 """Sustained ingest load on the raresignal server, over loopback gRPC.
 
 Starts ``raresignal server`` in a separate process (its own SQLite file in a temporary
-directory), then for each concurrency level drives that many senders from one asyncio
-client process. Each sender streams report batches on its own run and keeps one batch in
-flight, so the ack latency is the server's time to validate, evaluate rules, commit and
-answer. Prints samples/s, batches/s and p50/p99 ack latency per level.
+directory), then for each concurrency level drives that many senders, each streaming
+report batches on its own run, from one or more client processes. Two ways to load it:
 
-    python benchmarks/ingest.py                       # 1, 16 and 128 senders, 5 s each
-    python benchmarks/ingest.py --senders 16 --seconds 20 --batch-size 1000
+* closed loop (default): each sender keeps one batch in flight and sends the next as
+  soon as the ack comes, so the server runs flat out. Latency then follows from
+  throughput (Little's law: p50 ≈ senders × batch size ÷ samples/s), so this mode
+  measures capacity.
+* paced (``--rate``): the senders together offer a fixed number of samples per second,
+  each on its own schedule, as training processes do. Latency is measured from the
+  moment a batch was due, not when it went out, so a server that falls behind cannot
+  hide it (no coordinated omission). This mode measures ack latency at a given load.
+
+``--null-server`` replaces the raresignal server by one that acks every batch unread:
+what it measures is the ceiling of this client harness on this machine.
+
+    python benchmarks/ingest.py                        # 1, 16 and 128 senders, 5 s each
+    python benchmarks/ingest.py --senders 16 --rate 100000
+    python benchmarks/ingest.py --senders 16 --null-server
 """
 
 from __future__ import annotations
@@ -15,17 +26,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from raresignal.protos.transport import client_channel_options
+
+from raresignal.protos.transport import client_channel_options, server_options
 from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 # Ten series per step, four of them under default alert rules, so the rule engine works.
@@ -35,38 +49,52 @@ SERIES: tuple[tuple[str, dict[str, str]], ...] = (
     ("probe_retention", {"probe": "rare"}), ("probe_retention", {"probe": "common"}),
     ("probe_fisher_mass_ratio", {"probe": "rare"}), ("probe_loss", {"probe": "rare"}),
 )
+REPORT_METHOD = "/raresignal.v1.Ingest/Report"
+# Closed loop: batches built ahead per second of measurement, above what this server
+# reaches on a small machine (more are built on demand, on the clock).
+CLOSED_LOOP_BATCHES_PER_SECOND = 1000
 
 
 @dataclass
 class LevelResult:
     senders: int
     seconds: float
-    batches: int
-    samples: int
-    latencies: list[float]
+    batches: int = 0
+    samples: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def merge(self, other: LevelResult) -> None:
+        self.seconds = max(self.seconds, other.seconds)
+        self.batches += other.batches
+        self.samples += other.samples
+        self.latencies += other.latencies
 
     def row(self) -> str:
-        ordered = sorted(self.latencies)
+        ordered = sorted(self.latencies) or [float("nan")]
         p50 = statistics.median(ordered) * 1e3
         p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3
         return (f"{self.senders:>7}  {self.samples / self.seconds:>12,.0f}  "
                 f"{self.batches / self.seconds:>10,.1f}  {p50:>8.2f}  {p99:>8.2f}")
 
 
-def start_server(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_process(directory: Path, command: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts a server process that writes its endpoints to a ready file; its target."""
     ready = directory / "ready.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "raresignal.server.cli", "server", "--db",
-         str(directory / "bench.db"), "--host", "127.0.0.1", "--grpc-port", "0",
-         "--metrics-port", "0", "--health-port", "0", "--ready-file", str(ready),
-         "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ready.unlink(missing_ok=True)
+    process = subprocess.Popen([*command, "--ready-file", str(ready)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("server did not start: " + process.stderr.read().decode()[-2000:])
         time.sleep(0.05)
     return process, json.loads(ready.read_text())["grpc"]
+
+
+def raresignal_server_command(directory: Path) -> list[str]:
+    return [sys.executable, "-m", "raresignal.server.cli", "server", "--db",
+            str(directory / "bench.db"), "--host", "127.0.0.1", "--grpc-port", "0",
+            "--metrics-port", "0", "--health-port", "0", "--log-level", "WARNING"]
 
 
 def make_batch(run_id: str, sender: str, sequence: int, steps: int) -> ingest_pb2.ReportBatch:
@@ -84,10 +112,21 @@ class BatchSource:
 
     def __init__(self, run_id: str, sender_id: str, steps: int, prebuilt: int) -> None:
         self.run_id, self.sender_id, self.steps = run_id, sender_id, steps
+        # Later batches rewrite the numbers of this one: much faster than building anew.
+        self._template = make_batch(run_id, sender_id, 1, steps)
         self.blobs = [self._build(seq) for seq in range(1, prebuilt + 1)]
 
     def _build(self, sequence: int) -> bytes:
-        return make_batch(self.run_id, self.sender_id, sequence, self.steps).SerializeToString()
+        batch = self._template
+        batch.sequence = sequence
+        first = (sequence - 1) * self.steps
+        now = time.time()
+        for index, sample in enumerate(batch.samples):
+            step = first + index // len(SERIES)
+            sample.step = step
+            sample.value = 0.5 + 0.001 * (step % 100)
+            sample.wall_time = now
+        return batch.SerializeToString()
 
     def get(self, sequence: int) -> bytes:
         while len(self.blobs) < sequence:
@@ -95,82 +134,226 @@ class BatchSource:
         return self.blobs[sequence - 1]
 
 
-async def open_run(stub: ingest_pb2_grpc.IngestStub, name: str) -> str:
-    opened = await stub.OpenRun(ingest_pb2.OpenRunRequest(
-        run_name=name, world_size=1, report_interval_seconds=60.0))
-    return opened.run_id
-
-
-async def sender(channel: grpc.aio.Channel, source: BatchSource, until: float,
-                 latencies: list[float], counts: list[int]) -> None:
-    report = channel.stream_stream("/raresignal.v1.Ingest/Report",
+def open_report(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    report = channel.stream_stream(REPORT_METHOD,
                                    request_serializer=None,  # bytes as they are
                                    response_deserializer=ingest_pb2.ReportAck.FromString)
-    call = report()
+    return report()
+
+
+def _check_ack(ack: ingest_pb2.ReportAck, source: BatchSource) -> None:
+    if ack.outcome != ingest_pb2.ReportAck.OUTCOME_APPLIED:
+        raise RuntimeError(f"batch {ack.sequence} of {source.sender_id} not applied: {ack}")
+
+
+async def closed_loop_sender(channel: grpc.aio.Channel, source: BatchSource, until: float,
+                             result: LevelResult) -> None:
+    """One batch in flight: the next goes out when the previous one is acknowledged."""
+    call = open_report(channel)
     sequence = 0
-    while time.monotonic() < until:
+    while time.perf_counter() < until:
         sequence += 1
         blob = source.get(sequence)
         started = time.perf_counter()
         await call.write(blob)
         ack = await call.read()
-        latencies.append(time.perf_counter() - started)
-        if ack.outcome != ingest_pb2.ReportAck.OUTCOME_APPLIED:
-            raise RuntimeError(f"batch {sequence} of {source.sender_id} not applied: {ack}")
-        counts[0] += 1
-        counts[1] += ack.samples_applied
+        result.latencies.append(time.perf_counter() - started)
+        _check_ack(ack, source)
+        result.batches += 1
+        result.samples += ack.samples_applied
     await call.done_writing()
 
 
-async def run_level(target: str, senders: int, seconds: float, batch_size: int,
-                    level: int) -> LevelResult:
-    steps = max(1, batch_size // len(SERIES))
-    channels = [grpc.aio.insecure_channel(target, client_channel_options())
+async def paced_sender(channel: grpc.aio.Channel, source: BatchSource, first_due: float,
+                       until: float, interval: float, result: LevelResult) -> None:
+    """Sends a batch every ``interval`` seconds whatever the acks do; latency counts from
+    when each batch was due."""
+    call = open_report(channel)
+    due: dict[int, float] = {}
+
+    async def read_acks(acks: AsyncIterator[ingest_pb2.ReportAck]) -> None:
+        async for ack in acks:
+            result.latencies.append(time.perf_counter() - due.pop(ack.sequence))
+            _check_ack(ack, source)
+            result.batches += 1
+            result.samples += ack.samples_applied
+
+    reader = asyncio.create_task(read_acks(call.__aiter__()))
+    sequence, when = 0, first_due
+    while when < until:
+        await asyncio.sleep(max(0.0, when - time.perf_counter()))
+        sequence += 1
+        due[sequence] = when
+        await call.write(source.get(sequence))
+        when += interval
+    await call.done_writing()
+    await reader
+
+
+async def open_runs(target: str, names: list[str]) -> list[str]:
+    async with grpc.aio.insecure_channel(target, client_channel_options()) as channel:
+        stub = ingest_pb2_grpc.IngestStub(channel)
+        return [(await stub.OpenRun(ingest_pb2.OpenRunRequest(
+            run_name=name, world_size=1, report_interval_seconds=60.0))).run_id
+            for name in names]
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one client process does: its senders' runs, and when and how fast."""
+
+    target: str
+    run_ids: list[str]
+    sender_names: list[str]
+    steps: int
+    seconds: float
+    rate_per_sender: float  # batches/s; 0: closed loop
+    stagger: list[float]  # paced: each sender's first send, after the common start
+    start_at: float  # time.time() at which every process starts sending
+
+
+def run_client(plan: ClientPlan) -> LevelResult:
+    return asyncio.run(_run_client(plan))
+
+
+async def _run_client(plan: ClientPlan) -> LevelResult:
+    senders = len(plan.run_ids)
+    if plan.rate_per_sender:
+        prebuilt = int(plan.rate_per_sender * plan.seconds) + 2
+    else:
+        prebuilt = int(CLOSED_LOOP_BATCHES_PER_SECOND * plan.seconds / max(1, senders)) + 2
+    sources = [BatchSource(run_id, name, plan.steps, prebuilt)
+               for run_id, name in zip(plan.run_ids, plan.sender_names, strict=True)]
+    channels = [grpc.aio.insecure_channel(plan.target, client_channel_options())
                 for _ in range(min(senders, 8))]
-    stub = ingest_pb2_grpc.IngestStub(channels[0])
-    run_ids = [await open_run(stub, f"bench-{level}-{i}") for i in range(senders)]
-    # Enough for 500 batches/s in total, more than this server reaches on a small machine.
-    prebuilt = int(500 * seconds / senders) + 2
-    sources = [BatchSource(run_id, f"bench-{level}-{i}-s", steps, prebuilt)
-               for i, run_id in enumerate(run_ids)]
-    latencies: list[float] = []
-    counts = [0, 0]
-    started = time.monotonic()
-    until = started + seconds
-    await asyncio.gather(*(
-        sender(channels[i % len(channels)], source, until, latencies, counts)
-        for i, source in enumerate(sources)))
-    elapsed = time.monotonic() - started
+    result = LevelResult(senders, plan.seconds)
+    await asyncio.sleep(max(0.0, plan.start_at - time.time()))
+    started = time.perf_counter()
+    until = started + plan.seconds
+    if plan.rate_per_sender:
+        interval = 1.0 / plan.rate_per_sender
+        tasks = [paced_sender(channels[i % len(channels)], source, started + plan.stagger[i],
+                              until, interval, result) for i, source in enumerate(sources)]
+    else:
+        tasks = [closed_loop_sender(channels[i % len(channels)], source, until, result)
+                 for i, source in enumerate(sources)]
+    await asyncio.gather(*tasks)
+    result.seconds = time.perf_counter() - started
     for channel in channels:
         await channel.close()
-    return LevelResult(senders, elapsed, counts[0], counts[1], latencies)
+    return result
+
+
+def run_level(target: str, senders: int, args: argparse.Namespace, level: int) -> LevelResult:
+    steps = max(1, args.batch_size // len(SERIES))
+    names = [f"bench-{level}-{i}" for i in range(senders)]
+    run_ids = asyncio.run(open_runs(target, names))
+    rate_per_sender = args.rate / (steps * len(SERIES)) / senders if args.rate else 0.0
+    interval = 1.0 / rate_per_sender if rate_per_sender else 0.0
+    processes = max(1, min(args.client_processes, senders))
+    # Every process builds its batches first, then all start sending at the same moment.
+    if rate_per_sender:
+        per_process = (int(rate_per_sender * args.seconds) + 2) * senders / processes
+    else:
+        per_process = CLOSED_LOOP_BATCHES_PER_SECOND * args.seconds / processes
+    build_started = time.perf_counter()
+    BatchSource("r", "s", steps, 20)
+    build_seconds = (time.perf_counter() - build_started) / 20 * per_process
+    start_at = time.time() + 1.0 + 2.0 * build_seconds
+    plans = [ClientPlan(target, run_ids[p::processes], [f"{n}-s" for n in names[p::processes]],
+                        steps, args.seconds, rate_per_sender,
+                        [interval * i / senders for i in range(p, senders, processes)],
+                        start_at)
+             for p in range(processes)]
+    if processes == 1:
+        results = [run_client(plans[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = pool.map(run_client, plans)
+    total = LevelResult(senders, 0.0)
+    for result in results:
+        total.merge(result)
+    return total
+
+
+def serve_null(ready_file: str) -> None:
+    """A server that acks every report batch without reading it (the harness ceiling)."""
+
+    async def open_run(request: ingest_pb2.OpenRunRequest,
+                       context: grpc.aio.ServicerContext) -> ingest_pb2.OpenRunResponse:
+        return ingest_pb2.OpenRunResponse(run_id=request.run_name)
+
+    async def report(requests: AsyncIterator[bytes],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        sequence = 0  # the harness numbers each stream's batches from 1
+        async for _ in requests:
+            sequence += 1
+            yield ingest_pb2.ReportAck(sequence=sequence,
+                                       outcome=ingest_pb2.ReportAck.OUTCOME_APPLIED,
+                                       samples_applied=500).SerializeToString()
+
+    async def main() -> None:
+        server = grpc.aio.server(options=server_options())
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "raresignal.v1.Ingest", {
+                "OpenRun": grpc.unary_unary_rpc_method_handler(
+                    open_run, request_deserializer=ingest_pb2.OpenRunRequest.FromString,
+                    response_serializer=ingest_pb2.OpenRunResponse.SerializeToString),
+                "Report": grpc.stream_stream_rpc_method_handler(report),
+            })])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        Path(ready_file).write_text(json.dumps({"grpc": f"127.0.0.1:{port}"}))
+        await server.wait_for_termination()
+
+    asyncio.run(main())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Sustained ingest throughput and ack latency of the raresignal server "
                     "(separate process, loopback gRPC, SQLite in WAL mode).",
-        epilog="example: python benchmarks/ingest.py --senders 1 16 128 --seconds 5",
+        epilog="examples:\n  python benchmarks/ingest.py --senders 1 16 128 --seconds 5\n"
+               "  python benchmarks/ingest.py --senders 16 --rate 100000",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 16, 128],
                         help="concurrency levels to measure (default: 1 16 128)")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each level")
     parser.add_argument("--batch-size", type=int, default=500,
                         help="samples per batch (default 500: 50 steps x 10 series)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="paced mode: samples/s offered by all senders together "
+                             "(default: closed loop, as fast as acks come)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="spread the senders over this many client processes")
+    parser.add_argument("--null-server", action="store_true",
+                        help="ack without storing anything: the ceiling of this harness")
+    parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_null:
+        serve_null(args.ready_file)
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="raresignal-bench-") as tmp:
-        process, target = start_server(Path(tmp))
+        directory = Path(tmp)
+        if args.null_server:
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve-null"]
+            process, target = start_process(directory, command)
+        else:
+            process, target = start_process(directory, raresignal_server_command(directory))
         try:
-            print(f"server {target} (pid {process.pid}), {os.cpu_count()} CPUs, batches of "
+            mode = (f"paced at {args.rate:,.0f} samples/s" if args.rate
+                    else "closed loop, one batch in flight per sender")
+            print(f"{'null server' if args.null_server else 'server'} {target} "
+                  f"(pid {process.pid}), {os.cpu_count()} CPUs, batches of "
                   f"{max(1, args.batch_size // len(SERIES)) * len(SERIES)} samples, "
-                  f"{args.seconds:g} s per level")
+                  f"{args.seconds:g} s per level, {mode}, "
+                  f"{args.client_processes} client process(es)")
             print(f"{'senders':>7}  {'samples/s':>12}  {'batches/s':>10}  {'p50 ms':>8}  "
                   f"{'p99 ms':>8}")
             for level, senders in enumerate(args.senders):
-                result = asyncio.run(run_level(target, senders, args.seconds, args.batch_size,
-                                               level))
-                print(result.row(), flush=True)
+                print(run_level(target, senders, args, level).row(), flush=True)
         finally:
             process.terminate()
             process.wait(30)

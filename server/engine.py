@@ -13,7 +13,7 @@ import hashlib
 import json
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from raresignal.protos.catalog import CATALOG
@@ -52,7 +52,12 @@ class SeriesState:
         return self.median is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # What dataclasses.asdict gives, written out: this runs for every series a batch
+        # touches, and asdict's generic deep copy costs several times more.
+        return {"seen": self.seen, "smoothed": self.smoothed, "window": list(self.window),
+                "median": self.median, "mad": self.mad, "last_step": self.last_step,
+                "last_value": self.last_value, "consecutive": self.consecutive,
+                "episodes": self.episodes, "alert_id": self.alert_id}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
@@ -112,6 +117,16 @@ class AlertEngine:
                     (rule, _WHILE))
         self._while_metrics = {r.while_condition.metric for r in self.rules
                                if r.while_condition is not None}
+        # Per metric, what each sample of it is evaluated against, prepared once:
+        # (rule, is the fire condition, state-key prefix, learns a baseline).
+        self._plans: dict[str, list[tuple[Rule, bool, str, bool]]] = {}
+        for metric, entries in self._by_metric.items():
+            for rule, role in entries:
+                condition = rule.condition if role == _FIRE else rule.while_condition
+                assert condition is not None
+                self._plans.setdefault(metric, []).append(
+                    (rule, role == _FIRE, f"{rule.alert}/{role}/{metric}/",
+                     condition.relative_to is not Relative.ABSOLUTE))
         self._stall_rules = [rule for rule in self.rules if rule.is_stall]
         self._runs: dict[str, RunClock] = {}
         self._states: dict[str, dict[str, SeriesState]] = {}
@@ -159,29 +174,33 @@ class AlertEngine:
         if not relevant:
             return changes
         # Oldest step first; at one step, "while" metrics first so a rule sees them fresh.
-        relevant.sort(key=lambda s: (s.step, s.metric not in self._while_metrics))
+        while_metrics = self._while_metrics
+        relevant.sort(key=lambda s: (s.step, s.metric not in while_metrics))
         states = self._states[run_id]
+        dirty = self._dirty_states
+        plans = self._plans
+        last_step = clock.last_step
         for sample in relevant:
-            clock.last_step = max(clock.last_step, sample.step)
-            for rule, role in self._by_metric[sample.metric]:
-                key = f"{rule.alert}/{role}/{sample.metric}/{sample.labels_key}"
+            step = sample.step
+            if step > last_step:
+                last_step = step
+            for rule, is_fire, prefix, learns_baseline in plans[sample.metric]:
+                key = prefix + sample.labels_key
                 state = states.get(key)
                 if state is None:
                     state = states[key] = SeriesState()
-                if sample.step <= state.last_step:
+                if step <= state.last_step:
                     continue  # each step of a series is evaluated once
-                state.last_step = sample.step
+                state.last_step = step
                 state.last_value = sample.value
-                self._dirty_states.add((run_id, key))
-                condition = rule.condition if role == _FIRE else rule.while_condition
-                assert condition is not None
-                was_ready = state.baseline_ready
-                if condition.relative_to is not Relative.ABSOLUTE:
+                dirty.add((run_id, key))
+                if learns_baseline and state.median is None:
+                    # Not ready before this value: it only feeds the baseline.
                     state.feed_baseline(rule.baseline, sample.value)
-                    if not was_ready:
-                        continue
-                if role == _FIRE:
+                    continue
+                if is_fire:
                     self._evaluate(run_id, rule, state, sample, now, changes)
+        clock.last_step = last_step
         return changes
 
     def tick(self, now: float) -> list[AlertChange]:
@@ -202,6 +221,8 @@ class AlertEngine:
     def _boundaries(self, rule: Rule, state: SeriesState) -> tuple[float, float] | None:
         condition = rule.condition
         assert condition is not None
+        if condition.relative_to is Relative.ABSOLUTE:
+            return condition.threshold, rule.resolve_threshold
         if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
             return None  # a ratio of a non-positive baseline means nothing
         return (rule.boundary(condition.threshold, state.median, state.mad),
@@ -234,11 +255,13 @@ class AlertEngine:
         fire_at, resolve_at = bounds
         condition = rule.condition
         assert condition is not None
-        labels = self._labels(sample.labels_key)
         value = sample.value
         alert = self._active.get(state.alert_id) if state.alert_id else None
         if alert is None:
-            if not (condition.holds(value, fire_at) and self._while_holds(run_id, rule, labels)):
+            if not condition.holds(value, fire_at):
+                return  # the common case: nothing to alert on, no labels needed
+            labels = self._labels(sample.labels_key)
+            if not self._while_holds(run_id, rule, labels):
                 return
             state.episodes += 1
             state.consecutive = 1
@@ -249,6 +272,7 @@ class AlertEngine:
             target = FIRING if rule.for_evaluations <= 1 else PENDING
             self._transition(alert, target, now, changes, previous=UNSPECIFIED)
             return
+        labels = self._labels(sample.labels_key)
         self._update_value(alert, rule, labels, value, fire_at, sample.step)
         if alert.state == PENDING:
             if condition.holds(value, fire_at) and self._while_holds(run_id, rule, labels):

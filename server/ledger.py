@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -23,13 +23,19 @@ from raresignal.server.live import LiveState
 from raresignal.server.storage import (
     AlertChange,
     AlertRecord,
+    BatchWrite,
     EngineWrites,
+    Newest,
     RunRecord,
+    SeriesKey,
     SeriesPoint,
     Storage,
+    newest_by_series,
 )
 from raresignal.server.validation import (
+    MAX_SAMPLES_PER_BATCH,
     MAX_SERIES_PER_RUN,
+    CheckedSample,
     RequestError,
     check_batch_envelope,
     check_close_state,
@@ -49,6 +55,49 @@ class BatchOutcome:
     applied: bool
     samples_applied: int = 0
     changes: list[AlertChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """A report batch with its caller and its samples already checked.
+
+    Checking samples needs nothing but the batch, so it runs wherever the batch arrives
+    (the event loop), while the storage thread stores earlier batches; a failed check is
+    kept and raised where the ledger reaches it, so the errors come in the same order.
+    """
+
+    batch: ingest_pb2.ReportBatch
+    principal: Principal
+    samples: list[CheckedSample]
+    newest: dict[SeriesKey, Newest]
+    error: RequestError | None = None
+
+    @classmethod
+    def check(cls, batch: ingest_pb2.ReportBatch, principal: Principal) -> ReportRequest:
+        if len(batch.samples) > MAX_SAMPLES_PER_BATCH:
+            return cls(batch, principal, [], {})  # refused whole by the envelope check
+        try:
+            samples = check_samples(batch)
+        except RequestError as error:
+            return cls(batch, principal, [], {}, error)
+        return cls(batch, principal, samples, newest_by_series(samples))
+
+
+@dataclass
+class _Group:
+    """What the batches of one group commit have decided before it is stored: later
+    batches of the group are checked against it as if the earlier ones were committed."""
+
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    committed_runs: dict[str, RunRecord] = field(default_factory=dict)
+    sequences: dict[tuple[str, str], int] = field(default_factory=dict)
+    new_series: dict[str, set[SeriesKey]] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    write: BatchWrite
+    changes: list[AlertChange]
 
 
 class Ledger:
@@ -110,45 +159,109 @@ class Ledger:
 
     def apply(self, batch: ingest_pb2.ReportBatch, principal: Principal) -> BatchOutcome:
         """Applies a batch exactly once; RequestError for anything it cannot accept."""
+        result = self.apply_many([ReportRequest.check(batch, principal)])[0]
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def apply_many(self, requests: Sequence[ReportRequest]) -> list[BatchOutcome | RequestError]:
+        """Applies batches exactly once, in order, committed together (group commit).
+
+        Each batch gets the outcome it would get alone, after the ones before it: its own
+        RequestError when it cannot be accepted, which leaves the others unaffected. If
+        storing the group fails, the batches are tried again one transaction each, so a
+        batch that breaks storage fails alone.
+        """
+        group = _Group()
+        results: list[BatchOutcome | RequestError] = []
+        prepared: list[tuple[int, _Prepared]] = []
+        for request in requests:
+            try:
+                item = self._prepare(request, group)
+            except RequestError as error:
+                results.append(error)
+                continue
+            if item is None:
+                results.append(BatchOutcome(applied=False))
+            else:
+                prepared.append((len(results), item))
+                results.append(BatchOutcome(applied=True, samples_applied=len(item.write.samples),
+                                            changes=item.changes))
+        if not prepared:
+            return results
+        try:
+            stored = self.storage.apply_batches([item.write for _, item in prepared])
+        except Exception as exc:
+            for run in group.committed_runs.values():
+                self._reload_engine(run)
+            if len(requests) == 1:
+                log.exception("storing a batch of run %s failed",
+                              requests[0].batch.run_id[:64])
+                results[0] = RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"storage failed ({type(exc).__name__}); retry the batch")
+                return results
+            log.warning("storing a group of %d batches failed (%s: %s); storing them one by one",
+                        len(prepared), type(exc).__name__, exc)
+            for index, _ in prepared:
+                results[index] = self.apply_many([requests[index]])[0]
+            return results
+        stale: set[str] = set()
+        for (index, item), applied in zip(prepared, stored, strict=True):
+            run = item.write.run
+            if not applied:  # cannot happen with one writer; kept consistent all the same
+                stale.add(run.run_id)
+                results[index] = BatchOutcome(applied=False)
+                continue
+            self._runs[run.run_id] = run
+            assert item.write.newest is not None
+            self.live.record_newest(run.run_id, item.write.newest)
+            self.live.apply_changes(item.changes)
+        for run_id in stale:
+            self._reload_engine(self._runs[run_id])
+        return results
+
+    def _prepare(self, request: ReportRequest, group: _Group) -> _Prepared | None:
+        """Checks a batch and runs the alert engine on it; None for a duplicate."""
+        batch, principal = request.batch, request.principal
         check_batch_envelope(batch)
-        run = self._runs.get(batch.run_id)
+        run = group.runs.get(batch.run_id) or self._runs.get(batch.run_id)
         if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
                                f"run_id {batch.run_id!r} is not a known run; call OpenRun")
         principal.authorize(run.run_name)
-        if batch.sequence <= self.storage.last_sequence(run.run_id, batch.sender_id):
-            return BatchOutcome(applied=False)
+        sender = (run.run_id, batch.sender_id)
+        last_sequence = group.sequences.get(sender)
+        if last_sequence is None:
+            last_sequence = self.storage.last_sequence(run.run_id, batch.sender_id)
+        if batch.sequence <= last_sequence:
+            return None
         if run.finished_at:
             state = common_pb2.RunState.Name(run.state)
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"run_id {run.run_id!r} ({run.run_name}) is closed ({state}); "
                                "resume it with OpenRun to report again")
-        samples = check_samples(batch)
-        new_series = self.storage.new_series_count(run.run_id, samples)
-        if new_series and self.storage.series_count(run.run_id) + new_series > MAX_SERIES_PER_RUN:
+        if request.error is not None:
+            raise request.error
+        samples, newest = request.samples, request.newest
+        known = self.storage.series_keys(run.run_id)
+        pending = group.new_series.setdefault(run.run_id, set())
+        new_series = [key for key in newest if key not in known and key not in pending]
+        if new_series and len(known) + len(pending) + len(new_series) > MAX_SERIES_PER_RUN:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"samples would create {new_series} new series, beyond the "
-                               f"limit of {MAX_SERIES_PER_RUN} series per run")
+                               f"samples would create {len(new_series)} new series, beyond "
+                               f"the limit of {MAX_SERIES_PER_RUN} series per run")
         now = self._clock()
+        group.committed_runs.setdefault(run.run_id, self._runs[run.run_id])
         changes = self.engine.observe(run.run_id, samples, now)
         writes = self.engine.take_writes()
-        last_step = max((s.step for s in samples), default=run.last_step)
+        last_step = max((step for step, _, _ in newest.values()), default=run.last_step)
         updated = replace(run, updated_at=now, last_step=max(run.last_step, last_step))
-        try:
-            applied = self.storage.apply_batch(updated, batch.sender_id, batch.sequence,
-                                               samples, writes)
-        except Exception as exc:
-            self._reload_engine(run)
-            log.exception("storing a batch of run %s failed", run.run_id)
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"storage failed ({type(exc).__name__}); retry the batch") from exc
-        if not applied:  # cannot happen with one writer; kept consistent all the same
-            self._reload_engine(run)
-            return BatchOutcome(applied=False)
-        self._runs[run.run_id] = updated
-        self.live.record(run.run_id, samples)
-        self.live.apply_changes(changes)
-        return BatchOutcome(applied=True, samples_applied=len(samples), changes=changes)
+        group.runs[run.run_id] = updated
+        group.sequences[sender] = batch.sequence
+        pending.update(new_series)
+        return _Prepared(BatchWrite(updated, batch.sender_id, batch.sequence, samples, writes,
+                                    newest), changes)
 
     def _reload_engine(self, run: RunRecord) -> None:
         self.engine.discard_writes()

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from raresignal.protos.v1 import common_pb2
-from raresignal.server.storage import AlertChange, AlertRecord, LatestValue, RunRecord
+from raresignal.server.storage import (
+    AlertChange,
+    AlertRecord,
+    LatestValue,
+    Newest,
+    RunRecord,
+    SeriesKey,
+    newest_by_series,
+)
 from raresignal.server.validation import CheckedSample
 
 
@@ -56,13 +64,16 @@ class LiveState:
                                                                                     v.value)
 
     def record(self, run_id: str, samples: Iterable[CheckedSample]) -> None:
+        self.record_newest(run_id, newest_by_series(samples))
+
+    def record_newest(self, run_id: str, newest: Mapping[SeriesKey, Newest]) -> None:
+        """Takes the newest sample per series of a batch: O(series), not O(samples)."""
         with self._lock:
             series = self._values.setdefault(run_id, {})
-            for sample in samples:
-                key = (sample.metric, sample.labels_key)
+            for key, (step, value, _) in newest.items():
                 current = series.get(key)
-                if current is None or sample.step >= current[0]:
-                    series[key] = (sample.step, sample.value)
+                if current is None or step >= current[0]:
+                    series[key] = (step, value)
 
     def apply_changes(self, changes: Iterable[AlertChange]) -> None:
         with self._lock:

@@ -2,23 +2,32 @@
 
 Every method is called from a single thread (the server's storage executor), so the
 connection is never shared between threads and the sequence check and the insert of a
-batch sit in one transaction without further locking.
+batch sit in one transaction without further locking. Batches that queue up while a
+transaction runs are stored together in the next one (group commit), and the WAL is
+checkpointed from a second connection on a thread of its own (server.checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
+from raresignal.server.checkpoint import WalCheckpointer
 from raresignal.server.storage import (
     AlertRecord,
+    BatchWrite,
     EngineWrites,
     LatestValue,
     RunRecord,
+    SeriesKey,
     SeriesPoint,
+    newest_by_series,
 )
 from raresignal.server.validation import CheckedSample
 
@@ -94,6 +103,13 @@ CREATE TABLE IF NOT EXISTS alert_history (
 CREATE INDEX IF NOT EXISTS alert_history_by_alert ON alert_history (alert_id);
 """
 
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+ROWS_PER_INSERT = 128
+# Rows of one statement replace in order, as separate statements would: the later of two
+# samples at the same step wins.
+_MULTI_ROW_INSERT = ("INSERT OR REPLACE INTO samples VALUES "
+                     + ",".join(["(?,?,?,?)"] * ROWS_PER_INSERT))
+
 
 @dataclass(frozen=True)
 class RetentionPolicy:
@@ -165,11 +181,21 @@ class SQLiteStorage:
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise RuntimeError(f"SQLite at {path} refused WAL mode (got {mode})")
-        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose
-        # the last transactions, never corrupt the file.
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash (power
+        # loss) may lose the last transactions, never corrupt the file.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        # Held around every write transaction; the checkpointer takes it to let the WAL
+        # rewind (see server.checkpoint).
+        self._write_lock = threading.Lock()
+        self._checkpointer: WalCheckpointer | None = None
+        if path != ":memory:":
+            # Checkpoints run off the ingest thread (see server.checkpoint); the WAL file
+            # is cut back to this size whenever it is rewound.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+            self._checkpointer = WalCheckpointer(path, self._write_lock)
         self._series_ids: dict[str, dict[tuple[str, str], int]] = {}
         # Upper bounds of the sample count per series (replaced steps count twice), so the
         # exact count is only taken when a series may have reached the retention limit.
@@ -228,6 +254,9 @@ class SQLiteStorage:
         known = self._series_of(run_id)
         return len({(s.metric, s.labels_key) for s in samples} - known.keys())
 
+    def series_keys(self, run_id: str) -> Set[SeriesKey]:
+        return self._series_of(run_id).keys()
+
     def apply_batch(
         self,
         run: RunRecord,
@@ -236,60 +265,99 @@ class SQLiteStorage:
         samples: Sequence[CheckedSample],
         engine_writes: EngineWrites,
     ) -> bool:
+        return self.apply_batches([BatchWrite(run, sender_id, sequence, samples,
+                                              engine_writes)])[0]
+
+    def apply_batches(self, writes: Sequence[BatchWrite]) -> list[bool]:
+        """All batches in one transaction: one BEGIN/COMMIT (and WAL append) for the group,
+        and one executemany per table, however many batches queued up meanwhile."""
         db = self._db
-        series = self._series_of(run.run_id)
-        created: list[tuple[str, str]] = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute(
+        group = _StagedGroup()
+        with self._write_lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                applied = [self._stage(write, group) for write in writes]
+                if group.sequences:
+                    self._write_group(group)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                for series, key in group.created:
+                    series.pop(key, None)
+                self._sizes.clear()  # counts may include rolled-back rows; re-count lazily
+                raise
+        self._sequences.update(group.sequences)
+        return applied
+
+    def _stage(self, write: BatchWrite, group: _StagedGroup) -> bool:
+        """Adds one batch to the group's rows, unless it is a duplicate (False)."""
+        run_id, sender_id = write.run.run_id, write.sender_id
+        # The sequence check reads the database inside the transaction that stores the
+        # batch: the check and the insert cannot be separated.
+        last = group.sequences.get((run_id, sender_id))
+        if last is None:
+            row = self._db.execute(
                 "SELECT last_sequence FROM sender_sequences WHERE run_id = ? AND sender_id = ?",
-                (run.run_id, sender_id)).fetchone()
-            if row is not None and sequence <= row[0]:
-                db.execute("ROLLBACK")
-                return False
-            db.execute(
-                "INSERT INTO sender_sequences VALUES (?,?,?) ON CONFLICT (run_id, sender_id) "
-                "DO UPDATE SET last_sequence = excluded.last_sequence",
-                (run.run_id, sender_id, sequence))
-            rows: list[tuple[int, int, float, float]] = []
-            latest: dict[int, tuple[int, float, float]] = {}
-            for sample in samples:
-                key = (sample.metric, sample.labels_key)
-                series_id = series.get(key)
-                if series_id is None:
-                    series_id = db.execute(
-                        "INSERT INTO series (run_id, metric, labels) VALUES (?,?,?)",
-                        (run.run_id, sample.metric, sample.labels_key)).lastrowid
-                    series[key] = series_id
-                    self._sizes[series_id] = 0
-                    created.append(key)
-                rows.append((series_id, sample.step, sample.value, sample.wall_time))
-                newest = latest.get(series_id)
-                if newest is None or sample.step >= newest[0]:
-                    latest[series_id] = (sample.step, sample.value, sample.wall_time)
-            db.executemany("INSERT OR REPLACE INTO samples VALUES (?,?,?,?)", rows)
-            db.executemany(
-                "UPDATE series SET last_step = ?, last_value = ?, last_wall_time = ? "
-                "WHERE series_id = ? AND last_step <= ?",
-                [(step, value, wall, sid, step) for sid, (step, value, wall) in latest.items()])
-            self._upsert_run(run)
-            self._write_engine(engine_writes)
-            self._apply_retention(rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            for key in created:
-                series.pop(key, None)
-            self._sizes.clear()  # counts may include rolled-back rows; re-count lazily
-            raise
-        self._sequences[(run.run_id, sender_id)] = sequence
+                (run_id, sender_id)).fetchone()
+            last = row[0] if row is not None else 0
+        if write.sequence <= last:
+            return False
+        group.sequences[(run_id, sender_id)] = write.sequence
+        newest = write.newest if write.newest is not None else newest_by_series(write.samples)
+        series = self._series_of(run_id)
+        latest = group.latest
+        for key, (step, value, wall_time) in newest.items():
+            series_id = series.get(key)
+            if series_id is None:
+                series_id = self._db.execute(
+                    "INSERT INTO series (run_id, metric, labels) VALUES (?,?,?)",
+                    (run_id, key[0], key[1])).lastrowid
+                series[key] = series_id
+                self._sizes[series_id] = 0
+                group.created.append((series, key))
+            current = latest.get(series_id)
+            if current is None or step >= current[0]:
+                latest[series_id] = (step, value, wall_time)
+        group.rows += [(series[(s.metric, s.labels_key)], s.step, s.value, s.wall_time)
+                       for s in write.samples]
+        group.runs[run_id] = write.run
+        group.engine.rule_states += write.engine_writes.rule_states
+        group.engine.alerts += write.engine_writes.alerts
+        group.engine.changes += write.engine_writes.changes
         return True
 
+    def _write_group(self, group: _StagedGroup) -> None:
+        db = self._db
+        db.executemany(
+            "INSERT INTO sender_sequences VALUES (?,?,?) ON CONFLICT (run_id, sender_id) "
+            "DO UPDATE SET last_sequence = excluded.last_sequence",
+            [(run_id, sender, seq) for (run_id, sender), seq in group.sequences.items()])
+        self._insert_samples(group.rows)
+        db.executemany(
+            "UPDATE series SET last_step = ?, last_value = ?, last_wall_time = ? "
+            "WHERE series_id = ? AND last_step <= ?",
+            [(step, value, wall, sid, step) for sid, (step, value, wall) in group.latest.items()])
+        for run in group.runs.values():
+            self._upsert_run(run)
+        self._write_engine(group.engine)
+        self._apply_retention(group.rows)
+
+    def _insert_samples(self, rows: list[tuple[int, int, float, float]]) -> None:
+        """Inserts rows many per statement: sqlite3 releases and retakes the GIL around
+        every statement step, and each take may wait for the event loop's thread."""
+        whole = len(rows) - len(rows) % ROWS_PER_INSERT
+        if whole:
+            flat = list(chain.from_iterable(rows[:whole]))
+            width = 4 * ROWS_PER_INSERT
+            self._db.executemany(_MULTI_ROW_INSERT,
+                                 [flat[i:i + width] for i in range(0, whole * 4, width)])
+        if whole < len(rows):
+            self._db.executemany("INSERT OR REPLACE INTO samples VALUES (?,?,?,?)",
+                                 rows[whole:])
+
     def _apply_retention(self, rows: list[tuple[int, int, float, float]]) -> None:
-        added: dict[int, int] = {}
-        for row in rows:
-            added[row[0]] = added.get(row[0], 0) + 1
+        added = Counter(row[0] for row in rows)
         limit = self.retention.limit
         for series_id, count in added.items():
             size = self._sizes.get(series_id)
@@ -407,22 +475,44 @@ class SQLiteStorage:
             "ORDER BY rowid", (alert_id,))]
 
     def close(self) -> None:
-        if self.path != ":memory:":
+        if self._checkpointer is not None:
+            self._checkpointer.close()
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
 
     # -- plumbing --------------------------------------------------------------------
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._write_lock)
+
+
+@dataclass
+class _StagedGroup:
+    """The rows of a group commit, gathered batch by batch before they are written."""
+
+    sequences: dict[tuple[str, str], int] = field(default_factory=dict)
+    rows: list[tuple[int, int, float, float]] = field(default_factory=list)
+    latest: dict[int, tuple[int, float, float]] = field(default_factory=dict)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    engine: EngineWrites = field(default_factory=EngineWrites)
+    created: list[tuple[dict[SeriesKey, int], SeriesKey]] = field(default_factory=list)
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, write_lock: threading.Lock) -> None:
         self._db = db
+        self._write_lock = write_lock
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._write_lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._write_lock.release()
+            raise
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        try:
+            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self._write_lock.release()

@@ -7,7 +7,7 @@ ingest path or the alert engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -86,6 +86,37 @@ class EngineWrites:
     changes: list[AlertChange] = field(default_factory=list)
 
 
+SeriesKey = tuple[str, str]  # (metric, canonical labels key)
+Newest = tuple[int, float, float]  # (step, value, wall_time)
+
+
+def newest_by_series(samples: Iterable[CheckedSample]) -> dict[SeriesKey, Newest]:
+    """The newest sample of each series in ``samples`` (the later one wins a tied step).
+
+    Computed once per batch and shared by the series-limit check, the stored latest
+    values and the live state, which then cost O(series) rather than O(samples) each.
+    """
+    newest: dict[SeriesKey, Newest] = {}
+    get = newest.get
+    for metric, key, step, value, wall_time in samples:
+        current = get((metric, key))
+        if current is None or step >= current[0]:
+            newest[(metric, key)] = (step, value, wall_time)
+    return newest
+
+
+@dataclass
+class BatchWrite:
+    """One report batch, ready to store: what :meth:`Storage.apply_batches` takes."""
+
+    run: RunRecord  # the run as it stands once the batch is applied
+    sender_id: str
+    sequence: int
+    samples: Sequence[CheckedSample]
+    engine_writes: EngineWrites
+    newest: Mapping[SeriesKey, Newest] | None = None  # None: computed from ``samples``
+
+
 class Storage(Protocol):
     """Runs, series, sender sequences, alert-engine state and alerts."""
 
@@ -109,6 +140,10 @@ class Storage(Protocol):
         """How many distinct series of ``samples`` the run does not have yet."""
         ...
 
+    def series_keys(self, run_id: str) -> Set[SeriesKey]:
+        """The (metric, labels key) of every series the run has."""
+        ...
+
     def apply_batch(
         self,
         run: RunRecord,
@@ -120,6 +155,12 @@ class Storage(Protocol):
         """Stores the batch iff ``sequence`` is above the highest applied for the sender,
         with ``engine_writes`` and the updated run, in one transaction. Returns whether it
         was applied (False: a duplicate, nothing changed)."""
+        ...
+
+    def apply_batches(self, writes: Sequence[BatchWrite]) -> list[bool]:
+        """Stores several batches in one transaction (group commit), each exactly as
+        :meth:`apply_batch` would in this order: whether each was applied. On an error
+        nothing of any of them is stored, and the error is raised."""
         ...
 
     def latest_values(self) -> list[LatestValue]: ...
