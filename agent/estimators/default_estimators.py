@@ -59,21 +59,6 @@ from raresignal.agent.estimators.subspace import (
 log = logging.getLogger(__name__)
 
 
-def _skipped_for_shards(shared: SharedState, estimator: str) -> bool:
-    """True when the parameters are sharded (FSDP): the estimator needs every value of a
-    parameter in one process (HVPs, per-example gradients), so it measures nothing rather
-    than gather the model. The parameters' types decide, so every rank skips alike (no
-    collective is left unmatched); logged once per estimator, not counted as an error."""
-    if not shared.parameters.sharded:
-        return False
-    note = f"{estimator}.skipped"
-    if note not in shared.notes:
-        shared.notes[note] = "parameters sharded"
-        log.info("raresignal: %s is off: the parameters are sharded (FSDP) and it needs "
-                 "whole parameters in one process", estimator)
-    return True
-
-
 def _finite(measurements: list[Measurement]) -> list[Measurement]:
     """Drops values that are not finite: they mean 'not measurable now', not a reading."""
     return [m for m in measurements if math.isfinite(m.value)]
@@ -126,6 +111,7 @@ class NoiseScaleEstimator:
 
     name = "noise_scale"
     expensive = True
+    needs_whole_parameters = True
 
     def __init__(self, shared: SharedState) -> None:
         self.shared = shared
@@ -133,8 +119,6 @@ class NoiseScaleEstimator:
         self.ema = NoiseScaleEMA(shared.config.noise_scale_ema)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        if _skipped_for_shards(self.shared, self.name):
-            return []
         dist = ctx.distributed
         local_sq = ctx.cache.get(LOCAL_GRAD_SQ_NORM_KEY)
         if dist.is_distributed and local_sq is not None and ctx.batch_size:
@@ -234,6 +218,7 @@ class SharpnessEstimator:
 
     name = "sharpness"
     expensive = True
+    needs_whole_parameters = True
 
     def __init__(self, shared: SharedState) -> None:
         self.shared = shared
@@ -258,8 +243,6 @@ class SharpnessEstimator:
         return make_hvp(self.backend, objective, params)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        if _skipped_for_shards(self.shared, self.name):
-            return []
         config = self.shared.config
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None or ctx.step < config.sharpness_warmup_steps:
@@ -313,14 +296,13 @@ class FisherEstimator:
 
     name = "fisher"
     expensive = True
+    needs_whole_parameters = True
 
     def __init__(self, shared: SharedState) -> None:
         self.shared = shared
         self.default_interval = shared.config.fisher_interval
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        if _skipped_for_shards(self.shared, self.name):
-            return []
         config = self.shared.config
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None:
@@ -357,6 +339,7 @@ class ProbeEstimator:
 
     name = "probes"
     expensive = True
+    needs_whole_parameters = True
 
     def __init__(self, shared: SharedState, probes: Mapping[str, Probe],
                  common: Probe | None) -> None:
@@ -399,8 +382,6 @@ class ProbeEstimator:
         return params.flatten(list(grads))
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        if _skipped_for_shards(self.shared, self.name):
-            return []
         config = self.shared.config
         params = self.shared.parameters
         dominant = self.shared.dominant.basis() if self.shared.dominant.ready else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -26,6 +27,8 @@ from raresignal.agent.estimators.per_example import PerExampleGradients
 from raresignal.agent.estimators.shared import FixedBatch, SharedState
 from raresignal.agent.estimators.sketch import GradientSketcher
 from raresignal.agent.estimators.subspace import DominantSubspace
+
+log = logging.getLogger(__name__)
 
 
 def build_shared_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -88,4 +91,23 @@ def build_default_estimators(
     if config.representation_layer is not None and representation_probe is not None:
         estimators.append(RepresentationEstimator(shared, config.representation_layer,
                                                   representation_probe))
-    return estimators
+    return _without_whole_parameter_estimators(estimators, shared)
+
+
+def _without_whole_parameter_estimators(estimators: list[Estimator], shared: SharedState
+                                        ) -> list[Estimator]:
+    """Under FSDP (sharded parameters) the estimators that need every value of a parameter
+    in one process (HVPs, per-example gradients) are left out rather than gather the
+    model. The parameters' types decide, so every rank leaves out the same ones and no
+    collective goes unmatched; each is noted in ``shared.notes`` and logged once."""
+    if not shared.parameters.sharded:
+        return estimators
+    kept = []
+    for estimator in estimators:
+        if getattr(estimator, "needs_whole_parameters", False):
+            shared.notes[f"{estimator.name}.skipped"] = "parameters sharded"
+            log.info("raresignal: %s is off: the parameters are sharded (FSDP) and it needs "
+                     "whole parameters in one process", estimator.name)
+        else:
+            kept.append(estimator)
+    return kept
