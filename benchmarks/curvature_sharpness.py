@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,19 +158,22 @@ class RaresignalSharpness:
         finally:
             self.tracker.tol, self.tracker.cold_iterations, self.tracker.warm_iterations = saved
 
-    def estimate(self, seed: int, previous: torch.Tensor | None) -> TopEstimate:
-        """One estimator run: cold from ``seed`` or warm from ``previous``."""
+    def estimate(self, seed: int, warm: Mapping[str, Any] | None) -> TopEstimate:
+        """One estimator run: cold from ``seed``, or warm from ``warm`` (a previous run's
+        :attr:`warm_state`: its eigenvector and the eigen-gap it measured)."""
         self.tracker.seed = seed
-        self.estimator.load_state_dict({"backend": "double_backward", "previous": previous})
+        self.estimator.load_state_dict({"backend": "double_backward", "previous": None,
+                                        **(warm or {})})
         ctx = StepContext(step=0, model=self.workload.model, optimizer=None,
                           forward=default_forward)
         values = {m.metric: m.value for m in self.estimator.run(ctx)}
         return TopEstimate(values["sharpness"], int(values["hvp_count"]))
 
     @property
-    def eigenvector(self) -> torch.Tensor | None:
-        """The eigenvector of the last run: what the next run warm-starts from."""
-        return self.tracker.previous
+    def warm_state(self) -> dict[str, Any]:
+        """What the last run leaves for the next: its eigenvector and measured gap, as the
+        estimator keeps them between runs in training."""
+        return {"previous": self.tracker.previous, "relative_gap": self.tracker.relative_gap}
 
 
 def load_pyhessian() -> ModuleType | None:
@@ -281,7 +285,7 @@ def compare_sharpness(workload: Workload, exact: Callable[[Workload], Spectrum],
     report = SharpnessReport(workload.name, workload.parameter_count, len(workload.targets),
                              sgd_steps)
     ours = RaresignalSharpness(workload)
-    previous: torch.Tensor | None = None
+    previous: dict[str, Any] | None = None
     for point in range(rounds + 1):
         if point > 0:
             workload.sgd_steps(sgd_steps, lr)
@@ -303,7 +307,7 @@ def compare_sharpness(workload: Workload, exact: Callable[[Workload], Spectrum],
                 report.raresignal_tol_for_target = _raresignal_sweep(
                     report, ours, spectrum.top, repeats, device)
             ours.estimate(0, None)  # seed 0's eigenvector starts the warm chain
-        previous = ours.eigenvector
+        previous = ours.warm_state
         if pyhessian is not None:
             _pyhessian_tuned(report, pyhessian, workload, spectrum.top, repeats, point)
     if pyhessian is None:

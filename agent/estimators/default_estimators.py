@@ -281,12 +281,16 @@ class SharpnessEstimator:
             "backend": self.backend,
             "previous": None if self.plain.previous is None else self.plain.previous.cpu(),
             "previous_adam": None if self.adam.previous is None else self.adam.previous.cpu(),
+            "relative_gap": self.plain.relative_gap,
+            "relative_gap_adam": self.adam.relative_gap,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.backend = state.get("backend", self.backend)
         self.plain.previous = state.get("previous")
         self.adam.previous = state.get("previous_adam")
+        self.plain.relative_gap = state.get("relative_gap")
+        self.adam.relative_gap = state.get("relative_gap_adam")
 
 
 class FisherEstimator:

@@ -95,24 +95,34 @@ def preconditioned(matvec: MatVec, preconditioner: torch.Tensor) -> MatVec:
 
 @dataclass
 class SharpnessTracker:
-    """Top eigenpair estimates warm-started from the previous call's eigenvector."""
+    """Top eigenpair estimates warm-started from the previous call's eigenvector.
+
+    It also keeps the eigen-gap the last long enough run measured, halved for safety (a
+    Ritz gap overstates the true one), so a warm start may stop on the Kato-Temple bound.
+    """
 
     dim: int
     seed: int = 0
     cold_iterations: int = 20
     warm_iterations: int = 10
     tol: float = 0.02
+    value_rtol: float = 0.01
+    gap_safety: float = 0.5
     previous: torch.Tensor | None = None
+    relative_gap: float | None = None
 
     def estimate(self, matvec: MatVec, device: torch.device) -> Eigenpair:
         if self.previous is not None and self.previous.numel() == self.dim:
             start, iterations = self.previous.to(device), self.warm_iterations
+            gap = None if self.relative_gap is None else self.gap_safety * self.relative_gap
         else:
             generator = torch.Generator().manual_seed(self.seed)
             start = torch.randn(self.dim, generator=generator).to(device)
-            iterations = self.cold_iterations
-        pair = lanczos_top(matvec, start, iterations, self.tol)
+            iterations, gap = self.cold_iterations, None
+        pair = lanczos_top(matvec, start, iterations, self.tol, gap, self.value_rtol)
         self.previous = pair.vector.detach()
+        if pair.relative_gap is not None:
+            self.relative_gap = pair.relative_gap
         return pair
 
 

@@ -21,16 +21,23 @@ class Eigenpair:
     vector: torch.Tensor  # unit norm
     matvecs: int
     residual: float  # |A x - value x|, a bound on the distance to an eigenvalue
+    # (theta_1 - theta_2) / |theta_1| of the Ritz values, once there were three or more
+    # (fewer Ritz values say too little about lambda_2); None otherwise.
+    relative_gap: float | None = None
 
 
 def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int = 20,
-                tol: float = 0.02) -> Eigenpair:
+                tol: float = 0.02, relative_gap: float | None = None,
+                value_rtol: float = 0.01) -> Eigenpair:
     """Largest (algebraic) eigenpair by Lanczos with full reorthogonalisation.
 
     Stops once the Ritz residual |A x - theta x| is below ``tol * |theta|``. By the
     Kato-Temple bound the eigenvalue error is then at most residual^2 / gap, so tol=0.02
-    typically gives eigenvalues well within 1%. Started from a good eigenvector estimate
-    (the previous step's), it usually stops after 2-4 products.
+    typically gives eigenvalues well within 1%. Given a (conservative) estimate of the gap
+    (lambda_1 - lambda_2) / |lambda_1|, it also stops as soon as that bound,
+    residual^2 / (relative_gap |theta|), is below ``value_rtol * |theta|``: a warm start
+    from the previous step's eigenvector is then often accepted after a single product,
+    because the eigenvalue error is quadratic in the eigenvector's.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
@@ -54,13 +61,25 @@ def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int = 20,
         values, vectors = torch.linalg.eigh(tri)
         theta, ritz = float(values[-1]), vectors[:, -1]
         residual = beta * abs(float(ritz[-1]))
-        if residual <= tol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-30):
+        if (residual <= tol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-30)
+                or _temple_accepts(residual, theta, relative_gap, value_rtol)):
             break
         betas.append(beta)
         basis.append(w / beta)
     coeffs = ritz.to(start.dtype).to(start.device)
     vector = torch.stack(basis[: coeffs.numel()]).T @ coeffs
-    return Eigenpair(theta, vector / vector.norm(), len(alphas), residual)
+    gap = (float(values[-1] - values[-2]) / abs(theta)
+           if values.numel() >= 3 and theta != 0.0 else None)
+    return Eigenpair(theta, vector / vector.norm(), len(alphas), residual, gap)
+
+
+def _temple_accepts(residual: float, theta: float, relative_gap: float | None,
+                    value_rtol: float) -> bool:
+    """Kato-Temple: lambda_1 - theta <= residual^2 / (theta - lambda_2) when theta >
+    lambda_2; accept when that bound is within ``value_rtol`` of theta."""
+    if relative_gap is None or relative_gap <= 0.0 or theta == 0.0:
+        return False
+    return residual * residual <= value_rtol * relative_gap * theta * theta
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator,

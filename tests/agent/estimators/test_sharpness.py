@@ -20,7 +20,7 @@ from raresignal.agent.estimators.sharpness import (
     optimizer_profile,
     preconditioned,
 )
-from raresignal.agent.estimators.spectral import hutchinson_trace, hutchpp_trace
+from raresignal.agent.estimators.spectral import hutchinson_trace, hutchpp_trace, lanczos_top
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -131,3 +131,28 @@ def test_no_preconditioner_before_the_first_adam_step() -> None:
     model = nn.Linear(3, 2)
     adam = torch.optim.Adam(model.parameters())
     assert adam_preconditioner(adam, ParameterSet.from_model(model)) is None
+
+
+def test_kato_temple_stop_is_within_its_bound_after_one_product() -> None:
+    # A symmetric operator with a known spectrum: lambda_1 = 10, lambda_2 = 8 (gap 0.2).
+    generator = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(50, 50, generator=generator, dtype=torch.float64)).Q
+    values = torch.cat([torch.tensor([10.0, 8.0], dtype=torch.float64),
+                        torch.linspace(7.0, -2.0, 48, dtype=torch.float64)])
+    matrix = basis @ torch.diag(values) @ basis.T
+    # A warm start 0.04 rad off the top eigenvector: its residual, 0.31, is over the
+    # residual rule's 0.02 x 10, so that rule alone needs more than one product.
+    tilt = torch.randn(50, generator=generator, dtype=torch.float64)
+    tilt -= (tilt @ basis[:, 0]) * basis[:, 0]
+    start = basis[:, 0] + 0.04 * tilt / tilt.norm()
+    plain = lanczos_top(lambda v: matrix @ v, start, max_iter=20, tol=0.02)
+    assert plain.matvecs > 1
+    temple = lanczos_top(lambda v: matrix @ v, start, max_iter=20, tol=0.02,
+                         relative_gap=0.1, value_rtol=0.01)  # half the true gap
+    assert temple.matvecs == 1
+    # Kato-Temple: 0 <= lambda_1 - theta <= residual^2 / (theta - lambda_2), and the stop
+    # rule keeps that within 1% of theta (half the 2% target).
+    error = 10.0 - temple.value
+    assert 0.0 <= error <= temple.residual**2 / (temple.value - 8.0) <= 0.01 * temple.value
+    # With no gap estimate (a first, cold run), only the residual rule applies.
+    assert lanczos_top(lambda v: matrix @ v, start, 20, 0.02, None).matvecs == plain.matvecs
