@@ -46,6 +46,7 @@ class SeriesState:
     consecutive: int = 0
     episodes: int = 0
     alert_id: str | None = None
+    evaluated: float | None = None  # the smoothed value a rule with smoothing compares
 
     @property
     def baseline_ready(self) -> bool:
@@ -57,7 +58,8 @@ class SeriesState:
         return {"seen": self.seen, "smoothed": self.smoothed, "window": list(self.window),
                 "median": self.median, "mad": self.mad, "last_step": self.last_step,
                 "last_value": self.last_value, "consecutive": self.consecutive,
-                "episodes": self.episodes, "alert_id": self.alert_id}
+                "episodes": self.episodes, "alert_id": self.alert_id,
+                "evaluated": self.evaluated}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
@@ -194,12 +196,18 @@ class AlertEngine:
                 state.last_step = step
                 state.last_value = sample.value
                 dirty.add((run_id, key))
+                value = sample.value
+                if is_fire and rule.smoothing < 1.0:
+                    if state.evaluated is not None:
+                        value = (rule.smoothing * value
+                                 + (1.0 - rule.smoothing) * state.evaluated)
+                    state.evaluated = value
                 if learns_baseline and state.median is None:
                     # Not ready before this value: it only feeds the baseline.
                     state.feed_baseline(rule.baseline, sample.value)
                     continue
                 if is_fire:
-                    self._evaluate(run_id, rule, state, sample, now, changes)
+                    self._evaluate(run_id, rule, state, sample, value, now, changes)
         clock.last_step = last_step
         return changes
 
@@ -248,14 +256,14 @@ class AlertEngine:
         return _holds(condition, state, condition.threshold)
 
     def _evaluate(self, run_id: str, rule: Rule, state: SeriesState, sample: CheckedSample,
-                  now: float, changes: list[AlertChange]) -> None:
+                  value: float, now: float, changes: list[AlertChange]) -> None:
+        """One evaluation of ``value`` (the sample's, smoothed when the rule smooths)."""
         bounds = self._boundaries(rule, state)
         if bounds is None:
             return
         fire_at, resolve_at = bounds
         condition = rule.condition
         assert condition is not None
-        value = sample.value
         alert = self._active.get(state.alert_id) if state.alert_id else None
         if alert is None:
             if not condition.holds(value, fire_at):

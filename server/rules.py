@@ -18,6 +18,8 @@ Format::
         relative_to: baseline_ratio  # absolute | baseline_ratio | baseline_mad
         resolve_threshold: 0.3
         for: 3
+        smoothing: 1               # optional: EWMA weight of the newest value in the value
+                                   # compared (1: the raw value)
         severity: critical         # critical | warning | info
         summary: "Probe {probe} ... {value:.3g} ..."
         while:                     # optional second condition on a metric of the same
@@ -102,6 +104,9 @@ class Rule:
     baseline: BaselineSpec = BaselineSpec()
     while_condition: Condition | None = None
     stalled_for_intervals: float = 0.0
+    # EWMA weight of the newest value in the value compared with the threshold (1: raw).
+    # The baseline is learned with its own smoothing, from the raw values.
+    smoothing: float = 1.0
 
     @property
     def is_stall(self) -> bool:
@@ -124,7 +129,8 @@ def boundary(condition: Condition, threshold: float, median: float | None,
 
 
 _RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
-              "severity", "summary", "while", "baseline", "stalled_for_intervals"}
+              "severity", "summary", "while", "baseline", "stalled_for_intervals",
+              "smoothing"}
 _STALL_KEYS = {"alert", "stalled_for_intervals", "severity", "summary"}
 _CONDITION_KEYS = {"metric", "op", "threshold", "relative_to"}
 _BASELINE_KEYS = {"warmup", "window", "smoothing", "mad_floor_fraction"}
@@ -268,6 +274,9 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
             raise where.error(f"while: metric {while_condition.metric!r} has label(s) "
                               f"{sorted(missing)} that {condition.metric!r} lacks, so the "
                               "two series cannot be matched")
+    smoothing = _number(where, "smoothing", entry.get("smoothing", 1.0))
+    if not 0 < smoothing <= 1:
+        raise where.error(f"smoothing must be in (0, 1], got {smoothing}")
     summary = entry.get("summary", f"{name}: {condition.metric} is {{value:.4g}}")
     if not isinstance(summary, str):
         raise where.error("summary must be text")
@@ -281,6 +290,7 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
         for_evaluations=_integer(where, "for", entry.get("for", 1), 1),
         baseline=_baseline(where, entry.get("baseline"), base),
         while_condition=while_condition,
+        smoothing=smoothing,
     )
 
 

@@ -237,3 +237,24 @@ def test_state_survives_a_round_trip_through_storage_form() -> None:
     changes = restored.observe("r1", [s("probe_retention", 3, 0.1, probe="rare")], now=3.0)
     assert states(changes) == [(PENDING, FIRING)]  # the third consecutive evaluation
     assert changes[0].alert.alert_id == writes.alerts[0].alert_id
+
+
+SMOOTHED = RETENTION.replace("    for: 3\n", "    for: 1\n    smoothing: 0.5\n")
+
+
+def test_a_smoothing_rule_compares_the_ewma_of_its_values() -> None:
+    engine = engine_for(SMOOTHED)
+    # One low value among high ones: raw 0.1 would fire; the EWMA (0.9, 0.5, 0.7, 0.8)
+    # does not.
+    assert feed(engine, "probe_retention", [0.9, 0.1, 0.9, 0.9], probe="rare") == []
+    # A sustained fall: the EWMA goes 0.45, then 0.275 < 0.3 fires.
+    changes = feed(engine, "probe_retention", [0.1, 0.1, 0.1], start_step=5, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    assert changes[0].alert.step == 6
+    assert changes[0].alert.value == pytest.approx(0.275)  # the value compared, smoothed
+    state = engine.state("r1", 'Retention/fire/probe_retention/{"probe":"rare"}')
+    assert state is not None and state.last_value == 0.1  # raw, for `while` conditions
+    assert type(state).from_dict(state.to_dict()).evaluated == pytest.approx(0.1875)
+    # The unsmoothed rule on the same values fires at the lone low value.
+    raw = engine_for(RETENTION.replace("    for: 3\n", "    for: 1\n"))
+    assert states(feed(raw, "probe_retention", [0.9, 0.1], probe="rare"))[0][1] == FIRING

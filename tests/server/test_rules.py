@@ -61,6 +61,7 @@ def rule(**fields: object) -> str:
     (rule(summary='"{probe} {colour}"'), "cannot be formatted"),
     (rule(baseline="{window: 0}"), "baseline.window must be an integer >= 1"),
     (rule(baseline="{smoothing: 2}"), "baseline.smoothing must be in (0, 1]"),
+    (rule(smoothing=0), "smoothing must be in (0, 1], got 0"),
     (rule(**{"while": "{metric: fisher_trace, op: '<', threshold: 1}"}),
      "has label(s) ['group'] that 'probe_retention' lacks"),
     (rule(alert='"not a name"'), "alert must be a name"),
