@@ -54,6 +54,9 @@ PROBE_METRICS = frozenset(m for m in SIGNAL_METRICS if m.startswith("probe_"))
 DEMO_CADENCES = {"probes_interval": 5, "fisher_interval": 5, "sharpness_interval": 10,
                  "drift_interval": 10, "noise_scale_interval": 10}
 DEMO_RETENTION_REFERENCE_STEP = 290
+# Interference over the net update of 20 steps: the default spans the 200 steps between
+# two probe runs, and 5 steps' updates still carry most of the batches' noise.
+DEMO_INTERFERENCE_HORIZON = 20
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def demo_monitor_config() -> MonitorConfig:
     cadence (no budget stretching), and the default one-second report interval, which
     the server's RunStalled rule multiplies by five."""
     estimators = EstimatorConfig(**DEMO_CADENCES,
-                                 retention_warmup_step=DEMO_RETENTION_REFERENCE_STEP)
+                                 retention_warmup_step=DEMO_RETENTION_REFERENCE_STEP,
+                                 probe_interference_horizon=DEMO_INTERFERENCE_HORIZON)
     return MonitorConfig(estimator_config=estimators, target_overhead=0.95,
                          max_interval_factor=1)
 
@@ -115,7 +119,8 @@ def describe_cadences() -> str:
     every = ", ".join(f"{name.removesuffix('_interval').replace('_', ' ')} every {steps}"
                       for name, steps in DEMO_CADENCES.items())
     return (f"demo cadences (steps): {every}; retention reference at step "
-            f"{DEMO_RETENTION_REFERENCE_STEP}; overhead budget off. Alert rules: the "
+            f"{DEMO_RETENTION_REFERENCE_STEP}; interference over {DEMO_INTERFERENCE_HORIZON} "
+            "steps' updates; overhead budget off. Alert rules: the "
             "server defaults.")
 
 

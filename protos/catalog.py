@@ -89,10 +89,11 @@ _SPECS: tuple[MetricSpec, ...] = (
        "subspace.", LABEL_PROBE),
     _g("probe_bulk_residual", "Share of the probe's gradient energy outside the dominant "
        "subspace.", LABEL_PROBE),
-    _g("probe_retention", "Probe gradient energy kept in its reference directions, relative "
-       "to the reference taken after warm-up.", LABEL_PROBE),
-    _g("probe_interference", "Cosine between the probe's mean gradient and the batch "
-       "gradient (negative: training undoes the probe).", LABEL_PROBE),
+    _g("probe_retention", "Share of the probe's gradient energy in its reference directions "
+       "(taken after warm-up), relative to that share then.", LABEL_PROBE),
+    _g("probe_interference", "Cosine between the probe's mean gradient at a measurement and "
+       "the net parameter update since then (negative: training undoes the probe).",
+       LABEL_PROBE),
     _g("probe_loss", "Loss on the probe set.", LABEL_PROBE),
     _g("probe_accuracy", "Accuracy on the probe set, as a fraction.", LABEL_PROBE),
     # Representation rank.

@@ -6,7 +6,8 @@ For a probe set R with sketched per-example gradients G_R [n, d]:
   dominant gradient subspace;
 - bulk residual r = |G_R (I - U_dom U_dom^T)|_F^2 / |G_R|_F^2: R's gradient energy
   outside it;
-- retention |G_R(t) U_R(t0)|_F^2 / |G_R(t0) U_R(t0)|_F^2 against a reference at t0;
+- retention: the share of R's gradient energy in its reference directions U_R(t0),
+  relative to that share at t0 (see :class:`RetentionReference` for why a share);
 - interference: cosine of R's mean dataset-label gradient with the training gradient.
 """
 
@@ -46,6 +47,14 @@ def projected_energy(gradients: torch.Tensor, basis: torch.Tensor) -> float:
     return float((gradients @ basis).pow(2).sum())
 
 
+def energy_share(gradients: torch.Tensor, basis: torch.Tensor) -> float:
+    """|G U|_F^2 / |G|_F^2, in [0, 1]: the part of G's energy inside span(U)."""
+    total = float(gradients.pow(2).sum())
+    if total == 0.0:
+        return float("nan")
+    return projected_energy(gradients, basis) / total
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     denominator = a.norm() * b.norm()
     if float(denominator) == 0.0:
@@ -55,25 +64,34 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class RetentionReference:
-    """R's top directions and their energy at the reference step t0."""
+    """R's top directions at the reference step t0, and the share of R's gradient energy
+    they held then.
+
+    Retention is (|G_R(t) U_R(t0)|_F^2 / |G_R(t)|_F^2) / (|G_R(t0) U_R(t0)|_F^2 /
+    |G_R(t0)|_F^2): whether R's gradients still lie in the directions R used at t0. The
+    design's form, |G_R(t) U_R(t0)|_F^2 / |G_R(t0) U_R(t0)|_F^2, is a ratio of energies,
+    and with sampled-label (true Fisher) gradients energy is mostly the model's
+    uncertainty: it fell as a healthy model grew sure of R and rose when R was being lost,
+    so it alerted on healthy runs. The share cancels that scale and keeps the geometry.
+    """
 
     basis: torch.Tensor  # U_R(t0), [d, k_r]
-    energy: float  # |G_R(t0) U_R(t0)|_F^2
+    share: float  # |G_R(t0) U_R(t0)|_F^2 / |G_R(t0)|_F^2
     step: int
 
     @classmethod
     def take(cls, gradients: torch.Tensor, rank: int, step: int) -> RetentionReference:
-        basis = orthonormal_rows_basis(gradients, rank)
-        return cls(basis, projected_energy(gradients, basis), step)
+        basis = orthonormal_rows_basis(gradients, rank).to(gradients)
+        return cls(basis, energy_share(gradients, basis), step)
 
     def retention(self, gradients: torch.Tensor) -> float:
-        if self.energy <= 0.0:
+        if not self.share > 0.0:
             return float("nan")
-        return projected_energy(gradients, self.basis.to(gradients)) / self.energy
+        return energy_share(gradients, self.basis.to(gradients)) / self.share
 
     def state_dict(self) -> dict[str, Any]:
-        return {"basis": self.basis.cpu(), "energy": self.energy, "step": self.step}
+        return {"basis": self.basis.cpu(), "share": self.share, "step": self.step}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> RetentionReference:
-        return cls(state["basis"], float(state["energy"]), int(state["step"]))
+        return cls(state["basis"], float(state["share"]), int(state["step"]))
