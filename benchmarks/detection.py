@@ -2,7 +2,8 @@
 crying wolf, and better than the alarms users already have?
 
 Every run trains a small model on CPU with the real agent (``raresignal.agent.Monitor``
-and its default estimators, at fixed cadences), and at a switch step applies one change:
+and its default estimators, at fixed cadences), and from a switch step ramps in one change
+(over --ramp-steps; 0 applies it at once):
 
   collapse   drop_rare            the rare slice leaves the data mix
              lr_spike             the learning rate jumps past stability
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--switch-step", type=int, default=RunPlan.switch_step,
                         help="step at which the scenario's change lands (default "
                              "%(default)s; the rare rule must be learned by then)")
+    parser.add_argument("--ramp-steps", type=int, default=RunPlan.ramp_steps,
+                        help="steps over which the change ramps in (default %(default)s; "
+                             "0 applies it all at once, the harshest case)")
     parser.add_argument("--rules", type=Path, default=None,
                         help="a candidate rules file to score instead of the shipped "
                              "server/rules/default.yaml")
@@ -177,7 +181,8 @@ def format_evidence(shipped: Sequence[Rule], choices: dict[str, Choice]) -> str:
         assert rule.condition is not None
         tried = ", ".join(f"{value:g}:{'quiet' if m[0] == 0 else f'{-m[0]:.0f} FA'}"
                           f"/{m[1]:.0f} early" for value, m in choice.tried)
-        verdict = (f"threshold {choice.value:g}" if choice.value is not None
+        verdict = (f"threshold {choice.value:g}, for {choice.for_evaluations}, smoothing "
+                   f"{choice.smoothing:g}" if choice.value is not None
                    else "no quiet threshold in the grid (left out of the tuned set)")
         lines.append(f"  {name:26} {rule.condition.metric} {rule.condition.op} "
                      f"({rule.condition.relative_to.value}): shipped {_rule_threshold(rule):g}"
@@ -304,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         traces = [RunTrace.from_json(t) for t in json.loads(args.load_traces.read_text())]
         seeds = list(dict.fromkeys(t.seed for t in traces))
     else:
-        plan = RunPlan(steps=args.steps, switch_step=args.switch_step)
+        plan = RunPlan(steps=args.steps, switch_step=args.switch_step,
+                       ramp_steps=args.ramp_steps)
         traces = collect_traces(args.families, args.scenarios, seeds, plan)
     if args.save_traces:
         args.save_traces.write_text(json.dumps([t.to_json() for t in traces]))

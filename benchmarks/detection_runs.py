@@ -1,7 +1,7 @@
 """Trains one benchmark run with the real raresignal agent and records everything measured.
 
-A run trains a fresh model of one task family for ``steps`` optimizer steps, applies its
-scenario's change at ``switch_step``, and records four things:
+A run trains a fresh model of one task family for ``steps`` optimizer steps, ramps its
+scenario's change in from ``switch_step`` over ``ramp_steps``, and records four things:
 
 * every Measurement the agent's default estimators produced (through a recording wrapper
   around each estimator: the Monitor, its budget scheduler and the estimators are the
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from detection_scenarios import Scenario, TrainingSetup
+from detection_scenarios import Scenario, TrainingSetup, progress
 from detection_tasks import RARE_FRACTION, TaskFamily
 from torch import nn
 
@@ -38,24 +38,32 @@ RecordedSample = tuple[int, str, Labels, float]  # (step, metric, labels, value)
 class RunPlan:
     """Length of a run and the cadences it is measured at."""
 
-    steps: int = 450
-    switch_step: int = 250
+    steps: int = 600
+    switch_step: int = 400
+    ramp_steps: int = 60  # the change ramps in over this many steps (0: all at once)
     eval_every: int = 5  # ground-truth evaluation of the rare probe
     probe_size: int = 128
     # Agent cadences, in steps: the design's defaults scaled to runs of a few hundred
-    # steps, so that every baseline-relative rule has learned its baseline (warm-up plus
-    # window evaluations) before the switch.
-    probes_interval: int = 10
-    fisher_interval: int = 10
-    drift_interval: int = 10
-    sharpness_interval: int = 20
-    retention_warmup_step: int = 150
-    sketch_dim: int = 512
+    # steps. With probes every 5 steps, the shipped rules' longest baseline (a warm-up of
+    # 50 evaluations and a window of 8) is learned by step 290, before the switch.
+    probes_interval: int = 5
+    fisher_interval: int = 5
+    drift_interval: int = 5
+    sharpness_interval: int = 10
+    retention_warmup_step: int = 250
+    # Interference over the net update of 20 steps (by default it spans the 200 steps
+    # between two probe runs): one step's update mostly carries the batch's noise.
+    probe_interference_horizon: int = 20
+    # The agent's default: sketched cosines (interference, overlaps) carry a JL noise of
+    # about 1/sqrt(d), 0.044 at d = 512, as large as a healthy interference.
+    sketch_dim: int = 2048
 
     def __post_init__(self) -> None:
         if not 0 < self.switch_step < self.steps:
             raise ValueError(f"need 0 < switch_step < steps, got {self.switch_step} and "
                              f"{self.steps}")
+        if self.ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
         if self.eval_every < 1 or self.probe_size < 1:
             raise ValueError("eval_every and probe_size must be >= 1")
 
@@ -64,7 +72,8 @@ class RunPlan:
             sketch_dim=self.sketch_dim, seed=seed, probes_interval=self.probes_interval,
             fisher_interval=self.fisher_interval, drift_interval=self.drift_interval,
             sharpness_interval=self.sharpness_interval,
-            retention_warmup_step=self.retention_warmup_step)
+            retention_warmup_step=self.retention_warmup_step,
+            probe_interference_horizon=self.probe_interference_horizon)
 
 
 @dataclass
@@ -139,6 +148,15 @@ def _evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     return accuracy, loss
 
 
+def _downstream(setup: TrainingSetup) -> bool:
+    """Whether this step's batch comes from the downstream task (a coin only mid-ramp, so
+    runs that never fine-tune draw the same data stream as before)."""
+    fraction = setup.downstream_fraction
+    if fraction <= 0.0 or fraction >= 1.0:
+        return fraction >= 1.0
+    return bool(torch.rand(1, generator=setup.generator) < fraction)
+
+
 def train_run(family: TaskFamily, scenario: Scenario, seed: int, plan: RunPlan) -> RunTrace:
     """One monitored training run of ``family`` with ``scenario`` applied at the switch."""
     started = time.perf_counter()
@@ -160,9 +178,12 @@ def train_run(family: TaskFamily, scenario: Scenario, seed: int, plan: RunPlan) 
     setup = TrainingSetup(optimizer, torch.Generator().manual_seed(seed), RARE_FRACTION)
     for step in range(plan.steps):
         if step == plan.switch_step:
-            scenario.change(setup, settings)
+            setup.capture()
+        ramp = progress(step, plan.switch_step, plan.ramp_steps)
+        if ramp is not None:
+            scenario.change(setup, settings, ramp)
         inputs, targets = family.batch(settings.batch_size, setup.rare_fraction,
-                                       setup.generator, setup.downstream)
+                                       setup.generator, _downstream(setup))
         loss = nn.functional.cross_entropy(model(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

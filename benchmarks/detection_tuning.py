@@ -4,8 +4,10 @@ For each detector (and for raresignal, each alert rule on its own) every thresho
 grid is scored on the tuning runs with :func:`detection_scoring.merit`: a threshold with a
 false alarm never beats one without; among quiet ones the most early detections win, then
 detections, then median lead time; ties go to the less sensitive threshold (more margin).
-Grids run from least to most sensitive. The chosen thresholds are then reported on the
-held-out seeds, which the choice never saw.
+Grids run from least to most sensitive. A rule's grid pairs each threshold with a `for`
+(evaluations in a row) from its shipped value down to 1 and an evaluation smoothing from
+its shipped value down to 0.3. The chosen settings are then reported on the held-out
+seeds, which the choice never saw.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from raresignal.server.rules import Relative, Rule
 # its baseline gets the grid of its kind (the shipped file may change a rule's kind);
 # an absolute rule gets the grid of its metric.
 RATIO_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # fraction of the baseline, for "<" rules
+RISE_RATIO_GRID = (20.0, 10.0, 5.0, 3.0, 2.0)  # multiple of the baseline, for ">" rules
+FOR_GRID = (3, 2, 1)  # evaluations in a row, tried below a rule's shipped `for`
+SMOOTHING_GRID = (0.5, 0.3)  # EWMA weight of the newest value, tried below the shipped one
 MAD_GRID = (30.0, 20.0, 10.0, 5.0, 3.0)  # MADs from the baseline
 ABSOLUTE_GRIDS: dict[str, tuple[float, ...]] = {
     "probe_bulk_residual": (0.02, 0.05, 0.1, 0.2, 0.3, 0.5),
@@ -50,7 +55,7 @@ def grid_for(rule: Rule) -> tuple[float, ...] | None:
     if condition.relative_to is Relative.BASELINE_MAD:
         return MAD_GRID
     if condition.relative_to is Relative.BASELINE_RATIO:
-        return RATIO_GRID if condition.points_down else None
+        return RATIO_GRID if condition.points_down else RISE_RATIO_GRID
     return ABSOLUTE_GRIDS.get(condition.metric)
 
 
@@ -66,13 +71,34 @@ BASELINE_GRIDS: dict[str, tuple[float, ...]] = {
 DetectFn = Callable[[RunTrace], list[Alarm]]
 
 
-def with_threshold(rule: Rule, threshold: float) -> Rule:
-    """The rule with a new fire threshold and a resolve threshold in the same proportion."""
+def for_grid(rule: Rule) -> tuple[int, ...]:
+    """`for` values to try: the shipped one, then every FOR_GRID value below it."""
+    return (rule.for_evaluations,
+            *(n for n in FOR_GRID if n < rule.for_evaluations))
+
+
+def smoothing_grid(rule: Rule) -> tuple[float, ...]:
+    """Evaluation smoothings to try: the shipped one, then every SMOOTHING_GRID value
+    below it (stronger smoothing)."""
+    return (rule.smoothing, *(a for a in SMOOTHING_GRID if a < rule.smoothing))
+
+
+def settings_grid(rule: Rule) -> tuple[tuple[int, float], ...]:
+    """(`for`, smoothing) pairs to try with each threshold, the shipped pair first."""
+    return tuple((n, a) for a in smoothing_grid(rule) for n in for_grid(rule))
+
+
+def with_threshold(rule: Rule, threshold: float, for_evaluations: int | None = None,
+                   smoothing: float | None = None) -> Rule:
+    """The rule with a new fire threshold (and resolve threshold in the same proportion)
+    and, if given, a new `for` and evaluation smoothing."""
     assert rule.condition is not None
     shipped = rule.condition.threshold
     ratio = rule.resolve_threshold / shipped if shipped else 1.0
     return replace(rule, condition=replace(rule.condition, threshold=threshold),
-                   resolve_threshold=threshold * ratio)
+                   resolve_threshold=threshold * ratio,
+                   for_evaluations=for_evaluations or rule.for_evaluations,
+                   smoothing=smoothing or rule.smoothing)
 
 
 def evaluate(traces: Sequence[RunTrace], name: str, detect: DetectFn) -> list[Outcome]:
@@ -87,6 +113,8 @@ class Choice:
     value: float | None  # None: no threshold of the grid was free of false alarms
     quiet: bool
     tried: tuple[tuple[float, tuple[float, ...]], ...]  # (threshold, merit) per grid point
+    for_evaluations: int | None = None  # a rule's chosen `for` (None: baselines)
+    smoothing: float | None = None  # a rule's chosen evaluation smoothing (None: baselines)
 
 
 def choose(name: str, grid: Sequence[float], traces: Sequence[RunTrace],
@@ -100,6 +128,29 @@ def choose(name: str, grid: Sequence[float], traces: Sequence[RunTrace],
     return Choice(name, best_value if quiet else None, quiet, tuple(scored))
 
 
+def choose_rule(rule: Rule, grid: Sequence[float], traces: Sequence[RunTrace]) -> Choice:
+    """Threshold, `for` and smoothing of one rule: per threshold the best (`for`,
+    smoothing) pair (ties to the earlier pair: the shipped one, then longer `for` and
+    lighter smoothing), then the best threshold as :func:`choose` picks it."""
+    best: dict[float, tuple[int, float]] = {}
+
+    def detector_for(value: float) -> DetectFn:
+        scored = [(setting, merit(evaluate(traces, rule.alert, rules_detector(
+            [with_threshold(rule, value, *setting)])))) for setting in settings_grid(rule)]
+        setting_best, merit_best = scored[0]
+        for setting, setting_merit in scored[1:]:
+            if setting_merit > merit_best:
+                setting_best, merit_best = setting, setting_merit
+        best[value] = setting_best
+        return rules_detector([with_threshold(rule, value, *setting_best)])
+
+    choice = choose(rule.alert, grid, traces, detector_for)
+    if choice.value is None:
+        return choice
+    for_evaluations, smoothing = best[choice.value]
+    return replace(choice, for_evaluations=for_evaluations, smoothing=smoothing)
+
+
 def rules_detector(rules: Sequence[Rule]) -> DetectFn:
     return lambda trace: raresignal_alarms(trace, rules)
 
@@ -111,9 +162,7 @@ def tune_rules(rules: Sequence[Rule], traces: Sequence[RunTrace]) -> dict[str, C
         grid = grid_for(rule)
         if grid is None:
             continue
-        choices[rule.alert] = choose(
-            rule.alert, grid, traces,
-            lambda value, rule=rule: rules_detector([with_threshold(rule, value)]))
+        choices[rule.alert] = choose_rule(rule, grid, traces)
     return choices
 
 
@@ -126,7 +175,8 @@ def tuned_rules(rules: Sequence[Rule], choices: dict[str, Choice]) -> list[Rule]
         if choice is None:
             out.append(rule)
         elif choice.value is not None:
-            out.append(with_threshold(rule, choice.value))
+            out.append(with_threshold(rule, choice.value, choice.for_evaluations,
+                                      choice.smoothing))
     return out
 
 
@@ -173,6 +223,10 @@ def candidate_rules_yaml(shipped_text: str, choices: dict[str, Choice]) -> str:
         entry["threshold"] = choice.value
         entry["resolve_threshold"] = round(choice.value * (resolve / shipped if shipped
                                                            else 1.0), 6)
+        if choice.for_evaluations is not None:
+            entry["for"] = choice.for_evaluations
+        if choice.smoothing is not None and choice.smoothing < 1.0:
+            entry["smoothing"] = choice.smoothing
     header = ("# Candidate rules chosen by benchmarks/detection.py on its tuning seeds.\n"
               + (f"# No quiet threshold in the grid for: {', '.join(unquiet)}.\n"
                  if unquiet else ""))

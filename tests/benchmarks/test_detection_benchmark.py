@@ -21,10 +21,10 @@ from detection_detectors import (
     raresignal_alarms,
 )
 from detection_runs import RunPlan, RunTrace, train_run
-from detection_scenarios import SCENARIOS_BY_NAME
+from detection_scenarios import SCENARIOS_BY_NAME, TrainingSetup, progress
 from detection_scoring import ground_truth_step, score, summarize
 from detection_tasks import MinorityClassTask
-from detection_tuning import with_threshold
+from detection_tuning import candidate_rules_yaml, choose_rule, with_threshold
 
 from raresignal.server.rules import load_rules
 
@@ -112,9 +112,96 @@ def test_raresignal_detector_is_the_servers_alert_engine_with_shipped_rules() ->
     assert raresignal_alarms(nan_trace, shipped) == [Alarm(5, "NonFiniteGradients")]
 
 
+def test_changes_ramp_in_from_the_switch() -> None:
+    assert [progress(s, 10, 4) for s in (9, 10, 11, 13, 20)] == [None, 0.25, 0.5, 1.0, 1.0]
+    assert progress(10, 10, 0) == 1.0  # no ramp: all at once
+    settings = MinorityClassTask.settings
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.01,
+                                  weight_decay=0.1)
+    setup = TrainingSetup(optimizer, torch.Generator().manual_seed(0), rare_fraction=0.04)
+    setup.capture()
+    group = optimizer.param_groups[0]
+    # Every change is a function of the values at the switch and the progress, so calling
+    # it each step of the ramp never compounds.
+    for _ in range(3):
+        SCENARIOS_BY_NAME["lr_spike"].change(setup, settings, 0.5)
+    assert group["lr"] == pytest.approx(0.01 * settings.lr_spike_factor ** 0.5)
+    SCENARIOS_BY_NAME["weight_decay_jump"].change(setup, settings, 0.25)
+    assert group["weight_decay"] == pytest.approx(
+        0.1 + 0.25 * (settings.collapse_weight_decay - 0.1))
+    SCENARIOS_BY_NAME["drop_rare"].change(setup, settings, 0.75)
+    assert setup.rare_fraction == pytest.approx(0.01)
+    SCENARIOS_BY_NAME["finetune_other_task"].change(setup, settings, 0.4)
+    assert setup.downstream_fraction == 0.4
+    SCENARIOS_BY_NAME["lr_decay"].change(setup, settings, 1.0)
+    assert group["lr"] == pytest.approx(0.003)
+
+
+def test_tuning_chooses_the_for_that_warns_earliest_without_a_false_alarm() -> None:
+    shipped = load_rules(None)
+    fisher = next(r for r in shipped if r.alert == "RareSignalFisherCollapse")
+    assert fisher.condition is not None and fisher.for_evaluations >= 3
+    ready = fisher.baseline.warmup + fisher.baseline.window
+    labels = (("probe", "rare"),)
+    low = fisher.condition.threshold / 4
+
+    def series(lows: set[int], n: int) -> list:
+        return [(10 * i, "probe_fisher_mass_ratio", labels, low if i in lows else 1.0)
+                for i in range(n)]
+
+    n = ready + 20
+    # The collapse run's ratio drops for good at evaluation ready + 4 (step 10(ready+4));
+    # the healthy run has a single low evaluation at ready + 2.
+    collapse = _trace(switch=10 * (ready + 2), samples=series(set(range(ready + 4, n)), n),
+                      accuracy=[0.9] * (2 * (ready + 8)) + [0.1] * 40)
+    healthy = _trace(collapse=False, samples=series({ready + 2}, n))
+    # Shipped `for` fires 10 (for - 1) steps after the drop; `for` 1 would warn at the drop
+    # but also on the healthy blip; `for` 2 is the earliest quiet choice.
+    choice = choose_rule(fisher, [fisher.condition.threshold], [collapse, healthy])
+    assert (choice.value, choice.for_evaluations) == (fisher.condition.threshold, 2)
+    quiet = choose_rule(fisher, [fisher.condition.threshold], [collapse])
+    assert quiet.for_evaluations == 1  # with no healthy blip, the earliest wins
+
+
+def test_tuning_smooths_a_rule_when_that_warns_earlier_than_a_longer_for(
+        tmp_path: Path) -> None:
+    shipped = load_rules(None)
+    fisher = next(r for r in shipped if r.alert == "RareSignalFisherCollapse")
+    assert fisher.condition is not None and fisher.smoothing == 1.0
+    fisher = with_threshold(fisher, 0.2, 3)
+    ready = fisher.baseline.warmup + fisher.baseline.window
+    labels = (("probe", "rare"),)
+    n = ready + 20
+
+    def series(values: dict[int, float]) -> list:
+        return [(10 * i, "probe_fisher_mass_ratio", labels, values.get(i, 1.0))
+                for i in range(n)]
+
+    # Healthy: two evaluations in a row at 0.15 x baseline (below 0.2: `for` 2 cries wolf;
+    # their EWMA at weight 0.5 only reaches 0.36). Collapse: the ratio goes to -1 for good
+    # at evaluation ready + 4: `for` 3 fires two evaluations later, the EWMA (0) at once.
+    healthy = _trace(collapse=False, samples=series({ready + 2: 0.15, ready + 3: 0.15}))
+    drop = ready + 4
+    collapse = _trace(switch=10 * (ready + 2), samples=series({i: -1.0 for i in range(drop, n)}),
+                      accuracy=[0.9] * (2 * (ready + 8)) + [0.1] * 40)
+    choice = choose_rule(fisher, [0.2], [collapse, healthy])
+    assert (choice.for_evaluations, choice.smoothing) == (1, 0.5)
+    tuned = with_threshold(fisher, 0.2, choice.for_evaluations, choice.smoothing)
+    assert raresignal_alarms(collapse, [tuned]) == [Alarm(10 * drop, fisher.alert)]
+    assert raresignal_alarms(healthy, [tuned]) == []
+    # The candidate rules file carries the chosen `for` and smoothing, and loads.
+    text = candidate_rules_yaml(Path(detection.__file__).parents[1].joinpath(
+        "server/rules/default.yaml").read_text(), {fisher.alert: choice})
+    (tmp_path / "candidate.yaml").write_text(text)
+    loaded = next(r for r in load_rules(tmp_path / "candidate.yaml")
+                  if r.alert == fisher.alert)
+    assert (loaded.for_evaluations, loaded.smoothing) == (1, 0.5)
+
+
 @pytest.fixture(scope="module")
 def tiny_traces() -> list[RunTrace]:
-    plan = RunPlan(steps=60, switch_step=40, eval_every=5, probe_size=32, probes_interval=5,
+    plan = RunPlan(steps=60, switch_step=40, ramp_steps=10, eval_every=5, probe_size=32,
+                   probes_interval=5,
                    fisher_interval=5, drift_interval=5, sharpness_interval=20,
                    retention_warmup_step=20, sketch_dim=128)
     family = MinorityClassTask()
