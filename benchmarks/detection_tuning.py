@@ -3,7 +3,8 @@
 For each detector (and for raresignal, each alert rule on its own) every threshold of a
 grid is scored on the tuning runs with :func:`detection_scoring.merit`: a threshold with a
 false alarm never beats one without; among quiet ones the most early detections win, then
-detections, then median lead time; ties go to the less sensitive threshold (more margin).
+detections, then median lead time; ties go to the less sensitive threshold. A threshold is
+taken only with a notch of margin: the next more sensitive one must be quiet too.
 Grids run from least to most sensitive. A rule's grid pairs each threshold with a `for`
 (evaluations in a row) from its shipped value down to 1 and an evaluation smoothing from
 its shipped value down to 0.3. The chosen settings are then reported on the held-out
@@ -119,11 +120,19 @@ class Choice:
 
 def choose(name: str, grid: Sequence[float], traces: Sequence[RunTrace],
            detector_for: Callable[[float], DetectFn]) -> Choice:
+    """The best grid point by merit, with a notch of margin: a point counts only if the
+    next more sensitive one was quiet too (the tuning seeds are few, and the most
+    sensitive quiet point is quiet by luck as often as by design). With no such point,
+    every point counts."""
     scored = [(value, merit(evaluate(traces, name, detector_for(value)))) for value in grid]
-    best_value, best_merit = scored[0]
-    for value, value_merit in scored[1:]:
-        if value_merit > best_merit:
+    quiet_at = [m[0] == 0 for _, m in scored]
+    eligible = [i for i in range(len(scored) - 1) if quiet_at[i] and quiet_at[i + 1]]
+    best_value, best_merit = None, None
+    for index in eligible or range(len(scored)):
+        value, value_merit = scored[index]
+        if best_merit is None or value_merit > best_merit:
             best_value, best_merit = value, value_merit
+    assert best_merit is not None
     quiet = best_merit[0] == 0
     return Choice(name, best_value if quiet else None, quiet, tuple(scored))
 

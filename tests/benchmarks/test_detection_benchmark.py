@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import detection
+import detection_tuning
 from detection_detectors import (
     Alarm,
     RiseAlarm,
@@ -196,6 +197,26 @@ def test_tuning_smooths_a_rule_when_that_warns_earlier_than_a_longer_for(
     loaded = next(r for r in load_rules(tmp_path / "candidate.yaml")
                   if r.alert == fisher.alert)
     assert (loaded.for_evaluations, loaded.smoothing) == (1, 0.5)
+
+
+def test_a_threshold_is_chosen_only_with_a_notch_of_margin() -> None:
+    # Grid least to most sensitive: 3 alarms late, 2 and 1 earlier; 1 cries wolf too.
+    accuracy = [0.9] * 30 + [0.1] * 10  # ground truth at step 150
+    collapse, healthy = _trace(accuracy=accuracy), _trace(collapse=False)
+    alarms = {3.0: (140, None), 2.0: (130, None), 1.0: (120, 50)}
+
+    def detector_for(value: float):
+        at, false = alarms[value]
+        return lambda trace: ([Alarm(at, "x")] if trace.collapse
+                              else [Alarm(false, "x")] if false else [])
+
+    choice = detection_tuning.choose("x", [3.0, 2.0, 1.0], [collapse, healthy],
+                                     detector_for)
+    # 2.0 is the earliest quiet point, but the next more sensitive (1.0) is not quiet.
+    assert choice.value == 3.0
+    alarms[1.0] = (120, None)  # now 1.0 is quiet: 2.0 has its margin, 1.0 has none
+    assert detection_tuning.choose("x", [3.0, 2.0, 1.0], [collapse, healthy],
+                                   detector_for).value == 2.0
 
 
 @pytest.fixture(scope="module")
