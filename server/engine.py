@@ -123,7 +123,8 @@ class AlertEngine:
         # (rule, is the fire condition, state-key prefix, learns a baseline).
         self._plans: dict[str, list[tuple[Rule, bool, str, bool]]] = {}
         for metric, entries in self._by_metric.items():
-            for rule, role in entries:
+            # A rule whose `while` reads its own metric sees this sample there first.
+            for rule, role in sorted(entries, key=lambda entry: entry[1] != _WHILE):
                 condition = rule.condition if role == _FIRE else rule.while_condition
                 assert condition is not None
                 self._plans.setdefault(metric, []).append(

@@ -258,3 +258,33 @@ def test_a_smoothing_rule_compares_the_ewma_of_its_values() -> None:
     # The unsmoothed rule on the same values fires at the lone low value.
     raw = engine_for(RETENTION.replace("    for: 3\n", "    for: 1\n"))
     assert states(feed(raw, "probe_retention", [0.9, 0.1], probe="rare"))[0][1] == FIRING
+
+
+BELOW_BASELINE_AND_NEGATIVE = """
+defaults:
+  baseline: {warmup: 0, window: 4, smoothing: 1}
+rules:
+  - alert: Undone
+    metric: probe_interference
+    op: "<"
+    threshold: 3
+    relative_to: baseline_mad
+    resolve_threshold: 3
+    for: 1
+    summary: "{probe}: {value}"
+    while: {metric: probe_interference, op: "<", threshold: 0}
+"""
+
+
+def test_a_while_on_the_rules_own_metric_reads_the_same_sample() -> None:
+    engine = engine_for(BELOW_BASELINE_AND_NEGATIVE)
+    # Baseline median 0.3, MAD 0.1: the fire boundary is 0.3 - 3 x 0.1 = 0.
+    feed(engine, "probe_interference", [0.2, 0.4, 0.2, 0.4], probe="rare")
+    # -0.05 is below both boundaries at once: it fires on this very sample, not the next.
+    changes = feed(engine, "probe_interference", [-0.05], start_step=5, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    # A positive value right after a negative one: the `while` reads this sample (0.15,
+    # not negative), not the one before (-0.1), so nothing fires. Baseline median 0.3,
+    # MAD 0.1: the fire boundary at 1 MAD is 0.2.
+    engine = engine_for(BELOW_BASELINE_AND_NEGATIVE.replace("threshold: 3\n", "threshold: 1\n"))
+    assert feed(engine, "probe_interference", [0.3, 0.5, 0.3, -0.1, 0.15], probe="rare") == []
