@@ -130,7 +130,8 @@ class TopEstimate:
 class RaresignalSharpness:
     """The shipped sharpness estimator on the workload's fixed batch, lambda_max only.
 
-    The Hessian trace is switched off (it is a separate measurement) and the product is
+    The Hessian trace is switched off (it is a separate measurement), so is the start-up
+    delay (each call here is a measurement, not a training step), and the product is
     fixed to double backward, the same product PyHessian uses, so the comparison is
     between the eigensolvers. Everything else is the estimator's default configuration.
     """
@@ -138,7 +139,8 @@ class RaresignalSharpness:
     def __init__(self, workload: Workload) -> None:
         self.workload = workload
         config = EstimatorConfig(curvature_batch_size=len(workload.targets),
-                                 hvp_backend="double_backward", hutchinson_samples=0)
+                                 hvp_backend="double_backward", hutchinson_samples=0,
+                                 sharpness_warmup_steps=0)
         shared = build_shared_state(workload.model, None,
                                     Probe(workload.inputs, workload.targets), config,
                                     task=workload.likelihood)

@@ -60,7 +60,7 @@ def test_all_estimators_on_a_transformer_leave_training_untouched() -> None:
     config = EstimatorConfig(sketch_dim=256, fd_rows=6, subspace_rank=3, probe_rank=3,
                              curvature_batch_size=6, retention_warmup_step=2,
                              hutchinson_samples=6, representation_layer="mlp.1",
-                             update_ratio_interval=2)
+                             update_ratio_interval=2, sharpness_warmup_steps=0)
     estimators = build_default_estimators(
         model, optimizer, {"rare": Probe(*_tokens(6, 1))}, Probe(*_tokens(8, 2)), config,
         task="causal_lm", forward=lambda m, x: m(x))
@@ -101,3 +101,24 @@ def test_bad_configuration_is_rejected_with_the_field_named() -> None:
     with pytest.raises(ValueError, match="taken by the common probe"):
         build_default_estimators(TinyTransformer(), None, {"common": Probe(*_tokens(2, 0))},
                                  Probe(*_tokens(2, 1)), task="causal_lm")
+
+
+def test_sharpness_waits_for_the_optimizer_statistics_to_settle() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    inputs, targets = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    config = EstimatorConfig(sketch_dim=64, hutchinson_samples=0)
+    assert config.sharpness_warmup_steps == 100
+    sharpness = next(e for e in build_default_estimators(model, optimizer, None, None, config)
+                     if e.name == "sharpness")
+    torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+    optimizer.step()
+
+    def run(step: int) -> set[str]:
+        ctx = StepContext(step=step, model=model, optimizer=optimizer,
+                          forward=lambda m, x: m(x), batch=(inputs, targets), batch_size=16)
+        return {m.metric for m in sharpness.run(ctx)}
+
+    assert run(99) == set()
+    assert {"sharpness", "sharpness_ratio", "preconditioned_sharpness"} <= run(100)
