@@ -138,6 +138,8 @@ class AlertEngine:
         self._dirty_alerts: dict[str, AlertRecord] = {}
         self._changes: list[AlertChange] = []
         self._decoded: dict[str, dict[str, str]] = {}
+        # (rule, label key) -> whether the rule ignores that series, decided once.
+        self._ignored: dict[tuple[str, str], bool] = {}
 
     # -- runs ------------------------------------------------------------------------
 
@@ -188,6 +190,8 @@ class AlertEngine:
             if step > last_step:
                 last_step = step
             for rule, is_fire, prefix, learns_baseline in plans[sample.metric]:
+                if rule.ignore_labels and self._ignores(rule, sample.labels_key):
+                    continue
                 key = prefix + sample.labels_key
                 state = states.get(key)
                 if state is None:
@@ -245,6 +249,15 @@ class AlertEngine:
                 self._decoded.clear()
             labels = self._decoded[key] = json.loads(key)
         return dict(labels)
+
+    def _ignores(self, rule: Rule, labels_key: str) -> bool:
+        decided = self._ignored.get((rule.alert, labels_key))
+        if decided is None:
+            if len(self._ignored) > 65_536:
+                self._ignored.clear()
+            decided = self._ignored[(rule.alert, labels_key)] = rule.ignores(
+                self._labels(labels_key))
+        return decided
 
     def _while_holds(self, run_id: str, rule: Rule, labels: dict[str, str]) -> bool:
         condition = rule.while_condition

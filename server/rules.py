@@ -27,6 +27,8 @@ Format::
           op: ">="
           threshold: 0.95
           relative_to: baseline_ratio
+        ignore_labels:             # optional: series with any of these label values are
+          probe: [common]          # not evaluated (here: the common reference probe)
       - alert: RunStalled
         stalled_for_intervals: 5   # no report for 5 x the run's report interval
         severity: warning
@@ -107,6 +109,12 @@ class Rule:
     # EWMA weight of the newest value in the value compared with the threshold (1: raw).
     # The baseline is learned with its own smoothing, from the raw values.
     smoothing: float = 1.0
+    # (label, values) pairs: a series whose label takes one of the values is not evaluated.
+    ignore_labels: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def ignores(self, labels: Mapping[str, str]) -> bool:
+        """Whether this rule leaves the series with these labels alone."""
+        return any(labels.get(label) in values for label, values in self.ignore_labels)
 
     @property
     def is_stall(self) -> bool:
@@ -130,7 +138,7 @@ def boundary(condition: Condition, threshold: float, median: float | None,
 
 _RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
               "severity", "summary", "while", "baseline", "stalled_for_intervals",
-              "smoothing"}
+              "smoothing", "ignore_labels"}
 _STALL_KEYS = {"alert", "stalled_for_intervals", "severity", "summary"}
 _CONDITION_KEYS = {"metric", "op", "threshold", "relative_to"}
 _BASELINE_KEYS = {"warmup", "window", "smoothing", "mad_floor_fraction"}
@@ -208,6 +216,29 @@ def _baseline(where: _Where, entry: Any, base: BaselineSpec) -> BaselineSpec:
         smoothing=smoothing,
         mad_floor_fraction=floor,
     )
+
+
+def _ignore_labels(where: _Where, entry: Any, metric: str
+                   ) -> tuple[tuple[str, frozenset[str]], ...]:
+    """``{label: value or [values]}``, on labels the rule's metric has."""
+    if entry is None:
+        return ()
+    if not isinstance(entry, Mapping) or not entry:
+        raise where.error("ignore_labels must be a mapping of label to value(s), e.g. "
+                          "{probe: [common]}")
+    known = CATALOG[metric].labels
+    pairs = []
+    for label, values in entry.items():
+        if label not in known:
+            raise where.error(f"ignore_labels: metric {metric!r} has no label {label!r} "
+                              f"(its labels: {', '.join(known) or 'none'})")
+        values = [values] if isinstance(values, str) else values
+        if (not isinstance(values, list) or not values
+                or not all(isinstance(v, str) for v in values)):
+            raise where.error(f"ignore_labels.{label} must be a label value or a list of "
+                              f"them, got {values!r}")
+        pairs.append((str(label), frozenset(values)))
+    return tuple(pairs)
 
 
 def _check_resolve(where: _Where, condition: Condition, fire: float, resolve: float) -> None:
@@ -291,6 +322,7 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
         baseline=_baseline(where, entry.get("baseline"), base),
         while_condition=while_condition,
         smoothing=smoothing,
+        ignore_labels=_ignore_labels(where, entry.get("ignore_labels"), condition.metric),
     )
 
 

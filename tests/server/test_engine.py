@@ -288,3 +288,19 @@ def test_a_while_on_the_rules_own_metric_reads_the_same_sample() -> None:
     # MAD 0.1: the fire boundary at 1 MAD is 0.2.
     engine = engine_for(BELOW_BASELINE_AND_NEGATIVE.replace("threshold: 3\n", "threshold: 1\n"))
     assert feed(engine, "probe_interference", [0.3, 0.5, 0.3, -0.1, 0.15], probe="rare") == []
+
+
+IGNORING_COMMON = RETENTION.replace(
+    "    for: 3\n", "    for: 1\n    ignore_labels: {probe: [common, reference]}\n")
+
+
+def test_a_rule_leaves_the_series_it_ignores_alone() -> None:
+    engine = engine_for(IGNORING_COMMON)
+    # The same collapse on three probes: only the one the rule does not ignore alerts,
+    # and the ignored ones keep no state either.
+    for probe in ("common", "reference", "rare"):
+        changes = feed(engine, "probe_retention", [0.9, 0.1], probe=probe)
+        assert [c.alert.labels for c in changes] == ([{"probe": "rare"}]
+                                                     if probe == "rare" else []), probe
+    assert engine.state("r1", 'Retention/fire/probe_retention/{"probe":"common"}') is None
+    assert engine.state("r1", 'Retention/fire/probe_retention/{"probe":"rare"}') is not None
