@@ -300,14 +300,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2, 3])
     seeds = list(dict.fromkeys(seeds))
+    loaded = ([RunTrace.from_json(t) for t in json.loads(args.load_traces.read_text())]
+              if args.load_traces else None)
+    if loaded is not None:
+        seeds = list(dict.fromkeys(t.seed for t in loaded))
     n_tuning = args.tuning_seeds if args.tuning_seeds is not None else max(1, len(seeds) // 2)
     if not 1 <= n_tuning <= len(seeds):
         raise SystemExit(f"--tuning-seeds must be between 1 and {len(seeds)}, got {n_tuning}")
     shipped = load_rules(args.rules)
     started = time.perf_counter()
-    if args.load_traces:
-        traces = [RunTrace.from_json(t) for t in json.loads(args.load_traces.read_text())]
-        seeds = list(dict.fromkeys(t.seed for t in traces))
+    if loaded is not None:
+        traces = loaded
     else:
         plan = RunPlan(steps=args.steps, switch_step=args.switch_step,
                        ramp_steps=args.ramp_steps)

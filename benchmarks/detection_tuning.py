@@ -73,20 +73,23 @@ DetectFn = Callable[[RunTrace], list[Alarm]]
 
 
 def for_grid(rule: Rule) -> tuple[int, ...]:
-    """`for` values to try: the shipped one, then every FOR_GRID value below it."""
-    return (rule.for_evaluations,
-            *(n for n in FOR_GRID if n < rule.for_evaluations))
+    """`for` values to try: the shipped one, then every FOR_GRID value (longest first).
+    The grid does not depend on the shipped value, so tuning the tuned rules again
+    chooses them again."""
+    return tuple(dict.fromkeys((rule.for_evaluations, *FOR_GRID)))
 
 
 def smoothing_grid(rule: Rule) -> tuple[float, ...]:
-    """Evaluation smoothings to try: the shipped one, then every SMOOTHING_GRID value
-    below it (stronger smoothing)."""
-    return (rule.smoothing, *(a for a in SMOOTHING_GRID if a < rule.smoothing))
+    """Evaluation smoothings to try: the shipped one, then none (1), then every
+    SMOOTHING_GRID value (lightest first)."""
+    return tuple(dict.fromkeys((rule.smoothing, 1.0, *SMOOTHING_GRID)))
 
 
 def settings_grid(rule: Rule) -> tuple[tuple[int, float], ...]:
-    """(`for`, smoothing) pairs to try with each threshold, the shipped pair first."""
-    return tuple((n, a) for a in smoothing_grid(rule) for n in for_grid(rule))
+    """(`for`, smoothing) pairs to try, the shipped pair first."""
+    pairs = [(n, a) for a in smoothing_grid(rule) for n in for_grid(rule)]
+    shipped = (rule.for_evaluations, rule.smoothing)
+    return (shipped, *(pair for pair in pairs if pair != shipped))
 
 
 def with_threshold(rule: Rule, threshold: float, for_evaluations: int | None = None,
@@ -138,26 +141,22 @@ def choose(name: str, grid: Sequence[float], traces: Sequence[RunTrace],
 
 
 def choose_rule(rule: Rule, grid: Sequence[float], traces: Sequence[RunTrace]) -> Choice:
-    """Threshold, `for` and smoothing of one rule: per threshold the best (`for`,
-    smoothing) pair (ties to the earlier pair: the shipped one, then longer `for` and
-    lighter smoothing), then the best threshold as :func:`choose` picks it."""
-    best: dict[float, tuple[int, float]] = {}
+    """Threshold, `for` and smoothing of one rule: per (`for`, smoothing) pair the best
+    threshold as :func:`choose` picks it, its margin checked at that same pair; then the
+    pair whose pick did best (ties to the earlier pair: the shipped one first). With no
+    quiet pick at all, the shipped pair's choice, which shows its false alarms."""
+    choices = [replace(choose(rule.alert, grid, traces, _detector_at(rule, n, a)),
+                       for_evaluations=n, smoothing=a) for n, a in settings_grid(rule)]
+    quiet = [c for c in choices if c.value is not None]
+    if not quiet:
+        return choices[0]
+    return max(quiet, key=lambda c: dict(c.tried)[c.value])
 
-    def detector_for(value: float) -> DetectFn:
-        scored = [(setting, merit(evaluate(traces, rule.alert, rules_detector(
-            [with_threshold(rule, value, *setting)])))) for setting in settings_grid(rule)]
-        setting_best, merit_best = scored[0]
-        for setting, setting_merit in scored[1:]:
-            if setting_merit > merit_best:
-                setting_best, merit_best = setting, setting_merit
-        best[value] = setting_best
-        return rules_detector([with_threshold(rule, value, *setting_best)])
 
-    choice = choose(rule.alert, grid, traces, detector_for)
-    if choice.value is None:
-        return choice
-    for_evaluations, smoothing = best[choice.value]
-    return replace(choice, for_evaluations=for_evaluations, smoothing=smoothing)
+def _detector_at(rule: Rule, for_evaluations: int, smoothing: float
+                 ) -> Callable[[float], DetectFn]:
+    return lambda value: rules_detector([with_threshold(rule, value, for_evaluations,
+                                                        smoothing)])
 
 
 def rules_detector(rules: Sequence[Rule]) -> DetectFn:

@@ -25,11 +25,32 @@ from detection_runs import RunPlan, RunTrace, train_run
 from detection_scenarios import SCENARIOS_BY_NAME, TrainingSetup, progress
 from detection_scoring import ground_truth_step, score, summarize
 from detection_tasks import MinorityClassTask
-from detection_tuning import candidate_rules_yaml, choose_rule, with_threshold
+from detection_tuning import candidate_rules_yaml, choose_rule, settings_grid, with_threshold
 
-from raresignal.server.rules import load_rules
+from raresignal.server.rules import load_rules, parse_rules
 
 torch.set_num_threads(1)
+
+
+# A baseline-ratio rule of the kind the shipped file may hold (the opt-in Fisher mass rule,
+# with the default short warm-up): the benchmark must score whatever the rules say.
+RATIO_RULES = """
+defaults:
+  baseline: {warmup: 3, window: 10, smoothing: 0.5}
+rules:
+  - alert: RareSignalFisherCollapse
+    metric: probe_fisher_mass_ratio
+    op: "<"
+    threshold: 0.2
+    relative_to: baseline_ratio
+    resolve_threshold: 0.3
+    for: 3
+    severity: critical
+"""
+
+
+def _ratio_rule():
+    return parse_rules(RATIO_RULES)[0]
 
 
 def _trace(collapse: bool = True, switch: int = 100, accuracy: list[float] | None = None,
@@ -93,8 +114,8 @@ def test_raresignal_detector_is_the_servers_alert_engine_with_shipped_rules() ->
     # fraction of that baseline. The engine skips `warmup` evaluations, learns the baseline
     # from the next `window`, then needs `for` consecutive breaches: the alarm step follows
     # from the shipped rule itself, whatever values the rules file holds today.
-    shipped = load_rules(None)
-    fisher = next(r for r in shipped if r.alert == "RareSignalFisherCollapse")
+    fisher = _ratio_rule()
+    shipped = [*load_rules(None), fisher]
     assert fisher.condition is not None
     ready = fisher.baseline.warmup + fisher.baseline.window
     drop = ready + 2  # evaluation index of the first low value
@@ -139,8 +160,7 @@ def test_changes_ramp_in_from_the_switch() -> None:
 
 
 def test_tuning_chooses_the_for_that_warns_earliest_without_a_false_alarm() -> None:
-    shipped = load_rules(None)
-    fisher = next(r for r in shipped if r.alert == "RareSignalFisherCollapse")
+    fisher = _ratio_rule()
     assert fisher.condition is not None and fisher.for_evaluations >= 3
     ready = fisher.baseline.warmup + fisher.baseline.window
     labels = (("probe", "rare"),)
@@ -166,8 +186,7 @@ def test_tuning_chooses_the_for_that_warns_earliest_without_a_false_alarm() -> N
 
 def test_tuning_smooths_a_rule_when_that_warns_earlier_than_a_longer_for(
         tmp_path: Path) -> None:
-    shipped = load_rules(None)
-    fisher = next(r for r in shipped if r.alert == "RareSignalFisherCollapse")
+    fisher = _ratio_rule()
     assert fisher.condition is not None and fisher.smoothing == 1.0
     fisher = with_threshold(fisher, 0.2, 3)
     ready = fisher.baseline.warmup + fisher.baseline.window
@@ -191,8 +210,7 @@ def test_tuning_smooths_a_rule_when_that_warns_earlier_than_a_longer_for(
     assert raresignal_alarms(collapse, [tuned]) == [Alarm(10 * drop, fisher.alert)]
     assert raresignal_alarms(healthy, [tuned]) == []
     # The candidate rules file carries the chosen `for` and smoothing, and loads.
-    text = candidate_rules_yaml(Path(detection.__file__).parents[1].joinpath(
-        "server/rules/default.yaml").read_text(), {fisher.alert: choice})
+    text = candidate_rules_yaml(RATIO_RULES, {fisher.alert: choice})
     (tmp_path / "candidate.yaml").write_text(text)
     loaded = next(r for r in load_rules(tmp_path / "candidate.yaml")
                   if r.alert == fisher.alert)
@@ -269,7 +287,7 @@ def test_the_report_scores_every_detector_on_held_out_seeds(
         assert o.ground_truth == expected.ground_truth
     detection.print_report(report, shipped)
     printed = capsys.readouterr().out
-    assert "RareSignalFisherCollapse" in printed and "held-out seeds [1]" in printed
+    assert "RareSignalInterference" in printed and "held-out seeds [1]" in printed
 
 
 def test_help_teaches_and_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -281,3 +299,18 @@ def test_help_teaches_and_bad_arguments_are_refused(capsys: pytest.CaptureFixtur
         assert word in text
     with pytest.raises(SystemExit, match="--tuning-seeds"):
         detection.main(["--seeds", "0", "--tuning-seeds", "3"])
+
+
+def test_the_settings_tried_do_not_depend_on_the_shipped_ones() -> None:
+    # Tuning the tuned rules must choose them again: every rule is tried at the same
+    # (`for`, smoothing) pairs, whatever it ships with, its own pair first.
+    rule = _ratio_rule()
+    variants = [with_threshold(rule, 0.2, n, a) for n, a in ((1, 1.0), (3, 0.3), (6, 0.5))]
+    grids = [settings_grid(r) for r in variants]
+    for r, grid in zip(variants, grids, strict=True):
+        assert grid[0] == (r.for_evaluations, r.smoothing)
+        assert len(set(grid)) == len(grid)
+    assert set(grids[0]) == set(grids[1])
+    # A `for` outside the grid adds its own pairs and takes none away.
+    assert set(grids[0]) < set(grids[2])
+    assert {n for n, _ in set(grids[2]) - set(grids[0])} == {6}
