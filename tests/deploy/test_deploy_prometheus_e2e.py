@@ -19,14 +19,14 @@ from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from raresignal.server.app import ServerConfig, start_in_thread
 
 RUN = "e2e-collapse"
-HEALTHY_STEPS = 16  # the server's rules learn a baseline from 3 warm-up + 10 evaluations
-COLLAPSED_STEPS = 8  # then RareSignalFisherCollapse needs 3 evaluations below 0.2 x it
+HEALTHY_STEPS = 16
+COLLAPSED_STEPS = 8  # RareSignalRetentionLoss fires at the first retention below 0.2
 DEADLINE_SECONDS = 90.0
 
 
 def _values_at(step: int) -> list[tuple[str, dict[str, str], float]]:
-    """What a run reports at one step: healthy, then the rare probe loses its Fisher mass
-    and its accuracy while the common probe stays as it was."""
+    """What a run reports at one step: healthy, then the rare probe loses its retention,
+    its Fisher mass and its accuracy while the common probe stays as it was."""
     collapsed = step >= HEALTHY_STEPS
     rare = {"probe": "rare"}
     common = {"probe": "common"}
@@ -47,7 +47,8 @@ def _values_at(step: int) -> list[tuple[str, dict[str, str], float]]:
         ("probe_fisher_mass_ratio", common, 1.0),
         ("probe_absorption", rare, 0.9 if collapsed else 0.3),
         ("probe_bulk_residual", rare, 0.3 if collapsed else 0.6),
-        ("probe_retention", rare, 0.5 if collapsed else 1.0),
+        ("probe_retention", rare, 0.1 if collapsed else 1.0),
+        ("probe_retention", common, 1.0),
         ("probe_interference", rare, -0.05),
         ("probe_accuracy", rare, 0.4 if collapsed else 0.95),
         ("probe_accuracy", common, 0.99),
@@ -123,12 +124,12 @@ def test_collapse_reaches_prometheus_alerts_and_the_dashboard(
 
         # The server's alert, as Prometheus scraped it.
         firing = _poll(prometheus, f'raresignal_alert_firing{{run="{RUN}", '
-                                   'alert="RareSignalFisherCollapse"} == 1')
+                                   'alert="RareSignalRetentionLoss"} == 1')
         assert [s["metric"]["probe"] for s in firing] == ["rare"]
         assert firing[0]["metric"]["severity"] == "critical"
 
         # The chart's mirroring rule turns it into a Prometheus alert.
-        alerts = _poll(prometheus, 'ALERTS{alertname="RareSignalFisherCollapse", '
+        alerts = _poll(prometheus, 'ALERTS{alertname="RareSignalRetentionLoss", '
                                    f'alertstate="firing", run="{RUN}"}}')
         assert [a["metric"]["probe"] for a in alerts] == ["rare"]
 

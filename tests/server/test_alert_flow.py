@@ -1,11 +1,14 @@
-"""A scripted metric series drives a default rule through pending, firing and resolved,
-seen the three ways alerts leave the server: ListAlerts, WatchAlerts and /metrics."""
+"""A scripted metric series drives a rule through pending, firing and resolved, seen the
+three ways alerts leave the server: ListAlerts, WatchAlerts and /metrics. The rules are
+this file's own (the shipped thresholds follow the detection benchmark; the flow must not)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import Client, batch, config, find, sample, scrape, wait_for
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2
@@ -14,6 +17,32 @@ from raresignal.server.app import ServerHandle, start_in_thread
 PENDING = common_pb2.ALERT_STATE_PENDING
 FIRING = common_pb2.ALERT_STATE_FIRING
 RESOLVED = common_pb2.ALERT_STATE_RESOLVED
+
+# A retention rule with a `for` of 2, so an alert is pending before it fires.
+FLOW_RULES = """
+rules:
+  - alert: RareSignalRetentionLoss
+    metric: probe_retention
+    op: "<"
+    threshold: 0.3
+    resolve_threshold: 0.4
+    for: 2
+    severity: critical
+    summary: "Probe {probe} of run {run}: retention {value:.3g} below {threshold:g}"
+  - alert: NonFiniteGradients
+    metric: nonfinite_values
+    op: ">"
+    threshold: 0
+    severity: critical
+"""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerHandle]:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FLOW_RULES)
+    with start_in_thread(config(tmp_path, rules_path=str(rules))) as handle:
+        yield handle
 
 
 def retention(run_id: str, seq: int, value: float) -> object:

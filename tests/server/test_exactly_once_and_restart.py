@@ -10,7 +10,9 @@ from conftest import Client, batch, config, find, sample, scrape
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
 from raresignal.server.app import start_in_thread
+from raresignal.server.rules import load_rules
 
+DEFAULT_RULES = Path(__file__).resolve().parents[2] / "server" / "rules" / "default.yaml"
 APPLIED = ingest_pb2.ReportAck.OUTCOME_APPLIED
 DUPLICATE = ingest_pb2.ReportAck.OUTCOME_DUPLICATE
 N = 14
@@ -77,9 +79,31 @@ def test_replaying_a_series_changes_nothing(tmp_path: Path) -> None:
         client.close()
 
 
+# The shipped rules plus a baseline-relative rule with a short warm-up (the opt-in Fisher
+# mass rule, as default.yaml describes it, learning its baseline from 3 + 10 evaluations).
+FISHER_RULE = """
+  - alert: RareSignalFisherCollapse
+    metric: probe_fisher_mass_ratio
+    op: "<"
+    threshold: 0.2
+    relative_to: baseline_ratio
+    resolve_threshold: 0.3
+    for: 3
+    severity: critical
+"""
+
+
+def rules_with_fisher(tmp_path: Path) -> str:
+    path = tmp_path / "rules.yaml"
+    path.write_text(DEFAULT_RULES.read_text().rstrip() + "\n" + FISHER_RULE)
+    assert "RareSignalFisherCollapse" in {rule.alert for rule in load_rules(path)}
+    return str(path)
+
+
 def test_restart_on_the_same_file_resumes_everything(tmp_path: Path) -> None:
     db = tmp_path / "raresignal.db"
-    with start_in_thread(config(tmp_path)) as server:
+    settings = config(tmp_path, rules_path=rules_with_fisher(tmp_path))
+    with start_in_thread(settings) as server:
         client = Client(server.grpc_target)
         opened = client.open_run("durable", interval=3600.0)
         run_id = opened.run_id
@@ -93,7 +117,7 @@ def test_restart_on_the_same_file_resumes_everything(tmp_path: Path) -> None:
             "'RareSignalFisherCollapse/fire/%'").fetchone()[0]
     assert '"median": ' in baseline and '"median": null' not in baseline
 
-    with start_in_thread(config(tmp_path)) as server:
+    with start_in_thread(settings) as server:
         client = Client(server.grpc_target)
         runs = client.runs.ListRuns(alerts_pb2.ListRunsRequest(), timeout=10).runs
         assert [(r.run_id, r.run_name, r.state, r.last_step) for r in runs] == [

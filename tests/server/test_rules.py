@@ -10,23 +10,37 @@ import pytest
 from raresignal.server.rules import Relative, RulesError, load_rules, parse_rules
 
 DEFAULT_ALERTS = {
-    "RareSignalFisherCollapse", "RareSignalAbsorbed", "RareSignalRetentionLoss",
-    "RareSignalInterference", "SharpnessAboveStability", "SubspaceDriftSpike",
+    "RareSignalAbsorbed", "RareSignalRetentionLoss", "RareSignalInterference",
+    "SharpnessAboveStability", "SharpnessRising", "SubspaceDriftSpike",
     "FisherRankCollapse", "NonFiniteGradients", "RunStalled",
 }
 
 
 def test_default_rules_cover_the_design_table() -> None:
     rules = {rule.alert: rule for rule in load_rules()}
+    # The design's table, less RareSignalFisherCollapse: measured, no threshold of the
+    # sampled-label Fisher mass kept healthy runs quiet, so it is opt-in (default.yaml
+    # says how), and plus SharpnessRising, which the detection benchmark earned.
     assert set(rules) == DEFAULT_ALERTS
-    collapse = rules["RareSignalFisherCollapse"].condition
-    assert collapse is not None
-    assert (collapse.metric, collapse.op, collapse.threshold, collapse.relative_to) == (
-        "probe_fisher_mass_ratio", "<", 0.2, Relative.BASELINE_RATIO)
+    interference = rules["RareSignalInterference"]
+    assert interference.condition is not None and interference.while_condition is not None
+    assert (interference.condition.metric, interference.condition.op,
+            interference.condition.relative_to) == (
+        "probe_interference", "<", Relative.BASELINE_MAD)
+    # ...and below zero: training must be undoing the probe, not only less helpful.
+    assert (interference.while_condition.metric, interference.while_condition.op,
+            interference.while_condition.threshold) == ("probe_interference", "<", 0.0)
+    rising = rules["SharpnessRising"].condition
+    assert rising is not None and (rising.metric, rising.op, rising.relative_to) == (
+        "sharpness_ratio", ">", Relative.BASELINE_MAD)
     absorbed = rules["RareSignalAbsorbed"]
     assert absorbed.while_condition is not None
     assert absorbed.while_condition.metric == "probe_loss"
     assert rules["RunStalled"].stalled_for_intervals == 5
+    # The rare-signal rules watch the rare probes, not the common reference probe.
+    for name in ("RareSignalAbsorbed", "RareSignalRetentionLoss", "RareSignalInterference"):
+        assert rules[name].ignores({"probe": "common"}), name
+        assert not rules[name].ignores({"probe": "rare"}), name
     assert rules["SubspaceDriftSpike"].condition.relative_to is Relative.BASELINE_MAD
     for rule in rules.values():  # every rule has hysteresis on the safe side or none
         if rule.condition and rule.condition.relative_to is not Relative.BASELINE_MAD:
@@ -65,6 +79,9 @@ def rule(**fields: object) -> str:
     (rule(**{"while": "{metric: fisher_trace, op: '<', threshold: 1}"}),
      "has label(s) ['group'] that 'probe_retention' lacks"),
     (rule(alert='"not a name"'), "alert must be a name"),
+    (rule(ignore_labels="{group: [x]}"), "metric 'probe_retention' has no label 'group'"),
+    (rule(ignore_labels="{probe: 3}"), "ignore_labels.probe must be a label value or a list"),
+    (rule(ignore_labels="[common]"), "ignore_labels must be a mapping of label to value(s)"),
     ("rules: [{alert: S, stalled_for_intervals: -1}]", "stalled_for_intervals must be > 0"),
     ("rules: [{alert: S, stalled_for_intervals: 5, metric: loss}]", "unknown stall rule key"),
     ("rules:\n  - alert: A\n    metric: loss\n    op: '<'\n    threshold: 1\n"
@@ -96,3 +113,18 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
     (loaded,) = load_rules(path)
     assert (loaded.alert, loaded.resolve_threshold, loaded.for_evaluations,
             loaded.severity) == ("X", 0.4, 2, "info")
+
+
+def test_the_opt_in_rule_described_in_the_defaults_is_a_valid_rule() -> None:
+    text = (Path(__file__).resolve().parents[2] / "server" / "rules" / "default.yaml"
+            ).read_text()
+    lines = text.splitlines()
+    start = lines.index("#   - alert: RareSignalFisherCollapse")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#  "):
+            break
+        block.append(line[3:])
+    rules = parse_rules("rules:\n" + "\n".join(block) + "\n", "default.yaml comment")
+    assert [rule.alert for rule in rules] == ["RareSignalFisherCollapse"]
+    assert rules[0].smoothing < 1 and rules[0].for_evaluations > 3
