@@ -31,9 +31,15 @@ the thresholds the evidence supports for server/rules/default.yaml.
 
 Examples::
 
-    python benchmarks/detection.py --quick                  # 2 seeds, a few minutes
-    python benchmarks/detection.py --seeds 0 1 2 3 --json detection.json
+    python benchmarks/detection.py --quick                  # 2 seeds, about 10 minutes
+    python benchmarks/detection.py --seeds 0 1 2 3 --json detection.json   # about 40 min
+    python benchmarks/detection.py --seeds 0 --families token_rule --save-traces t0.json
+    python benchmarks/detection.py --load-traces all.json --tuning-seeds 8  # re-score
     python benchmarks/detection.py --rules my-rules.yaml    # score a candidate rule file
+
+A token-rule run takes about a minute on one core, a minority-class run about 20 s.
+Runs recorded with --save-traces (one process per family and seed parallelises well)
+and merged into one JSON list re-score in a minute or two with --load-traces.
 """
 
 from __future__ import annotations

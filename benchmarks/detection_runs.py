@@ -45,7 +45,7 @@ class RunPlan:
     probe_size: int = 128
     # Agent cadences, in steps: the design's defaults scaled to runs of a few hundred
     # steps. With probes every 5 steps, the shipped rules' longest baseline (a warm-up of
-    # 50 evaluations and a window of 8) is learned by step 290, before the switch.
+    # 50 evaluations and a window of 16) is learned by step 330, before the switch.
     probes_interval: int = 5
     fisher_interval: int = 5
     drift_interval: int = 5
