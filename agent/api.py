@@ -124,7 +124,8 @@ class Estimator(Protocol):
     ``name`` labels the estimator's timing series; ``default_interval`` is its cadence
     in optimizer steps before the budget scheduler adjusts it (1 = every step);
     ``expensive`` estimators are never run twice in one step and are the ones the
-    scheduler stretches first.
+    scheduler stretches first. An optional ``first_step`` attribute (default 0) holds an
+    estimator back until that step, for one that measures nothing during a warm-up.
     """
 
     name: str

@@ -62,14 +62,14 @@ class BudgetScheduler:
 
     def __init__(
         self,
-        estimators: Sequence[tuple[str, int, bool]],
+        estimators: Sequence[tuple[str, int, bool] | tuple[str, int, bool, int]],
         target_overhead: float = 0.03,
         max_interval_factor: int = 64,
         adjust_every: int = 10,
         window_steps: int = 500,
         reduce_max: ReduceFn | None = None,
     ) -> None:
-        names = [name for name, _, _ in estimators]
+        names = [entry[0] for entry in estimators]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"estimator names must be unique; repeated: {duplicates}")
@@ -78,12 +78,14 @@ class BudgetScheduler:
         self.reduce_max = reduce_max
         self.schedules: dict[str, EstimatorSchedule] = {}
         expensive_rank = 0
-        for name, default_interval, expensive in estimators:
+        for name, default_interval, expensive, *start in estimators:
             if default_interval < 1:
                 raise ValueError(f"estimator {name!r}: default_interval must be >= 1, "
                                  f"got {default_interval}")
-            # Expensive estimators start one step apart so that they never pile up.
-            first = expensive_rank if expensive else 0
+            # Expensive estimators start one step apart so that they never pile up; one
+            # with a warm-up (a first step) is not due before it, so that no empty run
+            # is taken for its cost.
+            first = max(start[0] if start else 0, expensive_rank if expensive else 0)
             expensive_rank += int(expensive)
             self.schedules[name] = EstimatorSchedule(
                 name, default_interval, expensive, default_interval,

@@ -97,7 +97,8 @@ class Monitor:
         self.estimators: dict[str, Estimator] = {
             e.name: e for e in _check_estimators(estimators)}
         self._budget = BudgetScheduler(
-            [(e.name, e.default_interval, e.expensive) for e in estimators],
+            [(e.name, e.default_interval, e.expensive, getattr(e, "first_step", 0))
+             for e in estimators],
             target_overhead=self.config.target_overhead,
             max_interval_factor=self.config.max_interval_factor,
             adjust_every=self.config.budget_adjust_every_steps,

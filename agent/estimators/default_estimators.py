@@ -226,6 +226,8 @@ class SharpnessEstimator:
         self.shared = shared
         config = shared.config
         self.default_interval = config.sharpness_interval
+        # Nothing to measure before the warm-up ends (see EstimatorConfig).
+        self.first_step = config.sharpness_warmup_steps
         dim = shared.parameters.numel
         self.plain = SharpnessTracker(dim, config.seed, config.sharpness_cold_iterations,
                                       config.sharpness_warm_iterations, config.sharpness_tol)

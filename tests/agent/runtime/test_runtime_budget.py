@@ -154,3 +154,16 @@ def test_a_cold_first_run_counts_until_the_second_run_replaces_it() -> None:
     assert scheduler.schedules["warm_started"].cost_seconds == 1e-2  # not averaged in
     scheduler.record_run("warm_started", 2, 2e-2)
     assert scheduler.schedules["warm_started"].cost_seconds == pytest.approx(1.3e-2)
+
+
+def test_an_estimator_with_a_warm_up_is_not_due_before_it_nor_stretched_by_it() -> None:
+    # "warm" measures nothing before step 100; were it run there, its near-zero time would
+    # be taken for its cost and the expensive estimator it is would be stretched first,
+    # to its bound, before it ever measured.
+    scheduler = BudgetScheduler([("cheap", 1, False), ("warm", 10, True, 100),
+                                 ("costly", 10, True)], target_overhead=0.03,
+                                max_interval_factor=64)
+    ran = _drive(scheduler, 200, 0.010, {"cheap": 1e-5, "warm": 2e-3, "costly": 2e-3})
+    runs = [step for step, due in enumerate(ran) if "warm" in due]
+    assert runs and runs[0] == 100
+    assert scheduler.intervals["warm"] < 640
