@@ -26,6 +26,7 @@ from detection_scenarios import SCENARIOS_BY_NAME, TrainingSetup, progress
 from detection_scoring import ground_truth_step, score, summarize
 from detection_tasks import MinorityClassTask
 from detection_tuning import candidate_rules_yaml, choose_rule, settings_grid, with_threshold
+from rule_snippets import FISHER_MASS_RULE, SHORT_BASELINE_DEFAULTS
 
 from raresignal.server.rules import load_rules, parse_rules
 
@@ -34,19 +35,7 @@ torch.set_num_threads(1)
 
 # A baseline-ratio rule of the kind the shipped file may hold (the opt-in Fisher mass rule,
 # with the default short warm-up): the benchmark must score whatever the rules say.
-RATIO_RULES = """
-defaults:
-  baseline: {warmup: 3, window: 10, smoothing: 0.5}
-rules:
-  - alert: RareSignalFisherCollapse
-    metric: probe_fisher_mass_ratio
-    op: "<"
-    threshold: 0.2
-    relative_to: baseline_ratio
-    resolve_threshold: 0.3
-    for: 3
-    severity: critical
-"""
+RATIO_RULES = SHORT_BASELINE_DEFAULTS + "rules:" + FISHER_MASS_RULE
 
 
 def _ratio_rule():

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from conftest import Client, batch, config, find, sample, scrape
+from rule_snippets import FISHER_MASS_RULE
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
 from raresignal.server.app import start_in_thread
@@ -81,21 +82,9 @@ def test_replaying_a_series_changes_nothing(tmp_path: Path) -> None:
 
 # The shipped rules plus a baseline-relative rule with a short warm-up (the opt-in Fisher
 # mass rule, as default.yaml describes it, learning its baseline from 3 + 10 evaluations).
-FISHER_RULE = """
-  - alert: RareSignalFisherCollapse
-    metric: probe_fisher_mass_ratio
-    op: "<"
-    threshold: 0.2
-    relative_to: baseline_ratio
-    resolve_threshold: 0.3
-    for: 3
-    severity: critical
-"""
-
-
 def rules_with_fisher(tmp_path: Path) -> str:
     path = tmp_path / "rules.yaml"
-    path.write_text(DEFAULT_RULES.read_text().rstrip() + "\n" + FISHER_RULE)
+    path.write_text(DEFAULT_RULES.read_text().rstrip() + "\n" + FISHER_MASS_RULE)
     assert "RareSignalFisherCollapse" in {rule.alert for rule in load_rules(path)}
     return str(path)
 

@@ -1,0 +1,22 @@
+"""Rules that tests add to the shipped ones.
+
+``FISHER_MASS_RULE`` is the opt-in rule default.yaml describes, in the form tests need: a
+baseline learned from the short default warm-up (3 + 10 evaluations of the defaults
+block), so that a scripted series reaches it in a few reports."""
+
+FISHER_MASS_RULE = """
+  - alert: RareSignalFisherCollapse
+    metric: probe_fisher_mass_ratio
+    op: "<"
+    threshold: 0.2
+    relative_to: baseline_ratio
+    resolve_threshold: 0.3
+    for: 3
+    severity: critical
+"""
+
+# The defaults block of the shipped file, which the rule above relies on.
+SHORT_BASELINE_DEFAULTS = """
+defaults:
+  baseline: {warmup: 3, window: 10, smoothing: 0.5}
+"""
