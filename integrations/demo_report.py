@@ -24,6 +24,7 @@ Series = Mapping[str, Sequence[tuple[int, float]]]
 
 PANEL_TITLES = (
     "Probe accuracy",
+    "Retention / interference",
     "Probe Fisher mass ratio",
     "Absorption / bulk residual",
     "Sharpness vs stability threshold",
@@ -58,12 +59,19 @@ def _plot_metric(axes: plt.Axes, series: Series, metric: str, style: str = "-",
 def plot_report(series: Series, alerts: Sequence[AlertMark], title: str,
                 collapse_step: int | None = None) -> Figure:
     """The report figure; one panel per entry of :data:`PANEL_TITLES`, in that order."""
-    figure, axes = plt.subplots(len(PANEL_TITLES), 1, figsize=(10, 13), sharex=True,
+    figure, axes = plt.subplots(len(PANEL_TITLES), 1, figsize=(10, 15), sharex=True,
                                 layout="constrained")
     panels = dict(zip(PANEL_TITLES, axes, strict=True))
 
     _plot_metric(panels["Probe accuracy"], series, "probe_accuracy")
     panels["Probe accuracy"].set_ylim(-0.05, 1.05)
+
+    # What the default rare-signal rules watch: retention (share of the probe's gradient
+    # energy in its reference directions) and interference (cosine with the net update).
+    kept = panels["Retention / interference"]
+    _plot_metric(kept, series, "probe_retention", name="retention")
+    _plot_metric(kept, series, "probe_interference", "--", name="interference")
+    kept.axhline(0.0, color="black", linestyle=":", linewidth=1.0)
 
     ratio_axes = panels["Probe Fisher mass ratio"]
     if _plot_metric(ratio_axes, series, "probe_fisher_mass_ratio"):
