@@ -50,7 +50,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ from detection_tuning import (
     tuned_rules,
 )
 
-from raresignal.server.rules import Rule, load_rules
+from raresignal.server.rules import Rule, default_rules_text, load_rules
 
 SHIPPED = "raresignal (shipped rules)"
 TUNED = "raresignal (tuned rules)"
@@ -327,8 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_report(report, shipped)
     print(f"\n{len(traces)} runs, {time.perf_counter() - started:.0f} s in all")
     if args.write_rules:
-        shipped_text = (args.rules.read_text() if args.rules else resources.files(
-            "raresignal.server").joinpath("rules/default.yaml").read_text())
+        shipped_text = args.rules.read_text() if args.rules else default_rules_text()
         args.write_rules.write_text(candidate_rules_yaml(shipped_text,
                                                          report["_rule_choices"]))
         load_rules(args.write_rules)  # the candidate must be a valid rules file

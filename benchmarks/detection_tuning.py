@@ -86,10 +86,9 @@ def smoothing_grid(rule: Rule) -> tuple[float, ...]:
 
 
 def settings_grid(rule: Rule) -> tuple[tuple[int, float], ...]:
-    """(`for`, smoothing) pairs to try, the shipped pair first."""
-    pairs = [(n, a) for a in smoothing_grid(rule) for n in for_grid(rule)]
-    shipped = (rule.for_evaluations, rule.smoothing)
-    return (shipped, *(pair for pair in pairs if pair != shipped))
+    """(`for`, smoothing) pairs to try; both grids lead with the shipped value, so the
+    shipped pair comes first."""
+    return tuple((n, a) for a in smoothing_grid(rule) for n in for_grid(rule))
 
 
 def with_threshold(rule: Rule, threshold: float, for_evaluations: int | None = None,

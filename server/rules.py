@@ -351,11 +351,15 @@ def parse_rules(text: str, source: str = "<rules>") -> list[Rule]:
     return rules
 
 
+def default_rules_text() -> str:
+    """The text of the rules file shipped with the server (comments included)."""
+    return resources.files("raresignal.server").joinpath("rules/default.yaml").read_text()
+
+
 def load_rules(path: str | Path | None = None) -> list[Rule]:
     """Rules from a file, or the defaults shipped with the server when ``path`` is None."""
     if path is None:
-        text = resources.files("raresignal.server").joinpath("rules/default.yaml").read_text()
-        return parse_rules(text, "default.yaml")
+        return parse_rules(default_rules_text(), "default.yaml")
     path = Path(path)
     try:
         text = path.read_text()

@@ -11,9 +11,8 @@ from rule_snippets import FISHER_MASS_RULE
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
 from raresignal.server.app import start_in_thread
-from raresignal.server.rules import load_rules
+from raresignal.server.rules import default_rules_text, load_rules
 
-DEFAULT_RULES = Path(__file__).resolve().parents[2] / "server" / "rules" / "default.yaml"
 APPLIED = ingest_pb2.ReportAck.OUTCOME_APPLIED
 DUPLICATE = ingest_pb2.ReportAck.OUTCOME_DUPLICATE
 N = 14
@@ -84,7 +83,7 @@ def test_replaying_a_series_changes_nothing(tmp_path: Path) -> None:
 # mass rule, as default.yaml describes it, learning its baseline from 3 + 10 evaluations).
 def rules_with_fisher(tmp_path: Path) -> str:
     path = tmp_path / "rules.yaml"
-    path.write_text(DEFAULT_RULES.read_text().rstrip() + "\n" + FISHER_MASS_RULE)
+    path.write_text(default_rules_text().rstrip() + "\n" + FISHER_MASS_RULE)
     assert "RareSignalFisherCollapse" in {rule.alert for rule in load_rules(path)}
     return str(path)
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from raresignal.server.rules import Relative, RulesError, load_rules, parse_rules
+from raresignal.server.rules import (
+    Relative,
+    RulesError,
+    default_rules_text,
+    load_rules,
+    parse_rules,
+)
 
 DEFAULT_ALERTS = {
     "RareSignalAbsorbed", "RareSignalRetentionLoss", "RareSignalInterference",
@@ -116,9 +122,7 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
 
 
 def test_the_opt_in_rule_described_in_the_defaults_is_a_valid_rule() -> None:
-    text = (Path(__file__).resolve().parents[2] / "server" / "rules" / "default.yaml"
-            ).read_text()
-    lines = text.splitlines()
+    lines = default_rules_text().splitlines()
     start = lines.index("#   - alert: RareSignalFisherCollapse")
     block = []
     for line in lines[start:]:
