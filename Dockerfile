@@ -16,8 +16,10 @@ COPY constraints.txt ./
 RUN pip install --constraint constraints.txt build
 COPY pyproject.toml README.md ./
 COPY agent/ agent/
+COPY client/ client/
 COPY server/ server/
 COPY integrations/ integrations/
+COPY demo/ demo/
 COPY protos/ protos/
 RUN python -m build --wheel --outdir /wheels .
 

@@ -42,7 +42,7 @@ tools: ## install the Debian tools the tests use (promtool, prometheus, alertman
 	fi
 
 demo: venv ## start a server, train with a rare slice, watch an alert fire, write a plot
-	$(PY) -m raresignal.integrations.demo $(ARGS)
+	$(PY) -m raresignal.demo $(ARGS)
 
 test: venv tools ## run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -19,10 +19,12 @@ from raresignal.agent.api import (
     Measurement,
     Probe,
     StepContext,
+    default_forward,
     series_key,
 )
-from raresignal.agent.config import MonitorConfig, TlsConfig
-from raresignal.agent.monitor import Monitor, default_forward
+from raresignal.agent.config import MonitorConfig
+from raresignal.agent.monitor import Monitor
+from raresignal.protos.transport import TlsConfig
 
 __all__ = [
     "DistributedContext",

@@ -65,6 +65,15 @@ def series_key(metric: str, labels: Mapping[str, str] | None = None) -> str:
     return f"{metric}{{{inner}}}"
 
 
+def parse_series_key(key: str) -> tuple[str, dict[str, str]]:
+    """Inverse of :func:`series_key`: ``"m{a=b}"`` -> ``("m", {"a": "b"})``."""
+    if "{" not in key:
+        return key, {}
+    metric, inner = key[:-1].split("{", 1)
+    labels = dict(item.split("=", 1) for item in inner.split(",") if item)
+    return metric, labels
+
+
 @dataclass(frozen=True)
 class Probe:
     """A fixed set of examples the monitor evaluates: inputs and their targets.
@@ -124,13 +133,22 @@ class Estimator(Protocol):
     ``name`` labels the estimator's timing series; ``default_interval`` is its cadence
     in optimizer steps before the budget scheduler adjusts it (1 = every step);
     ``expensive`` estimators are never run twice in one step and are the ones the
-    scheduler stretches first. An optional ``first_step`` attribute (default 0) holds an
-    estimator back until that step, for one that measures nothing during a warm-up.
+    scheduler stretches first.
+
+    ``first_step`` and ``needs_whole_parameters`` have defaults: a class that subclasses
+    ``Estimator`` inherits them, and the monitor also accepts an estimator that only has
+    the other members (see :func:`is_estimator`), reading the defaults for it.
     """
 
     name: str
     default_interval: int
     expensive: bool
+    first_step: int = 0
+    """No run before this step, for an estimator that measures nothing during a warm-up
+    (the scheduler then takes no empty run for its cost)."""
+    needs_whole_parameters: bool = False
+    """True when it needs every value of a parameter in one process (HVPs, per-example
+    gradients): it is left out when the parameters are sharded (FSDP)."""
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         """Measures at this step. May raise; the monitor logs, counts and goes on."""
@@ -141,3 +159,23 @@ class Estimator(Protocol):
         ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+# What an estimator must have; the other members of ``Estimator`` have defaults.
+_REQUIRED_ATTRIBUTES = ("name", "default_interval", "expensive")
+_REQUIRED_METHODS = ("run", "state_dict", "load_state_dict")
+
+
+def is_estimator(candidate: object) -> bool:
+    """Whether ``candidate`` has every required member of :class:`Estimator`.
+
+    Unlike ``isinstance(candidate, Estimator)``, it accepts an estimator without the
+    members that have defaults (``first_step``, ``needs_whole_parameters``).
+    """
+    return (all(hasattr(candidate, name) for name in _REQUIRED_ATTRIBUTES)
+            and all(callable(getattr(candidate, name, None)) for name in _REQUIRED_METHODS))
+
+
+def first_step(estimator: Estimator) -> int:
+    """The estimator's ``first_step``, or the protocol's default when it has none."""
+    return getattr(estimator, "first_step", Estimator.first_step)

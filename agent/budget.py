@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+from raresignal.agent.api import ReduceFn
+from raresignal.agent.config import MonitorConfig
 
 _STEP_ALPHA = 0.1  # smoothing of the step time and the monitor's base cost
 _COST_ALPHA = 0.3  # smoothing of each estimator's run time
@@ -63,10 +64,10 @@ class BudgetScheduler:
     def __init__(
         self,
         estimators: Sequence[tuple[str, int, bool] | tuple[str, int, bool, int]],
-        target_overhead: float = 0.03,
-        max_interval_factor: int = 64,
-        adjust_every: int = 10,
-        window_steps: int = 500,
+        target_overhead: float = MonitorConfig.target_overhead,
+        max_interval_factor: int = MonitorConfig.max_interval_factor,
+        adjust_every: int = MonitorConfig.budget_adjust_every_steps,
+        window_steps: int = MonitorConfig.overhead_window_steps,
         reduce_max: ReduceFn | None = None,
     ) -> None:
         names = [entry[0] for entry in estimators]

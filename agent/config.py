@@ -14,33 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from raresignal.protos.transport import TlsConfig
+
 if TYPE_CHECKING:
     from raresignal.agent.estimators import EstimatorConfig
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """Paths of PEM files for TLS (``root_certificates``) and mTLS (the client pair).
-
-    Leaving ``root_certificates`` empty uses the system's trust store.
-    """
-
-    root_certificates: str | None = None
-    certificate_chain: str | None = None
-    private_key: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.certificate_chain is None) != (self.private_key is None):
-            raise ValueError("mTLS needs both certificate_chain and private_key, or neither")
-
-    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
-        """(root, key, chain) as bytes, in the order grpc.ssl_channel_credentials wants."""
-
-        def load(path: str | None) -> bytes | None:
-            return Path(path).read_bytes() if path else None
-
-        return load(self.root_certificates), load(self.private_key), load(
-            self.certificate_chain)
 
 
 @dataclass

@@ -15,13 +15,13 @@ Under FSDP the sketch of a sharded gradient is the sum of the ranks' shard sketc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from raresignal.agent.api import DistributedContext
+from raresignal.agent.api import DistributedContext, ReduceFn
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -39,8 +39,7 @@ def _collective_device(group: dist.ProcessGroup | None) -> torch.device | None:
     return None
 
 
-def _reducer(op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
-             ) -> Callable[[torch.Tensor], torch.Tensor]:
+def _reducer(op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None) -> ReduceFn:
     device = _collective_device(group)
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,8 +62,7 @@ def build_context(group: dist.ProcessGroup | None = None) -> DistributedContext:
     )
 
 
-def max_reducer(group: dist.ProcessGroup | None = None
-                ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def max_reducer(group: dist.ProcessGroup | None = None) -> ReduceFn | None:
     """A MAX all-reduce for the budget scheduler; None outside torch.distributed."""
     if not is_distributed():
         return None

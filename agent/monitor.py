@@ -33,6 +33,8 @@ from raresignal.agent.api import (
     Probe,
     StepContext,
     default_forward,
+    first_step,
+    is_estimator,
     series_key,
 )
 from raresignal.agent.budget import BudgetScheduler
@@ -59,7 +61,7 @@ def _agent_version() -> str:
 
 def _check_estimators(estimators: Sequence[Any]) -> list[Estimator]:
     for estimator in estimators:
-        if not isinstance(estimator, Estimator):
+        if not is_estimator(estimator):
             raise TypeError(f"{estimator!r} is not an Estimator: it needs name, "
                             "default_interval, expensive, run, state_dict and load_state_dict")
     return list(estimators)
@@ -97,8 +99,7 @@ class Monitor:
         self.estimators: dict[str, Estimator] = {
             e.name: e for e in _check_estimators(estimators)}
         self._budget = BudgetScheduler(
-            [(e.name, e.default_interval, e.expensive, getattr(e, "first_step", 0))
-             for e in estimators],
+            [(e.name, e.default_interval, e.expensive, first_step(e)) for e in estimators],
             target_overhead=self.config.target_overhead,
             max_interval_factor=self.config.max_interval_factor,
             adjust_every=self.config.budget_adjust_every_steps,
@@ -118,12 +119,11 @@ class Monitor:
 
     def _default_estimators(self, probes: dict[str, Probe], common_probe: Probe | None
                             ) -> list[Estimator]:
-        from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
+        from raresignal.agent.estimators import build_default_estimators
 
         return build_default_estimators(
-            self.model, self.optimizer, probes, common_probe,
-            self.config.estimator_config or EstimatorConfig(), task=self.task,
-            forward=self._forward)
+            self.model, self.optimizer, probes, common_probe, self.config.estimator_config,
+            task=self.task, forward=self._forward)
 
     # -- the training loop's calls -------------------------------------------------------
 

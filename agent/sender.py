@@ -32,6 +32,7 @@ import grpc
 from raresignal.agent.config import MonitorConfig
 from raresignal.agent.ratelimit import RateLimitedLog
 from raresignal.agent.spool import Spool, SpoolRecord
+from raresignal.client.channels import auth_metadata, open_channel
 from raresignal.protos import transport
 from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -102,7 +103,6 @@ class Sender:
         self._closing = threading.Event()
         self._close_state: str | None = None
         self._close_deadline = 0.0
-        self._finished = threading.Event()
         self._all_sent = False
         self._run_opened = False
         self._channel: grpc.Channel | None = None
@@ -201,8 +201,6 @@ class Sender:
         except Exception:
             log.exception("raresignal: the sender thread stopped; measurements stay in %s",
                           self.spool_path)
-        finally:
-            self._finished.set()
 
     def _loop(self) -> None:
         assert self._spool is not None
@@ -280,26 +278,16 @@ class Sender:
     # -- network -------------------------------------------------------------------------
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        token = self._config.token
-        if not token:
-            return ()
-        return ((transport.AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),)
+        return auth_metadata(self._config.token)
 
     def _ensure_stub(self) -> ingest_pb2_grpc.IngestStub:
         if self._stub is None:
-            options = [
-                *transport.client_channel_options(),
+            backoff = [
                 ("grpc.initial_reconnect_backoff_ms",
                  int(self._config.reconnect_initial_seconds * 1000)),
                 ("grpc.max_reconnect_backoff_ms", int(self._config.reconnect_max_seconds * 1000)),
             ]
-            tls = self._config.tls
-            if tls is not None:
-                root, key, chain = tls.read()
-                credentials = grpc.ssl_channel_credentials(root, key, chain)
-                self._channel = grpc.secure_channel(self.target, credentials, options)
-            else:
-                self._channel = grpc.insecure_channel(self.target, options)
+            self._channel = open_channel(self.target, self._config.tls, backoff)
             self._stub = ingest_pb2_grpc.IngestStub(self._channel)
         return self._stub
 

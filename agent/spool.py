@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from raresignal.agent.config import MonitorConfig
 from raresignal.protos.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def _encode(record: SpoolRecord) -> bytes:
 class Spool:
     """Unacknowledged batches in sequence order, mirrored in one file."""
 
-    def __init__(self, path: Path, max_bytes: int, fsync: bool = True) -> None:
+    def __init__(self, path: Path, max_bytes: int,
+                 fsync: bool = MonitorConfig.spool_fsync) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.fsync = fsync

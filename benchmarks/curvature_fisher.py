@@ -26,7 +26,7 @@ from torch.func import functional_call, jacrev
 
 from raresignal.agent.api import Probe, StepContext, default_forward
 from raresignal.agent.estimators import EstimatorConfig, build_shared_state
-from raresignal.agent.estimators.default_estimators import FisherEstimator
+from raresignal.agent.estimators.default import FisherEstimator
 from raresignal.agent.estimators.likelihood import IGNORE_INDEX
 from raresignal.agent.estimators.parameters import top_level_group
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from raresignal.agent.estimators import CausalLMLikelihood, ClassificationLikelihood, Likelihood
+from raresignal.agent.estimators.likelihood import IGNORE_INDEX
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Workload:
         logits = (self.model(inputs) if params is None
                   else functional_call(self.model, dict(params), (inputs,)))
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           targets.reshape(-1), ignore_index=-100)
+                                           targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
     def to(self, device: torch.device) -> Workload:
         """The model and the fixed batch on ``device`` (fresh batches follow them)."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from raresignal.agent.api import Probe, StepContext, default_forward
 from raresignal.agent.estimators import EstimatorConfig, build_shared_state
-from raresignal.agent.estimators.default_estimators import SharpnessEstimator
+from raresignal.agent.estimators.default import SharpnessEstimator
 
 TARGET = 0.02  # "within 2% of exact"
 PYHESSIAN_DEFAULTS = {"maxIter": 100, "tol": 1e-3}

@@ -19,7 +19,7 @@ mixture, learned by an MLP).
 
 Ground truth is the first step at which the rare probe's accuracy, evaluated exactly every
 few steps by the benchmark, falls below half its peak. The agent's measurements are fed to
-the server's own alert engine (``raresignal.server.engine.AlertEngine``) with the shipped
+the server's own alert engine (``raresignal.server.alerting.engine.AlertEngine``) with the shipped
 rules (or --rules FILE), and compared with three alarms users have today: training loss
 rising (EWMA above k x its running minimum), gradient-norm spikes (above median + k MAD),
 and the rare probe's own loss rising (which needs a labelled rare eval set). Alarms on
@@ -27,7 +27,7 @@ healthy runs, or before the switch of a collapse run, are false alarms.
 
 Thresholds of every detector are chosen on the tuning seeds (zero false alarms first, then
 early detections, then lead time) and reported on the held-out seeds. The report ends with
-the thresholds the evidence supports for server/rules/default.yaml.
+the thresholds the evidence supports for server/alerting/default_rules.yaml.
 
 Examples::
 
@@ -72,7 +72,7 @@ from detection_tuning import (
     tuned_rules,
 )
 
-from raresignal.server.rules import Rule, default_rules_text, load_rules
+from raresignal.server.alerting.rules import Rule, default_rules_text, load_rules
 
 SHIPPED = "raresignal (shipped rules)"
 TUNED = "raresignal (tuned rules)"
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "0 applies it all at once, the harshest case)")
     parser.add_argument("--rules", type=Path, default=None,
                         help="a candidate rules file to score instead of the shipped "
-                             "server/rules/default.yaml")
+                             "server/alerting/default_rules.yaml")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write every figure, ground truth and choice to PATH")
     parser.add_argument("--write-rules", type=Path, default=None, metavar="PATH",
@@ -178,7 +178,7 @@ def _rule_threshold(rule: Rule) -> float:
 
 
 def format_evidence(shipped: Sequence[Rule], choices: dict[str, Choice]) -> str:
-    lines = ["Thresholds the tuning runs support for server/rules/default.yaml "
+    lines = ["Thresholds the tuning runs support for server/alerting/default_rules.yaml "
              "(per rule, alone):"]
     by_name = {rule.alert: rule for rule in shipped}
     for name, choice in choices.items():

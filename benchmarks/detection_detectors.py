@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from detection_runs import RunTrace
 
 from raresignal.protos.v1 import common_pb2
-from raresignal.server.engine import AlertEngine
-from raresignal.server.rules import Rule
-from raresignal.server.validation import CheckedSample, labels_key
+from raresignal.server.alerting.engine import AlertEngine
+from raresignal.server.alerting.rules import Rule
+from raresignal.server.storage.records import CheckedSample, labels_key
 
 _RUN_ID = "benchmark-run"
 

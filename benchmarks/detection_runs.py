@@ -43,7 +43,7 @@ class RunPlan:
     ramp_steps: int = 60  # the change ramps in over this many steps (0: all at once)
     eval_every: int = 5  # ground-truth evaluation of the rare probe
     probe_size: int = 128
-    # Agent cadences, in steps: the design's defaults scaled to runs of a few hundred
+    # Agent cadences, in steps: the agent's defaults scaled to runs of a few hundred
     # steps. With probes every 5 steps, the shipped rules' longest baseline (a warm-up of
     # 50 evaluations and a window of 16) is learned by step 330, before the switch.
     probes_interval: int = 5
@@ -51,12 +51,12 @@ class RunPlan:
     drift_interval: int = 5
     sharpness_interval: int = 10
     retention_warmup_step: int = 250
-    # Interference over the net update of 20 steps (by default it spans the 200 steps
+    # Interference over the net update of 20 steps (by default it spans the steps
     # between two probe runs): one step's update mostly carries the batch's noise.
     probe_interference_horizon: int = 20
     # The agent's default: sketched cosines (interference, overlaps) carry a JL noise of
     # about 1/sqrt(d), 0.044 at d = 512, as large as a healthy interference.
-    sketch_dim: int = 2048
+    sketch_dim: int = EstimatorConfig.sketch_dim
 
     def __post_init__(self) -> None:
         if not 0 < self.switch_step < self.steps:

@@ -1,6 +1,6 @@
 """The two task families of the detection benchmark, each with a rare slice to lose.
 
-* ``token_rule``: the demo's token task (``raresignal.integrations.demo_task``). Common
+* ``token_rule``: the demo's token task (``raresignal.demo.task``). Common
   examples read out the first symbol; rare examples (3 %) carry a trigger token and read
   out the second — a rare compositional rule learned by a two-block transformer. Training
   adds 10 % label noise and AdamW weight decay 1.0 (see :class:`TokenRuleTask`).
@@ -20,11 +20,17 @@ import torch
 from torch import nn
 
 from raresignal.agent import Probe
-from raresignal.integrations.demo_task import SYMBOLS, TinyTransformer, make_batch, make_examples
+from raresignal.demo.task import (
+    PROBE_SEED_OFFSET,
+    SYMBOLS,
+    TinyTransformer,
+    make_batch,
+    make_examples,
+    probe_examples,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 RARE_FRACTION = 0.03
-PROBE_SEED_OFFSET = 10_000  # probes come from a generator the training stream never uses
 
 
 @dataclass(frozen=True)
@@ -67,10 +73,8 @@ class TokenRuleTask:
         return tokens, torch.where(noisy, random_labels, labels)
 
     def probes(self, seed: int, size: int) -> tuple[Probe, Probe]:
-        generator = torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET)
-        rare = Probe(*make_examples(size, True, generator))
-        common = Probe(*make_examples(size, False, generator))
-        return rare, common
+        rare, common = probe_examples(size, seed)
+        return Probe(*rare), Probe(*common)
 
 
 class MinorityClassTask:

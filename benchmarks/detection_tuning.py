@@ -29,7 +29,7 @@ from detection_detectors import (
 from detection_runs import RunTrace
 from detection_scoring import Outcome, merit, score
 
-from raresignal.server.rules import Relative, Rule
+from raresignal.server.alerting.rules import Relative, Rule
 
 # Fire thresholds tried per rule, least sensitive first; resolve thresholds keep the
 # shipped fire/resolve proportion, so hysteresis keeps its direction. A rule relative to

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import grpc
 
-from raresignal.protos.transport import client_channel_options, server_options
+from raresignal.client.channels import open_aio_channel
+from raresignal.protos.transport import server_options
 from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 # Ten series per step, four of them under default alert rules, so the rule engine works.
@@ -191,7 +192,7 @@ async def paced_sender(channel: grpc.aio.Channel, source: BatchSource, first_due
 
 
 async def open_runs(target: str, names: list[str]) -> list[str]:
-    async with grpc.aio.insecure_channel(target, client_channel_options()) as channel:
+    async with open_aio_channel(target) as channel:
         stub = ingest_pb2_grpc.IngestStub(channel)
         return [(await stub.OpenRun(ingest_pb2.OpenRunRequest(
             run_name=name, world_size=1, report_interval_seconds=60.0))).run_id
@@ -224,8 +225,7 @@ async def _run_client(plan: ClientPlan) -> LevelResult:
         prebuilt = int(CLOSED_LOOP_BATCHES_PER_SECOND * plan.seconds / max(1, senders)) + 2
     sources = [BatchSource(run_id, name, plan.steps, prebuilt)
                for run_id, name in zip(plan.run_ids, plan.sender_names, strict=True)]
-    channels = [grpc.aio.insecure_channel(plan.target, client_channel_options())
-                for _ in range(min(senders, 8))]
+    channels = [open_aio_channel(plan.target) for _ in range(min(senders, 8))]
     result = LevelResult(senders, plan.seconds)
     await asyncio.sleep(max(0.0, plan.start_at - time.time()))
     started = time.perf_counter()

@@ -201,7 +201,7 @@ def print_table(results: list[Result], target: float) -> None:
               f"{target:>8.0%}")
     print("\noverhead: 1 - median monitored / median bare block throughput; amortized: "
           "from total times;\nself-reported: the monitor's agent_overhead_ratio "
-          "(its last 500 steps)")
+          f"(its last {MonitorConfig.overhead_window_steps} steps)")
     for r in results:
         print(f"\n{r.name}: estimator (cadence in steps, last run in ms)")
         for name, interval in r.intervals.items():
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="batch size (default: 8 sequences / 64 images)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--target", type=float, default=0.03,
-                        help="the monitor's overhead target (default: 0.03)")
+    parser.add_argument("--target", type=float, default=MonitorConfig.target_overhead,
+                        help="the monitor's overhead target (default: %(default)s)")
     parser.add_argument("--server", default=None,
                         help="raresignal server address to report to (default: none, "
                              "measurements stay in process)")

@@ -30,6 +30,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from raresignal.agent import Monitor, MonitorConfig
 from raresignal.agent.api import Estimator, Probe
+from raresignal.agent.estimators.likelihood import IGNORE_INDEX
 from raresignal.integrations.lightning_callback import headline_metrics
 from raresignal.integrations.torch import (
     DEFAULT_MAX_PROBE_EXAMPLES,
@@ -41,14 +42,13 @@ from raresignal.integrations.torch import (
 )
 
 STATE_FILE = "raresignal_monitor.pt"
-IGNORE_INDEX = -100
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
 def aligned_targets(labels: torch.Tensor) -> torch.Tensor:
     """Hugging Face causal-LM labels (the input ids; the model shifts them) aligned with
     the logits, as the monitor scores them: position t holds the token at t + 1, and the
-    last position, which predicts nothing, is ignored (-100)."""
+    last position, which predicts nothing, is ignored (``IGNORE_INDEX``)."""
     aligned = torch.full_like(labels, IGNORE_INDEX)
     aligned[:, :-1] = labels[:, 1:]
     return aligned

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from raresignal.agent import Monitor, MonitorConfig, default_forward
-from raresignal.agent.api import Estimator, Probe
+from raresignal.agent.api import Estimator, Probe, parse_series_key
 from raresignal.integrations.torch import (
     DEFAULT_MAX_PROBE_EXAMPLES,
     ProbeSource,
@@ -45,15 +45,6 @@ PROGRESS_BAR_NAMES = {
     "agent_overhead_ratio": "overhead",
 }
 LOGGER_PREFIX = "raresignal"
-
-
-def parse_series_key(key: str) -> tuple[str, dict[str, str]]:
-    """Inverse of ``raresignal.agent.api.series_key``: ``"m{a=b}"`` → ``("m", {"a": "b"})``."""
-    if "{" not in key:
-        return key, {}
-    metric, inner = key[:-1].split("{", 1)
-    labels = dict(item.split("=", 1) for item in inner.split(",") if item)
-    return metric, labels
 
 
 def headline_metrics(latest: Mapping[str, float]) -> dict[str, float]:

@@ -19,7 +19,6 @@ LABEL_PROBE = "probe"
 LABEL_GROUP = "group"
 LABEL_LAYER = "layer"
 LABEL_ESTIMATOR = "estimator"
-ALLOWED_LABEL_KEYS = frozenset({LABEL_PROBE, LABEL_GROUP, LABEL_LAYER, LABEL_ESTIMATOR})
 
 
 class Kind(str, Enum):

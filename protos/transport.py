@@ -1,4 +1,4 @@
-"""Transport settings both ends must agree on (keepalive, sizes, metadata keys).
+"""Transport settings both ends must agree on (keepalive, sizes, metadata keys, TLS files).
 
 gRPC closes a connection with GOAWAY ("too_many_pings") when a client pings more often
 than the server permits, so the agent's keepalive and the server's ping policy are
@@ -6,6 +6,11 @@ defined once, here, and imported by both.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
@@ -47,3 +52,43 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files for one end of a TLS connection.
+
+    ``certificate_chain`` and ``private_key`` are this end's own pair: required on the
+    server, and on a client they turn on mutual TLS. ``root_certificates`` is the CA that
+    signed the other end: on a client, the server's CA (empty: the system's trust store);
+    on the server, the clients' CA, which makes TLS mutual (only clients holding a
+    certificate it signed may connect).
+    """
+
+    certificate_chain: str | None = None
+    private_key: str | None = None
+    root_certificates: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("TLS needs both certificate_chain and private_key, or neither")
+
+    @staticmethod
+    def _load(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials for a client channel."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._load(self.root_certificates),
+            private_key=self._load(self.private_key),
+            certificate_chain=self._load(self.certificate_chain))
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials for the server's port; mutual TLS when ``root_certificates`` is set."""
+        if self.certificate_chain is None or self.private_key is None:
+            raise ValueError("a TLS server needs certificate_chain and private_key")
+        client_ca = self._load(self.root_certificates)
+        return grpc.ssl_server_credentials(
+            [(self._load(self.private_key), self._load(self.certificate_chain))],
+            root_certificates=client_ca, require_client_auth=client_ca is not None)

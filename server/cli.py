@@ -1,10 +1,14 @@
-"""The ``raresignal`` command: run the server, list runs, list or watch alerts."""
+"""The ``raresignal server`` command: settings from defaults, a file, the environment and
+flags, then the server until SIGINT or SIGTERM.
+
+The ``raresignal`` entry point (``raresignal.client.cli``) offers this command beside the
+client commands; ``python -m raresignal.server.cli server ...`` runs it on its own.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import logging
 import os
 import signal
@@ -13,27 +17,25 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
-from raresignal.protos.transport import (
-    DEFAULT_GRPC_PORT,
-    DEFAULT_HEALTH_PORT,
-    DEFAULT_METRICS_PORT,
-    client_channel_options,
-)
-from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
+from raresignal.protos.transport import TlsConfig
+from raresignal.server.alerting.rules import RulesError
+from raresignal.server.serving.app import ServerConfig, serve
+from raresignal.server.serving.auth import TokensError, load_tokens, parse_tokens_env
 
 ENV_PREFIX = "RARESIGNAL_"
+_DEFAULTS = ServerConfig()
+_DEFAULT_PORTS = f"{_DEFAULTS.grpc_port}/{_DEFAULTS.metrics_port}/{_DEFAULTS.health_port}"
 
-SERVER_EPILOG = """\
+SERVER_EPILOG = f"""\
 settings come from, in rising priority: defaults, --config FILE (YAML with the same keys,
 e.g. `grpc_port: 50051`), environment variables RARESIGNAL_<KEY> (RARESIGNAL_DB,
 RARESIGNAL_GRPC_PORT, RARESIGNAL_TOKENS_FILE, ...; RARESIGNAL_TOKENS holds tokens inline:
 `tok1=teamA-*|shared-*,tok2`), then flags.
 
 examples:
-  raresignal server                                    # raresignal.db, ports 50051/9464/8081
+  raresignal server            # {_DEFAULTS.db_path} on {_DEFAULTS.host}, ports {_DEFAULT_PORTS}
   raresignal server --db /data/rs.db --tokens-file tokens.yaml
   raresignal server --grpc-port 0 --metrics-port 0 --health-port 0 --ready-file ready.json
   raresignal server --alertmanager-url http://alertmanager:9093 --rules my-rules.yaml
@@ -42,30 +44,26 @@ examples:
 tokens file (YAML): `s3cret: ["teamA-*"]`, or lines `s3cret teamA-* shared-*`.
 """
 
-MAIN_EPILOG = """\
-examples:
-  raresignal server --db runs.db
-  raresignal runs --server 127.0.0.1:50051
-  raresignal alerts --watch --run 3f2a9c0d1e2b4a5c
-  raresignal alerts --state firing --token $TOKEN
-"""
-
-# name, type, default, help
+# name, type, default, help; a server setting's default is ServerConfig's.
 _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
-    ("db", str, "raresignal.db", "SQLite file (or :memory:)"),
-    ("host", str, "0.0.0.0", "address to listen on"),
-    ("grpc_port", int, DEFAULT_GRPC_PORT, "gRPC port (0: a free port)"),
-    ("metrics_port", int, DEFAULT_METRICS_PORT, "Prometheus /metrics port (0: a free port)"),
-    ("health_port", int, DEFAULT_HEALTH_PORT,
+    ("db", str, _DEFAULTS.db_path, "SQLite file (or :memory:)"),
+    ("host", str, _DEFAULTS.host, "address to listen on (0.0.0.0: every interface)"),
+    ("grpc_port", int, _DEFAULTS.grpc_port, "gRPC port (0: a free port)"),
+    ("metrics_port", int, _DEFAULTS.metrics_port, "Prometheus /metrics port (0: a free port)"),
+    ("health_port", int, _DEFAULTS.health_port,
      "plaintext gRPC health port for probes (0: a free port)"),
     ("tokens_file", str, None, "bearer tokens: token -> run-name globs (YAML/JSON/lines)"),
-    ("rules", str, None, "alert rules YAML (default: the rules shipped with raresignal)"),
-    ("alertmanager_url", str, None, "Alertmanager base URL to push alerts to"),
+    ("rules", str, _DEFAULTS.rules_path,
+     "alert rules YAML (default: the rules shipped with raresignal)"),
+    ("alertmanager_url", str, _DEFAULTS.alertmanager_url,
+     "Alertmanager base URL to push alerts to"),
     ("tls_cert", str, None, "server certificate (PEM); enables TLS"),
     ("tls_key", str, None, "server private key (PEM)"),
     ("tls_client_ca", str, None, "CA (PEM) client certificates must chain to: mutual TLS"),
-    ("finished_run_ttl", float, 3600.0, "seconds a finished run stays in /metrics"),
-    ("clock_interval", float, 1.0, "seconds between evaluations of the clock rules"),
+    ("finished_run_ttl", float, _DEFAULTS.finished_run_ttl_seconds,
+     "seconds a finished run stays in /metrics"),
+    ("clock_interval", float, _DEFAULTS.clock_interval_seconds,
+     "seconds between evaluations of the clock rules"),
     ("ready_file", str, None, "write endpoints as JSON here once listening"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -75,25 +73,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get(ENV_PREFIX + "SERVER",
-                                                           f"127.0.0.1:{DEFAULT_GRPC_PORT}"),
-                        help="server address host:port (env RARESIGNAL_SERVER)")
-    parser.add_argument("--token", default=os.environ.get(ENV_PREFIX + "TOKEN"),
-                        help="bearer token (env RARESIGNAL_TOKEN)")
-    parser.add_argument("--tls-ca", default=os.environ.get(ENV_PREFIX + "TLS_CA"),
-                        help="CA certificate (PEM) to verify a TLS server (env RARESIGNAL_TLS_CA)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="raresignal",
-        description="raresignal: a training-health monitor. Run the central server that "
-                    "ingests what training jobs measure, evaluates alert rules and exposes "
-                    "Prometheus metrics; or query it.",
-        epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_server_command(
+        commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Adds the ``server`` command, with a flag per setting, to ``commands``."""
     server = commands.add_parser(
         "server", help="run the server",
         description="Run the raresignal server: gRPC ingest and alert APIs, a plaintext "
@@ -103,29 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, default, text in _SERVER_SETTINGS:
         shown = f" (default: {default})" if default is not None else ""
         server.add_argument(_flag(name), dest=name, type=kind, default=None, help=text + shown)
+    return server
 
-    runs = commands.add_parser(
-        "runs", help="list runs", description="List the runs the server knows.",
-        epilog="examples:\n  raresignal runs\n  raresignal runs --all --server rs:50051",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_argument("--all", action="store_true", help="include finished runs")
-    _add_client_options(runs)
 
-    alerts = commands.add_parser(
-        "alerts", help="list or watch alerts",
-        description="List alerts, newest first, or watch alert state changes as they happen.",
-        epilog="examples:\n  raresignal alerts\n  raresignal alerts --watch --run RUN_ID\n"
-               "  raresignal alerts --state firing --rule RareSignalAbsorbed",
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m raresignal.server.cli``: the ``server`` command alone."""
+    parser = argparse.ArgumentParser(
+        prog="raresignal",
+        description="Run the raresignal server. The `raresignal` command also lists runs "
+                    "and alerts.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    alerts.add_argument("--watch", action="store_true", help="stream changes until Ctrl-C")
-    alerts.add_argument("--run", default="", help="only this run id")
-    alerts.add_argument("--rule", default="", help="only this rule, e.g. RunStalled")
-    alerts.add_argument("--state", action="append", default=[],
-                        choices=("pending", "firing", "resolved"), help="only these states")
-    alerts.add_argument("--limit", type=int, default=100, help="at most this many (list)")
-    alerts.add_argument("--all", action="store_true",
-                        help="also list pending episodes that cleared without ever firing")
-    _add_client_options(alerts)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_server_command(commands)
     return parser
 
 
@@ -159,10 +131,7 @@ def server_settings(args: argparse.Namespace,
     return settings
 
 
-def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
-    from raresignal.server.app import ServerConfig, TLSConfig
-    from raresignal.server.auth import load_tokens, parse_tokens_env
-
+def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> ServerConfig:
     tokens: dict[str, list[str]] | None = None
     if settings["tokens_file"]:
         tokens = load_tokens(settings["tokens_file"])
@@ -172,7 +141,8 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> A
     if settings["tls_cert"] or settings["tls_key"]:
         if not (settings["tls_cert"] and settings["tls_key"]):
             raise SystemExit("--tls-cert and --tls-key go together")
-        tls = TLSConfig(settings["tls_cert"], settings["tls_key"], settings["tls_client_ca"])
+        tls = TlsConfig(certificate_chain=settings["tls_cert"], private_key=settings["tls_key"],
+                        root_certificates=settings["tls_client_ca"])
     elif settings["tls_client_ca"]:
         raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
     return ServerConfig(
@@ -192,10 +162,6 @@ def _write_ready_file(path: str, text: str) -> None:
 
 
 def run_server(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
-    from raresignal.server.app import serve
-    from raresignal.server.auth import TokensError
-    from raresignal.server.rules import RulesError
-
     settings = server_settings(args, environ)
     logging.basicConfig(level=settings["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -226,99 +192,8 @@ def run_server(args: argparse.Namespace, environ: Mapping[str, str] = os.environ
     return 0
 
 
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if args.tls_ca:
-        credentials = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
-        return grpc.secure_channel(args.server, credentials, client_channel_options())
-    return grpc.insecure_channel(args.server, client_channel_options())
-
-
-def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {args.token}"),) if args.token else ()
-
-
-def _time(seconds: float) -> str:
-    if not seconds:
-        return "-"
-    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
-             for row in (header, *rows)]
-    return "\n".join(lines)
-
-
-def _state(enum: Any, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()
-
-
-def run_runs(args: argparse.Namespace) -> int:
-    with _channel(args) as channel:
-        response = alerts_pb2_grpc.RunsStub(channel).ListRuns(
-            alerts_pb2.ListRunsRequest(include_finished=args.all), metadata=_metadata(args),
-            timeout=30)
-    rows = [(run.run_id, run.run_name, _state(common_pb2.RunState, run.state, "RUN_STATE_"),
-             str(run.last_step), _time(run.updated_at), str(run.world_size))
-            for run in response.runs]
-    print(format_table(("RUN_ID", "NAME", "STATE", "STEP", "LAST REPORT", "WORLD"), rows))
-    return 0
-
-
-def _alert_row(alert: common_pb2.Alert) -> tuple[str, ...]:
-    labels = ",".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
-    return (_time(alert.started_at),
-            _state(common_pb2.AlertState, alert.state, "ALERT_STATE_"), alert.severity,
-            alert.rule, alert.run_name, labels or "-", f"{alert.value:.4g}", str(alert.step),
-            alert.summary)
-
-
-ALERT_HEADER = ("SINCE", "STATE", "SEVERITY", "ALERT", "RUN", "LABELS", "VALUE", "STEP",
-                "SUMMARY")
-
-
-def worth_listing(alerts: Sequence[common_pb2.Alert], include_unfired: bool
-                  ) -> list[common_pb2.Alert]:
-    """The alerts a person asked to see: a pending episode that cleared before its ``for``
-    window was met never fired, and is left out unless asked for."""
-    return [a for a in alerts if include_unfired or a.fired_at > 0
-            or a.state != common_pb2.ALERT_STATE_RESOLVED]
-
-
-def run_alerts(args: argparse.Namespace) -> int:
-    states = [getattr(common_pb2, f"ALERT_STATE_{s.upper()}") for s in args.state]
-    alert_filter = alerts_pb2.AlertFilter(run_id=args.run, rule=args.rule, states=states)
-    with _channel(args) as channel:
-        stub = alerts_pb2_grpc.AlertsStub(channel)
-        if not args.watch:
-            response = stub.ListAlerts(
-                alerts_pb2.ListAlertsRequest(filter=alert_filter, limit=args.limit),
-                metadata=_metadata(args), timeout=30)
-            shown = worth_listing(response.alerts, include_unfired=args.all)
-            print(format_table(ALERT_HEADER, [_alert_row(a) for a in shown]))
-            return 0
-        print("  ".join(ALERT_HEADER), flush=True)
-        try:
-            for event in stub.WatchAlerts(alerts_pb2.WatchAlertsRequest(filter=alert_filter),
-                                          metadata=_metadata(args)):
-                print("  ".join(_alert_row(event.alert)), flush=True)
-        except KeyboardInterrupt:
-            return 0
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "server":
-            return run_server(args)
-        if args.command == "runs":
-            return run_runs(args)
-        return run_alerts(args)
-    except grpc.RpcError as error:
-        print(f"raresignal: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
+    return run_server(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

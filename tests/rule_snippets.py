@@ -1,6 +1,6 @@
 """Rules that tests add to the shipped ones.
 
-``FISHER_MASS_RULE`` is the opt-in rule default.yaml describes, in the form tests need: a
+``FISHER_MASS_RULE`` is the opt-in rule default_rules.yaml describes, in the form tests need: a
 baseline learned from the short default warm-up (3 + 10 evaluations of the defaults
 block), so that a scripted series reaches it in a few reports."""
 

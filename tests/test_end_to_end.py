@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from raresignal.agent import Monitor, MonitorConfig
-from raresignal.server.app import ServerConfig, start_in_thread
+from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 
 def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

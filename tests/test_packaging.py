@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"agent": "raresignal/agent", "server": "raresignal/server",
-           "integrations": "raresignal/integrations", "protos": "raresignal/protos"}
+FOLDERS = {"agent": "raresignal/agent", "client": "raresignal/client",
+           "server": "raresignal/server", "integrations": "raresignal/integrations",
+           "demo": "raresignal/demo", "protos": "raresignal/protos"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_wheel_holds_every_package_and_data_file(wheel: Path) -> None:
     missing = [p for p in sorted(_source_packages()) if f"{p}/__init__.py" not in names]
     assert not missing, f"add these to [tool.setuptools] packages in pyproject.toml: {missing}"
     assert "raresignal/protos/raresignal/v1/ingest.proto" in names
-    assert any(n.startswith("raresignal/server/rules/") and n.endswith(".yaml") for n in names)
+    assert "raresignal/server/alerting/default_rules.yaml" in names
     assert not any(n.startswith("tests/") for n in names)
 
 
@@ -67,8 +68,11 @@ def test_installed_wheel_imports_in_a_fresh_environment(wheel: Path, tmp_path: P
     deps = [p for p in sys.path if p.endswith("site-packages")]
     (site / "zz_dependencies.pth").write_text("\n".join(deps) + "\n")
     check = (
-        "import raresignal.agent.api, raresignal.server, raresignal.integrations, "
+        "import raresignal.agent.api, raresignal.client.cli, raresignal.server.cli, "
+        "raresignal.integrations, raresignal.demo, "
         "raresignal.protos.v1.ingest_pb2_grpc as g, raresignal.protos.catalog as c\n"
+        "from raresignal.server.alerting.rules import default_rules_text\n"
+        "assert 'RunStalled' in default_rules_text()\n"
         "import pathlib, sys\n"
         f"site = pathlib.Path({str(site)!r})\n"
         "for m in (raresignal.agent.api, g, c):\n"

@@ -1,15 +1,13 @@
 """The agent's numerical core: sketches, curvature, Fisher and rare-signal probes.
 
-``build_default_estimators`` wires them up as ``Estimator``s for the monitor; the
-modules underneath are usable on their own.
+The modules here hold the mathematics and are usable on their own; the ``default``
+package wraps each measurement as an ``Estimator`` for the monitor, and
+``build_default_estimators`` builds them all.
 """
 
+from raresignal.agent.api import default_forward
 from raresignal.agent.estimators.config import EstimatorConfig
-from raresignal.agent.estimators.factory import (
-    build_default_estimators,
-    build_shared_state,
-    default_forward,
-)
+from raresignal.agent.estimators.default import build_default_estimators, build_shared_state
 from raresignal.agent.estimators.likelihood import (
     CausalLMLikelihood,
     ClassificationLikelihood,

@@ -9,7 +9,10 @@ from raresignal.agent.estimators.parameters import GroupSpec
 
 @dataclass
 class EstimatorConfig:
-    """Defaults follow the design table; cadences are in optimizer steps."""
+    """Settings of the default estimators; cadences are in optimizer steps.
+
+    Each default is defined here only: code that needs one reads it from this class.
+    """
 
     # Sketch space shared by every estimator.
     sketch_dim: int = 2048
@@ -35,8 +38,8 @@ class EstimatorConfig:
     curvature_batch_size: int = 64
     hvp_backend: str = "auto"  # or double_backward, forward_over_reverse, finite_difference
     # No sharpness in the first steps: Adam's second-moment estimate is then a handful of
-    # squared gradients, and P^-1/2 H P^-1/2 (so the stability ratio) is meaningless;
-    # measured, the ratio exceeded 1.5 at step 1 of a healthy run.
+    # squared gradients, and P^-1/2 H P^-1/2 (so the stability ratio) is meaningless: it
+    # lies far above the stability threshold on a healthy run.
     sharpness_warmup_steps: int = 100
     sharpness_tol: float = 0.02
     sharpness_cold_iterations: int = 20

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a target position that is not scored
 
 
 @runtime_checkable
@@ -66,22 +66,11 @@ class ClassificationLikelihood:
 
 @dataclass(frozen=True)
 class CausalLMLikelihood:
-    """Next-token softmax: logits [N, T, V], targets [N, T] with -100 where not scored.
-
-    ``shift_labels`` follows the Hugging Face convention (targets are the input ids and
-    logits at t predict the token at t + 1); without it logits and targets are aligned.
-    """
-
-    shift_labels: bool = False
-
-    def _align(self, logits: torch.Tensor,
-               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.shift_labels:
-            return logits[:, :-1], targets[:, 1:]
-        return logits, targets
+    """Next-token softmax: logits [N, T, V] aligned with targets [N, T], which hold -100
+    where not scored (labels as a Hugging Face model takes them must first be shifted so
+    that position t holds the token at t + 1)."""
 
     def nll(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits, targets = self._align(logits, targets)
         per_token = F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="none",
@@ -89,20 +78,14 @@ class CausalLMLikelihood:
         return per_token.sum(dim=1)
 
     def counts(self, targets: torch.Tensor) -> torch.Tensor:
-        _, aligned = self._align(targets[..., None], targets)
-        return (aligned != IGNORE_INDEX).sum(dim=1).float()
+        return (targets != IGNORE_INDEX).sum(dim=1).float()
 
     def sample_labels(self, logits: torch.Tensor, targets: torch.Tensor,
                       generator: torch.Generator) -> torch.Tensor:
-        aligned_logits, aligned_targets = self._align(logits, targets)
-        drawn = _categorical(aligned_logits, generator)
-        drawn = torch.where(aligned_targets == IGNORE_INDEX, aligned_targets, drawn)
-        if self.shift_labels:
-            return torch.cat([targets[:, :1], drawn], dim=1)
-        return drawn
+        drawn = _categorical(logits, generator)
+        return torch.where(targets == IGNORE_INDEX, targets, drawn)
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits, targets = self._align(logits, targets)
         hits = (logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)
         return hits.sum(dim=1).float()
 
@@ -113,7 +96,6 @@ def likelihood_for_task(task: str | Likelihood) -> Likelihood:
         builtin: dict[str, Likelihood] = {
             "classification": ClassificationLikelihood(),
             "causal_lm": CausalLMLikelihood(),
-            "causal_lm_shifted": CausalLMLikelihood(shift_labels=True),
         }
         if task not in builtin:
             raise ValueError(f"unknown task {task!r}; expected one of {sorted(builtin)} "

@@ -69,7 +69,7 @@ def half_batch_norms(functional: FunctionalModel, likelihood: Likelihood, inputs
 class NoiseScaleEMA:
     """EMA of |G|^2 and tr(Sigma) separately; B_simple is the ratio of the two EMAs."""
 
-    decay: float = 0.9
+    decay: float
     grad_sq: float | None = None
     trace_sigma: float | None = None
 

@@ -8,7 +8,7 @@ model's own parameters or gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -104,13 +104,3 @@ class BatchObjective:
     def point(self) -> Params:
         return self.functional.parameters.fp32_detached()
 
-
-def flat_function(objective: Callable[[Params], torch.Tensor], parameters: ParameterSet,
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The objective as a function of one flat parameter vector (for exact references)."""
-
-    def f(flat: torch.Tensor) -> torch.Tensor:
-        views = parameters.unflatten(flat)
-        return objective(dict(zip(parameters.names, views, strict=True)))
-
-    return f

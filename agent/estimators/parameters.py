@@ -187,11 +187,3 @@ class ParameterSet:
             offset += p.numel()
         return out
 
-    def group_slices(self) -> dict[str, list[slice]]:
-        """Flat-vector slices belonging to each group."""
-        slices: dict[str, list[slice]] = {g: [] for g in self.group_names}
-        offset = 0
-        for p, g in zip(self.params, self.groups, strict=True):
-            slices[g].append(slice(offset, offset + p.numel()))
-            offset += p.numel()
-        return slices

@@ -56,7 +56,7 @@ class PerExampleGradients:
     """Computes per-example gradients of the NLL of given labels and reduces them."""
 
     def __init__(self, functional: FunctionalModel, likelihood: Likelihood,
-                 sketcher: GradientSketcher, chunk_size: int = 16, method: str = "auto") -> None:
+                 sketcher: GradientSketcher, chunk_size: int, method: str) -> None:
         if method not in ("auto", VMAP, LOOP):
             raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
         self.functional = functional

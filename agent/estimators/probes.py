@@ -68,11 +68,11 @@ class RetentionReference:
     they held then.
 
     Retention is (|G_R(t) U_R(t0)|_F^2 / |G_R(t)|_F^2) / (|G_R(t0) U_R(t0)|_F^2 /
-    |G_R(t0)|_F^2): whether R's gradients still lie in the directions R used at t0. The
-    design's form, |G_R(t) U_R(t0)|_F^2 / |G_R(t0) U_R(t0)|_F^2, is a ratio of energies,
-    and with sampled-label (true Fisher) gradients energy is mostly the model's
-    uncertainty: it fell as a healthy model grew sure of R and rose when R was being lost,
-    so it alerted on healthy runs. The share cancels that scale and keeps the geometry.
+    |G_R(t0)|_F^2): whether R's gradients still lie in the directions R used at t0. A
+    ratio of energies, |G_R(t) U_R(t0)|_F^2 / |G_R(t0) U_R(t0)|_F^2, would not do: with
+    sampled-label (true Fisher) gradients the energy is mostly the model's uncertainty,
+    which falls as a healthy model grows sure of R and rises when R is being lost. The
+    share cancels that scale and keeps the geometry.
     """
 
     basis: torch.Tensor  # U_R(t0), [d, k_r]

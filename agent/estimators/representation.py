@@ -22,7 +22,7 @@ class RepresentationStats:
     dormant_fraction: float
 
 
-def representation_stats(features: torch.Tensor, dormant_threshold: float = 0.025,
+def representation_stats(features: torch.Tensor, dormant_threshold: float
                          ) -> RepresentationStats:
     """Ranks of a [samples, units] feature matrix (extra leading dims are flattened)."""
     matrix = features.detach().double().reshape(-1, features.shape[-1])

@@ -1,12 +1,15 @@
-"""State the default estimators share, created once by the factory.
+"""What the default estimators share: their base class, the state the factory creates
+once, and the filter their readings pass through.
 
-The sketcher (and its cached hash indices), the dominant subspace fed by one estimator
-and read by others, the fixed curvature batch, and the step's gradient sketch, which is
-computed once per step and handed on through ``ctx.cache``.
+The shared state: the sketcher (and its cached hash indices), the dominant subspace fed by
+one estimator and read by others, the fixed curvature batch, and the step's gradient
+sketch, which is computed once per step and handed on through ``ctx.cache``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from raresignal.agent.api import ForwardFn, Probe, StepContext
+from raresignal.agent.api import Estimator, ForwardFn, Measurement, Probe, StepContext
 from raresignal.agent.estimators.config import EstimatorConfig
 from raresignal.agent.estimators.likelihood import Likelihood
 from raresignal.agent.estimators.objective import FunctionalModel, take
@@ -28,6 +31,11 @@ from raresignal.agent.estimators.subspace import DominantSubspace
 # scale free.
 GRAD_SKETCH_KEY = "raresignal.grad_sketch"
 LOCAL_GRAD_SQ_NORM_KEY = "raresignal.local_grad_sq_norm"
+
+
+def finite(measurements: list[Measurement]) -> list[Measurement]:
+    """Drops values that are not finite: they mean 'not measurable now', not a reading."""
+    return [m for m in measurements if math.isfinite(m.value)]
 
 
 @dataclass
@@ -92,3 +100,18 @@ class SharedState:
             else:
                 ctx.cache[GRAD_SKETCH_KEY] = self.sketcher.sketch_grads()
         return ctx.cache[GRAD_SKETCH_KEY]
+
+
+class DefaultEstimator(Estimator):
+    """Base of the default estimators: the shared state and the cadence, and nothing to
+    checkpoint unless a subclass keeps state of its own."""
+
+    def __init__(self, shared: SharedState, default_interval: int) -> None:
+        self.shared = shared
+        self.default_interval = default_interval
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None

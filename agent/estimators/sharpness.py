@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raresignal.agent.estimators.config import EstimatorConfig
 from raresignal.agent.estimators.hvp import HessianVectorProduct
 from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.spectral import (
@@ -103,10 +104,9 @@ class SharpnessTracker:
 
     dim: int
     seed: int = 0
-    cold_iterations: int = 20
-    warm_iterations: int = 10
-    tol: float = 0.02
-    value_rtol: float = 0.01
+    cold_iterations: int = EstimatorConfig.sharpness_cold_iterations
+    warm_iterations: int = EstimatorConfig.sharpness_warm_iterations
+    tol: float = EstimatorConfig.sharpness_tol
     gap_safety: float = 0.5
     previous: torch.Tensor | None = None
     relative_gap: float | None = None
@@ -119,7 +119,7 @@ class SharpnessTracker:
             generator = torch.Generator().manual_seed(self.seed)
             start = torch.randn(self.dim, generator=generator).to(device)
             iterations, gap = self.cold_iterations, None
-        pair = lanczos_top(matvec, start, iterations, self.tol, gap, self.value_rtol)
+        pair = lanczos_top(matvec, start, iterations, self.tol, gap)
         self.previous = pair.vector.detach()
         if pair.relative_gap is not None:
             self.relative_gap = pair.relative_gap

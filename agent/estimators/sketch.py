@@ -76,7 +76,7 @@ class GradientSketcher:
     def __init__(
         self,
         parameters: ParameterSet,
-        dim: int = 2048,
+        dim: int,
         seed: int = 0,
         shard_offsets: dict[str, int] | None = None,
     ) -> None:

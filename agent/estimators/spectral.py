@@ -26,9 +26,8 @@ class Eigenpair:
     relative_gap: float | None = None
 
 
-def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int = 20,
-                tol: float = 0.02, relative_gap: float | None = None,
-                value_rtol: float = 0.01) -> Eigenpair:
+def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: float,
+                relative_gap: float | None = None, value_rtol: float = 0.01) -> Eigenpair:
     """Largest (algebraic) eigenpair by Lanczos with full reorthogonalisation.
 
     Stops once the Ritz residual |A x - theta x| is below ``tol * |theta|``. By the

@@ -8,7 +8,6 @@ of (I - U U^T) V), because arccos of a cosine near 1 loses all precision.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -100,11 +99,3 @@ class DominantSubspace:
         self.sketch.load_state_dict(state)
         self._basis = None
 
-
-def random_subspace_overlap_std(d: int, k: int) -> float:
-    """Rough standard deviation of the raw overlap of two random k-subspaces of R^d.
-
-    Each of the k^2 squared entries of U^T V is about chi^2_1 / d, so ov = sum / k has
-    std about sqrt(2 k^2) / (d k) = sqrt(2) / d.
-    """
-    return math.sqrt(2.0) / d

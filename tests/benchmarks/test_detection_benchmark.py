@@ -28,7 +28,7 @@ from detection_tasks import MinorityClassTask
 from detection_tuning import candidate_rules_yaml, choose_rule, settings_grid, with_threshold
 from rule_snippets import FISHER_MASS_RULE, SHORT_BASELINE_DEFAULTS
 
-from raresignal.server.rules import load_rules, parse_rules
+from raresignal.server.alerting.rules import load_rules, parse_rules
 
 torch.set_num_threads(1)
 

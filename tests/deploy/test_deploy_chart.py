@@ -26,8 +26,8 @@ from deploy_support import (
     render_chart,
 )
 
-from raresignal.server.auth import parse_tokens
-from raresignal.server.rules import parse_rules
+from raresignal.server.alerting.rules import parse_rules
+from raresignal.server.serving.auth import parse_tokens
 
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 RECOMMENDED_LABELS = (

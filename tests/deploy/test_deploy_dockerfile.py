@@ -5,6 +5,7 @@ against the tree, and its HEALTHCHECK command run against a real server."""
 from __future__ import annotations
 
 import fnmatch
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from deploy_support import CHART_DIR, REPO_ROOT, free_port, load_values
 from packaging.requirements import Requirement
 
-from raresignal.server.app import ServerConfig, start_in_thread
+from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 # BuildKit's parser, from PyPI (`dockerfile`); a dev dependency.
 dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile (BuildKit's parser)")
@@ -147,6 +148,17 @@ def test_every_copied_path_exists_and_is_in_the_build_context(
         assert needed in sources
     for heavy in (".venv", "tests", "helm", ".git", "benchmarks"):
         assert _ignored(heavy, patterns)
+
+
+def test_the_builder_copies_every_package_folder_of_the_wheel(
+        commands: tuple[Any, ...]) -> None:
+    """The wheel build fails on a package folder the build context lacks."""
+    (mapping,) = [line for line in (REPO_ROOT / "pyproject.toml").read_text().splitlines()
+                  if line.startswith("package-dir")]
+    folders = set(re.findall(r'"raresignal\.\w+" = "([\w/]+)"', mapping))
+    builder = _stages(commands)[0]
+    copied = {source.rstrip("/") for c in builder if c.cmd == "COPY" for source in c.value[:-1]}
+    assert folders and folders <= copied
 
 
 def test_hadolint_finds_nothing() -> None:

@@ -16,7 +16,7 @@ from deploy_support import RULES_FILE, PrometheusServer, dashboard_queries
 
 from raresignal.protos.transport import client_channel_options
 from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
-from raresignal.server.app import ServerConfig, start_in_thread
+from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 RUN = "e2e-collapse"
 HEALTHY_STEPS = 16

@@ -18,11 +18,11 @@ import torch
 from deploy_support import PrometheusServer, dashboard_queries
 from test_deploy_prometheus_e2e import _poll, scraping_prometheus
 
-from raresignal.integrations.demo import RARE_PROBE, DemoSettings, demo_monitor_config, probes
-from raresignal.integrations.demo_task import TaskConfig
-from raresignal.integrations.demo_training import CollapseInducer, DemoModule, TokenStream
+from raresignal.demo.app import RARE_PROBE, DemoSettings, demo_monitor_config, probes
+from raresignal.demo.task import TaskConfig
+from raresignal.demo.training import CollapseInducer, DemoModule, TokenStream
 from raresignal.integrations.lightning import RaresignalCallback
-from raresignal.server.app import ServerConfig, start_in_thread
+from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 RUN = "deploy-e2e-training"
 

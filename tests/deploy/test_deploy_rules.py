@@ -10,7 +10,7 @@ import yaml
 from deploy_support import CHART_DIR, REPO_ROOT, RULES_FILE
 
 RULES_TEST = Path(__file__).with_name("rules_test.yaml")
-SERVER_RULES = REPO_ROOT / "server" / "rules" / "default.yaml"
+SERVER_RULES = REPO_ROOT / "server" / "alerting" / "default_rules.yaml"
 
 
 def _alerts(path: Path) -> dict[str, dict]:

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[object]:
     """The real raresignal server (gRPC, SQLite file, /metrics) on free loopback ports."""
-    from raresignal.server.app import ServerConfig, start_in_thread
+    from raresignal.server.serving.app import ServerConfig, start_in_thread
 
     handle = start_in_thread(ServerConfig(db_path=str(tmp_path / "raresignal.db"),
                                           host="127.0.0.1", grpc_port=0, metrics_port=0,

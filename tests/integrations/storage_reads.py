@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
-
-from raresignal.protos.transport import client_channel_options
+from raresignal.client.channels import open_channel
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc
 
 
 def get_series(target: str, run_id: str, metric: str,
                labels: dict[str, str] | None = None) -> list[tuple[int, float]]:
     """(step, value) pairs of one stored series, oldest first, via Runs.GetSeries."""
-    with grpc.insecure_channel(target, options=client_channel_options()) as channel:
+    with open_channel(target) as channel:
         response = alerts_pb2_grpc.RunsStub(channel).GetSeries(
             alerts_pb2.GetSeriesRequest(run_id=run_id, metric=metric, labels=labels or {}),
             timeout=10)
@@ -19,7 +17,7 @@ def get_series(target: str, run_id: str, metric: str,
 
 
 def list_runs(target: str) -> list[object]:
-    with grpc.insecure_channel(target, options=client_channel_options()) as channel:
+    with open_channel(target) as channel:
         response = alerts_pb2_grpc.RunsStub(channel).ListRuns(
             alerts_pb2.ListRunsRequest(include_finished=True), timeout=10)
     return list(response.runs)

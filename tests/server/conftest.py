@@ -20,7 +20,7 @@ from raresignal.protos.v1 import (
     ingest_pb2,
     ingest_pb2_grpc,
 )
-from raresignal.server.app import ServerConfig, ServerHandle, start_in_thread
+from raresignal.server.serving.app import ServerConfig, ServerHandle, start_in_thread
 
 sys.path.insert(0, str(Path(__file__).parent))
 

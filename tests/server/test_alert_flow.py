@@ -12,7 +12,7 @@ import pytest
 from conftest import Client, batch, config, find, sample, scrape, wait_for
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2
-from raresignal.server.app import ServerHandle, start_in_thread
+from raresignal.server.serving.app import ServerHandle, start_in_thread
 
 PENDING = common_pb2.ALERT_STATE_PENDING
 FIRING = common_pb2.ALERT_STATE_FIRING

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import Client, batch, config, find, sample, scrape, wait_for
 
-from raresignal.server.app import start_in_thread
+from raresignal.server.serving.app import start_in_thread
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 pytestmark = [

@@ -12,9 +12,10 @@ import pytest
 from conftest import Client, batch, config, sample
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from raresignal.protos.transport import TlsConfig
 from raresignal.protos.v1 import alerts_pb2
-from raresignal.server.app import ServerHandle, TLSConfig, start_in_thread
-from raresignal.server.auth import parse_tokens, parse_tokens_env
+from raresignal.server.serving.app import ServerHandle, start_in_thread
+from raresignal.server.serving.auth import parse_tokens, parse_tokens_env
 
 TOKENS = {"team-a-token": ["teamA-*"], "admin-token": ["*"]}
 
@@ -123,7 +124,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
 def test_tls_serves_clients_that_trust_the_certificate(
         tmp_path: Path, certificates: dict[str, tuple[Path, Path]]) -> None:
     key, cert = certificates["server"]
-    tls = TLSConfig(cert_path=str(cert), key_path=str(key))
+    tls = TlsConfig(certificate_chain=str(cert), private_key=str(key))
     with start_in_thread(config(tmp_path, tls=tls)) as handle:
         trusted = grpc.ssl_channel_credentials(cert.read_bytes())
         client = Client(handle.grpc_target, credentials=trusted)
@@ -139,7 +140,8 @@ def test_mutual_tls_needs_a_client_certificate(
     key, cert = certificates["server"]
     _, ca_cert = certificates["client_ca"]
     client_key, client_cert = certificates["client"]
-    tls = TLSConfig(str(cert), str(key), client_ca_path=str(ca_cert))
+    tls = TlsConfig(certificate_chain=str(cert), private_key=str(key),
+                    root_certificates=str(ca_cert))
     with start_in_thread(config(tmp_path, tls=tls)) as handle:
         with_cert = grpc.ssl_channel_credentials(cert.read_bytes(), client_key.read_bytes(),
                                                  client_cert.read_bytes())

@@ -8,10 +8,9 @@ import statistics
 import pytest
 
 from raresignal.protos.v1 import common_pb2
-from raresignal.server.engine import AlertEngine
-from raresignal.server.rules import parse_rules
-from raresignal.server.storage import AlertChange
-from raresignal.server.validation import CheckedSample, labels_key
+from raresignal.server.alerting.engine import AlertEngine
+from raresignal.server.alerting.rules import parse_rules
+from raresignal.server.storage.records import AlertChange, CheckedSample, labels_key
 
 PENDING = common_pb2.ALERT_STATE_PENDING
 FIRING = common_pb2.ALERT_STATE_FIRING

@@ -10,8 +10,8 @@ from conftest import Client, batch, config, find, sample, scrape
 from rule_snippets import FISHER_MASS_RULE
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
-from raresignal.server.app import start_in_thread
-from raresignal.server.rules import default_rules_text, load_rules
+from raresignal.server.alerting.rules import default_rules_text, load_rules
+from raresignal.server.serving.app import start_in_thread
 
 APPLIED = ingest_pb2.ReportAck.OUTCOME_APPLIED
 DUPLICATE = ingest_pb2.ReportAck.OUTCOME_DUPLICATE
@@ -80,7 +80,7 @@ def test_replaying_a_series_changes_nothing(tmp_path: Path) -> None:
 
 
 # The shipped rules plus a baseline-relative rule with a short warm-up (the opt-in Fisher
-# mass rule, as default.yaml describes it, learning its baseline from 3 + 10 evaluations).
+# mass rule, as default_rules.yaml describes it, learning its baseline from 3 + 10 evaluations).
 def rules_with_fisher(tmp_path: Path) -> str:
     path = tmp_path / "rules.yaml"
     path.write_text(default_rules_text().rstrip() + "\n" + FISHER_MASS_RULE)

@@ -21,16 +21,16 @@ import pytest
 from conftest import Client, batch, sample
 
 from raresignal.protos.v1 import ingest_pb2
-from raresignal.server import ledger as ledger_module
-from raresignal.server.auth import TokenStore
-from raresignal.server.checkpoint import WalCheckpointer
-from raresignal.server.engine import AlertEngine, SeriesState
-from raresignal.server.ledger import BatchOutcome, Ledger, ReportRequest
-from raresignal.server.live import LiveState
-from raresignal.server.rules import parse_rules
-from raresignal.server.sqlite_store import SQLiteStorage
-from raresignal.server.storage import BatchWrite
-from raresignal.server.validation import RequestError
+from raresignal.server.alerting.engine import AlertEngine, SeriesState
+from raresignal.server.alerting.rules import parse_rules
+from raresignal.server.serving import ledger as ledger_module
+from raresignal.server.serving.auth import TokenStore
+from raresignal.server.serving.ledger import BatchOutcome, Ledger, ReportRequest
+from raresignal.server.serving.live import LiveState
+from raresignal.server.serving.validation import RequestError
+from raresignal.server.storage.checkpoint import WalCheckpointer
+from raresignal.server.storage.records import BatchGroup
+from raresignal.server.storage.sqlite import SQLiteStorage
 
 RULES = parse_rules("""
 rules:
@@ -188,12 +188,12 @@ class FailsOnSender(SQLiteStorage):
 
     failing_sender = "rank-broken"
 
-    def apply_batches(self, writes: Sequence[BatchWrite]) -> list[bool]:
-        if any(write.sender_id == self.failing_sender for write in writes):
+    def apply_group(self, group: BatchGroup) -> None:
+        if any(write.sender_id == self.failing_sender for write in group.batches):
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("ROLLBACK")
             raise sqlite3.OperationalError("disk I/O error")
-        return super().apply_batches(writes)
+        super().apply_group(group)
 
 
 def test_a_storage_failure_fails_only_its_own_batch(tmp_path: Path) -> None:

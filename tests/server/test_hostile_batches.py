@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from raresignal.protos.catalog import CATALOG
 from raresignal.protos.transport import REJECTED_SEQUENCE_METADATA_KEY
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
-from raresignal.server.app import ServerHandle, start_in_thread
+from raresignal.server.serving.app import ServerHandle, start_in_thread
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

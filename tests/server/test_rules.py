@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raresignal.server.rules import (
+from raresignal.server.alerting.rules import (
     Relative,
     RulesError,
     default_rules_text,
@@ -22,11 +22,11 @@ DEFAULT_ALERTS = {
 }
 
 
-def test_default_rules_cover_the_design_table() -> None:
+def test_default_rules_are_the_shipped_set() -> None:
     rules = {rule.alert: rule for rule in load_rules()}
-    # The design's table, less RareSignalFisherCollapse: measured, no threshold of the
-    # sampled-label Fisher mass kept healthy runs quiet, so it is opt-in (default.yaml
-    # says how), and plus SharpnessRising, which the detection benchmark earned.
+    # RareSignalFisherCollapse is opt-in: a probe's sampled-label Fisher mass also falls as
+    # the model grows sure of the slice, so no threshold keeps healthy runs quiet
+    # (default_rules.yaml says how to add it).
     assert set(rules) == DEFAULT_ALERTS
     interference = rules["RareSignalInterference"]
     assert interference.condition is not None and interference.while_condition is not None
@@ -129,6 +129,6 @@ def test_the_opt_in_rule_described_in_the_defaults_is_a_valid_rule() -> None:
         if not line.startswith("#  "):
             break
         block.append(line[3:])
-    rules = parse_rules("rules:\n" + "\n".join(block) + "\n", "default.yaml comment")
+    rules = parse_rules("rules:\n" + "\n".join(block) + "\n", "default_rules.yaml comment")
     assert [rule.alert for rule in rules] == ["RareSignalFisherCollapse"]
     assert rules[0].smoothing < 1 and rules[0].for_evaluations > 3

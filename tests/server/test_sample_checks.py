@@ -14,14 +14,13 @@ from hypothesis import strategies as st
 
 from raresignal.protos.catalog import CATALOG
 from raresignal.protos.v1 import common_pb2, ingest_pb2
-from raresignal.server.validation import (
+from raresignal.server.serving.validation import (
     MAX_LABEL_VALUE_CHARS,
     MAX_STEP,
-    CheckedSample,
     RequestError,
     check_samples,
-    labels_key,
 )
+from raresignal.server.storage.records import CheckedSample, labels_key
 
 METRICS = ["loss", "probe_retention", "fisher_trace", "no_such_metric"]
 LABEL_KEYS = ["probe", "group", "bogus"]

@@ -102,9 +102,10 @@ def exact_hessian(objective, parameters) -> torch.Tensor:
     which has double backward), symmetrised."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from raresignal.agent.estimators.objective import flat_function
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        views = parameters.unflatten(flat)
+        return objective(dict(zip(parameters.names, views, strict=True)))
 
-    f = flat_function(objective, parameters)
     flat = parameters.flatten(parameters.params)
     with sdpa_kernel(SDPBackend.MATH):
         h = torch.autograd.functional.hessian(f, flat, vectorize=True).double()

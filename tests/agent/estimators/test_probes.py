@@ -16,7 +16,7 @@ from torch import nn
 
 from raresignal.agent.api import Probe, StepContext
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
-from raresignal.agent.estimators.default_estimators import (
+from raresignal.agent.estimators.default import (
     GradientSubspaceEstimator,
     ProbeEstimator,
 )
@@ -209,7 +209,7 @@ def test_retention_is_the_share_in_the_reference_directions_exact_svd() -> None:
     assert reference.share == pytest.approx(38.0 / float(sigma.pow(2).sum()), rel=1e-5)
     assert reference.retention(g0) == pytest.approx(1.0, rel=1e-5)
     # A model growing sure of R shrinks its sampled-label gradients: the share, and so the
-    # retention, does not move (the design's energy ratio would read 0.01 here).
+    # retention, does not move (a ratio of energies would read 0.01 here).
     assert reference.retention(0.1 * g0) == pytest.approx(1.0, rel=1e-5)
     # Gradients moved to directions orthogonal to the reference: nothing retained.
     moved = left @ torch.diag(sigma) @ right[:, 6:12].T

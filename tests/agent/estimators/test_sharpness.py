@@ -59,7 +59,7 @@ def test_lambda_max_within_two_percent_and_cheap_once_warm(trained_mlp,
         exact = float(torch.linalg.eigvalsh(exact_hessian(objective, params))[-1])
         hvp = make_hvp("double_backward", objective, params)
         pair = tracker.estimate(hvp, params.device)
-        # The design target: within 2% of the exact top eigenvalue of the dense Hessian.
+        # The target: within 2% of the exact top eigenvalue of the dense Hessian.
         assert abs(pair.value - exact) <= 0.02 * abs(exact)
         if estimate > 0:
             warm_counts.append(hvp.count)

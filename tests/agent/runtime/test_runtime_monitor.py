@@ -128,6 +128,22 @@ def test_state_dict_resumes_step_cadence_and_estimator_state() -> None:
     assert resumed_sleepy.runs == sleepy.runs == [0, 3, 6, 9, 12]
 
 
+def test_first_step_holds_an_estimator_back_and_is_optional() -> None:
+    """An estimator's ``first_step`` delays its first run; one without the attribute (a
+    duck-typed estimator) is accepted and starts at step 0, the protocol's default."""
+    warm = SleepyEstimator("warm", 0.0, default_interval=2, expensive=False)
+    warm.first_step = 5
+    plain = SleepyEstimator("plain", 0.0, default_interval=2, expensive=False)
+    assert not hasattr(plain, "first_step")
+    # max_interval_factor=1 pins the cadences: steps without training cost nothing.
+    monitor = Monitor(small_classifier(), None, estimators=[warm, plain],
+                      config=MonitorConfig(max_interval_factor=1))
+    for _ in range(10):
+        monitor.step(loss=torch.tensor(1.0))
+    assert plain.runs == [0, 2, 4, 6, 8]
+    assert warm.runs == [5, 7, 9]
+
+
 def test_bad_arguments_get_clear_errors() -> None:
     with pytest.raises(ValueError, match="unknown task 'regression'"):
         Monitor(small_classifier(), None, task="regression")  # default estimators

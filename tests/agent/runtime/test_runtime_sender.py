@@ -16,7 +16,7 @@ from runtime_toys import LossEstimator
 from raresignal.agent import Monitor, MonitorConfig
 from raresignal.agent.sender import Sender
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
-from raresignal.server.app import ServerConfig, ServerHandle, start_in_thread
+from raresignal.server.serving.app import ServerConfig, ServerHandle, start_in_thread
 
 
 def _server(tmp_path: Path, grpc_port: int = 0, **kwargs: object) -> ServerHandle:

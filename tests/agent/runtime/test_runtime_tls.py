@@ -2,47 +2,27 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from runtime_toys import LossEstimator
+from tls_certificates import make_certificates, needs_openssl
 
 from raresignal.agent import Monitor, MonitorConfig, TlsConfig
+from raresignal.client.channels import open_channel
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc
-from raresignal.server.app import ServerConfig, TLSConfig, start_in_thread
+from raresignal.server.serving.app import ServerConfig, start_in_thread
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _certificates(folder: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all from it."""
-    _openssl("req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=raresignal-test-ca", cwd=folder)
-    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        _openssl("req", *EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
-                 f"/CN={name}", cwd=folder)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile",
-                 "san.ext", cwd=folder)
+pytestmark = needs_openssl
 
 
 def test_mutual_tls_delivers_and_a_client_without_certificate_is_refused(
         tmp_path: Path) -> None:
-    _certificates(tmp_path)
-    server_tls = TLSConfig(cert_path=str(tmp_path / "server.pem"),
-                           key_path=str(tmp_path / "server.key"),
-                           client_ca_path=str(tmp_path / "ca.pem"))
+    make_certificates(tmp_path)
+    server_tls = TlsConfig(certificate_chain=str(tmp_path / "server.pem"),
+                           private_key=str(tmp_path / "server.key"),
+                           root_certificates=str(tmp_path / "ca.pem"))
     client_tls = TlsConfig(root_certificates=str(tmp_path / "ca.pem"),
                            certificate_chain=str(tmp_path / "client.pem"),
                            private_key=str(tmp_path / "client.key"))
@@ -66,9 +46,7 @@ def test_mutual_tls_delivers_and_a_client_without_certificate_is_refused(
         stranger.step(loss=torch.tensor(1.0))
         assert stranger.close() is False and stranger.run_id is None
 
-        root, key, chain = client_tls.read()
-        credentials = grpc.ssl_channel_credentials(root, key, chain)
-        with grpc.secure_channel(server.grpc_target, credentials) as channel:
+        with open_channel(server.grpc_target, client_tls) as channel:
             response = alerts_pb2_grpc.RunsStub(channel).GetSeries(
                 alerts_pb2.GetSeriesRequest(run_id=monitor.run_id, metric="loss"),
                 timeout=10)

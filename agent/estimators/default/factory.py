@@ -1,0 +1,115 @@
+"""Builds the default estimators and the state they share.
+
+A new default estimator is one module beside this one and one line in
+:func:`build_default_estimators`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from raresignal.agent.api import Estimator, ForwardFn, Probe, default_forward
+from raresignal.agent.estimators.config import EstimatorConfig
+from raresignal.agent.estimators.default.fisher import FisherEstimator
+from raresignal.agent.estimators.default.gradient_stats import GradientStatsEstimator
+from raresignal.agent.estimators.default.gradient_subspace import GradientSubspaceEstimator
+from raresignal.agent.estimators.default.noise_scale import NoiseScaleEstimator
+from raresignal.agent.estimators.default.probes import ProbeEstimator
+from raresignal.agent.estimators.default.representation import RepresentationEstimator
+from raresignal.agent.estimators.default.sharpness import SharpnessEstimator
+from raresignal.agent.estimators.default.subspace_drift import SubspaceDriftEstimator
+from raresignal.agent.estimators.likelihood import Likelihood, likelihood_for_task
+from raresignal.agent.estimators.objective import FunctionalModel
+from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.per_example import PerExampleGradients
+from raresignal.agent.estimators.shared import FixedBatch, SharedState
+from raresignal.agent.estimators.sketch import GradientSketcher
+from raresignal.agent.estimators.subspace import DominantSubspace
+
+log = logging.getLogger(__name__)
+
+
+def build_shared_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                       common_probe: Probe | None, config: EstimatorConfig,
+                       task: str | Likelihood = "classification",
+                       forward: ForwardFn = default_forward) -> SharedState:
+    """The objects several estimators read and write."""
+    parameters = ParameterSet.from_model(model, config.param_groups)
+    likelihood = likelihood_for_task(task)
+    sketcher = GradientSketcher(parameters, config.sketch_dim, config.seed)
+    functional = FunctionalModel(model, forward, parameters)
+    return SharedState(
+        model=model, optimizer=optimizer, forward=forward, likelihood=likelihood,
+        config=config, parameters=parameters, sketcher=sketcher,
+        dominant=DominantSubspace(config.sketch_dim, config.fd_rows, config.subspace_rank,
+                                  config.fd_decay, parameters.device),
+        functional=functional,
+        per_example=PerExampleGradients(functional, likelihood, sketcher,
+                                        config.per_example_chunk, config.per_example_method),
+        curvature_batch=FixedBatch.from_probe(common_probe, config.curvature_batch_size),
+    )
+
+
+def build_default_estimators(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    probes: Mapping[str, Probe] | None = None,
+    common_probe: Probe | None = None,
+    config: EstimatorConfig | None = None,
+    task: str | Likelihood = "classification",
+    forward: ForwardFn = default_forward,
+) -> list[Estimator]:
+    """Every default estimator, sharing one sketcher, one dominant subspace, one probe batch.
+
+    ``task`` is "classification" (logits [N, C]), "causal_lm" (logits [N, T, V] aligned
+    with targets) or a ``Likelihood``.
+    Probe estimators run only when probes are given; representation rank only when
+    ``config.representation_layer`` is set and a probe exists to run it on.
+    """
+    config = config or EstimatorConfig()
+    probes = dict(probes or {})
+    if common_probe is not None and config.common_probe_name in probes:
+        raise ValueError(f"probe name {config.common_probe_name!r} is taken by the common "
+                         "probe; rename the probe or set EstimatorConfig.common_probe_name")
+    for name, probe in probes.items():
+        if not isinstance(probe, Probe) or len(probe) == 0:
+            raise ValueError(f"probe {name!r} must be a non-empty Probe")
+    shared = build_shared_state(model, optimizer, common_probe, config, task, forward)
+    estimators: list[Estimator] = [
+        GradientStatsEstimator(shared),
+        NoiseScaleEstimator(shared),
+        GradientSubspaceEstimator(shared),
+        SubspaceDriftEstimator(shared),
+        SharpnessEstimator(shared),
+        FisherEstimator(shared),
+    ]
+    if probes:
+        estimators.append(ProbeEstimator(shared, probes, common_probe))
+    representation_probe = common_probe or next(iter(probes.values()), None)
+    if config.representation_layer is not None and representation_probe is not None:
+        estimators.append(RepresentationEstimator(shared, config.representation_layer,
+                                                  representation_probe))
+    return _without_whole_parameter_estimators(estimators, shared)
+
+
+def _without_whole_parameter_estimators(estimators: list[Estimator], shared: SharedState
+                                        ) -> list[Estimator]:
+    """Under FSDP (sharded parameters) the estimators that need every value of a parameter
+    in one process (HVPs, per-example gradients) are left out rather than gather the
+    model. The parameters' types decide, so every rank leaves out the same ones and no
+    collective goes unmatched; each is noted in ``shared.notes`` and logged once."""
+    if not shared.parameters.sharded:
+        return estimators
+    kept = []
+    for estimator in estimators:
+        if estimator.needs_whole_parameters:
+            shared.notes[f"{estimator.name}.skipped"] = "parameters sharded"
+            log.info("raresignal: %s is off: the parameters are sharded (FSDP) and it needs "
+                     "whole parameters in one process", estimator.name)
+        else:
+            kept.append(estimator)
+    return kept

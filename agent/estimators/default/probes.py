@@ -1,0 +1,172 @@
+"""The probe estimator: the rare-signal geometry of each named probe set."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raresignal.agent.api import Measurement, Probe, StepContext
+from raresignal.agent.estimators.fisher import sample_model_labels
+from raresignal.agent.estimators.gradient_stats import parameter_sketch
+from raresignal.agent.estimators.isolation import preserved_training_state
+from raresignal.agent.estimators.likelihood import mean_nll
+from raresignal.agent.estimators.objective import BatchObjective
+from raresignal.agent.estimators.probes import (
+    RetentionReference,
+    absorption,
+    bulk_residual,
+    cosine,
+    fisher_mass,
+)
+from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
+from raresignal.agent.estimators.subspace import orthonormal_rows_basis
+
+
+@dataclass
+class InterferenceStart:
+    """Where an interference window starts: the step, the parameters' sketch there, and
+    each probe's mean dataset-label gradient there (sketched)."""
+
+    step: int
+    parameters: torch.Tensor  # S theta_s, fp64
+    gradients: dict[str, torch.Tensor]  # probe name -> S g_R(theta_s), fp64
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "parameters": self.parameters.cpu(),
+                "gradients": {n: g.cpu() for n, g in self.gradients.items()}}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], device: torch.device) -> InterferenceStart:
+        return cls(int(state["step"]), state["parameters"].to(device),
+                   {n: g.to(device) for n, g in state["gradients"].items()})
+
+
+class ProbeEstimator(DefaultEstimator):
+    """Rare-signal geometry of each probe set against the common probe and U_dom. Off under
+    FSDP (sharded parameters): per-example gradients need whole parameters.
+
+    Interference is cos(g_R(theta_s), -(theta_t - theta_s)): the probe's mean gradient at
+    an earlier measurement s against the net update training applied from s to now, t (at
+    least ``probe_interference_horizon`` steps later; 0: since the last measurement). Its
+    sign is the sign of the first-order change of the probe's loss over those updates.
+    The update is read from two parameter sketches (one pass over the weights per probe
+    run; the sketch is linear, so their difference is the update's sketch), so it holds
+    the optimizer's momentum, preconditioning, clipping and weight decay. A cosine with
+    one batch's gradient would instead mostly tell which examples that batch drew (a rare
+    slice of a few percent is in some batches and not in others) and could not see an
+    over-regularising weight decay at all. The net update over a window also averages out
+    the step-to-step noise around equilibrium (for SGD over one step the two definitions
+    are the same).
+    """
+
+    name = "probes"
+    expensive = True
+    needs_whole_parameters = True
+
+    def __init__(self, shared: SharedState, probes: Mapping[str, Probe],
+                 common: Probe | None) -> None:
+        super().__init__(shared, shared.config.probes_interval)
+        self.probes = dict(probes)
+        self.common = common
+        self.references: dict[str, RetentionReference] = {}
+        self.interference_starts: list[InterferenceStart] = []
+
+    def _label_seed(self, name: str) -> int:
+        # Fixed per probe: the same uniforms every time (common random numbers), so the
+        # sampled-label noise largely cancels between two measurements of one probe.
+        return zlib.crc32(name.encode())
+
+    def _measure(self, name: str, probe: Probe) -> tuple[list[Measurement], dict[str, Any]]:
+        engine, likelihood = self.shared.per_example, self.shared.likelihood
+        labels = (("probe", name),)
+        logits = engine.logits(probe.inputs)
+        targets = probe.targets.to(logits.device)
+        counts = likelihood.counts(targets).sum().clamp(min=1.0)
+        loss = float(mean_nll(likelihood, logits, targets))
+        accuracy = float(likelihood.correct(logits, targets).sum() / counts)
+        _, sampled = sample_model_labels(engine, probe.inputs, targets,
+                                         self.shared.generator(self._label_seed(name)))
+        summary = engine.summarize(probe.inputs, sampled)
+        mass = fisher_mass(summary.sq_norms, summary.counts)
+        out = [Measurement("probe_loss", loss, labels),
+               Measurement("probe_accuracy", accuracy, labels),
+               Measurement("probe_fisher_mass", mass, labels)]
+        return out, {"mass": mass, "sketches": summary.sketches}
+
+    def _dataset_gradient_sketch(self, probe: Probe) -> torch.Tensor:
+        """S g_R: the sketch of the gradient of the probe's mean loss (dataset labels)."""
+        objective = BatchObjective(self.shared.functional, self.shared.likelihood,
+                                   probe.inputs, probe.targets)
+        params = self.shared.parameters
+        leaves = {n: t.requires_grad_(True) for n, t in
+                  ((n, t.detach().clone()) for n, t in params.fp32_detached().items())}
+        grads = torch.autograd.grad(objective(leaves), [leaves[n] for n in params.names],
+                                    allow_unused=True)
+        return self.shared.sketcher.sketch(list(grads), dtype=torch.float64)
+
+    def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        config = self.shared.config
+        dominant = self.shared.dominant.basis() if self.shared.dominant.ready else None
+        out: list[Measurement] = []
+        dataset_gradients: dict[str, torch.Tensor] = {}
+        named = dict(self.probes)
+        if self.common is not None:  # measured first, and like any probe, as the baseline
+            named = {config.common_probe_name: self.common, **named}
+        with preserved_training_state(self.shared.model):
+            common_mass = None
+            for name, probe in named.items():
+                measured, info = self._measure(name, probe)
+                out += measured
+                labels = (("probe", name),)
+                g = info["sketches"]
+                if self.common is not None and name == config.common_probe_name:
+                    common_mass = info["mass"]
+                elif common_mass is not None and common_mass > 0:
+                    out.append(Measurement("probe_fisher_mass_ratio",
+                                           info["mass"] / common_mass, labels))
+                if dominant is not None and dominant.shape[1] > 0:
+                    basis = orthonormal_rows_basis(g, config.probe_rank)
+                    out += [Measurement("probe_absorption", absorption(dominant, basis), labels),
+                            Measurement("probe_bulk_residual", bulk_residual(g, dominant),
+                                        labels)]
+                if name not in self.references and ctx.step >= config.retention_warmup_step:
+                    self.references[name] = RetentionReference.take(g, config.probe_rank,
+                                                                    ctx.step)
+                if name in self.references:
+                    out.append(Measurement("probe_retention",
+                                           self.references[name].retention(g), labels))
+                dataset_gradients[name] = self._dataset_gradient_sketch(probe)
+        parameters = parameter_sketch(self.shared.sketcher)
+        out += self._interference(ctx.step, parameters)
+        self.interference_starts.append(InterferenceStart(ctx.step, parameters,
+                                                          dataset_gradients))
+        return finite(out)
+
+    def _interference(self, step: int, parameters: torch.Tensor) -> list[Measurement]:
+        """Closes every window that is long enough; the latest one closed is reported."""
+        horizon = max(1, self.shared.config.probe_interference_horizon)
+        ready = [s for s in self.interference_starts if step - s.step >= horizon]
+        if not ready:
+            return []
+        self.interference_starts = [s for s in self.interference_starts
+                                    if step - s.step < horizon]
+        start = ready[-1]
+        descent = start.parameters - parameters
+        return [Measurement("probe_interference", cosine(gradient, descent),
+                            (("probe", name),))
+                for name, gradient in start.gradients.items()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"references": {n: r.state_dict() for n, r in self.references.items()},
+                "interference_starts": [s.state_dict() for s in self.interference_starts]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.references = {n: RetentionReference.from_state(dict(r))
+                           for n, r in state.get("references", {}).items()}
+        device = self.shared.parameters.device
+        self.interference_starts = [InterferenceStart.from_state(s, device)
+                                    for s in state.get("interference_starts", [])]

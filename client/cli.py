@@ -1,0 +1,221 @@
+"""The ``raresignal`` command: list runs, list or watch alerts, and run the server.
+
+The client commands need only the core install (grpc and the wire contract), so they work
+wherever the agent is installed. The ``server`` command belongs to ``raresignal.server``
+and is imported only when that command is asked for, so the client commands start
+without loading the server; without the server extra, ``raresignal server`` says what to
+install instead of failing at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from raresignal.client.channels import auth_metadata, open_channel
+from raresignal.protos.transport import DEFAULT_GRPC_PORT, TlsConfig
+from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
+
+MAIN_EPILOG = """\
+examples:
+  raresignal server --db runs.db
+  raresignal runs --server 127.0.0.1:50051
+  raresignal alerts --watch --run 3f2a9c0d1e2b4a5c
+  raresignal alerts --state firing --token $TOKEN
+"""
+
+SERVER_EXTRA_HINT = "pip install 'raresignal[server]'"
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("RARESIGNAL_SERVER",
+                                                           f"127.0.0.1:{DEFAULT_GRPC_PORT}"),
+                        help="server address host:port (env RARESIGNAL_SERVER)")
+    parser.add_argument("--token", default=os.environ.get("RARESIGNAL_TOKEN"),
+                        help="bearer token (env RARESIGNAL_TOKEN)")
+    parser.add_argument("--tls-ca", default=os.environ.get("RARESIGNAL_TLS_CA"),
+                        help="CA certificate (PEM) to verify a TLS server (env RARESIGNAL_TLS_CA)")
+
+
+def _missing_dependency(error: ImportError) -> str | None:
+    """The third-party module an ImportError names, or None when it is raresignal's own
+    (a bug to report, not an extra to install)."""
+    name = error.name or ""
+    return None if name.split(".")[0] == "raresignal" else (name or str(error))
+
+
+def _server_missing(missing: str) -> Handler:
+    def explain(args: argparse.Namespace) -> int:
+        print(f"raresignal: the server needs the server extra (missing module {missing!r}): "
+              f"{SERVER_EXTRA_HINT}", file=sys.stderr)
+        return 2
+
+    return explain
+
+
+SERVER_HELP = "run the server"
+
+
+def _add_server_command(commands: argparse._SubParsersAction[argparse.ArgumentParser],
+                        wanted: bool) -> None:
+    """``server`` as ``raresignal.server.cli`` defines it when that command is ``wanted``;
+    otherwise only its line in the command list. When the server's dependencies are not
+    installed, a stand-in that says how to install them."""
+    if not wanted:
+        commands.add_parser("server", help=SERVER_HELP, add_help=False)
+        return
+    try:
+        from raresignal.server import cli as server_cli
+    except ImportError as error:
+        missing = _missing_dependency(error)
+        if missing is None:
+            raise
+        stand_in = commands.add_parser(
+            "server", help=f"run the server (needs the server extra: {SERVER_EXTRA_HINT})",
+            description=f"The server is not installed here: {SERVER_EXTRA_HINT}")
+        # It takes any arguments: whatever follows `server` is the server's to read.
+        stand_in.set_defaults(handler=_server_missing(missing), takes_any_arguments=True)
+        return
+    server_cli.add_server_command(commands).set_defaults(handler=server_cli.run_server)
+
+
+def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_server=False`` leaves the server command's own
+    options out (and the server's modules unloaded)."""
+    parser = argparse.ArgumentParser(
+        prog="raresignal",
+        description="raresignal: a training-health monitor. Run the central server that "
+                    "ingests what training jobs measure, evaluates alert rules and exposes "
+                    "Prometheus metrics; or query it.",
+        epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_server_command(commands, with_server)
+
+    runs = commands.add_parser(
+        "runs", help="list runs", description="List the runs the server knows.",
+        epilog="examples:\n  raresignal runs\n  raresignal runs --all --server rs:50051",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    runs.add_argument("--all", action="store_true", help="include finished runs")
+    _add_client_options(runs)
+    runs.set_defaults(handler=run_runs)
+
+    alerts = commands.add_parser(
+        "alerts", help="list or watch alerts",
+        description="List alerts, newest first, or watch alert state changes as they happen.",
+        epilog="examples:\n  raresignal alerts\n  raresignal alerts --watch --run RUN_ID\n"
+               "  raresignal alerts --state firing --rule RareSignalAbsorbed",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    alerts.add_argument("--watch", action="store_true", help="stream changes until Ctrl-C")
+    alerts.add_argument("--run", default="", help="only this run id")
+    alerts.add_argument("--rule", default="", help="only this rule, e.g. RunStalled")
+    alerts.add_argument("--state", action="append", default=[],
+                        choices=("pending", "firing", "resolved"), help="only these states")
+    alerts.add_argument("--limit", type=int, default=100, help="at most this many (list)")
+    alerts.add_argument("--all", action="store_true",
+                        help="also list pending episodes that cleared without ever firing")
+    _add_client_options(alerts)
+    alerts.set_defaults(handler=run_alerts)
+    return parser
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    tls = TlsConfig(root_certificates=args.tls_ca) if args.tls_ca else None
+    return open_channel(args.server, tls)
+
+
+def _time(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
+             for row in (header, *rows)]
+    return "\n".join(lines)
+
+
+def _state(enum: Any, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def run_runs(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        response = alerts_pb2_grpc.RunsStub(channel).ListRuns(
+            alerts_pb2.ListRunsRequest(include_finished=args.all),
+            metadata=auth_metadata(args.token), timeout=30)
+    rows = [(run.run_id, run.run_name, _state(common_pb2.RunState, run.state, "RUN_STATE_"),
+             str(run.last_step), _time(run.updated_at), str(run.world_size))
+            for run in response.runs]
+    print(format_table(("RUN_ID", "NAME", "STATE", "STEP", "LAST REPORT", "WORLD"), rows))
+    return 0
+
+
+def _alert_row(alert: common_pb2.Alert) -> tuple[str, ...]:
+    labels = ",".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
+    return (_time(alert.started_at),
+            _state(common_pb2.AlertState, alert.state, "ALERT_STATE_"), alert.severity,
+            alert.rule, alert.run_name, labels or "-", f"{alert.value:.4g}", str(alert.step),
+            alert.summary)
+
+
+ALERT_HEADER = ("SINCE", "STATE", "SEVERITY", "ALERT", "RUN", "LABELS", "VALUE", "STEP",
+                "SUMMARY")
+
+
+def worth_listing(alerts: Sequence[common_pb2.Alert], include_unfired: bool
+                  ) -> list[common_pb2.Alert]:
+    """The alerts a person asked to see: a pending episode that cleared before its ``for``
+    window was met never fired, and is left out unless asked for."""
+    return [a for a in alerts if include_unfired or a.fired_at > 0
+            or a.state != common_pb2.ALERT_STATE_RESOLVED]
+
+
+def run_alerts(args: argparse.Namespace) -> int:
+    states = [getattr(common_pb2, f"ALERT_STATE_{s.upper()}") for s in args.state]
+    alert_filter = alerts_pb2.AlertFilter(run_id=args.run, rule=args.rule, states=states)
+    metadata = auth_metadata(args.token)
+    with _channel(args) as channel:
+        stub = alerts_pb2_grpc.AlertsStub(channel)
+        if not args.watch:
+            response = stub.ListAlerts(
+                alerts_pb2.ListAlertsRequest(filter=alert_filter, limit=args.limit),
+                metadata=metadata, timeout=30)
+            shown = worth_listing(response.alerts, include_unfired=args.all)
+            print(format_table(ALERT_HEADER, [_alert_row(a) for a in shown]))
+            return 0
+        print("  ".join(ALERT_HEADER), flush=True)
+        try:
+            for event in stub.WatchAlerts(alerts_pb2.WatchAlertsRequest(filter=alert_filter),
+                                          metadata=metadata):
+                print("  ".join(_alert_row(event.alert)), flush=True)
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_server=argv[:1] == ["server"])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except grpc.RpcError as error:
+        print(f"raresignal: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Alerting: the rule format and the default rules, the alert engine, the Alertmanager
+notifier."""

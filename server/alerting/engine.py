@@ -1,0 +1,432 @@
+"""The alert engine: samples and time in, alert state transitions out.
+
+It is pure and synchronous (no I/O, no clock of its own), so every behaviour — baseline
+learning, ``for``, hysteresis, deduplication, the stall clock — is unit-testable by
+feeding values and timestamps. The server stores what :meth:`AlertEngine.take_writes`
+returns in the same transaction as the samples that caused it, and restores the engine
+from storage on restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from raresignal.protos.catalog import CATALOG
+from raresignal.protos.v1 import common_pb2
+from raresignal.server.alerting.rules import BaselineSpec, Condition, Relative, Rule, boundary
+from raresignal.server.storage.records import (
+    AlertChange,
+    AlertRecord,
+    CheckedSample,
+    EngineWrites,
+    labels_key,
+)
+
+PENDING = common_pb2.ALERT_STATE_PENDING
+FIRING = common_pb2.ALERT_STATE_FIRING
+RESOLVED = common_pb2.ALERT_STATE_RESOLVED
+UNSPECIFIED = common_pb2.ALERT_STATE_UNSPECIFIED
+
+_FIRE = "fire"
+_WHILE = "while"
+_STALL = "stall"
+
+
+@dataclass
+class SeriesState:
+    """What the engine remembers about one (run, rule, series): baseline and episode."""
+
+    seen: int = 0
+    smoothed: float | None = None
+    window: list[float] = field(default_factory=list)
+    median: float | None = None
+    mad: float | None = None
+    last_step: int = -1
+    last_value: float | None = None
+    consecutive: int = 0
+    episodes: int = 0
+    alert_id: str | None = None
+    evaluated: float | None = None  # the smoothed value a rule with smoothing compares
+
+    @property
+    def baseline_ready(self) -> bool:
+        return self.median is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        # What dataclasses.asdict gives, written out: this runs for every series a batch
+        # touches, and asdict's generic deep copy costs several times more.
+        return {"seen": self.seen, "smoothed": self.smoothed, "window": list(self.window),
+                "median": self.median, "mad": self.mad, "last_step": self.last_step,
+                "last_value": self.last_value, "consecutive": self.consecutive,
+                "episodes": self.episodes, "alert_id": self.alert_id,
+                "evaluated": self.evaluated}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeriesState:
+        return cls(**data)
+
+    def feed_baseline(self, spec: BaselineSpec, value: float) -> None:
+        """Learns the baseline from the evaluations after the warm-up, then freezes it."""
+        if self.median is not None:
+            return
+        self.seen += 1
+        if self.seen <= spec.warmup:
+            return
+        if self.smoothed is None:
+            self.smoothed = value
+        else:
+            self.smoothed = spec.smoothing * value + (1 - spec.smoothing) * self.smoothed
+        self.window.append(self.smoothed)
+        if len(self.window) >= spec.window:
+            median = statistics.median(self.window)
+            mad = statistics.median(abs(x - median) for x in self.window)
+            self.median = median
+            self.mad = max(mad, spec.mad_floor_fraction * abs(median), 1e-12)
+            self.window = []
+
+
+@dataclass
+class RunClock:
+    run_name: str
+    report_interval_seconds: float
+    last_report_at: float
+    last_step: int = 0
+    finished: bool = False
+
+
+def _alert_id(run_id: str, rule: str, labels_key: str, episode: int) -> str:
+    digest = hashlib.sha256(f"{run_id}\0{rule}\0{labels_key}\0{episode}".encode())
+    return digest.hexdigest()[:20]
+
+
+def _project(labels: dict[str, str], metric: str) -> str:
+    """The label set of ``metric``'s series that matches a series with ``labels``."""
+    return labels_key({k: v for k, v in labels.items() if k in CATALOG[metric].labels})
+
+
+class AlertEngine:
+    """Evaluates rules per run and series as samples arrive, and the stall rule on ticks."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+        self._by_metric: dict[str, list[tuple[Rule, str]]] = {}
+        for rule in self.rules:
+            if rule.condition is not None:
+                self._by_metric.setdefault(rule.condition.metric, []).append((rule, _FIRE))
+            if rule.while_condition is not None:
+                self._by_metric.setdefault(rule.while_condition.metric, []).append(
+                    (rule, _WHILE))
+        self._while_metrics = {r.while_condition.metric for r in self.rules
+                               if r.while_condition is not None}
+        # Per metric, what each sample of it is evaluated against, prepared once:
+        # (rule, is the fire condition, state-key prefix, learns a baseline).
+        self._plans: dict[str, list[tuple[Rule, bool, str, bool]]] = {}
+        for metric, entries in self._by_metric.items():
+            # A rule whose `while` reads its own metric sees this sample there first.
+            for rule, role in sorted(entries, key=lambda entry: entry[1] != _WHILE):
+                condition = rule.condition if role == _FIRE else rule.while_condition
+                assert condition is not None
+                self._plans.setdefault(metric, []).append(
+                    (rule, role == _FIRE, f"{rule.alert}/{role}/{metric}/",
+                     condition.relative_to is not Relative.ABSOLUTE))
+        self._stall_rules = [rule for rule in self.rules if rule.is_stall]
+        self._runs: dict[str, RunClock] = {}
+        self._states: dict[str, dict[str, SeriesState]] = {}
+        self._active: dict[str, AlertRecord] = {}
+        self._dirty_states: set[tuple[str, str]] = set()
+        self._dirty_alerts: dict[str, AlertRecord] = {}
+        self._changes: list[AlertChange] = []
+        self._decoded: dict[str, dict[str, str]] = {}
+        # (rule, label key) -> whether the rule ignores that series, decided once.
+        self._ignored: dict[tuple[str, str], bool] = {}
+
+    # -- runs ------------------------------------------------------------------------
+
+    def track_run(self, run_id: str, run_name: str, report_interval_seconds: float,
+                  last_report_at: float, last_step: int = 0, finished: bool = False) -> None:
+        """Registers a run (opened, resumed, or loaded on restart)."""
+        self._runs[run_id] = RunClock(run_name, report_interval_seconds, last_report_at,
+                                      last_step, finished)
+        self._states.setdefault(run_id, {})
+
+    def close_run(self, run_id: str, now: float) -> list[AlertChange]:
+        """A finished run stops stalling, and its open alerts resolve."""
+        clock = self._runs.get(run_id)
+        if clock is not None:
+            clock.finished = True
+        changes: list[AlertChange] = []
+        for alert in [a for a in self._active.values() if a.run_id == run_id]:
+            self._transition(alert, RESOLVED, now, changes)
+        for key, state in self._states.get(run_id, {}).items():
+            if state.alert_id is not None:
+                state.alert_id = None
+                state.consecutive = 0
+                self._dirty_states.add((run_id, key))
+        return changes
+
+    # -- evaluation ------------------------------------------------------------------
+
+    def observe(self, run_id: str, samples: Iterable[CheckedSample],
+                now: float) -> list[AlertChange]:
+        """Evaluates every rule on each new step of each series in ``samples``."""
+        clock = self._runs[run_id]
+        clock.last_report_at = now
+        changes: list[AlertChange] = []
+        for rule in self._stall_rules:
+            self._resolve_stall(run_id, rule, now, changes)
+        relevant = [s for s in samples if s.metric in self._by_metric]
+        if not relevant:
+            return changes
+        # Oldest step first; at one step, "while" metrics first so a rule sees them fresh.
+        while_metrics = self._while_metrics
+        relevant.sort(key=lambda s: (s.step, s.metric not in while_metrics))
+        states = self._states[run_id]
+        dirty = self._dirty_states
+        plans = self._plans
+        last_step = clock.last_step
+        for sample in relevant:
+            step = sample.step
+            if step > last_step:
+                last_step = step
+            for rule, is_fire, prefix, learns_baseline in plans[sample.metric]:
+                if rule.ignore_labels and self._ignores(rule, sample.labels_key):
+                    continue
+                key = prefix + sample.labels_key
+                state = states.get(key)
+                if state is None:
+                    state = states[key] = SeriesState()
+                if step <= state.last_step:
+                    continue  # each step of a series is evaluated once
+                state.last_step = step
+                state.last_value = sample.value
+                dirty.add((run_id, key))
+                value = sample.value
+                if is_fire and rule.smoothing < 1.0:
+                    if state.evaluated is not None:
+                        value = (rule.smoothing * value
+                                 + (1.0 - rule.smoothing) * state.evaluated)
+                    state.evaluated = value
+                if learns_baseline and state.median is None:
+                    # Not ready before this value: it only feeds the baseline.
+                    state.feed_baseline(rule.baseline, sample.value)
+                    continue
+                if is_fire:
+                    self._evaluate(run_id, rule, state, sample, value, now, changes)
+        clock.last_step = last_step
+        return changes
+
+    def tick(self, now: float) -> list[AlertChange]:
+        """The clock rule: a run that sent nothing for too long is stalled."""
+        changes: list[AlertChange] = []
+        for run_id, clock in self._runs.items():
+            if clock.finished or clock.report_interval_seconds <= 0:
+                continue
+            silent = now - clock.last_report_at
+            for rule in self._stall_rules:
+                limit = rule.stalled_for_intervals * clock.report_interval_seconds
+                if silent > limit:
+                    self._fire_stall(run_id, clock, rule, silent, limit, now, changes)
+                else:
+                    self._resolve_stall(run_id, rule, now, changes)
+        return changes
+
+    def _boundaries(self, rule: Rule, state: SeriesState) -> tuple[float, float] | None:
+        condition = rule.condition
+        assert condition is not None
+        if condition.relative_to is Relative.ABSOLUTE:
+            return condition.threshold, rule.resolve_threshold
+        if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
+            return None  # a ratio of a non-positive baseline means nothing
+        return (rule.boundary(condition.threshold, state.median, state.mad),
+                rule.boundary(rule.resolve_threshold, state.median, state.mad))
+
+    def _labels(self, key: str) -> dict[str, str]:
+        """The label mapping of a canonical label key (decoded once per key)."""
+        labels = self._decoded.get(key)
+        if labels is None:
+            if len(self._decoded) > 65_536:
+                self._decoded.clear()
+            labels = self._decoded[key] = json.loads(key)
+        return dict(labels)
+
+    def _ignores(self, rule: Rule, labels_key: str) -> bool:
+        decided = self._ignored.get((rule.alert, labels_key))
+        if decided is None:
+            if len(self._ignored) > 65_536:
+                self._ignored.clear()
+            decided = self._ignored[(rule.alert, labels_key)] = rule.ignores(
+                self._labels(labels_key))
+        return decided
+
+    def _while_holds(self, run_id: str, rule: Rule, labels: dict[str, str]) -> bool:
+        condition = rule.while_condition
+        if condition is None:
+            return True
+        key = f"{rule.alert}/{_WHILE}/{condition.metric}/{_project(labels, condition.metric)}"
+        state = self._states[run_id].get(key)
+        if state is None or state.last_value is None:
+            return False
+        return _holds(condition, state, condition.threshold)
+
+    def _evaluate(self, run_id: str, rule: Rule, state: SeriesState, sample: CheckedSample,
+                  value: float, now: float, changes: list[AlertChange]) -> None:
+        """One evaluation of ``value`` (the sample's, smoothed when the rule smooths)."""
+        bounds = self._boundaries(rule, state)
+        if bounds is None:
+            return
+        fire_at, resolve_at = bounds
+        condition = rule.condition
+        assert condition is not None
+        alert = self._active.get(state.alert_id) if state.alert_id else None
+        if alert is None:
+            if not condition.holds(value, fire_at):
+                return  # the common case: nothing to alert on, no labels needed
+            labels = self._labels(sample.labels_key)
+            if not self._while_holds(run_id, rule, labels):
+                return
+            state.episodes += 1
+            state.consecutive = 1
+            alert = self._new_alert(run_id, rule, labels, sample.labels_key, state.episodes,
+                                    value, fire_at, sample.step, now)
+            state.alert_id = alert.alert_id
+            self._active[alert.alert_id] = alert
+            target = FIRING if rule.for_evaluations <= 1 else PENDING
+            self._transition(alert, target, now, changes, previous=UNSPECIFIED)
+            return
+        labels = self._labels(sample.labels_key)
+        self._update_value(alert, rule, labels, value, fire_at, sample.step)
+        if alert.state == PENDING:
+            if condition.holds(value, fire_at) and self._while_holds(run_id, rule, labels):
+                state.consecutive += 1
+                if state.consecutive >= rule.for_evaluations:
+                    self._transition(alert, FIRING, now, changes)
+                return
+        elif condition.holds(value, resolve_at) and self._while_holds(run_id, rule, labels):
+            return  # firing, and not yet back past the resolve boundary
+        state.alert_id = None
+        state.consecutive = 0
+        self._transition(alert, RESOLVED, now, changes)
+
+    # -- the stall rule ----------------------------------------------------------------
+
+    def _fire_stall(self, run_id: str, clock: RunClock, rule: Rule, silent: float,
+                    limit: float, now: float, changes: list[AlertChange]) -> None:
+        key = f"{rule.alert}/{_STALL}"
+        state = self._states[run_id].setdefault(key, SeriesState())
+        alert = self._active.get(state.alert_id) if state.alert_id else None
+        if alert is not None:
+            alert.value = silent
+            return
+        state.episodes += 1
+        alert = self._new_alert(run_id, rule, {}, "{}", state.episodes, silent, limit,
+                                clock.last_step, now)
+        state.alert_id = alert.alert_id
+        self._active[alert.alert_id] = alert
+        self._dirty_states.add((run_id, key))
+        self._transition(alert, FIRING, now, changes, previous=UNSPECIFIED)
+
+    def _resolve_stall(self, run_id: str, rule: Rule, now: float,
+                       changes: list[AlertChange]) -> None:
+        key = f"{rule.alert}/{_STALL}"
+        state = self._states.get(run_id, {}).get(key)
+        if state is None or state.alert_id is None:
+            return
+        alert = self._active.get(state.alert_id)
+        state.alert_id = None
+        self._dirty_states.add((run_id, key))
+        if alert is not None:
+            self._transition(alert, RESOLVED, now, changes)
+
+    # -- alerts ------------------------------------------------------------------------
+
+    def _new_alert(self, run_id: str, rule: Rule, labels: dict[str, str], labels_key: str,
+                   episode: int, value: float, threshold: float, step: int,
+                   now: float) -> AlertRecord:
+        alert = AlertRecord(
+            alert_id=_alert_id(run_id, rule.alert, labels_key, episode), run_id=run_id,
+            run_name=self._runs[run_id].run_name, rule=rule.alert, labels=dict(labels),
+            state=UNSPECIFIED, severity=rule.severity, summary="", value=value,
+            threshold=threshold, step=step, started_at=now)
+        self._update_value(alert, rule, labels, value, threshold, step)
+        return alert
+
+    def _update_value(self, alert: AlertRecord, rule: Rule, labels: dict[str, str],
+                      value: float, threshold: float, step: int) -> None:
+        alert.value, alert.threshold, alert.step = value, threshold, step
+        if rule.condition is None:
+            fields: dict[str, Any] = {"intervals": rule.stalled_for_intervals}
+        else:
+            fields = {key: labels.get(key, "") for key in CATALOG[rule.condition.metric].labels}
+        alert.summary = rule.summary.format(
+            run=alert.run_name, run_id=alert.run_id, alert=rule.alert, value=value,
+            threshold=threshold, step=step, **fields)
+        self._dirty_alerts[alert.alert_id] = alert
+
+    def _transition(self, alert: AlertRecord, target: int, now: float,
+                    changes: list[AlertChange], previous: int | None = None) -> None:
+        before = alert.state if previous is None else previous
+        alert.state = target
+        if target == FIRING:
+            alert.fired_at = now
+        if target == RESOLVED:
+            alert.resolved_at = now
+            self._active.pop(alert.alert_id, None)
+        self._dirty_alerts[alert.alert_id] = alert
+        change = AlertChange(replace(alert, labels=dict(alert.labels)), before, now)
+        changes.append(change)
+        self._changes.append(change)
+
+    # -- persistence -------------------------------------------------------------------
+
+    def take_writes(self) -> EngineWrites:
+        """Everything changed since the last call, to store with the batch that caused it."""
+        writes = EngineWrites(
+            rule_states=[(run_id, key, self._states[run_id][key].to_dict())
+                         for run_id, key in sorted(self._dirty_states)],
+            alerts=[replace(a, labels=dict(a.labels)) for a in self._dirty_alerts.values()],
+            changes=self._changes,
+        )
+        self._dirty_states = set()
+        self._dirty_alerts = {}
+        self._changes = []
+        return writes
+
+    def discard_writes(self) -> None:
+        self._dirty_states, self._dirty_alerts, self._changes = set(), {}, []
+
+    def restore(self, rule_states: Iterable[tuple[str, str, dict[str, Any]]],
+                open_alerts: Iterable[AlertRecord]) -> None:
+        """Loads stored state (after :meth:`track_run` for each run)."""
+        for run_id, key, data in rule_states:
+            self._states.setdefault(run_id, {})[key] = SeriesState.from_dict(data)
+        for alert in open_alerts:
+            if alert.state in (PENDING, FIRING):
+                self._active[alert.alert_id] = alert
+
+    def forget_run(self, run_id: str) -> None:
+        """Drops a run's in-memory state (before reloading it from storage)."""
+        self._states.pop(run_id, None)
+        for alert_id in [a for a, alert in self._active.items() if alert.run_id == run_id]:
+            del self._active[alert_id]
+
+    def active_alerts(self) -> list[AlertRecord]:
+        return list(self._active.values())
+
+    def state(self, run_id: str, key: str) -> SeriesState | None:
+        return self._states.get(run_id, {}).get(key)
+
+
+def _holds(condition: Condition, state: SeriesState, threshold: float) -> bool:
+    if condition.relative_to is not Relative.ABSOLUTE:
+        if not state.baseline_ready:
+            return False
+        if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
+            return False
+    assert state.last_value is not None
+    return condition.holds(state.last_value,
+                           boundary(condition, threshold, state.median, state.mad))

@@ -1,0 +1,374 @@
+"""Alert rules: the YAML format, its validation, and the defaults shipped with the server.
+
+A rule compares one catalogue metric, per series (per probe, per layer group...), with a
+threshold that is either absolute or relative to a baseline learned per run after a
+warm-up (a ratio of the baseline median, or a number of MADs from it). It fires after
+``for`` consecutive evaluations and resolves only once the value has crossed a separate
+``resolve_threshold`` (hysteresis), so a value hovering at the threshold does not flap.
+
+Format::
+
+    defaults:                      # optional, applies to every rule
+      baseline: {warmup: 3, window: 10, smoothing: 0.5}
+    rules:
+      - alert: RareSignalFisherCollapse
+        metric: probe_fisher_mass_ratio
+        op: "<"                    # < <= > >=
+        threshold: 0.2
+        relative_to: baseline_ratio  # absolute | baseline_ratio | baseline_mad
+        resolve_threshold: 0.3
+        for: 3
+        smoothing: 1               # optional: EWMA weight of the newest value in the value
+                                   # compared (1: the raw value)
+        severity: critical         # critical | warning | info
+        summary: "Probe {probe} ... {value:.3g} ..."
+        while:                     # optional second condition on a metric of the same
+          metric: probe_loss       # series labels, e.g. "loss not improving"
+          op: ">="
+          threshold: 0.95
+          relative_to: baseline_ratio
+        ignore_labels:             # optional: series with any of these label values are
+          probe: [common]          # not evaluated (here: the common reference probe)
+      - alert: RunStalled
+        stalled_for_intervals: 5   # no report for this many of the run's report intervals
+        severity: warning
+        summary: "Run {run} is silent: {intervals:g} report intervals"
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raresignal.protos.catalog import CATALOG
+
+SEVERITIES = ("critical", "warning", "info")
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+
+
+class RulesError(ValueError):
+    """A rule file that cannot be used; the message names the file, rule and field."""
+
+
+class Relative(str, Enum):
+    ABSOLUTE = "absolute"
+    BASELINE_RATIO = "baseline_ratio"  # boundary = threshold x baseline median
+    BASELINE_MAD = "baseline_mad"  # boundary = median -/+ threshold x MAD
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """How a per-run baseline is learned: ``warmup`` evaluations are skipped, then the
+    next ``window`` values (EWMA-smoothed with weight ``smoothing`` on the newest; 1 =
+    raw) give the median and the MAD, frozen from then on."""
+
+    warmup: int = 3
+    window: int = 10
+    smoothing: float = 1.0
+    # The MAD used is at least this fraction of |median|, so a constant baseline does not
+    # turn the smallest change into infinitely many MADs.
+    mad_floor_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class Condition:
+    metric: str
+    op: str
+    threshold: float
+    relative_to: Relative = Relative.ABSOLUTE
+
+    def holds(self, value: float, boundary: float) -> bool:
+        return _OPS[self.op](value, boundary)
+
+    @property
+    def points_down(self) -> bool:
+        """True when the condition is about a value falling (< or <=)."""
+        return self.op in ("<", "<=")
+
+
+@dataclass(frozen=True)
+class Rule:
+    alert: str
+    severity: str
+    summary: str
+    condition: Condition | None = None  # None for the stall rule
+    resolve_threshold: float = 0.0
+    for_evaluations: int = 1
+    baseline: BaselineSpec = BaselineSpec()
+    while_condition: Condition | None = None
+    stalled_for_intervals: float = 0.0
+    # EWMA weight of the newest value in the value compared with the threshold (1: raw).
+    # The baseline is learned with its own smoothing, from the raw values.
+    smoothing: float = 1.0
+    # (label, values) pairs: a series whose label takes one of the values is not evaluated.
+    ignore_labels: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def ignores(self, labels: Mapping[str, str]) -> bool:
+        """Whether this rule leaves the series with these labels alone."""
+        return any(labels.get(label) in values for label, values in self.ignore_labels)
+
+    @property
+    def is_stall(self) -> bool:
+        return self.condition is None
+
+    def boundary(self, threshold: float, median: float | None, mad: float | None) -> float:
+        """The value the metric is compared with, for a fire or a resolve threshold."""
+        assert self.condition is not None
+        return boundary(self.condition, threshold, median, mad)
+
+
+def boundary(condition: Condition, threshold: float, median: float | None,
+             mad: float | None) -> float:
+    if condition.relative_to is Relative.ABSOLUTE:
+        return threshold
+    assert median is not None and mad is not None
+    if condition.relative_to is Relative.BASELINE_RATIO:
+        return threshold * median
+    return median - threshold * mad if condition.points_down else median + threshold * mad
+
+
+_RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
+              "severity", "summary", "while", "baseline", "stalled_for_intervals",
+              "smoothing", "ignore_labels"}
+_STALL_KEYS = {"alert", "stalled_for_intervals", "severity", "summary"}
+_CONDITION_KEYS = {"metric", "op", "threshold", "relative_to"}
+_BASELINE_KEYS = {"warmup", "window", "smoothing", "mad_floor_fraction"}
+
+
+class _Where:
+    """Builds error messages that say where in the file a problem is."""
+
+    def __init__(self, source: str, place: str) -> None:
+        self.source, self.place = source, place
+
+    def error(self, message: str) -> RulesError:
+        return RulesError(f"{self.source}: {self.place}: {message}")
+
+
+def _number(where: _Where, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise where.error(f"{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(where: _Where, field: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise where.error(f"{field} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _unknown_keys(where: _Where, entry: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise where.error(f"unknown {what} key(s) {', '.join(map(repr, unknown))} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def _condition(where: _Where, entry: Any, field: str) -> Condition:
+    if not isinstance(entry, Mapping):
+        raise where.error(f"{field} must be a mapping")
+    _unknown_keys(where, entry, _CONDITION_KEYS, field)
+    metric = entry.get("metric")
+    if metric not in CATALOG:
+        raise where.error(f"{field}: unknown metric {metric!r} (not in the raresignal "
+                          "catalogue)")
+    op = entry.get("op")
+    if op not in _OPS:
+        raise where.error(f"{field}: unknown op {op!r} (use one of {', '.join(_OPS)})")
+    if "threshold" not in entry:
+        raise where.error(f"{field}: threshold is missing")
+    threshold = _number(where, f"{field}.threshold", entry["threshold"])
+    try:
+        relative = Relative(entry.get("relative_to", "absolute"))
+    except ValueError:
+        raise where.error(f"{field}: unknown relative_to {entry.get('relative_to')!r} (use one "
+                          f"of {', '.join(r.value for r in Relative)})") from None
+    if relative is Relative.BASELINE_MAD and threshold < 0:
+        raise where.error(f"{field}.threshold is a number of MADs and must be >= 0")
+    return Condition(metric, op, threshold, relative)
+
+
+def _baseline(where: _Where, entry: Any, base: BaselineSpec) -> BaselineSpec:
+    if entry is None:
+        return base
+    if not isinstance(entry, Mapping):
+        raise where.error("baseline must be a mapping")
+    _unknown_keys(where, entry, _BASELINE_KEYS, "baseline")
+    smoothing = _number(where, "baseline.smoothing", entry.get("smoothing", base.smoothing))
+    if not 0 < smoothing <= 1:
+        raise where.error(f"baseline.smoothing must be in (0, 1], got {smoothing}")
+    floor = _number(where, "baseline.mad_floor_fraction",
+                    entry.get("mad_floor_fraction", base.mad_floor_fraction))
+    if floor < 0:
+        raise where.error("baseline.mad_floor_fraction must be >= 0")
+    return BaselineSpec(
+        warmup=_integer(where, "baseline.warmup", entry.get("warmup", base.warmup), 0),
+        window=_integer(where, "baseline.window", entry.get("window", base.window), 1),
+        smoothing=smoothing,
+        mad_floor_fraction=floor,
+    )
+
+
+def _ignore_labels(where: _Where, entry: Any, metric: str
+                   ) -> tuple[tuple[str, frozenset[str]], ...]:
+    """``{label: value or [values]}``, on labels the rule's metric has."""
+    if entry is None:
+        return ()
+    if not isinstance(entry, Mapping) or not entry:
+        raise where.error("ignore_labels must be a mapping of label to value(s), e.g. "
+                          "{probe: [common]}")
+    known = CATALOG[metric].labels
+    pairs = []
+    for label, values in entry.items():
+        if label not in known:
+            raise where.error(f"ignore_labels: metric {metric!r} has no label {label!r} "
+                              f"(its labels: {', '.join(known) or 'none'})")
+        values = [values] if isinstance(values, str) else values
+        if (not isinstance(values, list) or not values
+                or not all(isinstance(v, str) for v in values)):
+            raise where.error(f"ignore_labels.{label} must be a label value or a list of "
+                              f"them, got {values!r}")
+        pairs.append((str(label), frozenset(values)))
+    return tuple(pairs)
+
+
+def _check_resolve(where: _Where, condition: Condition, fire: float, resolve: float) -> None:
+    """The resolve boundary must lie on the healthy side of the fire boundary (or equal it),
+    so an alert resolves only once the value has moved back past the fire boundary."""
+    if condition.relative_to is Relative.BASELINE_MAD:
+        # Both thresholds count MADs away from the median, towards the unhealthy side.
+        if resolve > fire:
+            raise where.error(f"resolve_threshold {resolve:g} must be at most threshold "
+                              f"{fire:g} MADs (hysteresis)")
+        return
+    # Absolute and ratio boundaries grow with the threshold.
+    if condition.points_down and resolve < fire:
+        raise where.error(f"resolve_threshold {resolve:g} must be at least threshold {fire:g} "
+                          f"for op {condition.op!r} (hysteresis)")
+    if not condition.points_down and resolve > fire:
+        raise where.error(f"resolve_threshold {resolve:g} must be at most threshold {fire:g} "
+                          f"for op {condition.op!r} (hysteresis)")
+
+
+def _check_summary(where: _Where, summary: str, metric: str | None) -> None:
+    fields: dict[str, Any] = {"run": "r", "run_id": "id", "value": 1.0, "threshold": 1.0,
+                              "step": 1, "alert": "a"}
+    if metric is None:
+        fields["intervals"] = 1.0  # a stall rule's summary may name its factor
+    else:
+        fields.update({key: "x" for key in CATALOG[metric].labels})
+    try:
+        summary.format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise where.error(f"summary {summary!r} cannot be formatted ({exc!r}); it may use "
+                          f"{{{'}, {'.join(sorted(fields))}}}") from None
+
+
+def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
+    where = _Where(source, f"rules[{index}]")
+    if not isinstance(entry, Mapping):
+        raise where.error("each rule must be a mapping")
+    name = entry.get("alert")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise where.error(f"alert must be a name like RareSignalAbsorbed, got {name!r}")
+    where = _Where(source, f"rules[{index}] ({name})")
+    severity = entry.get("severity", "warning")
+    if severity not in SEVERITIES:
+        raise where.error(f"unknown severity {severity!r} (use one of {', '.join(SEVERITIES)})")
+    if "stalled_for_intervals" in entry:
+        _unknown_keys(where, entry, _STALL_KEYS, "stall rule")
+        factor = _number(where, "stalled_for_intervals", entry["stalled_for_intervals"])
+        if factor <= 0:
+            raise where.error("stalled_for_intervals must be > 0")
+        summary = entry.get("summary", "Run {run} sent no report for {value:.0f} s")
+        _check_summary(where, summary, None)
+        return Rule(alert=name, severity=severity, summary=summary,
+                    stalled_for_intervals=factor)
+    _unknown_keys(where, entry, _RULE_KEYS, "rule")
+    condition = _condition(where, {k: entry[k] for k in _CONDITION_KEYS if k in entry}, "rule")
+    resolve = _number(where, "resolve_threshold",
+                      entry.get("resolve_threshold", condition.threshold))
+    _check_resolve(where, condition, condition.threshold, resolve)
+    while_condition = None
+    if "while" in entry:
+        while_condition = _condition(where, entry["while"], "while")
+        missing = set(CATALOG[while_condition.metric].labels) - set(
+            CATALOG[condition.metric].labels)
+        if missing:
+            raise where.error(f"while: metric {while_condition.metric!r} has label(s) "
+                              f"{sorted(missing)} that {condition.metric!r} lacks, so the "
+                              "two series cannot be matched")
+    smoothing = _number(where, "smoothing", entry.get("smoothing", 1.0))
+    if not 0 < smoothing <= 1:
+        raise where.error(f"smoothing must be in (0, 1], got {smoothing}")
+    summary = entry.get("summary", f"{name}: {condition.metric} is {{value:.4g}}")
+    if not isinstance(summary, str):
+        raise where.error("summary must be text")
+    _check_summary(where, summary, condition.metric)
+    return Rule(
+        alert=name,
+        severity=severity,
+        summary=summary,
+        condition=condition,
+        resolve_threshold=resolve,
+        for_evaluations=_integer(where, "for", entry.get("for", 1), 1),
+        baseline=_baseline(where, entry.get("baseline"), base),
+        while_condition=while_condition,
+        smoothing=smoothing,
+        ignore_labels=_ignore_labels(where, entry.get("ignore_labels"), condition.metric),
+    )
+
+
+def parse_rules(text: str, source: str = "<rules>") -> list[Rule]:
+    """Rules from YAML text; RulesError says what is wrong and where."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RulesError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(document, Mapping) or not isinstance(document.get("rules"), list):
+        raise RulesError(f"{source}: expected a mapping with a 'rules' list")
+    unknown = sorted(set(document) - {"rules", "defaults"})
+    if unknown:
+        raise RulesError(f"{source}: unknown top-level key(s) {unknown} (allowed: defaults, "
+                         "rules)")
+    defaults = document.get("defaults") or {}
+    if not isinstance(defaults, Mapping) or set(defaults) - {"baseline"}:
+        raise RulesError(f"{source}: defaults may only hold 'baseline'")
+    base = _baseline(_Where(source, "defaults"), defaults.get("baseline"), BaselineSpec())
+    rules = [_rule(source, i, entry, base) for i, entry in enumerate(document["rules"])]
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.alert in seen:
+            raise RulesError(f"{source}: alert {rule.alert!r} is defined twice")
+        seen.add(rule.alert)
+    return rules
+
+
+DEFAULT_RULES_FILE = "default_rules.yaml"
+
+
+def default_rules_text() -> str:
+    """The text of the rules file shipped with the server (comments included)."""
+    return resources.files(__package__).joinpath(DEFAULT_RULES_FILE).read_text()
+
+
+def load_rules(path: str | Path | None = None) -> list[Rule]:
+    """Rules from a file, or the defaults shipped with the server when ``path`` is None."""
+    if path is None:
+        return parse_rules(default_rules_text(), DEFAULT_RULES_FILE)
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RulesError(f"{path}: cannot read rules file: {exc.strerror}") from None
+    return parse_rules(text, str(path))

@@ -1,0 +1,282 @@
+"""Assembles and runs the server: gRPC services, health port, /metrics, alert clock.
+
+``serve`` runs on the caller's event loop until its stop event is set; ``start_in_thread``
+runs it on a thread of its own and returns once every port is listening, which is what
+tests, the demo and embedding applications use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from raresignal.protos.transport import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_METRICS_PORT,
+    TlsConfig,
+    server_options,
+)
+from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from raresignal.server.alerting.alertmanager import AlertmanagerNotifier
+from raresignal.server.alerting.engine import AlertEngine
+from raresignal.server.alerting.rules import load_rules
+from raresignal.server.serving.auth import AuthInterceptor, TokenStore
+from raresignal.server.serving.ledger import Ledger
+from raresignal.server.serving.live import LiveState
+from raresignal.server.serving.metrics import RunStateCollector, ServerMetrics
+from raresignal.server.serving.service import (
+    AlertHub,
+    AlertsService,
+    Backend,
+    IngestService,
+    RunsService,
+)
+from raresignal.server.storage.base import RetentionPolicy, Storage
+from raresignal.server.storage.sqlite import SQLiteStorage
+
+log = logging.getLogger("raresignal.server")
+
+SERVICE_NAMES = (
+    ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name,
+    alerts_pb2.DESCRIPTOR.services_by_name["Alerts"].full_name,
+    alerts_pb2.DESCRIPTOR.services_by_name["Runs"].full_name,
+)
+
+
+@dataclass
+class ServerConfig:
+    """Every server setting and its one default; the ``server`` command's flags, its
+    config file and its environment variables read their defaults from here."""
+
+    db_path: str = "raresignal.db"  # SQLite file, or ":memory:"
+    # Loopback unless told otherwise: listening on every interface is a deliberate choice
+    # (the container image and the Helm chart make it).
+    host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT  # 0: any free port
+    metrics_port: int = DEFAULT_METRICS_PORT
+    health_port: int = DEFAULT_HEALTH_PORT
+    tokens: Mapping[str, Sequence[str]] | None = None  # token -> run-name globs
+    rules_path: str | None = None  # None: the default rules shipped with the server
+    alertmanager_url: str | None = None
+    finished_run_ttl_seconds: float = 3600.0  # how long a finished run stays on /metrics
+    clock_interval_seconds: float = 1.0
+    # certificate_chain and private_key: the server's pair; root_certificates: the CA that
+    # client certificates must chain to (mutual TLS).
+    tls: TlsConfig | None = None
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    alertmanager_resend_seconds: float = 60.0
+    shutdown_grace_seconds: float = 5.0
+
+    def open_storage(self) -> Storage:
+        """The storage backend these settings name (the one place that picks it)."""
+        return SQLiteStorage(self.db_path, self.retention)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    grpc_target: str
+    metrics_url: str
+    health_target: str
+
+    def to_json(self) -> str:
+        return json.dumps({"grpc": self.grpc_target, "metrics": self.metrics_url,
+                           "health": self.health_target})
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0") else ("localhost" if host == "::" else host)
+
+
+async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
+                ready: Callable[[Endpoints], None] | None = None) -> None:
+    """Runs the server until ``stop`` is set (or the task is cancelled), then shuts down
+    gracefully: stops accepting calls, lets in-flight ones finish, flushes storage and
+    pending Alertmanager notifications."""
+    stop = stop or asyncio.Event()
+    rules = load_rules(config.rules_path)
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as resources:
+        # Resources are released in reverse order of creation, whatever fails.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raresignal-storage")
+        resources.callback(executor.shutdown, wait=True)
+        live = LiveState()
+
+        def open_ledger() -> Ledger:
+            return Ledger(config.open_storage(), AlertEngine(rules), live)
+
+        ledger = await loop.run_in_executor(executor, open_ledger)
+
+        async def close_ledger() -> None:
+            await loop.run_in_executor(executor, ledger.close)
+
+        resources.push_async_callback(close_ledger)
+        registry = CollectorRegistry()
+        metrics = ServerMetrics(registry)
+        registry.register(RunStateCollector(live, config.finished_run_ttl_seconds))
+        http_server, http_thread = start_http_server(config.metrics_port, config.host,
+                                                     registry)
+        resources.callback(http_thread.join, 5)
+        resources.callback(http_server.server_close)
+        resources.callback(http_server.shutdown)
+        host = _display_host(config.host)
+        metrics_url = f"http://{host}:{http_server.server_port}/metrics"
+        notifier = None
+        if config.alertmanager_url:
+            notifier = AlertmanagerNotifier(config.alertmanager_url, metrics.notifications,
+                                            generator_url=metrics_url)
+            resources.callback(notifier.close)
+        tokens = TokenStore(config.tokens)
+        hub = AlertHub()
+        backend = Backend(ledger, executor, metrics, tokens, hub, notifier)
+
+        health_servicer = health.aio.HealthServicer()
+        server = grpc.aio.server(options=server_options(),
+                                 interceptors=[AuthInterceptor(tokens)])
+        ingest_pb2_grpc.add_IngestServicer_to_server(IngestService(backend), server)
+        alerts_pb2_grpc.add_AlertsServicer_to_server(AlertsService(backend), server)
+        alerts_pb2_grpc.add_RunsServicer_to_server(RunsService(backend), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{config.host}:{config.grpc_port}"
+        if config.tls is not None:
+            grpc_port = server.add_secure_port(address, config.tls.server_credentials())
+        else:
+            grpc_port = server.add_insecure_port(address)
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+
+        await health_server.start()
+        resources.push_async_callback(health_server.stop, 0)
+        await server.start()
+        resources.push_async_callback(server.stop, config.shutdown_grace_seconds)
+        resources.callback(hub.close)
+        resources.push_async_callback(health_servicer.enter_graceful_shutdown)
+        resources.callback(log.info, "raresignal server stopping")
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        endpoints = Endpoints(f"{host}:{grpc_port}", metrics_url, f"{host}:{health_port}")
+        log.info("raresignal server listening: grpc=%s%s metrics=%s health=%s db=%s "
+                 "rules=%d alertmanager=%s auth=%s", endpoints.grpc_target,
+                 " (tls)" if config.tls else "", metrics_url, endpoints.health_target,
+                 config.db_path, len(rules), config.alertmanager_url or "off",
+                 "open" if tokens.is_open else "tokens")
+        clock_task = asyncio.create_task(_run_clock(backend, config))
+
+        async def stop_clock() -> None:
+            clock_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await clock_task
+
+        resources.push_async_callback(stop_clock)
+        if ready is not None:
+            ready(endpoints)
+        await stop.wait()
+    log.info("raresignal server stopped")
+
+
+async def _run_clock(backend: Backend, config: ServerConfig) -> None:
+    """Evaluates the clock rules and re-posts firing alerts to Alertmanager."""
+    last_resend = time.monotonic()
+    while True:
+        await asyncio.sleep(config.clock_interval_seconds)
+        try:
+            backend.publish(await backend.call(backend.ledger.tick))
+            if (backend.notifier is not None
+                    and time.monotonic() - last_resend >= config.alertmanager_resend_seconds):
+                last_resend = time.monotonic()
+                backend.notifier.notify(await backend.call(backend.ledger.active_alerts))
+        except Exception:
+            log.exception("alert clock failed; trying again next tick")
+
+
+class ServerHandle:
+    """A server running on its own thread. ``stop()`` shuts it down gracefully."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._endpoints: Endpoints | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="raresignal-server",
+                                        daemon=True)
+
+    def _main(self) -> None:
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve(self.config, stop=self._stop, ready=self._on_ready)
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _on_ready(self, endpoints: Endpoints) -> None:
+        self._endpoints = endpoints
+        self._ready.set()
+
+    def start(self, timeout_seconds: float = 30.0) -> ServerHandle:
+        self._thread.start()
+        if not self._ready.wait(timeout_seconds):
+            raise TimeoutError(f"server did not start within {timeout_seconds} s")
+        if self._endpoints is None:
+            if self._error is not None:
+                raise self._error
+            raise RuntimeError("server stopped before it was listening")
+        return self
+
+    @property
+    def endpoints(self) -> Endpoints:
+        assert self._endpoints is not None
+        return self._endpoints
+
+    @property
+    def grpc_target(self) -> str:
+        return self.endpoints.grpc_target
+
+    @property
+    def metrics_url(self) -> str:
+        return self.endpoints.metrics_url
+
+    @property
+    def health_target(self) -> str:
+        return self.endpoints.health_target
+
+    def stop(self, timeout_seconds: float = 30.0) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_seconds)
+        if self._thread.is_alive():
+            raise TimeoutError(f"server did not stop within {timeout_seconds} s")
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def start_in_thread(config: ServerConfig, timeout_seconds: float = 30.0) -> ServerHandle:
+    """Starts a server on a background thread; returns once it is listening."""
+    return ServerHandle(config).start(timeout_seconds)

@@ -1,0 +1,330 @@
+"""The server's single writer: runs, batches and alert evaluation, in order.
+
+Every method runs on one storage thread, so a batch's duplicate check, its samples, the
+alert-engine state they change and the run's new position are decided and committed
+together, and the engine sees batches in exactly the order storage applied them. The
+duplicate check lives here, once, whatever the storage backend: a batch is applied only
+if its sequence is above the sender's last committed one (or the last one earlier in its
+group), and the storage commits each group's samples and sequences together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from raresignal.protos.catalog import CATALOG
+from raresignal.protos.v1 import common_pb2, ingest_pb2
+from raresignal.server.alerting.engine import FIRING, PENDING, AlertEngine
+from raresignal.server.serving.auth import Principal
+from raresignal.server.serving.live import LiveState
+from raresignal.server.serving.validation import (
+    MAX_SAMPLES_PER_BATCH,
+    MAX_SERIES_PER_RUN,
+    RequestError,
+    check_batch_envelope,
+    check_close_state,
+    check_open_run,
+    check_samples,
+    invalid,
+)
+from raresignal.server.storage.base import Storage
+from raresignal.server.storage.records import (
+    AlertChange,
+    AlertRecord,
+    BatchGroup,
+    BatchWrite,
+    CheckedSample,
+    EngineWrites,
+    Newest,
+    RunRecord,
+    SeriesKey,
+    SeriesPoint,
+    labels_key,
+    newest_by_series,
+)
+
+log = logging.getLogger("raresignal.server")
+
+MAX_ALERTS_LISTED = 10_000
+
+
+@dataclass
+class BatchOutcome:
+    applied: bool
+    samples_applied: int = 0
+    changes: list[AlertChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """A report batch with its caller and its samples already checked.
+
+    Checking samples needs nothing but the batch, so it runs wherever the batch arrives
+    (the event loop), while the storage thread stores earlier batches; a failed check is
+    kept and raised where the ledger reaches it, so the errors come in the same order.
+    """
+
+    batch: ingest_pb2.ReportBatch
+    principal: Principal
+    samples: list[CheckedSample]
+    newest: dict[SeriesKey, Newest]
+    error: RequestError | None = None
+
+    @classmethod
+    def check(cls, batch: ingest_pb2.ReportBatch, principal: Principal) -> ReportRequest:
+        if len(batch.samples) > MAX_SAMPLES_PER_BATCH:
+            return cls(batch, principal, [], {})  # refused whole by the envelope check
+        try:
+            samples = check_samples(batch)
+        except RequestError as error:
+            return cls(batch, principal, [], {}, error)
+        return cls(batch, principal, samples, newest_by_series(samples))
+
+
+class Ledger:
+    def __init__(self, storage: Storage, engine: AlertEngine, live: LiveState,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.storage = storage
+        self.engine = engine
+        self.live = live
+        self._clock = clock
+        self._runs: dict[str, RunRecord] = {}
+        for run in storage.list_runs(include_finished=True):
+            self._track(run)
+        engine.restore(storage.rule_states(),
+                       storage.alerts(states=(PENDING, FIRING), limit=1 << 62))
+        live.load_values(storage.latest_values())
+        live.load_firing(engine.active_alerts())
+
+    def _track(self, run: RunRecord) -> None:
+        self._runs[run.run_id] = run
+        self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
+                              run.updated_at, run.last_step, finished=bool(run.finished_at))
+        self.live.set_run(run)
+
+    # -- ingest ------------------------------------------------------------------------
+
+    def open_run(self, request: ingest_pb2.OpenRunRequest,
+                 principal: Principal) -> tuple[RunRecord, dict[str, int]]:
+        check_open_run(request)
+        principal.authorize(request.run_name)
+        now = self._clock()
+        if request.resume_run_id:
+            existing = self._runs.get(request.resume_run_id)
+            if existing is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"resume_run_id {request.resume_run_id!r} is not a known run")
+            if existing.run_name != request.run_name:
+                raise invalid(f"resume_run_id {existing.run_id!r} belongs to run "
+                              f"{existing.run_name!r}, not {request.run_name!r}")
+            run = replace(existing, state=common_pb2.RUN_STATE_ACTIVE, finished_at=0.0,
+                          world_size=request.world_size, updated_at=now,
+                          report_interval_seconds=request.report_interval_seconds,
+                          config=dict(request.config) or existing.config,
+                          tags=dict(request.tags) or existing.tags,
+                          agent_version=request.agent_version or existing.agent_version)
+            self.storage.update_run(run)
+            log.info("run resumed: %s (%s)", run.run_name, run.run_id)
+        else:
+            run = RunRecord(
+                run_id=uuid.uuid4().hex[:16], run_name=request.run_name,
+                state=common_pb2.RUN_STATE_ACTIVE, world_size=request.world_size,
+                created_at=now, updated_at=now, last_step=0,
+                report_interval_seconds=request.report_interval_seconds,
+                config=dict(request.config), tags=dict(request.tags),
+                agent_version=request.agent_version)
+            self.storage.create_run(run)
+            log.info("run opened: %s (%s)", run.run_name, run.run_id)
+        self._track(run)
+        return run, self.storage.last_sequences(run.run_id)
+
+    def apply(self, batch: ingest_pb2.ReportBatch, principal: Principal) -> BatchOutcome:
+        """Applies a batch exactly once; RequestError for anything it cannot accept."""
+        result = self.apply_many([ReportRequest.check(batch, principal)])[0]
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def apply_many(self, requests: Sequence[ReportRequest]) -> list[BatchOutcome | RequestError]:
+        """Applies batches exactly once, in order, committed together (group commit).
+
+        Each batch gets the outcome it would get alone, after the ones before it: its own
+        RequestError when it cannot be accepted, which leaves the others unaffected. If
+        storing the group fails, the batches are tried again one transaction each, so a
+        batch that breaks storage fails alone.
+        """
+        group = BatchGroup()
+        results: list[BatchOutcome | RequestError] = []
+        applied: list[tuple[int, BatchWrite, list[AlertChange]]] = []
+        for request in requests:
+            try:
+                prepared = self._prepare(request, group)
+            except RequestError as error:
+                results.append(error)
+                continue
+            if prepared is None:
+                results.append(BatchOutcome(applied=False))
+            else:
+                write, changes = prepared
+                applied.append((len(results), write, changes))
+                results.append(BatchOutcome(applied=True, samples_applied=len(write.samples),
+                                            changes=changes))
+        if not applied:
+            return results
+        try:
+            self.storage.apply_group(group)
+        except Exception as exc:
+            for run_id in group.runs:
+                self._reload_engine(self._runs[run_id])
+            if len(requests) == 1:
+                log.exception("storing a batch of run %s failed",
+                              requests[0].batch.run_id[:64])
+                results[0] = RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"storage failed ({type(exc).__name__}); retry the batch")
+                return results
+            log.warning("storing a group of %d batches failed (%s: %s); storing them one by one",
+                        len(applied), type(exc).__name__, exc)
+            for index, _, _ in applied:
+                results[index] = self.apply_many([requests[index]])[0]
+            return results
+        for _, write, changes in applied:
+            self._runs[write.run.run_id] = write.run
+            self.live.record_newest(write.run.run_id, write.newest)
+            self.live.apply_changes(changes)
+        return results
+
+    def _prepare(self, request: ReportRequest, group: BatchGroup
+                 ) -> tuple[BatchWrite, list[AlertChange]] | None:
+        """Checks a batch, runs the alert engine on it and adds it to ``group``; None for
+        a duplicate (a sequence not above the sender's last, committed or in the group)."""
+        batch, principal = request.batch, request.principal
+        check_batch_envelope(batch)
+        run = group.runs.get(batch.run_id) or self._runs.get(batch.run_id)
+        if run is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"run_id {batch.run_id!r} is not a known run; call OpenRun")
+        principal.authorize(run.run_name)
+        last_sequence = group.sequences.get((run.run_id, batch.sender_id))
+        if last_sequence is None:
+            last_sequence = self.storage.last_sequence(run.run_id, batch.sender_id)
+        if batch.sequence <= last_sequence:
+            return None
+        if run.finished_at:
+            state = common_pb2.RunState.Name(run.state)
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"run_id {run.run_id!r} ({run.run_name}) is closed ({state}); "
+                               "resume it with OpenRun to report again")
+        if request.error is not None:
+            raise request.error
+        samples, newest = request.samples, request.newest
+        known = self.storage.series_keys(run.run_id)
+        pending = group.new_series.get(run.run_id, set())
+        new_series = [key for key in newest if key not in known and key not in pending]
+        if new_series and len(known) + len(pending) + len(new_series) > MAX_SERIES_PER_RUN:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"samples would create {len(new_series)} new series, beyond "
+                               f"the limit of {MAX_SERIES_PER_RUN} series per run")
+        now = self._clock()
+        changes = self.engine.observe(run.run_id, samples, now)
+        last_step = max((step for step, _, _ in newest.values()), default=run.last_step)
+        updated = replace(run, updated_at=now, last_step=max(run.last_step, last_step))
+        write = BatchWrite(updated, batch.sender_id, batch.sequence, samples,
+                           self.engine.take_writes(), newest)
+        group.add(write, new_series)
+        return write, changes
+
+    def _reload_engine(self, run: RunRecord) -> None:
+        self.engine.discard_writes()
+        self.engine.forget_run(run.run_id)
+        self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
+                              run.updated_at, run.last_step, bool(run.finished_at))
+        self.engine.restore(
+            [s for s in self.storage.rule_states() if s[0] == run.run_id],
+            self.storage.alerts(run_id=run.run_id, states=(PENDING, FIRING), limit=1 << 62))
+
+    def close_run(self, run_id: str, state: int,
+                  principal: Principal) -> tuple[RunRecord, list[AlertChange]]:
+        final_state = check_close_state(state)
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"run_id {run_id!r} is not a known run")
+        principal.authorize(run.run_name)
+        if run.finished_at:
+            return run, []  # closing twice is harmless
+        now = self._clock()
+        changes = self.engine.close_run(run_id, now)
+        closed = replace(run, state=final_state, finished_at=now, updated_at=now)
+        self.storage.update_run(closed, self.engine.take_writes())
+        self._runs[run_id] = closed
+        self.live.set_run(closed)
+        self.live.apply_changes(changes)
+        log.info("run closed: %s (%s) %s", run.run_name, run_id,
+                 common_pb2.RunState.Name(final_state))
+        return closed, changes
+
+    def tick(self) -> list[AlertChange]:
+        """Runs the clock rules (RunStalled) and stores what they changed."""
+        changes = self.engine.tick(self._clock())
+        if changes:
+            writes = self.engine.take_writes()
+            for run_id in {c.alert.run_id for c in changes}:
+                self.storage.update_run(self._runs[run_id], _only_run(writes, run_id))
+            self.live.apply_changes(changes)
+        return changes
+
+    # -- reads -----------------------------------------------------------------------
+
+    def run(self, run_id: str) -> RunRecord | None:
+        return self._runs.get(run_id)
+
+    def list_runs(self, include_finished: bool, principal: Principal) -> list[RunRecord]:
+        return [run for run in self._runs.values()
+                if (include_finished or not run.finished_at) and principal.allows(run.run_name)]
+
+    def list_alerts(self, run_id: str, states: tuple[int, ...], rule: str, limit: int,
+                    principal: Principal) -> list[AlertRecord]:
+        if limit < 0:
+            raise invalid("limit must be >= 0")
+        limit = min(limit or 1000, MAX_ALERTS_LISTED)
+        if run_id:
+            run = self._runs.get(run_id)
+            if run is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"run_id {run_id!r} is not a known run")
+            principal.authorize(run.run_name)
+        alerts = self.storage.alerts(run_id=run_id, states=states, rule=rule,
+                                     limit=limit if principal.patterns == ("*",) else 1 << 62)
+        return [a for a in alerts if principal.allows(a.run_name)][:limit]
+
+    def active_alerts(self) -> list[AlertRecord]:
+        return [replace(a, labels=dict(a.labels)) for a in self.engine.active_alerts()]
+
+    def get_series(self, run_id: str, metric: str, labels: dict[str, str], since_step: int,
+                   principal: Principal) -> list[SeriesPoint]:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"run_id {run_id!r} is not a known run")
+        principal.authorize(run.run_name)
+        if metric not in CATALOG:
+            raise invalid(f"metric {metric[:128]!r} is not in the raresignal catalogue")
+        return self.storage.get_series(run_id, metric, labels_key(labels), since_step)
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+def _only_run(writes: EngineWrites, run_id: str) -> EngineWrites:
+    """The part of engine writes that belongs to one run."""
+    return replace(
+        writes,
+        rule_states=[s for s in writes.rule_states if s[0] == run_id],
+        alerts=[a for a in writes.alerts if a.run_id == run_id],
+        changes=[c for c in writes.changes if c.alert.run_id == run_id],
+    )

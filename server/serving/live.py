@@ -1,0 +1,107 @@
+"""The latest state of every run, shared with the Prometheus scrape thread.
+
+The storage thread updates it after each committed batch; a scrape copies it under a lock
+and never reads storage, so a scrape cannot slow the write path (and works for an
+in-memory database, which only its own connection can see).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from raresignal.protos.v1 import common_pb2
+from raresignal.server.storage.records import (
+    AlertChange,
+    AlertRecord,
+    LatestValue,
+    Newest,
+    RunRecord,
+    SeriesKey,
+)
+
+
+@dataclass(frozen=True)
+class RunView:
+    run_id: str
+    run_name: str
+    finished_at: float  # 0 while active
+
+
+@dataclass
+class Snapshot:
+    """What one scrape exposes."""
+
+    runs: list[RunView] = field(default_factory=list)
+    active_runs: int = 0
+    finished_runs: int = 0
+    # run_id -> [(metric, labels, value)]
+    values: dict[str, list[tuple[str, dict[str, str], float]]] = field(default_factory=dict)
+    firing: list[AlertRecord] = field(default_factory=list)
+
+
+class LiveState:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, RunView] = {}
+        # run_id -> (metric, labels_key) -> (step, value)
+        self._values: dict[str, dict[tuple[str, str], tuple[int, float]]] = {}
+        self._firing: dict[str, AlertRecord] = {}
+
+    def set_run(self, run: RunRecord) -> None:
+        with self._lock:
+            self._runs[run.run_id] = RunView(run.run_id, run.run_name, run.finished_at)
+            self._values.setdefault(run.run_id, {})
+
+    def load_values(self, values: Iterable[LatestValue]) -> None:
+        with self._lock:
+            for v in values:
+                self._values.setdefault(v.run_id, {})[(v.metric, v.labels_key)] = (v.step,
+                                                                                    v.value)
+
+    def record_newest(self, run_id: str, newest: Mapping[SeriesKey, Newest]) -> None:
+        """Takes the newest sample per series of a batch: O(series), not O(samples)."""
+        with self._lock:
+            series = self._values.setdefault(run_id, {})
+            for key, (step, value, _) in newest.items():
+                current = series.get(key)
+                if current is None or step >= current[0]:
+                    series[key] = (step, value)
+
+    def apply_changes(self, changes: Iterable[AlertChange]) -> None:
+        with self._lock:
+            for change in changes:
+                alert = change.alert
+                if alert.state == common_pb2.ALERT_STATE_FIRING:
+                    self._firing[alert.alert_id] = replace(alert, labels=dict(alert.labels))
+                else:
+                    self._firing.pop(alert.alert_id, None)
+
+    def load_firing(self, alerts: Iterable[AlertRecord]) -> None:
+        with self._lock:
+            for alert in alerts:
+                if alert.state == common_pb2.ALERT_STATE_FIRING:
+                    self._firing[alert.alert_id] = alert
+
+    def snapshot(self, now: float, finished_ttl_seconds: float) -> Snapshot:
+        """The exposed state; finished runs older than the TTL are left out."""
+        snap = Snapshot()
+        with self._lock:
+            for run in self._runs.values():
+                if run.finished_at:
+                    snap.finished_runs += 1
+                    if now - run.finished_at > finished_ttl_seconds:
+                        continue
+                else:
+                    snap.active_runs += 1
+                snap.runs.append(run)
+                snap.values[run.run_id] = [
+                    (metric, json.loads(labels_key), value)
+                    for (metric, labels_key), (_, value) in self._values.get(run.run_id,
+                                                                            {}).items()
+                ]
+            shown = {run.run_id for run in snap.runs}
+            snap.firing = [a for a in self._firing.values() if a.run_id in shown]
+        return snap

@@ -1,0 +1,314 @@
+"""The gRPC services (Ingest, Alerts, Runs) on grpc.aio.
+
+Handlers stay on the event loop only to decode, check, await and answer: every storage
+and alert-engine call goes to the single storage thread, so the loop keeps serving other
+streams while storage writes. Report batches go there in groups (:class:`GroupCommit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from raresignal.protos.transport import REJECTED_SEQUENCE_METADATA_KEY
+from raresignal.protos.v1 import (
+    alerts_pb2,
+    alerts_pb2_grpc,
+    common_pb2,
+    ingest_pb2,
+    ingest_pb2_grpc,
+)
+from raresignal.server.alerting.alertmanager import AlertmanagerNotifier
+from raresignal.server.alerting.engine import FIRING
+from raresignal.server.serving.auth import Principal, TokenStore
+from raresignal.server.serving.convert import alert_message, run_info
+from raresignal.server.serving.ledger import BatchOutcome, Ledger, ReportRequest
+from raresignal.server.serving.metrics import ServerMetrics
+from raresignal.server.serving.validation import RequestError
+from raresignal.server.storage.records import AlertChange, AlertRecord
+
+log = logging.getLogger("raresignal.server")
+
+T = TypeVar("T")
+WATCH_QUEUE_SIZE = 10_000
+# At most this many batches per group commit, so one transaction (and the ack latency of
+# every batch in it) stays bounded however many senders queue up at once.
+MAX_GROUP_BATCHES = 64
+
+
+class AlertHub:
+    """Fans alert changes out to WatchAlerts streams (event-loop side only)."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[AlertChange | None]] = set()
+        self._overflowed: set[asyncio.Queue[AlertChange | None]] = set()
+
+    def subscribe(self) -> asyncio.Queue[AlertChange | None]:
+        queue: asyncio.Queue[AlertChange | None] = asyncio.Queue(WATCH_QUEUE_SIZE)
+        self._queues.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[AlertChange | None]) -> None:
+        self._queues.discard(queue)
+        self._overflowed.discard(queue)
+
+    def overflowed(self, queue: asyncio.Queue[AlertChange | None]) -> bool:
+        return queue in self._overflowed
+
+    def publish(self, changes: Sequence[AlertChange]) -> None:
+        for queue in list(self._queues):
+            for change in changes:
+                try:
+                    queue.put_nowait(change)
+                except asyncio.QueueFull:
+                    self._overflowed.add(queue)
+                    break
+
+    def close(self) -> None:
+        """Ends every watch stream (at shutdown)."""
+        for queue in list(self._queues):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
+
+class GroupCommit:
+    """Hands report batches to the storage thread in groups (event-loop side only).
+
+    A batch that arrives while the storage thread is busy waits for the current group to
+    finish, then goes with every other batch that queued up meanwhile in one call of
+    :meth:`Ledger.apply_many`: one transaction, one hop to the storage thread and one
+    wake-up of the event loop per group instead of per batch. Under light load a group
+    is a single batch and nothing waits longer than before.
+    """
+
+    def __init__(self, call: Callable[..., Awaitable[Any]], ledger: Ledger,
+                 max_batches: int = MAX_GROUP_BATCHES) -> None:
+        self._call = call
+        self._ledger = ledger
+        self._max_batches = max_batches
+        self._queued: list[tuple[ReportRequest, asyncio.Future[BatchOutcome]]] = []
+        self._drain: asyncio.Task[None] | None = None
+
+    async def apply(self, batch: ingest_pb2.ReportBatch, principal: Principal) -> BatchOutcome:
+        """The batch's outcome once its group is committed; RequestError if refused."""
+        future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+        # The samples are checked here, on the event loop, while the storage thread is
+        # busy storing earlier groups (mostly outside the GIL, in the database driver).
+        self._queued.append((ReportRequest.check(batch, principal), future))
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_queue())
+        return await future
+
+    async def _drain_queue(self) -> None:
+        group: list[tuple[ReportRequest, asyncio.Future[BatchOutcome]]] = []
+        try:
+            while self._queued:
+                group = self._queued[:self._max_batches]
+                del self._queued[:self._max_batches]
+                requests = [request for request, _ in group]
+                try:
+                    results = await self._call(self._ledger.apply_many, requests)
+                except Exception as exc:  # a bug, not a refusal: every caller learns of it
+                    log.exception("applying a group of %d batches failed", len(group))
+                    results = [exc] * len(group)
+                for (_, future), result in zip(group, results, strict=True):
+                    if future.done():  # the stream went away meanwhile
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._drain = None
+            for _, future in [*group, *self._queued]:  # only when cancelled (shutdown)
+                future.cancel()
+            self._queued.clear()
+
+
+class Backend:
+    """What the services share: the ledger on its thread, metrics, auth and outputs."""
+
+    def __init__(self, ledger: Ledger, executor: ThreadPoolExecutor, metrics: ServerMetrics,
+                 tokens: TokenStore, hub: AlertHub,
+                 notifier: AlertmanagerNotifier | None) -> None:
+        self.ledger = ledger
+        self.executor = executor
+        self.metrics = metrics
+        self.tokens = tokens
+        self.hub = hub
+        self.notifier = notifier
+        self.batches = GroupCommit(self.call, ledger)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return self.tokens.principal(context.invocation_metadata())
+
+    def publish(self, changes: Sequence[AlertChange]) -> None:
+        if not changes:
+            return
+        self.hub.publish(changes)
+        for change in changes:
+            if change.alert.state == FIRING:
+                self.metrics.alerts_fired.labels(change.alert.rule).inc()
+            log.info("alert %s: %s %s (run %s, value %.4g, step %d)",
+                     alert_state_name(change.alert.state), change.alert.rule,
+                     change.alert.labels or "", change.alert.run_name, change.alert.value,
+                     change.alert.step)
+        if self.notifier is not None:
+            self.notifier.notify([change.alert for change in changes])
+
+
+def alert_state_name(state: int) -> str:
+    return common_pb2.AlertState.Name(state).removeprefix("ALERT_STATE_").lower()
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RequestError,
+                 trailing: tuple[tuple[str, str], ...] = ()) -> None:
+    await context.abort(error.code, error.message, trailing_metadata=trailing)
+
+
+class IngestService(ingest_pb2_grpc.IngestServicer):
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+
+    async def OpenRun(self, request: ingest_pb2.OpenRunRequest,
+                      context: grpc.aio.ServicerContext) -> ingest_pb2.OpenRunResponse:
+        try:
+            principal = self._b.principal(context)
+            run, sequences = await self._b.call(self._b.ledger.open_run, request, principal)
+        except RequestError as error:
+            await _abort(context, error)
+        return ingest_pb2.OpenRunResponse(run_id=run.run_id, run=run_info(run),
+                                          last_sequences=sequences)
+
+    async def Report(self, request_iterator: AsyncIterator[ingest_pb2.ReportBatch],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[ingest_pb2.ReportAck]:
+        metrics = self._b.metrics
+        try:
+            principal = self._b.principal(context)
+        except RequestError as error:
+            await _abort(context, error)
+        async for batch in request_iterator:
+            started = time.perf_counter()
+            try:
+                outcome = await self._b.batches.apply(batch, principal)
+            except RequestError as error:
+                metrics.batches.labels("rejected").inc()
+                log.info("batch rejected (run %s, sender %s, sequence %d): %s: %s",
+                         batch.run_id[:64], batch.sender_id[:64], batch.sequence,
+                         error.code.name, error.message)
+                await _abort(context, error,
+                             ((REJECTED_SEQUENCE_METADATA_KEY, str(batch.sequence)),))
+            if outcome.applied:
+                metrics.batches.labels("applied").inc()
+                metrics.samples.inc(outcome.samples_applied)
+                self._b.publish(outcome.changes)
+                result = ingest_pb2.ReportAck.OUTCOME_APPLIED
+            else:
+                metrics.batches.labels("duplicate").inc()
+                result = ingest_pb2.ReportAck.OUTCOME_DUPLICATE
+            metrics.batch_duration.observe(time.perf_counter() - started)
+            yield ingest_pb2.ReportAck(sequence=batch.sequence, outcome=result,
+                                       samples_applied=outcome.samples_applied)
+
+    async def CloseRun(self, request: ingest_pb2.CloseRunRequest,
+                       context: grpc.aio.ServicerContext) -> ingest_pb2.CloseRunResponse:
+        try:
+            principal = self._b.principal(context)
+            run, changes = await self._b.call(self._b.ledger.close_run, request.run_id,
+                                              request.state, principal)
+        except RequestError as error:
+            await _abort(context, error)
+        self._b.publish(changes)
+        return ingest_pb2.CloseRunResponse(run=run_info(run))
+
+
+def _matches(alert: AlertRecord, request_filter: alerts_pb2.AlertFilter,
+             principal: Principal) -> bool:
+    return ((not request_filter.run_id or alert.run_id == request_filter.run_id)
+            and (not request_filter.states or alert.state in request_filter.states)
+            and (not request_filter.rule or alert.rule == request_filter.rule)
+            and principal.allows(alert.run_name))
+
+
+class AlertsService(alerts_pb2_grpc.AlertsServicer):
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+
+    async def ListAlerts(self, request: alerts_pb2.ListAlertsRequest,
+                         context: grpc.aio.ServicerContext) -> alerts_pb2.ListAlertsResponse:
+        f = request.filter
+        try:
+            principal = self._b.principal(context)
+            alerts = await self._b.call(self._b.ledger.list_alerts, f.run_id, tuple(f.states),
+                                        f.rule, request.limit, principal)
+        except RequestError as error:
+            await _abort(context, error)
+        return alerts_pb2.ListAlertsResponse(alerts=[alert_message(a) for a in alerts])
+
+    async def WatchAlerts(self, request: alerts_pb2.WatchAlertsRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[
+                              alerts_pb2.AlertEvent]:
+        try:
+            principal = self._b.principal(context)
+            if request.filter.run_id and await self._b.call(
+                    self._b.ledger.run, request.filter.run_id) is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"run_id {request.filter.run_id!r} is not a known run")
+        except RequestError as error:
+            await _abort(context, error)
+        hub = self._b.hub
+        queue = hub.subscribe()  # before the snapshot, so no change falls in between
+        try:
+            for alert in await self._b.call(self._b.ledger.active_alerts):
+                if _matches(alert, request.filter, principal):
+                    yield alerts_pb2.AlertEvent(alert=alert_message(alert))
+            while True:
+                change = await queue.get()
+                if change is None:
+                    return
+                if hub.overflowed(queue):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        "watcher fell too far behind; watch again")
+                if _matches(change.alert, request.filter, principal):
+                    yield alerts_pb2.AlertEvent(alert=alert_message(change.alert),
+                                                previous_state=change.previous_state)
+        finally:
+            hub.unsubscribe(queue)
+
+
+class RunsService(alerts_pb2_grpc.RunsServicer):
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+
+    async def ListRuns(self, request: alerts_pb2.ListRunsRequest,
+                       context: grpc.aio.ServicerContext) -> alerts_pb2.ListRunsResponse:
+        try:
+            principal = self._b.principal(context)
+            runs = await self._b.call(self._b.ledger.list_runs, request.include_finished,
+                                      principal)
+        except RequestError as error:
+            await _abort(context, error)
+        return alerts_pb2.ListRunsResponse(runs=[run_info(run) for run in runs])
+
+    async def GetSeries(self, request: alerts_pb2.GetSeriesRequest,
+                        context: grpc.aio.ServicerContext) -> alerts_pb2.GetSeriesResponse:
+        try:
+            principal = self._b.principal(context)
+            points = await self._b.call(self._b.ledger.get_series, request.run_id,
+                                        request.metric, dict(request.labels),
+                                        request.since_step, principal)
+        except RequestError as error:
+            await _abort(context, error)
+        return alerts_pb2.GetSeriesResponse(samples=[
+            common_pb2.Sample(metric=request.metric, labels=request.labels, step=p.step,
+                              value=p.value, wall_time=p.wall_time) for p in points])

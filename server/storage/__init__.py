@@ -1,0 +1,2 @@
+"""Storage: the interface every backend implements, the records it keeps, and the SQLite
+backend."""

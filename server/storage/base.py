@@ -1,0 +1,103 @@
+"""The storage interface: what the server keeps, and what every backend must implement.
+
+The ledger (the server's single writer) is the only caller. It decides what a batch
+means before it reaches storage: the duplicate-sequence check, the series limit and the
+alert engine's evaluation all run there, once, for every backend. A backend stores what
+it is given atomically and answers the reads below; SQLite (``storage.sqlite``) is the
+default.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence, Set
+from dataclasses import dataclass
+from typing import Any
+
+from raresignal.server.storage.records import (
+    AlertRecord,
+    BatchGroup,
+    EngineWrites,
+    LatestValue,
+    RunRecord,
+    SeriesKey,
+    SeriesPoint,
+)
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Bounds the samples kept per series so a month-long run does not grow without end.
+
+    The newest ``full_resolution`` samples of a series are kept as they came. Older ones
+    are capped at ``thinned_capacity``: whenever they exceed it, every second one is
+    dropped (the oldest always stays), so the resolution of old history halves each time
+    and a series never holds more than ``full_resolution + thinned_capacity`` samples.
+    """
+
+    full_resolution: int = 10_000
+    thinned_capacity: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.full_resolution < 1 or self.thinned_capacity < 2:
+            raise ValueError("retention needs full_resolution >= 1 and thinned_capacity >= 2")
+
+    @property
+    def limit(self) -> int:
+        return self.full_resolution + self.thinned_capacity
+
+
+class Storage(ABC):
+    """Runs, series, sender sequences, alert-engine state and alerts.
+
+    Exactly-once rests on two promises: :meth:`apply_group` stores a group's samples and
+    its senders' new sequences in one transaction (all or nothing), and
+    :meth:`last_sequence` answers from what was committed, including after a restart.
+    The ledger then drops every batch whose sequence is not above the sender's last.
+    """
+
+    @abstractmethod
+    def create_run(self, run: RunRecord) -> None: ...
+
+    @abstractmethod
+    def update_run(self, run: RunRecord, writes: EngineWrites | None = None) -> None:
+        """Stores the run, and ``writes`` with it in the same transaction."""
+
+    @abstractmethod
+    def list_runs(self, include_finished: bool) -> list[RunRecord]: ...
+
+    @abstractmethod
+    def last_sequence(self, run_id: str, sender_id: str) -> int:
+        """Highest sequence committed for the sender (0: none yet)."""
+
+    @abstractmethod
+    def last_sequences(self, run_id: str) -> dict[str, int]:
+        """:meth:`last_sequence` of every sender of the run."""
+
+    @abstractmethod
+    def series_keys(self, run_id: str) -> Set[SeriesKey]:
+        """The (metric, labels key) of every series the run has."""
+
+    @abstractmethod
+    def apply_group(self, group: BatchGroup) -> None:
+        """Stores every batch of the group (its samples, the newest value of each series),
+        the runs as they stand after it, its senders' sequences and its engine writes, in
+        one transaction. On an error nothing of the group is stored, and it is raised."""
+
+    @abstractmethod
+    def latest_values(self) -> list[LatestValue]: ...
+
+    @abstractmethod
+    def get_series(self, run_id: str, metric: str, labels_key: str,
+                   since_step: int) -> list[SeriesPoint]: ...
+
+    @abstractmethod
+    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]: ...
+
+    @abstractmethod
+    def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
+               limit: int = 1000) -> list[AlertRecord]:
+        """Alerts, newest first, optionally of one run, in some states, of one rule."""
+
+    @abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,30 @@
+"""Runs put into a real server as a training job would, for the client tests to read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from raresignal.client.channels import auth_metadata, open_channel
+from raresignal.protos.transport import TlsConfig
+from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
+
+# (metric, step, value)
+SampleSpec = tuple[str, int, float]
+
+
+def report_run(target: str, run_name: str, samples: Sequence[SampleSpec],
+               token: str | None = None, tls: TlsConfig | None = None) -> str:
+    """Opens a run named ``run_name``, reports ``samples`` in one batch and returns the
+    run's id (the run stays open, as a run still training)."""
+    metadata = auth_metadata(token)
+    with open_channel(target, tls) as channel:
+        ingest = ingest_pb2_grpc.IngestStub(channel)
+        run_id = ingest.OpenRun(ingest_pb2.OpenRunRequest(run_name=run_name, world_size=1),
+                                metadata=metadata, timeout=10).run_id
+        batch = ingest_pb2.ReportBatch(
+            run_id=run_id, sender_id="rank0-test", sequence=1,
+            samples=[common_pb2.Sample(metric=metric, step=step, value=value,
+                                       wall_time=1_700_000_000.0 + step)
+                     for metric, step, value in samples])
+        list(ingest.Report(iter([batch]), metadata=metadata, timeout=20))
+    return run_id

@@ -1,0 +1,124 @@
+"""The `raresignal` command: its help, a real server run through it and queried with
+`runs` and `alerts`, and the client commands on an install without the server extra."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from reporting import report_run
+
+from raresignal.server.process import ServerProcess
+
+SERVER_EXTRA_AND_TORCH = ("yaml", "prometheus_client", "grpc_health", "grpc_reflection",
+                          "torch")
+
+# Makes the blocked modules look uninstalled, as on an agent-only install, then runs the
+# command line with the script's arguments.
+CLI_WITHOUT = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = {blocked!r}
+    class Uninstalled(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split('.')[0] in BLOCKED:
+                raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)
+            return None
+    sys.meta_path.insert(0, Uninstalled())
+    from raresignal.client.cli import main
+    code = main(sys.argv[1:])
+    imported = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)
+    assert not imported, imported
+    sys.exit(code)
+""")
+
+
+def _cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "raresignal.client.cli", *argv],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def _cli_without(blocked: tuple[str, ...], *argv: str) -> subprocess.CompletedProcess[str]:
+    code = CLI_WITHOUT.format(blocked=sorted(blocked))
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_help_teaches_with_examples() -> None:
+    for argv in (["--help"], ["server", "--help"], ["runs", "--help"], ["alerts", "--help"]):
+        result = _cli(*argv)
+        assert result.returncode == 0, result.stderr
+        assert "examples:" in result.stdout
+    assert "--ready-file" in _cli("server", "--help").stdout
+
+
+def test_cli_server_runs_and_answers_runs_and_alerts(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    env = {**os.environ, "RARESIGNAL_TOKENS": "cli-token=cli-*"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "raresignal.client.cli", "server", "--db",
+         str(tmp_path / "cli.db"), "--host", "127.0.0.1", "--grpc-port", "0",
+         "--metrics-port", "0", "--health-port", "0", "--ready-file", str(ready)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert server.poll() is None, server.stdout.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "server did not write its ready file"
+            time.sleep(0.1)
+        endpoints = json.loads(ready.read_text())
+        assert set(endpoints) == {"grpc", "metrics", "health"}
+        run_id = report_run(endpoints["grpc"], "cli-run", [("nonfinite_values", 1, 2.0)],
+                            token="cli-token")
+
+        def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+            return _cli(*argv, "--server", endpoints["grpc"],
+                        env={**os.environ, "RARESIGNAL_TOKEN": "cli-token"})
+
+        runs = cli("runs")
+        assert runs.returncode == 0, runs.stderr
+        assert run_id in runs.stdout and "cli-run" in runs.stdout and "active" in runs.stdout
+        alerts = cli("alerts", "--state", "firing")
+        assert alerts.returncode == 0, alerts.stderr
+        assert "NonFiniteGradients" in alerts.stdout and "firing" in alerts.stdout
+        denied = _cli("runs", "--server", endpoints["grpc"], "--token", "wrong")
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0, output
+    assert "raresignal server listening: grpc=127.0.0.1:" in output
+    assert "raresignal server stopped" in output
+
+
+def test_client_commands_run_without_the_server_extra_or_torch(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path / "rs.db", tmp_path).start() as server:
+        run_id = report_run(server.grpc_target, "lean-run", [("nonfinite_values", 1, 3.0)])
+        runs = _cli_without(SERVER_EXTRA_AND_TORCH, "runs", "--server", server.grpc_target)
+        assert runs.returncode == 0, runs.stderr
+        assert run_id in runs.stdout and "lean-run" in runs.stdout
+        alerts = _cli_without(SERVER_EXTRA_AND_TORCH, "alerts", "--state", "firing",
+                              "--server", server.grpc_target)
+        assert alerts.returncode == 0, alerts.stderr
+        assert "NonFiniteGradients" in alerts.stdout and "lean-run" in alerts.stdout
+
+    for argv in (["--help"], ["alerts", "--help"]):
+        helped = _cli_without(SERVER_EXTRA_AND_TORCH, *argv)
+        assert helped.returncode == 0 and "examples:" in helped.stdout, helped.stderr
+    assert "raresignal[server]" in _cli_without(SERVER_EXTRA_AND_TORCH, "--help").stdout
+    refused = _cli_without(SERVER_EXTRA_AND_TORCH, "server", "--db", str(tmp_path / "x.db"))
+    assert refused.returncode == 2
+    assert "pip install 'raresignal[server]'" in refused.stderr
+    assert "'yaml'" in refused.stderr
+
+
+def test_the_blocker_makes_a_module_look_uninstalled() -> None:
+    """The checks above must be able to fail: a client that imported torch would."""
+    code = CLI_WITHOUT.format(blocked=["grpc"])
+    result = subprocess.run([sys.executable, "-c", code, "runs"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "No module named 'grpc" in result.stderr

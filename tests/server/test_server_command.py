@@ -1,0 +1,43 @@
+"""The `raresignal server` command: where its settings come from, and a bad rules file
+stopping it with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raresignal.server.cli import build_parser, server_settings
+
+
+def test_server_help_teaches_with_examples() -> None:
+    result = subprocess.run([sys.executable, "-m", "raresignal.server.cli", "server", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "examples:" in result.stdout and "--ready-file" in result.stdout
+
+
+def test_settings_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "server.yaml"
+    file.write_text("db: from-file.db\ngrpc-port: 1111\nmetrics_port: 2222\n")
+    args = build_parser().parse_args(["server", "--config", str(file), "--grpc-port", "3333"])
+    settings = server_settings(args, {"RARESIGNAL_METRICS_PORT": "4444",
+                                      "RARESIGNAL_DB": "from-env.db"})
+    assert (settings["db"], settings["grpc_port"], settings["metrics_port"],
+            settings["health_port"]) == ("from-env.db", 3333, 4444, 8081)
+    file.write_text("colour: blue\n")
+    with pytest.raises(SystemExit, match="unknown setting 'colour'"):
+        server_settings(build_parser().parse_args(["server", "--config", str(file)]), {})
+
+
+def test_bad_rules_file_stops_the_cli_with_a_clear_message(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: [{alert: X, metric: nope, op: '<', threshold: 1}]\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "raresignal.server.cli", "server", "--rules", str(rules),
+         "--db", ":memory:", "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown metric 'nope'" in result.stderr
