@@ -12,6 +12,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from raresignal.client.channels import auth_metadata
 from raresignal.protos.transport import client_channel_options
 from raresignal.protos.v1 import (
     alerts_pb2,
@@ -47,7 +48,7 @@ class Client:
         all_options = [*client_channel_options(), *options]
         self.channel = (grpc.secure_channel(target, credentials, all_options) if credentials
                         else grpc.insecure_channel(target, all_options))
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = auth_metadata(token)
         self.ingest = ingest_pb2_grpc.IngestStub(self.channel)
         self.alerts = alerts_pb2_grpc.AlertsStub(self.channel)
         self.runs = alerts_pb2_grpc.RunsStub(self.channel)

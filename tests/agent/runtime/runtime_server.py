@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import socket
 
-import grpc
-
+from raresignal.client.channels import auth_metadata, open_channel
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc
 
 
@@ -19,11 +18,10 @@ def free_port() -> int:
 def stored_series(target: str, run_id: str, metric: str = "loss",
                   token: str | None = None) -> dict[int, float]:
     """step -> value of one unlabelled series, read back with Runs.GetSeries."""
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target) as channel:
         response = alerts_pb2_grpc.RunsStub(channel).GetSeries(
             alerts_pb2.GetSeriesRequest(run_id=run_id, metric=metric), timeout=10,
-            metadata=metadata)
+            metadata=auth_metadata(token))
     steps = [s.step for s in response.samples]
     assert len(steps) == len(set(steps)), "a step is stored twice"
     return {s.step: s.value for s in response.samples}
