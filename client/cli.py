@@ -205,7 +205,9 @@ def run_alerts(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(with_server=argv[:1] == ["server"])
+    # The server's modules load only for its own command and for the command list, whose
+    # line for it says whether the server extra is installed.
+    parser = build_parser(with_server=argv[:1] in (["server"], ["-h"], ["--help"], []))
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "takes_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -122,3 +122,27 @@ def test_the_blocker_makes_a_module_look_uninstalled() -> None:
     result = subprocess.run([sys.executable, "-c", code, "runs"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and "No module named 'grpc" in result.stderr
+
+
+def test_client_commands_leave_the_server_unloaded() -> None:
+    """`runs` and `alerts` start without importing the server, even where it is installed;
+    `server` itself and the command list load it."""
+    code = textwrap.dedent("""
+        import sys
+        from raresignal.client.cli import main
+        try:
+            main(sys.argv[1:])
+        except SystemExit:
+            pass
+        print('server loaded' if 'raresignal.server.cli' in sys.modules else 'server unloaded')
+    """)
+
+    def loaded(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                                text=True, timeout=60)
+        return result.stdout.strip().splitlines()[-1]
+
+    assert loaded("runs", "--server", "127.0.0.1:1") == "server unloaded"
+    assert loaded("alerts", "--help") == "server unloaded"
+    assert loaded("server", "--help") == "server loaded"
+    assert loaded("--help") == "server loaded"
