@@ -259,6 +259,7 @@ class Monitor:
             values["agent_dropped_reports_total", ()] = float(self._sender.dropped_reports)
             values["agent_spool_bytes", ()] = float(self._sender.spool_bytes)
             values["agent_send_failures_total", ()] = float(self._sender.send_failures)
+            values["agent_sender_errors_total", ()] = float(self._sender.internal_errors)
         return values
 
     def _make_sender(self) -> Sender:
@@ -321,9 +322,16 @@ class Monitor:
 
         The run id is in it once the run is open; the sender opens it right after the
         first step, so only a checkpoint taken before the server was ever reached lacks
-        it (resuming from that one opens a new run).
+        it (resuming from that one opens a new run). Every step measured so far is sealed
+        into the spool first, so the sequence numbering saved here covers it and a
+        process resumed from this state replays whatever the server has not acknowledged.
         """
         sender = self._sender
+        if sender is not None and not sender.flush(self.config.network_timeout_seconds):
+            log.warning("raresignal: the last steps before this checkpoint were not in the "
+                        "spool within %.1f s; should this process end before sending them, "
+                        "resuming from the checkpoint will not replay them",
+                        self.config.network_timeout_seconds)
         return {
             "format": _STATE_FORMAT,
             "step": self._step,

@@ -96,7 +96,9 @@ class Sender:
         self._agent_version = agent_version
         self._run_id = run_id
         self._next_sequence = max(1, next_sequence)
-        self._queue: queue.Queue[list[SampleTuple] | None] = queue.Queue(config.queue_size)
+        # Items: one step's samples, a flush request, or None to wake the thread.
+        self._queue: queue.Queue[list[SampleTuple] | threading.Event | None] = queue.Queue(
+            config.queue_size)
         self._buffer: list[SampleTuple] = []
         self._last_flush = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -116,6 +118,7 @@ class Sender:
         self._applied_batches = 0
         self._duplicate_batches = 0
         self._send_failures = 0
+        self._internal_errors = 0
         self._log = RateLimitedLog(log)
 
     # -- read from the training thread ---------------------------------------------------
@@ -139,6 +142,11 @@ class Sender:
     @property
     def send_failures(self) -> int:
         return self._send_failures
+
+    @property
+    def internal_errors(self) -> int:
+        """Unexpected errors the thread survived (each logged, rate-limited)."""
+        return self._internal_errors
 
     @property
     def applied_batches(self) -> int:
@@ -170,6 +178,20 @@ class Sender:
             self._log.warning("queue-full", "raresignal: report queue full (%d steps); "
                               "dropping measurements", self._config.queue_size)
             return False
+
+    def flush(self, timeout: float) -> bool:
+        """Waits at most ``timeout`` seconds until every sample submitted so far is in a
+        sealed, spooled batch, so that ``next_sequence`` then covers them all (what a
+        checkpoint must record). True when that happened in time."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return False
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
 
     def close(self, state: str | None, timeout: float) -> bool:
         """Flushes for at most ``timeout`` seconds, then closes the run with ``state``
@@ -206,9 +228,14 @@ class Sender:
         assert self._spool is not None
         while True:
             closing = self._closing.is_set()
-            self._collect(block=not closing)
-            if self._network_due() and time.monotonic() >= self._retry_at:
-                self._try_send()
+            try:
+                self._collect(block=not closing)
+                if self._network_due() and time.monotonic() >= self._retry_at:
+                    self._try_send()
+            except Exception:
+                # Whatever went wrong, the thread carries on: measurements keep flowing
+                # into the spool, and the next attempt may well succeed.
+                self._on_internal_error()
             if closing:
                 drained = self._queue.empty() and not self._buffer and not len(self._spool)
                 out_of_time = time.monotonic() >= self._close_deadline
@@ -229,7 +256,12 @@ class Sender:
         try:
             item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, threading.Event):
+                    # Everything queued before the flush request is in the buffer now.
+                    if self._buffer:
+                        self._seal(len(self._buffer))
+                    item.set()
+                elif item is not None:
                     self._buffer.extend(item)
                     while len(self._buffer) >= self._config.batch_size:
                         self._seal(self._config.batch_size)
@@ -258,14 +290,7 @@ class Sender:
                                                    wall_time=wall_time))
         self._next_sequence += 1
         self._last_flush = time.monotonic()
-        try:
-            dropped = self._spool.append(batch)
-        except OSError as error:  # a full or failing disk loses this batch, not the thread
-            self._dropped_in_sender += len(samples)
-            self._log.warning("spool-write", "raresignal: cannot write the spool %s (%s); "
-                              "dropped %d samples", self.spool_path, error, len(samples))
-            return
-        for record in dropped:
+        for record in self._spool.append(batch):
             self._drop(record, "the spool is full (spool_max_bytes=%d)",
                        self._config.spool_max_bytes)
         self._spool_bytes = self._spool.live_bytes
@@ -383,14 +408,19 @@ class Sender:
             batch.run_id = self._run_id or ""
             yield batch
 
-    def _on_error(self, error: grpc.RpcError) -> None:
-        code = error.code() if hasattr(error, "code") else None
+    def _back_off(self) -> float:
+        """Schedules the next attempt after one more failure; returns the delay."""
         self._failures += 1
-        self._send_failures += 1
         ceiling = min(self._config.reconnect_max_seconds,
                       self._config.reconnect_initial_seconds * 2 ** (self._failures - 1))
         delay = random.uniform(ceiling / 2, ceiling)  # "equal jitter": spread, never zero
         self._retry_at = time.monotonic() + delay
+        return delay
+
+    def _on_error(self, error: grpc.RpcError) -> None:
+        code = error.code() if hasattr(error, "code") else None
+        self._send_failures += 1
+        delay = self._back_off()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             # A fresh channel connects at once instead of waiting out grpc's own backoff.
             self._reset_channel()
@@ -399,6 +429,13 @@ class Sender:
         self._log.warning("rpc:" + name, "raresignal: cannot reach %s (%s: %s); spooling to "
                           "%s, retrying in %.1f s", self.target, name, details,
                           self.spool_path, delay)
+
+    def _on_internal_error(self) -> None:
+        self._internal_errors += 1
+        self._back_off()
+        self._log.warning("internal", "raresignal: the sender hit an unexpected error and "
+                          "carries on; unsent batches stay in %s", self.spool_path,
+                          exc_info=True)
 
     def _finish(self) -> None:
         assert self._spool is not None

@@ -1,15 +1,21 @@
 """A local append-only file of report batches that the server has not acknowledged yet.
 
 Every batch is written here before it is sent, so a batch survives the server being down
-and, with ``fsync``, the training process dying. Records are length-prefixed and carry a
-CRC32, so a write torn by a crash is detected and cut off when the file is reopened.
-Acknowledged records are dropped from memory at once and from the file when it is
-compacted; a record acknowledged but still on disk after a crash is replayed and the
-server answers DUPLICATE, which is why replay is safe.
+and, with ``fsync``, the training process dying. Each record starts with a marker, its
+length and a CRC32, so a damaged record costs only itself: when the file is reopened, a
+record whose bytes do not check out is skipped by scanning to the next marker, and a torn
+tail is cut. Acknowledged records are dropped from memory at once and from the file when
+it is compacted; a record acknowledged but still on disk after a crash is replayed and
+the server answers DUPLICATE, which is why replay is safe.
+
+A spool whose file cannot be read or written (a read-only folder, a full disk) keeps its
+records in memory instead: delivery goes on while the process lives, and only a restart
+could lose them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -18,13 +24,17 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from google.protobuf.message import DecodeError
 
 from raresignal.agent.config import MonitorConfig
 from raresignal.protos.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<II")  # payload length, CRC32 of the payload
+_MARKER = b"RSB\x01"  # starts every record; a reader resynchronises on it
+_HEADER = struct.Struct("<4sII")  # marker, payload length, CRC32 of the payload
 # Rewrite the file once acknowledged records take more than this many bytes and more
 # than the live records do (so compaction costs at most about twice what it frees).
 _COMPACT_MIN_DEAD_BYTES = 64 * 1024
@@ -47,7 +57,28 @@ class SpoolRecord:
 
 
 def _encode(record: SpoolRecord) -> bytes:
-    return _HEADER.pack(len(record.payload), zlib.crc32(record.payload)) + record.payload
+    return _HEADER.pack(_MARKER, len(record.payload), zlib.crc32(record.payload)) + (
+        record.payload)
+
+
+def _decode_at(data: bytes, offset: int) -> SpoolRecord | None:
+    """The record starting at ``offset``, or None unless every check passes: marker,
+    complete length, CRC, and a payload that is a report batch with a sequence."""
+    if offset + _HEADER.size > len(data):
+        return None
+    marker, length, crc = _HEADER.unpack_from(data, offset)
+    start = offset + _HEADER.size
+    payload = data[start:start + length]
+    if marker != _MARKER or len(payload) < length or zlib.crc32(payload) != crc:
+        return None
+    try:
+        batch = ingest_pb2.ReportBatch.FromString(payload)
+    except DecodeError:
+        return None
+    if batch.sequence < 1:
+        return None
+    # Its fate is unknown (it may have been sent and applied): never renumber it.
+    return SpoolRecord(batch.sequence, payload, len(batch.samples), sent=True)
 
 
 class Spool:
@@ -61,34 +92,52 @@ class Spool:
         self._records: deque[SpoolRecord] = deque()
         self._live_bytes = 0
         self._file_bytes = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._load()
-        self._file = open(path, "ab")  # noqa: SIM115 - held open for the spool's lifetime
+        self._file: BinaryIO | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._load()
+            self._file = open(path, "ab")  # noqa: SIM115 - held open for the spool's lifetime
+        except OSError as error:
+            self._lose_file(error)
+
+    @property
+    def on_disk(self) -> bool:
+        """False once the file failed: the records then live in memory only."""
+        return self._file is not None
+
+    def _lose_file(self, error: OSError) -> None:
+        log.warning("spool %s: %s; unsent batches are kept in memory only from now on "
+                    "(a restart would lose them)", self.path, error)
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._file = None
 
     # -- reading -----------------------------------------------------------------------
 
     def _load(self) -> None:
-        """Reads the records a previous process left, cutting a torn tail."""
+        """Reads the records a previous process left, skipping damaged ones."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        offset = 0
-        while offset + _HEADER.size <= len(data):
-            length, crc = _HEADER.unpack_from(data, offset)
-            payload = data[offset + _HEADER.size: offset + _HEADER.size + length]
-            if len(payload) < length or zlib.crc32(payload) != crc:
-                break
-            batch = ingest_pb2.ReportBatch.FromString(payload)
-            # Its fate is unknown (it may have been sent and applied): never renumber it.
-            self._records.append(SpoolRecord(batch.sequence, payload, len(batch.samples),
-                                             sent=True))
-            offset += _HEADER.size + length
-        if offset < len(data):
-            log.warning("spool %s: cut %d bytes of a torn or corrupt record", self.path,
-                        len(data) - offset)
-            with open(self.path, "r+b") as handle:
-                handle.truncate(offset)
-        self._live_bytes = self._file_bytes = offset
+        offset = skipped_bytes = damaged = 0
+        while offset < len(data):
+            record = _decode_at(data, offset)
+            if record is not None:
+                self._records.append(record)
+                offset += record.size
+                continue
+            following = data.find(_MARKER, offset + 1)
+            end = len(data) if following < 0 else following
+            skipped_bytes += end - offset
+            damaged += 1
+            offset = end
+        self._live_bytes = sum(record.size for record in self._records)
+        if skipped_bytes:
+            log.warning("spool %s: skipped %d bytes in %d damaged or torn places; %d batches "
+                        "kept", self.path, skipped_bytes, damaged, len(self._records))
+            self._replace_file()
+        self._file_bytes = self._live_bytes
         if self._records:
             log.info("spool %s: %d unacknowledged batches to replay", self.path,
                      len(self._records))
@@ -126,10 +175,16 @@ class Spool:
         return dropped
 
     def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        if self._file is None:
+            return
+        try:
+            self._file.write(data)
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as error:
+            self._lose_file(error)
+            return
         self._file_bytes += len(data)
 
     def _pop_left(self) -> SpoolRecord:
@@ -176,9 +231,14 @@ class Spool:
         return shift
 
     def _maybe_compact(self) -> None:
+        if self._file is None:
+            return
         if not self._records:
-            self._file.truncate(0)
-            self._file.seek(0)
+            try:
+                self._file.truncate(0)
+                self._file.seek(0)
+            except OSError as error:
+                self._lose_file(error)
             self._file_bytes = 0
             return
         dead = self._file_bytes - self._live_bytes
@@ -187,6 +247,19 @@ class Spool:
 
     def _rewrite(self) -> None:
         """Atomically replaces the file with the live records."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+            self._replace_file()
+            self._file = open(self.path, "ab")  # noqa: SIM115
+        except OSError as error:
+            self._file = None
+            self._lose_file(error)
+            return
+        self._file_bytes = self._live_bytes
+
+    def _replace_file(self) -> None:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with open(tmp, "wb") as handle:
             for record in self._records:
@@ -194,13 +267,14 @@ class Spool:
             handle.flush()
             if self.fsync:
                 os.fsync(handle.fileno())
-        self._file.close()
         os.replace(tmp, self.path)
-        self._file = open(self.path, "ab")  # noqa: SIM115
-        self._file_bytes = self._live_bytes
 
     def close(self) -> None:
         """Closes the file; deletes it when nothing is left to send."""
+        if self._file is None:
+            return
         self._file.close()
+        self._file = None
         if not self._records:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)

@@ -114,6 +114,8 @@ _SPECS: tuple[MetricSpec, ...] = (
        "the error and went on.", LABEL_ESTIMATOR),
     _c("agent_send_failures_total", "Attempts to reach the server that failed (each one is "
        "retried with backoff)."),
+    _c("agent_sender_errors_total", "Unexpected errors the agent's sender thread survived "
+       "(each logged, rate-limited); its batches wait in the spool meanwhile."),
 )
 
 CATALOG: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -15,7 +15,8 @@ from runtime_toys import LossEstimator
 
 from raresignal.agent import Monitor, MonitorConfig
 from raresignal.agent.sender import Sender
-from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
+from raresignal.agent.spool import Spool
+from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2, ingest_pb2
 from raresignal.server.serving.app import ServerConfig, ServerHandle, start_in_thread
 
 
@@ -217,3 +218,50 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     assert sender.submit([("loss", (), 1, 1.0, 1.0), ("grad_norm", (), 1, 1.0, 1.0)])
     assert not sender.submit([("loss", (), 2, 1.0, 1.0), ("grad_norm", (), 2, 1.0, 1.0)])
     assert sender.dropped_reports == 2
+
+
+def test_the_sender_survives_an_unexpected_error_and_delivers_everything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original_remove = Spool.remove
+    failures = iter([True])
+
+    def remove_failing_once(self: Spool, sequence: int) -> object:
+        if next(failures, False):
+            raise RuntimeError("injected: the spool failed while settling an ack")
+        return original_remove(self, sequence)
+
+    monkeypatch.setattr(Spool, "remove", remove_failing_once)
+    with _server(tmp_path) as server:
+        sender = Sender(server.grpc_target, "survives", _config(tmp_path, batch_size=1),
+                        tmp_path / "spool", sender_id="rank0-survives")
+        sender.start()
+        now = time.time()
+        for step in range(20):
+            sender.submit([("loss", (), step, step / 4, now)])
+        assert sender.close("completed", timeout=20) is True
+        assert sender.internal_errors == 1
+        assert sender.dropped_reports == 0
+        assert sender.run_id is not None
+        assert stored_series(server.grpc_target, sender.run_id) == {
+            step: step / 4 for step in range(20)}
+
+
+def test_a_checkpoint_holds_every_step_measured_before_it(tmp_path: Path) -> None:
+    # Nothing listens here, and batches are sealed only once a minute unless flushed: a
+    # step measured before the checkpoint is on disk only because state_dict() flushed.
+    config = _config(tmp_path, report_interval_seconds=60.0, network_timeout_seconds=5.0)
+    monitor = Monitor(torch.nn.Linear(2, 2), None, server=f"127.0.0.1:{free_port()}",
+                      run_name="flushed", estimators=[LossEstimator()], config=config)
+    for loss in _losses(0, 7):
+        monitor.step(loss=torch.tensor(loss, dtype=torch.float64))
+    state = monitor.state_dict()
+    assert monitor.sender is not None
+
+    on_disk = Spool(monitor.sender.spool_path, max_bytes=1 << 20)
+    losses = {sample.step: sample.value
+              for record in on_disk
+              for sample in ingest_pb2.ReportBatch.FromString(record.payload).samples
+              if sample.metric == "loss"}
+    assert losses == {step: step / 4 for step in range(7)}
+    assert state["next_sequence"] == on_disk.max_sequence + 1
+    monitor.sender.close(None, timeout=0)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import struct
+import zlib
 from pathlib import Path
 
-from raresignal.agent.spool import Spool
+from raresignal.agent.spool import Spool, SpoolRecord
 from raresignal.protos.v1 import common_pb2, ingest_pb2
 
 
@@ -50,7 +53,7 @@ def test_a_torn_tail_is_cut_and_the_rest_kept(tmp_path: Path) -> None:
 
 
 def test_a_full_spool_drops_the_oldest_batches(tmp_path: Path) -> None:
-    one = len(_batch(1).SerializeToString()) + 8
+    one = SpoolRecord(1, _batch(1).SerializeToString(), 3).size
     spool = Spool(tmp_path / "s.spool", max_bytes=3 * one + 2)
     dropped = []
     for sequence in range(1, 7):
@@ -108,3 +111,49 @@ def test_renumbering_moves_only_never_sent_records(tmp_path: Path) -> None:
     assert spool.renumber_unsent(first_free_sequence=3) == 0
     spool._file.close()
     assert [r.sequence for r in Spool(path, max_bytes=1 << 20)] == [5, 10, 11]
+
+
+def _spool_with(path: Path, sequences: range) -> bytes:
+    spool = Spool(path, max_bytes=1 << 20)
+    for sequence in sequences:
+        spool.append(_batch(sequence))
+    spool._file.close()  # a crash: the file stays as written
+    return path.read_bytes()
+
+
+def test_a_damaged_record_costs_only_itself(tmp_path: Path) -> None:
+    path = tmp_path / "s.spool"
+    whole = bytearray(_spool_with(path, range(1, 41)))
+    whole[100] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(whole))
+    ends = itertools.accumulate(
+        SpoolRecord(s, _batch(s).SerializeToString(), 3).size for s in range(1, 41))
+    damaged = next(s for s, end in zip(range(1, 41), ends, strict=True) if end > 100)
+
+    reopened = Spool(path, max_bytes=1 << 20)
+    assert [r.sequence for r in reopened] == [s for s in range(1, 41) if s != damaged]
+    assert path.stat().st_size == reopened.live_bytes, "the damaged bytes leave the file"
+    reopened._file.close()
+    assert len(Spool(path, max_bytes=1 << 20)) == 39
+
+
+def test_a_record_with_a_valid_crc_that_is_no_batch_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "s.spool"
+    whole = _spool_with(path, range(1, 4))
+    junk = b"\xff\xff\xff\xff not a protobuf"
+    forged = struct.pack("<4sII", whole[:4], len(junk), zlib.crc32(junk)) + junk
+    path.write_bytes(forged + whole + forged)
+
+    assert [r.sequence for r in Spool(path, max_bytes=1 << 20)] == [1, 2, 3]
+
+
+def test_an_unwritable_spool_keeps_batches_in_memory(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the spool folder should be")
+    spool = Spool(blocker / "s.spool", max_bytes=1 << 20)
+    assert not spool.on_disk
+    for sequence in (1, 2, 3):
+        assert spool.append(_batch(sequence)) == []
+    assert spool.remove(2) is not None
+    assert [r.sequence for r in spool] == [1, 3]
+    spool.close()
