@@ -32,6 +32,7 @@ import grpc
 from raresignal.agent.config import MonitorConfig
 from raresignal.agent.ratelimit import RateLimitedLog
 from raresignal.agent.spool import Spool, SpoolRecord
+from raresignal.agent.spool_claims import SPOOL_SUFFIX, LeftBehind, SpoolClaim, find_left_behind
 from raresignal.client.channels import auth_metadata, open_channel
 from raresignal.protos import transport
 from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
@@ -51,6 +52,12 @@ _REJECTION_CODES = frozenset({
 })
 # Batches sent on one stream before waiting for their acknowledgements.
 _STREAM_WINDOW = 64
+
+# A left-behind spool is delivered in the background for as long as this process lives;
+# what it cannot deliver by then stays for the next process to find.
+_LEFT_BEHIND_DELIVERY_SECONDS = 24 * 3600.0
+# The state a left-behind spool's run is closed with: its process ended without closing it.
+_LEFT_BEHIND_RUN_STATE = "failed"
 
 RUN_STATES = {
     "completed": common_pb2.RUN_STATE_COMPLETED,
@@ -86,11 +93,17 @@ class Sender:
         run_id: str | None = None,
         next_sequence: int = 1,
         agent_version: str = "",
+        delivers_left_behind: bool = True,
     ) -> None:
+        """``delivers_left_behind``: at start, find the spools earlier processes of this
+        run name (and rank) left undelivered, and deliver each to its own run."""
         self.target = target
         self.run_name = run_name
         self.sender_id = sender_id
-        self.spool_path = spool_dir / f"{sender_id}.spool"
+        self.spool_path = spool_dir / f"{sender_id}{SPOOL_SUFFIX}"
+        self._delivers_left_behind = delivers_left_behind
+        self._claim: SpoolClaim | None = None
+        self._left_behind: list[Sender] = []
         self._config = config
         self._world_size = world_size
         self._agent_version = agent_version
@@ -142,6 +155,11 @@ class Sender:
     @property
     def send_failures(self) -> int:
         return self._send_failures
+
+    @property
+    def left_behind(self) -> list[Sender]:
+        """The senders delivering spools that earlier processes left behind."""
+        return list(self._left_behind)
 
     @property
     def internal_errors(self) -> int:
@@ -214,15 +232,48 @@ class Sender:
 
     def _run(self) -> None:
         try:
+            self._claim = SpoolClaim.take(self.spool_path.parent, self.sender_id)
+            if self._claim is None:
+                if not self._delivers_left_behind:
+                    return  # another process is delivering this spool already
+                log.warning("raresignal: another live process holds the spool %s",
+                            self.spool_path)
             self._spool = Spool(self.spool_path, self._config.spool_max_bytes,
                                 self._config.spool_fsync)
             self._spool_bytes = self._spool.live_bytes
             self._next_sequence = max(self._next_sequence, self._spool.max_sequence + 1)
+            if self._claim is not None:
+                self._claim.record_run(self.run_name, self._run_id)
+            if self._delivers_left_behind:
+                self._deliver_left_behind()
             self._loop()
             self._finish()
         except Exception:
             log.exception("raresignal: the sender thread stopped; measurements stay in %s",
                           self.spool_path)
+        finally:
+            if self._claim is not None:
+                self._claim.release(delivered=self._all_sent)
+
+    def _deliver_left_behind(self) -> None:
+        """Starts delivering, each to its own run, the spools that earlier processes of
+        this run name and rank left behind, then closes those runs."""
+        prefix = self.sender_id.split("-", 1)[0] + "-"
+        for found in find_left_behind(self.spool_path.parent, self.run_name, prefix,
+                                      self.sender_id):
+            self._left_behind.append(self._start_left_behind_delivery(found))
+
+    def _start_left_behind_delivery(self, found: LeftBehind) -> Sender:
+        sender = Sender(self.target, found.run_name, self._config, self.spool_path.parent,
+                        found.sender_id, world_size=self._world_size, run_id=found.run_id,
+                        agent_version=self._agent_version, delivers_left_behind=False)
+        log.info("raresignal: delivering the spool %s that an earlier process of run %r "
+                 "left behind (run %s)", sender.spool_path, found.run_name,
+                 found.run_id or "never opened")
+        threading.Thread(target=sender.close,
+                         args=(_LEFT_BEHIND_RUN_STATE, _LEFT_BEHIND_DELIVERY_SECONDS),
+                         name="raresignal-left-behind", daemon=True).start()
+        return sender
 
     def _loop(self) -> None:
         assert self._spool is not None
@@ -366,6 +417,8 @@ class Sender:
         self._next_sequence = max(self._next_sequence + shift, first_free,
                                   self._spool.max_sequence + 1)
         self._run_opened = True
+        if self._claim is not None:
+            self._claim.record_run(self.run_name, self._run_id)
         log.info("raresignal: run %s open on %s (sender %s)", self._run_id, self.target,
                  self.sender_id)
 

@@ -4,7 +4,7 @@ resumption and authentication."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -265,3 +265,71 @@ def test_a_checkpoint_holds_every_step_measured_before_it(tmp_path: Path) -> Non
     assert losses == {step: step / 4 for step in range(7)}
     assert state["next_sequence"] == on_disk.max_sequence + 1
     monitor.sender.close(None, timeout=0)
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_a_spool_left_behind_is_delivered_to_its_run_by_the_next_process(
+        tmp_path: Path) -> None:
+    port = free_port()
+    with _server(tmp_path, grpc_port=port) as server:
+        first = Monitor(torch.nn.Linear(2, 2), None, server=server.grpc_target,
+                        run_name="left-behind", estimators=[LossEstimator()],
+                        config=_config(tmp_path))
+        for loss in _losses(0, 5):
+            first.step(loss=torch.tensor(loss, dtype=torch.float64))
+        sender = first.sender
+        assert sender is not None
+        _wait_until(lambda: sender.applied_batches > 0 and sender.spool_bytes == 0)
+    run_id = first.run_id
+    assert run_id is not None
+    for loss in _losses(5, 10):  # the server is gone: these wait in the spool
+        first.step(loss=torch.tensor(loss, dtype=torch.float64))
+    # The process dies: no checkpoint, nothing delivered, the run never closed.
+    first._closed = True
+    assert sender.close(None, timeout=0) is False
+    assert sender.spool_path.exists()
+
+    with _server(tmp_path, grpc_port=port) as server:
+        second = Monitor(torch.nn.Linear(2, 2), None, server=server.grpc_target,
+                         run_name="left-behind", estimators=[LossEstimator()],
+                         config=_config(tmp_path))
+        for loss in _losses(0, 3, offset=100.0):
+            second.step(loss=torch.tensor(loss, dtype=torch.float64))
+        assert second.close() is True
+        assert second.sender is not None and second.run_id != run_id
+        (delivery,) = second.sender.left_behind
+        assert delivery.close("failed", timeout=20) is True
+        assert stored_series(server.grpc_target, run_id) == {
+            step: step / 4 for step in range(15)}
+        assert stored_series(server.grpc_target, second.run_id) == {
+            step: 100.0 + step / 4 for step in range(3)}
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            runs = alerts_pb2_grpc.RunsStub(channel).ListRuns(
+                alerts_pb2.ListRunsRequest(include_finished=True), timeout=10).runs
+        states = {r.run_id: r.state for r in runs}
+        assert states == {run_id: common_pb2.RUN_STATE_FAILED,
+                          second.run_id: common_pb2.RUN_STATE_COMPLETED}
+    assert not sender.spool_path.exists()
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == []
+
+
+def test_a_live_senders_spool_is_left_alone(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    target = f"127.0.0.1:{free_port()}"  # nothing listens: both spool
+    first = Sender(target, "shared-name", config, tmp_path / "spool", sender_id="rank0-aaaa")
+    first.start()
+    first.submit([("loss", (), 0, 1.0, time.time())])
+    _wait_until(lambda: first.spool_bytes > 0)
+    second = Sender(target, "shared-name", config, tmp_path / "spool", sender_id="rank0-bbbb")
+    second.start()
+    second.submit([("loss", (), 0, 2.0, time.time())])
+    _wait_until(lambda: second.spool_bytes > 0)
+    assert second.left_behind == []
+    first.close(None, timeout=0)
+    second.close(None, timeout=0)
