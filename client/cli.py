@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,9 +38,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get("RARESIGNAL_SERVER",
-                                                           f"127.0.0.1:{DEFAULT_GRPC_PORT}"),
-                        help="server address host:port (env RARESIGNAL_SERVER)")
+    parser.add_argument("--server", default=os.environ.get("RARESIGNAL_SERVER"),
+                        help="server address host:port (env RARESIGNAL_SERVER; default: "
+                             f"the --ready-file's, else 127.0.0.1:{DEFAULT_GRPC_PORT})")
+    parser.add_argument("--ready-file", default=os.environ.get("RARESIGNAL_READY_FILE"),
+                        help="the file `raresignal server --ready-file` wrote: its gRPC "
+                             "address is used (env RARESIGNAL_READY_FILE)")
     parser.add_argument("--token", default=os.environ.get("RARESIGNAL_TOKEN"),
                         help="bearer token (env RARESIGNAL_TOKEN)")
     parser.add_argument("--tls-ca", default=os.environ.get("RARESIGNAL_TLS_CA"),
@@ -126,9 +131,28 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+class ClientError(Exception):
+    """A problem with the command's own settings, reported in one line."""
+
+
+def server_address(server: str | None, ready_file: str | None) -> str:
+    """Where to connect: ``--server``, else the gRPC address a server wrote to its ready
+    file (servers started on free ports), else the default local port."""
+    if server:
+        return server
+    if ready_file:
+        try:
+            endpoints = json.loads(Path(ready_file).read_text())
+            return str(endpoints["grpc"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ClientError(f"cannot read the server address from the ready file "
+                              f"{ready_file!r}: {error}") from error
+    return f"127.0.0.1:{DEFAULT_GRPC_PORT}"
+
+
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     tls = TlsConfig(root_certificates=args.tls_ca) if args.tls_ca else None
-    return open_channel(args.server, tls)
+    return open_channel(server_address(args.server, args.ready_file), tls)
 
 
 def _time(seconds: float) -> str:
@@ -151,12 +175,18 @@ def _state(enum: Any, value: int, prefix: str) -> str:
 def run_runs(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         response = alerts_pb2_grpc.RunsStub(channel).ListRuns(
-            alerts_pb2.ListRunsRequest(include_finished=args.all),
+            alerts_pb2.ListRunsRequest(include_finished=True),
             metadata=auth_metadata(args.token), timeout=30)
+    shown = [run for run in response.runs
+             if args.all or run.state == common_pb2.RUN_STATE_ACTIVE]
     rows = [(run.run_id, run.run_name, _state(common_pb2.RunState, run.state, "RUN_STATE_"),
              str(run.last_step), _time(run.updated_at), str(run.world_size))
-            for run in response.runs]
+            for run in shown]
     print(format_table(("RUN_ID", "NAME", "STATE", "STEP", "LAST REPORT", "WORLD"), rows))
+    hidden = len(response.runs) - len(shown)
+    if hidden:
+        print(f"({hidden} finished run{'s' if hidden > 1 else ''} not shown; --all lists "
+              "them)")
     return 0
 
 
@@ -214,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except ClientError as error:
+        print(f"raresignal: {error}", file=sys.stderr)
+        return 2
     except grpc.RpcError as error:
         print(f"raresignal: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1

@@ -13,9 +13,10 @@ SampleSpec = tuple[str, int, float]
 
 
 def report_run(target: str, run_name: str, samples: Sequence[SampleSpec],
-               token: str | None = None, tls: TlsConfig | None = None) -> str:
+               token: str | None = None, tls: TlsConfig | None = None,
+               finished: bool = False) -> str:
     """Opens a run named ``run_name``, reports ``samples`` in one batch and returns the
-    run's id (the run stays open, as a run still training)."""
+    run's id; the run stays open, as a run still training, unless ``finished``."""
     metadata = auth_metadata(token)
     with open_channel(target, tls) as channel:
         ingest = ingest_pb2_grpc.IngestStub(channel)
@@ -27,4 +28,8 @@ def report_run(target: str, run_name: str, samples: Sequence[SampleSpec],
                                        wall_time=1_700_000_000.0 + step)
                      for metric, step, value in samples])
         list(ingest.Report(iter([batch]), metadata=metadata, timeout=20))
+        if finished:
+            ingest.CloseRun(ingest_pb2.CloseRunRequest(
+                run_id=run_id, state=common_pb2.RUN_STATE_COMPLETED),
+                metadata=metadata, timeout=10)
     return run_id

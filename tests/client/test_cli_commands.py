@@ -87,6 +87,21 @@ def test_cli_server_runs_and_answers_runs_and_alerts(tmp_path: Path) -> None:
         assert "NonFiniteGradients" in alerts.stdout and "firing" in alerts.stdout
         denied = _cli("runs", "--server", endpoints["grpc"], "--token", "wrong")
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+
+        # A server on free ports is found through its ready file; finished runs are
+        # counted, and listed with --all.
+        done = report_run(endpoints["grpc"], "cli-done", [("loss", 1, 0.5)],
+                          token="cli-token", finished=True)
+        by_ready_file = {**os.environ, "RARESIGNAL_TOKEN": "cli-token"}
+        listed = _cli("runs", "--ready-file", str(ready), env=by_ready_file)
+        assert listed.returncode == 0, listed.stderr
+        assert run_id in listed.stdout and done not in listed.stdout
+        assert "(1 finished run not shown; --all lists them)" in listed.stdout
+        every = _cli("runs", "--all", "--ready-file", str(ready), env=by_ready_file)
+        assert done in every.stdout and "completed" in every.stdout
+        assert "not shown" not in every.stdout
+        unreadable = _cli("runs", "--ready-file", str(tmp_path / "missing.json"))
+        assert unreadable.returncode == 2 and "ready file" in unreadable.stderr
     finally:
         server.terminate()
         output, _ = server.communicate(timeout=30)
