@@ -83,10 +83,16 @@ class MonitorConfig:
             raise ValueError(f"invalid MonitorConfig: {values}")
 
 
-def default_spool_dir(run_name: str) -> Path:
-    """A per-run folder under the user's cache directory (or the temp dir without one)."""
+def default_spool_root() -> Path:
+    """The folder of the per-run spool folders: under the user's cache directory (or the
+    temp dir without one)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if not os.access(os.path.dirname(base) or ".", os.W_OK):
         base = tempfile.gettempdir()
+    return Path(base) / "raresignal" / "spool"
+
+
+def default_spool_dir(run_name: str) -> Path:
+    """A per-run folder under :func:`default_spool_root`."""
     safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", run_name) or "run"
-    return Path(base) / "raresignal" / "spool" / safe_name
+    return default_spool_root() / safe_name

@@ -57,7 +57,7 @@ _STREAM_WINDOW = 64
 # what it cannot deliver by then stays for the next process to find.
 _LEFT_BEHIND_DELIVERY_SECONDS = 24 * 3600.0
 # The state a left-behind spool's run is closed with: its process ended without closing it.
-_LEFT_BEHIND_RUN_STATE = "failed"
+LEFT_BEHIND_RUN_STATE = "failed"
 
 RUN_STATES = {
     "completed": common_pb2.RUN_STATE_COMPLETED,
@@ -76,6 +76,19 @@ def rejected_sequence(error: grpc.RpcError) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def left_behind_sender(found: LeftBehind, target: str, config: MonitorConfig,
+                       spool_dir: Path, world_size: int = 1, agent_version: str = ""
+                       ) -> Sender:
+    """A sender (not started) that delivers a left-behind spool to its own run; its
+    ``close(LEFT_BEHIND_RUN_STATE, timeout)`` delivers, then closes that run."""
+    log.info("raresignal: delivering the spool %s that an earlier process of run %r left "
+             "behind (run %s)", spool_dir / f"{found.sender_id}{SPOOL_SUFFIX}",
+             found.run_name, found.run_id or "never opened")
+    return Sender(target, found.run_name, config, spool_dir, found.sender_id,
+                  world_size=world_size, run_id=found.run_id, agent_version=agent_version,
+                  delivers_left_behind=False)
 
 
 class Sender:
@@ -264,14 +277,11 @@ class Sender:
             self._left_behind.append(self._start_left_behind_delivery(found))
 
     def _start_left_behind_delivery(self, found: LeftBehind) -> Sender:
-        sender = Sender(self.target, found.run_name, self._config, self.spool_path.parent,
-                        found.sender_id, world_size=self._world_size, run_id=found.run_id,
-                        agent_version=self._agent_version, delivers_left_behind=False)
-        log.info("raresignal: delivering the spool %s that an earlier process of run %r "
-                 "left behind (run %s)", sender.spool_path, found.run_name,
-                 found.run_id or "never opened")
+        sender = left_behind_sender(found, self.target, self._config, self.spool_path.parent,
+                                    world_size=self._world_size,
+                                    agent_version=self._agent_version)
         threading.Thread(target=sender.close,
-                         args=(_LEFT_BEHIND_RUN_STATE, _LEFT_BEHIND_DELIVERY_SECONDS),
+                         args=(LEFT_BEHIND_RUN_STATE, _LEFT_BEHIND_DELIVERY_SECONDS),
                          name="raresignal-left-behind", daemon=True).start()
         return sender
 

@@ -96,10 +96,10 @@ def _is_held(spool_dir: Path, sender_id: str) -> bool:
     return False
 
 
-def find_left_behind(spool_dir: Path, run_name: str, sender_prefix: str,
-                     own_sender_id: str) -> list[LeftBehind]:
+def find_left_behind(spool_dir: Path, run_name: str | None = None, sender_prefix: str = "",
+                     own_sender_id: str = "") -> list[LeftBehind]:
     """Spools in ``spool_dir`` of senders named ``sender_prefix…`` (e.g. this rank's) that
-    reported to a run named ``run_name`` and that no live process holds."""
+    reported to a run named ``run_name`` (None: any) and that no live process holds."""
     if fcntl is None or not spool_dir.is_dir():
         return []
     found = []
@@ -111,11 +111,13 @@ def find_left_behind(spool_dir: Path, run_name: str, sender_prefix: str,
             run = json.loads((spool_dir / f"{sender_id}{_RUN_SUFFIX}").read_text())
         except (OSError, ValueError):
             continue  # no record of its run: it cannot be delivered to the right place
-        if not isinstance(run, dict) or run.get("run_name") != run_name:
+        if not isinstance(run, dict) or not isinstance(run.get("run_name"), str):
+            continue
+        if run_name is not None and run["run_name"] != run_name:
             continue
         if _is_held(spool_dir, sender_id):
             continue
         run_id = run.get("run_id")
-        found.append(LeftBehind(sender_id, run_name, run_id if isinstance(run_id, str)
-                                else None))
+        found.append(LeftBehind(sender_id, run["run_name"],
+                                run_id if isinstance(run_id, str) else None))
     return found

@@ -30,6 +30,7 @@ examples:
   raresignal runs --server 127.0.0.1:50051
   raresignal alerts --watch --run 3f2a9c0d1e2b4a5c
   raresignal alerts --state firing --token $TOKEN
+  raresignal spool push --run-name exp-1
 """
 
 SERVER_EXTRA_HINT = "pip install 'raresignal[server]'"
@@ -128,6 +129,29 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
                         help="also list pending episodes that cleared without ever firing")
     _add_client_options(alerts)
     alerts.set_defaults(handler=run_alerts)
+
+    spool = commands.add_parser(
+        "spool", help="deliver spools that training processes left behind",
+        description="A training process that ended before the server had all its reports "
+                    "leaves them in a spool file; the next process of the same run name "
+                    "delivers it by itself. `spool push` delivers them now, each to its own "
+                    "run, and closes that run as failed. Needs the agent (torch) installed.",
+        epilog="examples:\n  raresignal spool push --run-name llm-7b-sft\n"
+               "  raresignal spool push --spool-dir /scratch/spool --server rs:50051",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True,
+                                          metavar="ACTION")
+    push = spool_commands.add_parser(
+        "push", help="deliver the left-behind spools",
+        description="Deliver every spool no live process holds (of one run name, or all).")
+    push.add_argument("--spool-dir", default=None,
+                      help="the spool folder (MonitorConfig.spool_dir); default: the run's "
+                           "folder under the user's cache, or every run's")
+    push.add_argument("--run-name", default=None, help="only spools of this run name")
+    push.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to try each spool before leaving it for later")
+    _add_client_options(push)
+    push.set_defaults(handler=run_spool_push)
     return parser
 
 
@@ -188,6 +212,21 @@ def run_runs(args: argparse.Namespace) -> int:
         print(f"({hidden} finished run{'s' if hidden > 1 else ''} not shown; --all lists "
               "them)")
     return 0
+
+
+def run_spool_push(args: argparse.Namespace) -> int:
+    try:
+        from raresignal.agent import spool_push
+    except ImportError as error:
+        missing = _missing_dependency(error)
+        if missing is None:
+            raise
+        raise ClientError(f"spool push needs the agent (missing module {missing!r}): "
+                          "pip install 'raresignal[agent]'") from error
+    tls = TlsConfig(root_certificates=args.tls_ca) if args.tls_ca else None
+    return spool_push.push(spool_push.spool_folders(args.spool_dir, args.run_name),
+                           server_address(args.server, args.ready_file), args.run_name,
+                           args.timeout, token=args.token, tls=tls)
 
 
 def _alert_row(alert: common_pb2.Alert) -> tuple[str, ...]:

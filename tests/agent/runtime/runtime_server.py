@@ -3,16 +3,8 @@
 
 from __future__ import annotations
 
-import socket
-
 from raresignal.client.channels import auth_metadata, open_channel
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def stored_series(target: str, run_id: str, metric: str = "loss",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runtime_server import free_port, stored_series
+from ports import free_port
+from runtime_server import stored_series
 from runtime_toys import LossEstimator, small_classifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import torch
-from runtime_server import free_port, stored_series
+from ports import free_port
+from runtime_server import stored_series
 from runtime_toys import (
     GradNormEstimator,
     LossEstimator,

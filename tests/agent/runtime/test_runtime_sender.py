@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from runtime_server import free_port, stored_series
+from ports import free_port
+from runtime_server import stored_series
 from runtime_toys import LossEstimator
 
 from raresignal.agent import Monitor, MonitorConfig
