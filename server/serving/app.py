@@ -35,6 +35,7 @@ from raresignal.server.alerting.alertmanager import AlertmanagerNotifier
 from raresignal.server.alerting.engine import AlertEngine
 from raresignal.server.alerting.rules import load_rules
 from raresignal.server.serving.auth import AuthInterceptor, TokenStore
+from raresignal.server.serving.decoding import DecodingInterceptor
 from raresignal.server.serving.ledger import Ledger
 from raresignal.server.serving.live import LiveState
 from raresignal.server.serving.metrics import RunStateCollector, ServerMetrics
@@ -145,7 +146,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
 
         health_servicer = health.aio.HealthServicer()
         server = grpc.aio.server(options=server_options(),
-                                 interceptors=[AuthInterceptor(tokens)])
+                                 interceptors=[AuthInterceptor(tokens), DecodingInterceptor()])
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestService(backend), server)
         alerts_pb2_grpc.add_AlertsServicer_to_server(AlertsService(backend), server)
         alerts_pb2_grpc.add_RunsServicer_to_server(RunsService(backend), server)
