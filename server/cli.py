@@ -21,6 +21,7 @@ import yaml
 
 from raresignal.protos.transport import TlsConfig
 from raresignal.server.alerting.rules import RulesError
+from raresignal.server.serving.alertmanager_access import AlertmanagerAccessError
 from raresignal.server.serving.app import ServerConfig, serve
 from raresignal.server.serving.auth import TokensError, load_tokens, parse_tokens_env
 
@@ -39,6 +40,8 @@ examples:
   raresignal server --db /data/rs.db --tokens-file tokens.yaml
   raresignal server --grpc-port 0 --metrics-port 0 --health-port 0 --ready-file ready.json
   raresignal server --alertmanager-url http://alertmanager:9093 --rules my-rules.yaml
+  raresignal server --alertmanager-url https://am:9093 --alertmanager-ca-file am-ca.pem \\
+      --alertmanager-username raresignal --alertmanager-password-file am-password
   raresignal server --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem
 
 tokens file (YAML): `s3cret: ["teamA-*"]`, or lines `s3cret teamA-* shared-*`.
@@ -57,6 +60,14 @@ _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
      "alert rules YAML (default: the rules shipped with raresignal)"),
     ("alertmanager_url", str, _DEFAULTS.alertmanager_url,
      "Alertmanager base URL to push alerts to"),
+    ("alertmanager_username", str, _DEFAULTS.alertmanager_username,
+     "Alertmanager basic-auth username (with --alertmanager-password-file)"),
+    ("alertmanager_password_file", str, _DEFAULTS.alertmanager_password_file,
+     "file holding the Alertmanager basic-auth password"),
+    ("alertmanager_bearer_token_file", str, _DEFAULTS.alertmanager_bearer_token_file,
+     "file holding a bearer token for Alertmanager"),
+    ("alertmanager_ca_file", str, _DEFAULTS.alertmanager_ca_file,
+     "CA (PEM) an https Alertmanager's certificate must chain to"),
     ("tls_cert", str, None, "server certificate (PEM); enables TLS"),
     ("tls_key", str, None, "server private key (PEM)"),
     ("tls_client_ca", str, None, "CA (PEM) client certificates must chain to: mutual TLS"),
@@ -81,7 +92,9 @@ def add_server_command(
         "server", help="run the server",
         description="Run the raresignal server: gRPC ingest and alert APIs, a plaintext "
                     "health port, Prometheus /metrics, optional Alertmanager push.",
-        epilog=SERVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=SERVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        # No prefixes: `--alertmanager-password SECRET` must not pass for the file flag.
+        allow_abbrev=False)
     server.add_argument("--config", help="YAML file with settings (keys as below, e.g. db)")
     for name, kind, default, text in _SERVER_SETTINGS:
         shown = f" (default: {default})" if default is not None else ""
@@ -150,6 +163,10 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> S
         metrics_port=settings["metrics_port"], health_port=settings["health_port"],
         tokens=tokens, rules_path=settings["rules"],
         alertmanager_url=settings["alertmanager_url"],
+        alertmanager_username=settings["alertmanager_username"],
+        alertmanager_password_file=settings["alertmanager_password_file"],
+        alertmanager_bearer_token_file=settings["alertmanager_bearer_token_file"],
+        alertmanager_ca_file=settings["alertmanager_ca_file"],
         finished_run_ttl_seconds=settings["finished_run_ttl"],
         clock_interval_seconds=settings["clock_interval"], tls=tls)
 
@@ -186,7 +203,7 @@ def run_server(args: argparse.Namespace, environ: Mapping[str, str] = os.environ
 
     try:
         asyncio.run(main())
-    except RulesError as exc:
+    except (RulesError, AlertmanagerAccessError) as exc:
         print(f"raresignal: {exc}", file=sys.stderr)
         return 2
     return 0

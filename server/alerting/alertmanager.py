@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import ssl
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -67,8 +68,13 @@ class AlertmanagerNotifier:
 
     def __init__(self, url: str, counter: Counter, generator_url: str, *,
                  max_attempts: int = 5, initial_backoff_seconds: float = 0.5,
-                 timeout_seconds: float = 5.0) -> None:
+                 timeout_seconds: float = 5.0, headers: Mapping[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.endpoint = alerts_endpoint(url)
+        # Extra headers (Authorization) and the TLS context an https endpoint is verified
+        # with; neither is ever logged.
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self._ssl_context = ssl_context
         self._counter = counter
         self._generator_url = generator_url
         self._max_attempts = max_attempts
@@ -117,11 +123,11 @@ class AlertmanagerNotifier:
         body = json.dumps(batch).encode()
         delay = self._backoff
         for attempt in range(1, self._max_attempts + 1):
-            request = urllib.request.Request(
-                self.endpoint, data=body, method="POST",
-                headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(self.endpoint, data=body, method="POST",
+                                             headers=self._headers)
             try:
-                with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                with urllib.request.urlopen(request, timeout=self._timeout,
+                                            context=self._ssl_context) as response:
                     response.read()
                 self._counter.labels("sent").inc()
                 return

@@ -21,7 +21,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from raresignal.protos.transport import (
     DEFAULT_GRPC_PORT,
@@ -34,7 +34,13 @@ from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, ingest_pb2, ingest
 from raresignal.server.alerting.alertmanager import AlertmanagerNotifier
 from raresignal.server.alerting.engine import AlertEngine
 from raresignal.server.alerting.rules import load_rules
+from raresignal.server.serving.alertmanager_access import (
+    authorization_headers,
+    check_url,
+    ssl_context,
+)
 from raresignal.server.serving.auth import AuthInterceptor, TokenStore
+from raresignal.server.serving.decoding import DecodingInterceptor
 from raresignal.server.serving.ledger import Ledger
 from raresignal.server.serving.live import LiveState
 from raresignal.server.serving.metrics import RunStateCollector, ServerMetrics
@@ -72,6 +78,12 @@ class ServerConfig:
     tokens: Mapping[str, Sequence[str]] | None = None  # token -> run-name globs
     rules_path: str | None = None  # None: the default rules shipped with the server
     alertmanager_url: str | None = None
+    # Basic auth (username, password read from a file) or a bearer token read from a file;
+    # the CA that an https Alertmanager's certificate must chain to (None: the system's).
+    alertmanager_username: str | None = None
+    alertmanager_password_file: str | None = None
+    alertmanager_bearer_token_file: str | None = None
+    alertmanager_ca_file: str | None = None
     finished_run_ttl_seconds: float = 3600.0  # how long a finished run stays on /metrics
     clock_interval_seconds: float = 1.0
     # certificate_chain and private_key: the server's pair; root_certificates: the CA that
@@ -84,6 +96,19 @@ class ServerConfig:
     def open_storage(self) -> Storage:
         """The storage backend these settings name (the one place that picks it)."""
         return SQLiteStorage(self.db_path, self.retention)
+
+    def open_notifier(self, counter: Counter, generator_url: str) -> AlertmanagerNotifier | None:
+        """The Alertmanager notifier these settings name, secrets read from their files;
+        None without a URL. AlertmanagerAccessError for settings that cannot be used."""
+        if not self.alertmanager_url:
+            return None
+        check_url(self.alertmanager_url)
+        headers = authorization_headers(self.alertmanager_username,
+                                        self.alertmanager_password_file,
+                                        self.alertmanager_bearer_token_file)
+        context = ssl_context(self.alertmanager_url, self.alertmanager_ca_file)
+        return AlertmanagerNotifier(self.alertmanager_url, counter, generator_url,
+                                    headers=headers, ssl_context=context)
 
 
 @dataclass(frozen=True)
@@ -134,10 +159,8 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         resources.callback(http_server.shutdown)
         host = _display_host(config.host)
         metrics_url = f"http://{host}:{http_server.server_port}/metrics"
-        notifier = None
-        if config.alertmanager_url:
-            notifier = AlertmanagerNotifier(config.alertmanager_url, metrics.notifications,
-                                            generator_url=metrics_url)
+        notifier = config.open_notifier(metrics.notifications, metrics_url)
+        if notifier is not None:
             resources.callback(notifier.close)
         tokens = TokenStore(config.tokens)
         hub = AlertHub()
@@ -145,7 +168,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
 
         health_servicer = health.aio.HealthServicer()
         server = grpc.aio.server(options=server_options(),
-                                 interceptors=[AuthInterceptor(tokens)])
+                                 interceptors=[AuthInterceptor(tokens), DecodingInterceptor()])
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestService(backend), server)
         alerts_pb2_grpc.add_AlertsServicer_to_server(AlertsService(backend), server)
         alerts_pb2_grpc.add_RunsServicer_to_server(RunsService(backend), server)

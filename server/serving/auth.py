@@ -53,34 +53,80 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _check_entry(where: str, token: object, patterns: object) -> tuple[str, list[str]]:
+    """One token and its globs, or TokensError naming ``where`` (never the token)."""
+    if not isinstance(token, str):
+        raise TokensError(f"{where}: the token must be a string (quote it), got "
+                          f"{type(token).__name__}")
+    if not token:
+        raise TokensError(f"{where}: the token is empty")
+    if any(character.isspace() or not character.isprintable() for character in token):
+        raise TokensError(f"{where}: the token holds whitespace or control characters")
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, list) or not patterns:
+        raise TokensError(f"{where}: the token needs a list of run-name globs, e.g. "
+                          "['teamA-*'] (['*']: every run)")
+    for index, pattern in enumerate(patterns):
+        if not isinstance(pattern, str) or not pattern:
+            raise TokensError(f"{where}: glob {index} must be a non-empty string, "
+                              f"got {pattern!r}")
+    return token, patterns
+
+
+def _add(tokens: dict[str, list[str]], where: str, token: object, patterns: object) -> None:
+    token, patterns = _check_entry(where, token, patterns)
+    if token in tokens:
+        raise TokensError(f"{where}: the token is listed twice")
+    tokens[token] = patterns
+
+
+def _parse_mapping(node: yaml.MappingNode, loader: yaml.SafeLoader,
+                   source: str) -> dict[str, list[str]]:
+    tokens: dict[str, list[str]] = {}
+    for index, (key_node, value_node) in enumerate(node.value, 1):
+        where = f"{source}: entry {index} (line {key_node.start_mark.line + 1})"
+        try:
+            token = loader.construct_object(key_node, deep=True)
+            patterns = loader.construct_object(value_node, deep=True)
+        except yaml.YAMLError:
+            # PyYAML's message quotes the offending text, which may be the token.
+            raise TokensError(f"{where}: not plain YAML data") from None
+        _add(tokens, where, token, patterns)
+    if not tokens:
+        raise TokensError(f"{source}: no tokens found")
+    return tokens
+
+
 def parse_tokens(text: str, source: str = "tokens") -> dict[str, list[str]]:
-    """Tokens from YAML/JSON (``{token: [glob, ...]}`` or ``{token: glob}``) or from lines
-    ``token [glob ...]`` (no glob: every run; ``#`` starts a comment)."""
+    """Tokens from a YAML/JSON mapping ``{token: [glob, ...]}`` (or ``{token: glob}``), or
+    from lines ``token [glob ...]`` (no glob: every run; ``#`` starts a comment).
+
+    Anything else (a YAML list, a token that is not a non-empty string, a token with no
+    globs, a token twice) is a TokensError naming the entry's position; no error names
+    any part of a token.
+    """
+    loader = yaml.SafeLoader(text)
     try:
-        document: Any = yaml.safe_load(text)
-    except yaml.YAMLError:
-        document = None
-    if isinstance(document, Mapping):
-        tokens: dict[str, list[str]] = {}
-        for token, patterns in document.items():
-            if isinstance(patterns, str):
-                patterns = [patterns]
-            if patterns is None:
-                patterns = ["*"]
-            if (not isinstance(token, str) or not token or not isinstance(patterns, list)
-                    or not all(isinstance(p, str) and p for p in patterns)):
-                raise TokensError(f"{source}: each entry must be token: [run-name globs], "
-                                  f"got {str(token)[:4]}...: {patterns!r}")
-            tokens[token] = patterns
-        return tokens
-    tokens = {}
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError:
+            node = None  # not YAML: the lines format
+        if isinstance(node, yaml.MappingNode):
+            return _parse_mapping(node, loader, source)
+        if isinstance(node, yaml.SequenceNode):
+            raise TokensError(f"{source}: a YAML list; write a mapping of token: [run-name "
+                              "globs]")
+    finally:
+        loader.dispose()
+    tokens: dict[str, list[str]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
             continue
         if words[0].endswith(":"):
             raise TokensError(f"{source}:{number}: write 'token glob ...' or a YAML mapping")
-        tokens[words[0]] = words[1:] or ["*"]
+        _add(tokens, f"{source}:{number}", words[0], words[1:] or ["*"])
     if not tokens:
         raise TokensError(f"{source}: no tokens found")
     return tokens
@@ -97,12 +143,17 @@ def load_tokens(path: str | Path) -> dict[str, list[str]]:
 def parse_tokens_env(value: str) -> dict[str, list[str]]:
     """RARESIGNAL_TOKENS: the same formats as a file, or ``tok1=glob|glob,tok2``."""
     stripped = value.strip()
-    if stripped.startswith("{") or "\n" in stripped:
+    if stripped.startswith(("{", "[")) or "\n" in stripped:
         return parse_tokens(stripped, "RARESIGNAL_TOKENS")  # YAML, which includes JSON
     tokens: dict[str, list[str]] = {}
-    for entry in filter(None, (part.strip() for part in stripped.split(","))):
-        token, _, patterns = entry.partition("=")
-        tokens[token] = [p for p in patterns.split("|") if p] or ["*"]
+    for index, entry in enumerate(part.strip() for part in stripped.split(",")):
+        if not entry:
+            continue
+        token, scoped, patterns = entry.partition("=")
+        globs = [p for p in patterns.split("|") if p]
+        # A bare token may touch every run; "token=" with no glob is a mistake, not that.
+        _add(tokens, f"RARESIGNAL_TOKENS: entry {index + 1}", token,
+             globs if scoped else ["*"])
     if not tokens:
         raise TokensError("RARESIGNAL_TOKENS holds no tokens")
     return tokens

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from raresignal.protos.catalog import CATALOG
 from raresignal.protos.v1 import common_pb2, ingest_pb2
 from raresignal.server.alerting.engine import FIRING, PENDING, AlertEngine
 from raresignal.server.serving.auth import Principal
@@ -26,10 +25,12 @@ from raresignal.server.serving.live import LiveState
 from raresignal.server.serving.validation import (
     MAX_SAMPLES_PER_BATCH,
     MAX_SERIES_PER_RUN,
+    RUN_ID_CHARS,
     RequestError,
     check_batch_envelope,
     check_close_state,
     check_open_run,
+    check_run_id,
     check_samples,
     invalid,
 )
@@ -130,17 +131,17 @@ class Ledger:
                           tags=dict(request.tags) or existing.tags,
                           agent_version=request.agent_version or existing.agent_version)
             self.storage.update_run(run)
-            log.info("run resumed: %s (%s)", run.run_name, run.run_id)
+            log.info("run resumed: %r (%s)", run.run_name, run.run_id)
         else:
             run = RunRecord(
-                run_id=uuid.uuid4().hex[:16], run_name=request.run_name,
+                run_id=uuid.uuid4().hex[:RUN_ID_CHARS], run_name=request.run_name,
                 state=common_pb2.RUN_STATE_ACTIVE, world_size=request.world_size,
                 created_at=now, updated_at=now, last_step=0,
                 report_interval_seconds=request.report_interval_seconds,
                 config=dict(request.config), tags=dict(request.tags),
                 agent_version=request.agent_version)
             self.storage.create_run(run)
-            log.info("run opened: %s (%s)", run.run_name, run.run_id)
+            log.info("run opened: %r (%s)", run.run_name, run.run_id)
         self._track(run)
         return run, self.storage.last_sequences(run.run_id)
 
@@ -183,7 +184,7 @@ class Ledger:
             for run_id in group.runs:
                 self._reload_engine(self._runs[run_id])
             if len(requests) == 1:
-                log.exception("storing a batch of run %s failed",
+                log.exception("storing a batch of run %r failed",
                               requests[0].batch.run_id[:64])
                 results[0] = RequestError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -251,6 +252,7 @@ class Ledger:
 
     def close_run(self, run_id: str, state: int,
                   principal: Principal) -> tuple[RunRecord, list[AlertChange]]:
+        check_run_id("run_id", run_id)
         final_state = check_close_state(state)
         run = self._runs.get(run_id)
         if run is None:
@@ -265,7 +267,7 @@ class Ledger:
         self._runs[run_id] = closed
         self.live.set_run(closed)
         self.live.apply_changes(changes)
-        log.info("run closed: %s (%s) %s", run.run_name, run_id,
+        log.info("run closed: %r (%s) %s", run.run_name, run_id,
                  common_pb2.RunState.Name(final_state))
         return closed, changes
 
@@ -312,8 +314,6 @@ class Ledger:
         if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"run_id {run_id!r} is not a known run")
         principal.authorize(run.run_name)
-        if metric not in CATALOG:
-            raise invalid(f"metric {metric[:128]!r} is not in the raresignal catalogue")
         return self.storage.get_series(run_id, metric, labels_key(labels), since_step)
 
     def close(self) -> None:

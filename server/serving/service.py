@@ -31,7 +31,11 @@ from raresignal.server.serving.auth import Principal, TokenStore
 from raresignal.server.serving.convert import alert_message, run_info
 from raresignal.server.serving.ledger import BatchOutcome, Ledger, ReportRequest
 from raresignal.server.serving.metrics import ServerMetrics
-from raresignal.server.serving.validation import RequestError
+from raresignal.server.serving.validation import (
+    RequestError,
+    check_alert_filter,
+    check_series_request,
+)
 from raresignal.server.storage.records import AlertChange, AlertRecord
 
 log = logging.getLogger("raresignal.server")
@@ -159,9 +163,9 @@ class Backend:
         for change in changes:
             if change.alert.state == FIRING:
                 self.metrics.alerts_fired.labels(change.alert.rule).inc()
-            log.info("alert %s: %s %s (run %s, value %.4g, step %d)",
+            log.info("alert %s: %s %r (run %r, value %.4g, step %d)",
                      alert_state_name(change.alert.state), change.alert.rule,
-                     change.alert.labels or "", change.alert.run_name, change.alert.value,
+                     change.alert.labels, change.alert.run_name, change.alert.value,
                      change.alert.step)
         if self.notifier is not None:
             self.notifier.notify([change.alert for change in changes])
@@ -203,7 +207,7 @@ class IngestService(ingest_pb2_grpc.IngestServicer):
                 outcome = await self._b.batches.apply(batch, principal)
             except RequestError as error:
                 metrics.batches.labels("rejected").inc()
-                log.info("batch rejected (run %s, sender %s, sequence %d): %s: %s",
+                log.info("batch rejected (run %r, sender %r, sequence %d): %s: %r",
                          batch.run_id[:64], batch.sender_id[:64], batch.sequence,
                          error.code.name, error.message)
                 await _abort(context, error,
@@ -249,6 +253,7 @@ class AlertsService(alerts_pb2_grpc.AlertsServicer):
         f = request.filter
         try:
             principal = self._b.principal(context)
+            check_alert_filter(f)
             alerts = await self._b.call(self._b.ledger.list_alerts, f.run_id, tuple(f.states),
                                         f.rule, request.limit, principal)
         except RequestError as error:
@@ -260,6 +265,7 @@ class AlertsService(alerts_pb2_grpc.AlertsServicer):
                               alerts_pb2.AlertEvent]:
         try:
             principal = self._b.principal(context)
+            check_alert_filter(request.filter)
             if request.filter.run_id and await self._b.call(
                     self._b.ledger.run, request.filter.run_id) is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
@@ -304,6 +310,7 @@ class RunsService(alerts_pb2_grpc.RunsServicer):
                         context: grpc.aio.ServicerContext) -> alerts_pb2.GetSeriesResponse:
         try:
             principal = self._b.principal(context)
+            check_series_request(request)
             points = await self._b.call(self._b.ledger.get_series, request.run_id,
                                         request.metric, dict(request.labels),
                                         request.since_step, principal)

@@ -2,6 +2,15 @@
 
 A rejected request gets one precise gRPC status and a message that names the offending
 field, so a sender can tell a bad batch (drop it) from a transient failure (retry it).
+
+Identifiers have a fixed charset, so no client text can carry a newline or other control
+character into a log line, a label or an error message:
+
+- run ids: the ``RUN_ID_CHARS`` lowercase hex digits the server issues;
+- run names and sender ids: 1..128 of ``[A-Za-z0-9_.:/-]``;
+- label values, map keys and the agent version: 1..128 printable ASCII characters;
+- rule names in filters: an ASCII identifier of at most 128 characters;
+- sequences: 1 .. 2**63-1 (what storage holds in a signed 64-bit integer).
 """
 
 from __future__ import annotations
@@ -13,10 +22,12 @@ from typing import NoReturn
 import grpc
 
 from raresignal.protos.catalog import CATALOG
-from raresignal.protos.v1 import common_pb2, ingest_pb2
+from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
 from raresignal.server.storage.records import CheckedSample, labels_key
 
 MAX_NAME_CHARS = 128
+RUN_ID_CHARS = 16
+MAX_SEQUENCE = 2**63 - 1
 MAX_LABEL_VALUE_CHARS = 128
 MAX_STEP = 10**12
 MAX_SAMPLES_PER_BATCH = 10_000
@@ -26,7 +37,11 @@ MAX_MAP_VALUE_CHARS = 4096
 MAX_REPORT_INTERVAL_SECONDS = 7 * 24 * 3600.0
 MAX_WORLD_SIZE = 1_000_000
 
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+_NAME_PATTERN = re.compile(f"[A-Za-z0-9_.:/-]{{1,{MAX_NAME_CHARS}}}")
+_RUN_ID_PATTERN = re.compile(f"[0-9a-f]{{{RUN_ID_CHARS}}}")
+_PRINTABLE_PATTERN = re.compile(f"[\\x20-\\x7e]{{1,{MAX_NAME_CHARS}}}")
+_LABEL_VALUE_PATTERN = re.compile(f"[\\x20-\\x7e]{{1,{MAX_LABEL_VALUE_CHARS}}}")
+_RULE_NAME_PATTERN = re.compile(f"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_NAME_CHARS - 1}}}")
 _FINISHED_STATES = {
     common_pb2.RUN_STATE_COMPLETED,
     common_pb2.RUN_STATE_FAILED,
@@ -63,7 +78,7 @@ def _valid_labels_key(metric: str, items: tuple[tuple[str, str], ...]) -> str | 
         return cached
     allowed = _LABEL_KEYS[metric]
     for key, label_value in items:
-        if key not in allowed or not label_value or len(label_value) > MAX_LABEL_VALUE_CHARS:
+        if key not in allowed or not _LABEL_VALUE_PATTERN.fullmatch(label_value):
             return None
     if len(_KEY_CACHE) >= _KEY_CACHE_SIZE:
         _KEY_CACHE.clear()
@@ -72,6 +87,7 @@ def _valid_labels_key(metric: str, items: tuple[tuple[str, str], ...]) -> str | 
 
 
 def check_name(field: str, value: str) -> None:
+    """A run name or sender id: 1..128 characters of ``[A-Za-z0-9_.:/-]``."""
     if not value:
         raise invalid(f"{field} is empty")
     if len(value) > MAX_NAME_CHARS:
@@ -80,12 +96,51 @@ def check_name(field: str, value: str) -> None:
         raise invalid(f"{field} {value[:40]!r} may only use characters [A-Za-z0-9_.:/-]")
 
 
+def check_run_id(field: str, value: str) -> None:
+    """A run id as the server issues it: ``RUN_ID_CHARS`` lowercase hex digits."""
+    if not value:
+        raise invalid(f"{field} is empty")
+    if not _RUN_ID_PATTERN.fullmatch(value):
+        raise invalid(f"{field} {value[:40]!r} is not a run id ({RUN_ID_CHARS} characters "
+                      "of [0-9a-f])")
+
+
+def check_printable(field: str, value: str) -> None:
+    """Free text that may reach a label or a log line: 1..128 printable ASCII characters."""
+    if not _PRINTABLE_PATTERN.fullmatch(value):
+        raise invalid(f"{field} {value[:40]!r} must have 1..{MAX_NAME_CHARS} printable ASCII "
+                      "characters")
+
+
+def check_alert_filter(request_filter: alerts_pb2.AlertFilter) -> None:
+    """An alert filter's fields; each may be left empty (no filtering on it)."""
+    if request_filter.run_id:
+        check_run_id("filter.run_id", request_filter.run_id)
+    rule = request_filter.rule
+    if rule and not _RULE_NAME_PATTERN.fullmatch(rule):
+        raise invalid(f"filter.rule {rule[:40]!r} is not an alert name (letters, digits and "
+                      f"_, at most {MAX_NAME_CHARS} characters)")
+    known_states = common_pb2.AlertState.values()
+    for state in request_filter.states:
+        if state not in known_states:
+            raise invalid(f"filter.states holds {state}, which is not an alert state")
+
+
+def check_series_request(request: alerts_pb2.GetSeriesRequest) -> None:
+    check_run_id("run_id", request.run_id)
+    if request.metric not in CATALOG:
+        raise invalid(f"metric {request.metric[:MAX_NAME_CHARS]!r} is not in the raresignal "
+                      "catalogue")
+    for key, label_value in sorted(request.labels.items()):
+        check_printable("labels key", key)
+        check_printable(f"labels[{key!r}]", label_value)
+
+
 def _check_map(field: str, entries: dict[str, str]) -> None:
     if len(entries) > MAX_MAP_ENTRIES:
         raise invalid(f"{field} has {len(entries)} entries, more than {MAX_MAP_ENTRIES}")
     for key, value in entries.items():
-        if not key or len(key) > MAX_NAME_CHARS:
-            raise invalid(f"{field} key {key[:40]!r} must have 1..{MAX_NAME_CHARS} characters")
+        check_printable(f"{field} key", key)
         if len(value) > MAX_MAP_VALUE_CHARS:
             raise invalid(f"{field}[{key!r}] has {len(value)} characters, more than "
                           f"{MAX_MAP_VALUE_CHARS}")
@@ -93,8 +148,8 @@ def _check_map(field: str, entries: dict[str, str]) -> None:
 
 def check_open_run(request: ingest_pb2.OpenRunRequest) -> None:
     check_name("run_name", request.run_name)
-    if request.resume_run_id and len(request.resume_run_id) > MAX_NAME_CHARS:
-        raise invalid(f"resume_run_id has more than {MAX_NAME_CHARS} characters")
+    if request.resume_run_id:
+        check_run_id("resume_run_id", request.resume_run_id)
     if not 1 <= request.world_size <= MAX_WORLD_SIZE:
         raise invalid(f"world_size must be between 1 and {MAX_WORLD_SIZE}, "
                       f"got {request.world_size}")
@@ -102,8 +157,8 @@ def check_open_run(request: ingest_pb2.OpenRunRequest) -> None:
     if not math.isfinite(interval) or not 0 <= interval <= MAX_REPORT_INTERVAL_SECONDS:
         raise invalid("report_interval_seconds must be finite and between 0 and "
                       f"{MAX_REPORT_INTERVAL_SECONDS:g}, got {interval!r}")
-    if len(request.agent_version) > MAX_NAME_CHARS:
-        raise invalid(f"agent_version has more than {MAX_NAME_CHARS} characters")
+    if request.agent_version:
+        check_printable("agent_version", request.agent_version)
     _check_map("config", dict(request.config))
     _check_map("tags", dict(request.tags))
 
@@ -120,13 +175,12 @@ def check_close_state(state: int) -> int:
 
 def check_batch_envelope(batch: ingest_pb2.ReportBatch) -> None:
     """The fields that say where a batch goes, checked before its samples."""
-    if not batch.run_id:
-        raise invalid("run_id is empty")
-    if len(batch.run_id) > MAX_NAME_CHARS:
-        raise invalid(f"run_id has more than {MAX_NAME_CHARS} characters")
+    check_run_id("run_id", batch.run_id)
     check_name("sender_id", batch.sender_id)
     if batch.sequence < 1:
         raise invalid("sequence must be >= 1")
+    if batch.sequence > MAX_SEQUENCE:
+        raise invalid(f"sequence {batch.sequence} is above the largest allowed, 2**63-1")
     if len(batch.samples) > MAX_SAMPLES_PER_BATCH:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -201,4 +255,7 @@ def _reject_first_bad_sample(batch: ingest_pb2.ReportBatch) -> NoReturn:
             if not label_value or len(label_value) > MAX_LABEL_VALUE_CHARS:
                 raise invalid(f"samples[{index}].labels[{key!r}] must have 1.."
                               f"{MAX_LABEL_VALUE_CHARS} characters, got {len(label_value)}")
+            if not _LABEL_VALUE_PATTERN.fullmatch(label_value):
+                raise invalid(f"samples[{index}].labels[{key!r}] may only use printable "
+                              "ASCII characters")
     raise AssertionError("a batch rejected by the fast check has no bad sample")

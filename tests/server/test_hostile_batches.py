@@ -100,20 +100,22 @@ CORRUPTIONS = [
     _set("metric", "not_a_metric"), _set("metric", "x" * 200), _set("step", -1),
     _set("step", 10**12 + 1), _set("value", math.nan), _set("value", -math.inf),
     _set("wall_time", math.nan), _set("wall_time", -1.0), _label("colour", "red"),
-    _label("probe", ""), _label("probe", "p" * 129),
+    _label("probe", ""), _label("probe", "p" * 129), _label("probe", "a\nb"),
+    _label("probe", "caf\u00e9"),
 ]
 
 
 def expected_code(h: Harness, message: ingest_pb2.ReportBatch) -> grpc.StatusCode:
     """An independent statement of the validation rules, in the order the server applies
     them: envelope, run, duplicate, then each sample."""
-    if not message.run_id or len(message.run_id) > 128:
+    run_id = message.run_id
+    if len(run_id) != 16 or any(c not in "0123456789abcdef" for c in run_id):
         return INVALID
     sender = message.sender_id
     if not (1 <= len(sender) <= 128) or any(
             not (c.isascii() and (c.isalnum() or c in "_.:/-")) for c in sender):
         return INVALID
-    if message.sequence < 1:
+    if not 1 <= message.sequence < 2**63:
         return INVALID
     if message.run_id != h.run_id:
         return grpc.StatusCode.NOT_FOUND
@@ -125,16 +127,17 @@ def expected_code(h: Harness, message: ingest_pb2.ReportBatch) -> grpc.StatusCod
             return INVALID
         if not math.isfinite(s.wall_time) or s.wall_time < 0:
             return INVALID
-        if any(k not in spec.labels or not 1 <= len(v) <= 128 for k, v in s.labels.items()):
+        if any(k not in spec.labels or not 1 <= len(v) <= 128
+               or any(not " " <= c <= "~" for c in v) for k, v in s.labels.items()):
             return INVALID
     return OK
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    run_choice=st.sampled_from(["valid"] * 5 + ["unknown", "empty", "long"]),
+    run_choice=st.sampled_from(["valid"] * 5 + ["unknown", "malformed", "empty", "long"]),
     sender=st.one_of(st.just("rank0-fuzz"), st.just("rank1-fuzz"), st.text(max_size=140)),
-    sequence_choice=st.sampled_from(["next", "zero", "replay"]),
+    sequence_choice=st.sampled_from(["next", "zero", "replay", "huge"]),
     batch_samples=st.lists(samples, max_size=6),
     corruption=st.one_of(st.none(), st.sampled_from(CORRUPTIONS)),
     position=st.integers(0, 5),
@@ -146,10 +149,11 @@ def test_hostile_batches_get_the_right_status_and_store_nothing(
     h = harness
     if corruption is not None and batch_samples:
         corruption(batch_samples[position % len(batch_samples)])
-    run_id = {"valid": h.run_id, "unknown": "no-such-run", "empty": "",
-              "long": "r" * 129}[run_choice]
+    run_id = {"valid": h.run_id, "unknown": "0123456789abcdef", "malformed": "no-such-run",
+              "empty": "", "long": "a" * 129}[run_choice]
     last = h.applied.get(sender, 0)
-    sequence = {"next": last + 1, "zero": 0, "replay": max(1, last)}[sequence_choice]
+    sequence = {"next": last + 1, "zero": 0, "replay": max(1, last),
+                "huge": 2**63}[sequence_choice]
     message = ingest_pb2.ReportBatch(run_id=run_id, sender_id=sender, sequence=sequence,
                                      samples=batch_samples)
     expected = expected_code(h, message)
@@ -189,7 +193,12 @@ def reject(client: Client, message: ingest_pb2.ReportBatch) -> grpc.RpcError:
 def test_status_codes_name_the_field(c: Client) -> None:
     run_id = c.open_run("codes").run_id
     cases = [
-        (batch("nope", 1, []), grpc.StatusCode.NOT_FOUND, "run_id 'nope' is not a known run"),
+        (batch("0123456789abcdef", 1, []), grpc.StatusCode.NOT_FOUND,
+         "run_id '0123456789abcdef' is not a known run"),
+        (batch("nope", 1, []), INVALID, "run_id 'nope' is not a run id (16 characters"),
+        (batch(run_id.upper(), 1, []), INVALID, "is not a run id"),
+        (batch(run_id, 2**63, []), INVALID, "sequence 9223372036854775808 is above"),
+        (batch(run_id, 2**64 - 1, []), INVALID, "above the largest allowed"),
         (batch(run_id, 0, []), INVALID, "sequence must be >= 1"),
         (batch(run_id, 1, [], sender="bad sender"), INVALID, "sender_id"),
         (batch(run_id, 1, [sample("loss", 1, math.nan)]), INVALID,
@@ -203,6 +212,8 @@ def test_status_codes_name_the_field(c: Client) -> None:
          "samples[0].labels key 'probe' is not allowed on metric 'loss'"),
         (batch(run_id, 1, [sample("probe_loss", 1, 1.0, probe="x" * 129)]), INVALID,
          "samples[0].labels['probe'] must have 1..128 characters"),
+        (batch(run_id, 1, [sample("probe_loss", 1, 1.0, probe="x\ny")]), INVALID,
+         "samples[0].labels['probe'] may only use printable ASCII characters"),
         (batch(run_id, 1, [sample("loss", i, 1.0) for i in range(10_001)]),
          grpc.StatusCode.RESOURCE_EXHAUSTED, "more than 10000 per batch"),
     ]
@@ -248,7 +259,7 @@ def test_bad_open_close_and_query_requests(c: Client) -> None:
         c.open_run("ok", world_size=0)
     assert "world_size" in raised.value.details()
     with pytest.raises(grpc.RpcError) as raised:
-        c.open_run("ok", resume="missing")
+        c.open_run("ok", resume="0123456789abcdef")
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     run_id = c.open_run("ok").run_id
     with pytest.raises(grpc.RpcError) as raised:
@@ -272,3 +283,86 @@ def test_oversized_messages_are_refused_by_the_transport(c: Client) -> None:
     error = reject(c, big)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert c.report([batch(run_id, 1, [sample("loss", 1, 1.0)])])[0].outcome == APPLIED
+
+
+def test_identifiers_outside_their_charset_are_invalid_on_every_call(c: Client) -> None:
+    run_id = c.open_run("charset").run_id
+
+    def code_and_details(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        return raised.value.code(), raised.value.details()
+
+    forged = "x\nINFO raresignal.server: forged"
+    open_requests = [
+        (ingest_pb2.OpenRunRequest(run_name=forged, world_size=1), "run_name"),
+        (ingest_pb2.OpenRunRequest(run_name="ok", world_size=1, resume_run_id=forged),
+         "resume_run_id"),
+        (ingest_pb2.OpenRunRequest(run_name="ok", world_size=1, agent_version=forged),
+         "agent_version"),
+        (ingest_pb2.OpenRunRequest(run_name="ok", world_size=1, tags={forged: "v"}),
+         "tags key"),
+    ]
+    for request, field in open_requests:
+        code, details = code_and_details(
+            lambda r=request: c.ingest.OpenRun(r, timeout=10))  # type: ignore[misc]
+        assert (code, field in details, "\n" in details) == (INVALID, True, False), details
+    calls = [
+        (lambda: c.report([batch(run_id, 1, [], sender=forged)]), "sender_id"),
+        (lambda: c.report([batch(forged, 1, [])]), "run_id"),
+        (lambda: c.close_run(forged), "run_id"),
+        (lambda: c.list_alerts(run_id=forged), "filter.run_id"),
+        (lambda: c.list_alerts(rule="Rule\nForged"), "filter.rule"),
+        (lambda: c.list_alerts(states=[99]), "filter.states"),
+        (lambda: c.series(forged, "loss"), "run_id"),
+        (lambda: c.series(run_id, "probe_loss", probe=forged), "labels['probe']"),
+        (lambda: next(iter(c.alerts.WatchAlerts(
+            alerts_pb2.WatchAlertsRequest(filter=alerts_pb2.AlertFilter(run_id=forged)),
+            timeout=10))), "filter.run_id"),
+    ]
+    for call, field in calls:
+        code, details = code_and_details(call)
+        assert (code, field in details, "\n" in details) == (INVALID, True, False), details
+    assert c.report([batch(run_id, 1, [sample("loss", 1, 1.0)])])[0].outcome == APPLIED
+
+
+def test_rejected_batches_are_logged_with_untrusted_text_quoted(
+        c: Client, caplog: pytest.LogCaptureFixture) -> None:
+    run_id = c.open_run("quoted").run_id
+    caplog.set_level("INFO", logger="raresignal.server")
+    reject(c, batch(run_id, 1, [], sender="rank0\nERROR raresignal.server: forged"))
+    (line,) = [r.getMessage() for r in caplog.records if "batch rejected" in r.getMessage()]
+    assert "\n" not in line and "'rank0\\nERROR raresignal.server: forged'" in line
+
+
+RAW = {"request_serializer": None, "response_deserializer": None}
+CORRUPT = b"\x0a\x05ab"  # a length-delimited field that claims more bytes than follow
+
+
+def test_malformed_protobuf_is_invalid_argument_with_a_plain_message(
+        server: ServerHandle) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        unary = [channel.unary_unary(f"/raresignal.v1.{method}", **RAW)
+                 for method in ("Ingest/OpenRun", "Ingest/CloseRun", "Alerts/ListAlerts",
+                                "Runs/ListRuns", "Runs/GetSeries")]
+        calls: list[Callable[[], object]] = [
+            *(lambda m=m: m(CORRUPT, timeout=10) for m in unary),
+            lambda: list(channel.unary_stream("/raresignal.v1.Alerts/WatchAlerts", **RAW)(
+                CORRUPT, timeout=10)),
+            lambda: list(channel.stream_stream("/raresignal.v1.Ingest/Report", **RAW)(
+                iter([CORRUPT]), timeout=10)),
+            lambda: channel.unary_unary("/raresignal.v1.Ingest/OpenRun", **RAW)(
+                b"\x0a\x02\xff\xfe", timeout=10),  # run_name that is not UTF-8
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as raised:
+                call()
+            error = raised.value
+            assert error.code() == INVALID, error.details()
+            assert "is not a valid protobuf message" in error.details()
+            assert "class" not in error.details() and "Error" not in error.details()
+        # A well-formed message on the same channel still works.
+        ok = channel.unary_unary("/raresignal.v1.Ingest/OpenRun", **RAW)(
+            ingest_pb2.OpenRunRequest(run_name="after", world_size=1).SerializeToString(),
+            timeout=10)
+        assert ingest_pb2.OpenRunResponse.FromString(ok).run.run_name == "after"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raresignal.server.cli import build_parser, server_settings
+from raresignal.server.cli import _server_config, build_parser, server_settings
 
 
 def test_server_help_teaches_with_examples() -> None:
@@ -41,3 +41,33 @@ def test_bad_rules_file_stops_the_cli_with_a_clear_message(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown metric 'nope'" in result.stderr
+
+
+def test_alertmanager_secrets_are_files_named_by_flags_or_variables(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["server", "--alertmanager-url", "https://am:9093",
+                                      "--alertmanager-username", "raresignal"])
+    environ = {"RARESIGNAL_ALERTMANAGER_PASSWORD_FILE": "/run/secrets/am-password",
+               "RARESIGNAL_ALERTMANAGER_CA_FILE": "/run/secrets/am-ca.pem"}
+    config = _server_config(server_settings(args, environ), environ)
+    assert (config.alertmanager_url, config.alertmanager_username,
+            config.alertmanager_password_file, config.alertmanager_ca_file,
+            config.alertmanager_bearer_token_file) == (
+        "https://am:9093", "raresignal", "/run/secrets/am-password", "/run/secrets/am-ca.pem",
+        None)
+    with pytest.raises(SystemExit):  # no flag takes a secret itself
+        build_parser().parse_args(["server", "--alertmanager-password", "x"])
+
+
+def test_unusable_alertmanager_settings_stop_the_cli_without_showing_the_secret(
+        tmp_path: Path) -> None:
+    password = tmp_path / "am-password"
+    password.write_text("Zq9-secret\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "raresignal.server.cli", "server", "--db", ":memory:",
+         "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0",
+         "--alertmanager-url", "http://127.0.0.1:1", "--alertmanager-password-file",
+         str(password)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "needs both a username and a password file" in result.stderr
+    assert "Zq9" not in result.stdout + result.stderr
