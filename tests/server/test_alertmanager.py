@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Client, batch, config, find, sample, scrape, wait_for
+from ports import free_port
 
 from raresignal.server.serving.app import start_in_thread
 
@@ -33,17 +33,11 @@ receivers:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def alertmanager(tmp_path: Path) -> Iterator[str]:
     config_file = tmp_path / "alertmanager.yml"
     config_file.write_text(CONFIG)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     process = subprocess.Popen(
         [BINARY, f"--config.file={config_file}", f"--storage.path={tmp_path / 'am-data'}",
          f"--web.listen-address={url.removeprefix('http://')}", "--cluster.listen-address="],
@@ -108,7 +102,7 @@ def test_alert_is_received_and_resolved_by_alertmanager(tmp_path: Path,
 
 
 def test_unreachable_alertmanager_is_retried_then_counted_as_failed(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens here
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     with start_in_thread(config(tmp_path, alertmanager_url=url)) as server:
         client = Client(server.grpc_target)
         run_id = client.open_run("am-down").run_id
