@@ -10,6 +10,7 @@ twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Sequence, Set
@@ -113,19 +114,19 @@ class PostgresStorage(Storage):
         self._pool = ConnectionPool(conninfo, kwargs=extra, min_size=1, max_size=POOL_SIZE,
                                     configure=_prepare_connection, open=False,
                                     name="raresignal-storage")
-        self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS)
         self._series_ids: dict[str, dict[SeriesKey, int]] = {}
         # Upper bounds of the sample count per series (replaced steps count twice), so the
         # exact count is only taken when a series may have reached the retention limit.
         self._sizes: dict[int, int] = {}
         # The committed sequence of every sender, advanced only once a commit succeeds; the
         # database checks it again, so a stale value here can never store a batch twice.
-        with self._pool.connection() as conn:
-            self._sequences: dict[tuple[str, str], int] = {
-                (row[0], row[1]): row[2]
-                for row in conn.execute(
-                    "SELECT run_id, sender_id, last_sequence FROM sender_sequences")
-            }
+        self._sequences: dict[tuple[str, str], int] = {}
+        try:
+            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS)
+            self._sequences = self._committed_sequences()
+        except BaseException:
+            self._pool.close()
+            raise
 
     # -- runs ------------------------------------------------------------------------
 
@@ -165,6 +166,9 @@ class PostgresStorage(Storage):
         return ids
 
     def series_keys(self, run_id: str) -> Set[SeriesKey]:
+        known = self._series_ids.get(run_id)
+        if known is not None:  # asked for every batch: no connection needed once known
+            return known.keys()
         with self._pool.connection() as conn, conn.cursor() as cur:
             return self._series_of(cur, run_id).keys()
 
@@ -185,18 +189,17 @@ class PostgresStorage(Storage):
             raise
         self._sequences.update(group.sequences)
 
+    def _committed_sequences(self) -> dict[tuple[str, str], int]:
+        with self._pool.connection() as conn:
+            return {(row[0], row[1]): row[2] for row in conn.execute(
+                "SELECT run_id, sender_id, last_sequence FROM sender_sequences")}
+
     def _reload_sequences(self) -> None:
         """Takes the committed sequences from the database, so the ledger acknowledges a
         batch another writer stored instead of failing it again."""
-        try:
-            with self._pool.connection() as conn:
-                self._sequences = {
-                    (row[0], row[1]): row[2]
-                    for row in conn.execute(
-                        "SELECT run_id, sender_id, last_sequence FROM sender_sequences")
-                }
-        except psycopg.Error:
-            pass  # the conflict is raised either way; the next one reloads again
+        # On a failure the conflict is raised all the same, and the next one reloads.
+        with contextlib.suppress(psycopg.Error):
+            self._sequences = self._committed_sequences()
 
     def _write_group(self, cur: psycopg.Cursor[Any], group: BatchGroup,
                      created: list[tuple[dict[SeriesKey, int], SeriesKey]]) -> None:
@@ -204,9 +207,10 @@ class PostgresStorage(Storage):
         self._create_series(cur, group, created)
         rows, latest = self._sample_rows(group)
         self._insert_samples(cur, rows)
-        cur.execute(_UPDATE_LATEST, (
-            list(latest), [v[0] for v in latest.values()], [v[1] for v in latest.values()],
-            [v[2] for v in latest.values()]))
+        if latest:
+            cur.execute(_UPDATE_LATEST, (
+                list(latest), [v[0] for v in latest.values()],
+                [v[1] for v in latest.values()], [v[2] for v in latest.values()]))
         cur.executemany(_UPSERT_RUN, [run_row(run) for run in group.runs.values()])
         self._write_engine(cur, group.engine_writes)
         self._apply_retention(cur, rows)
