@@ -114,7 +114,14 @@ def postgres_cluster() -> Iterator[Cluster]:
     if bindir is None:
         pytest.skip("PostgreSQL's initdb and pg_ctl are not installed (make tools installs "
                     "them)")
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("PostgreSQL refuses to run as root, and there is no postgres user "
+                        "to run it as (Debian's postgresql package creates one)")
+        as_user = ["runuser", "-u", "postgres", "--"]
     # Not pytest's tmp_path: its folders are private to root, and the server is postgres.
     root = Path(tempfile.mkdtemp(prefix="raresignal-pg-"))
     cluster = Cluster(bindir, root, _free_port(), as_user)
