@@ -4,8 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages the tests drive for real: promtool + Prometheus, Alertmanager.
-APT_PACKAGES := prometheus prometheus-alertmanager
+# Debian packages the tests drive for real: promtool + Prometheus, Alertmanager, and
+# PostgreSQL (the tests start a throwaway cluster with its initdb and pg_ctl).
+APT_PACKAGES := prometheus prometheus-alertmanager postgresql
 ARGS ?=
 # Peers the curvature benchmark and its tests compare against. --no-deps: backpack asks
 # for torchvision, whose PyPI build does not load beside the CPU torch pinned here.
@@ -27,11 +28,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP) ## create .venv and install the pinned dependencies
 
-tools: ## install the Debian tools the tests use (promtool, prometheus, alertmanager)
+tools: ## install the Debian tools the tests use (promtool, prometheus, alertmanager, postgresql)
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null || missing="$$missing prometheus-alertmanager"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing from Debian"; \

@@ -49,7 +49,9 @@ tokens file (YAML): `s3cret: ["teamA-*"]`, or lines `s3cret teamA-* shared-*`.
 
 # name, type, default, help; a server setting's default is ServerConfig's.
 _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
-    ("db", str, _DEFAULTS.db_path, "SQLite file (or :memory:)"),
+    ("db", str, _DEFAULTS.db_path,
+     "SQLite file (or :memory:), or postgresql://user@host:port/db (password from "
+     "RARESIGNAL_DB_PASSWORD_FILE, PGPASSWORD or PGPASSFILE, never in the URL)"),
     ("host", str, _DEFAULTS.host, "address to listen on (0.0.0.0: every interface)"),
     ("grpc_port", int, _DEFAULTS.grpc_port, "gRPC port (0: a free port)"),
     ("metrics_port", int, _DEFAULTS.metrics_port, "Prometheus /metrics port (0: a free port)"),

@@ -52,7 +52,7 @@ from raresignal.server.serving.service import (
     RunsService,
 )
 from raresignal.server.storage.base import RetentionPolicy, Storage
-from raresignal.server.storage.sqlite import SQLiteStorage
+from raresignal.server.storage.open import open_storage
 
 log = logging.getLogger("raresignal.server")
 
@@ -68,7 +68,7 @@ class ServerConfig:
     """Every server setting and its one default; the ``server`` command's flags, its
     config file and its environment variables read their defaults from here."""
 
-    db_path: str = "raresignal.db"  # SQLite file, or ":memory:"
+    db_path: str = "raresignal.db"  # SQLite file or ":memory:", or postgresql://user@host/db
     # Loopback unless told otherwise: listening on every interface is a deliberate choice
     # (the container image and the Helm chart make it).
     host: str = "127.0.0.1"
@@ -95,7 +95,7 @@ class ServerConfig:
 
     def open_storage(self) -> Storage:
         """The storage backend these settings name (the one place that picks it)."""
-        return SQLiteStorage(self.db_path, self.retention)
+        return open_storage(self.db_path, self.retention)
 
     def open_notifier(self, counter: Counter, generator_url: str) -> AlertmanagerNotifier | None:
         """The Alertmanager notifier these settings name, secrets read from their files;

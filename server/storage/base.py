@@ -47,6 +47,11 @@ class RetentionPolicy:
         return self.full_resolution + self.thinned_capacity
 
 
+class SequenceConflict(RuntimeError):
+    """A sender sequence the group meant to advance is already committed (another writer
+    applied the batch); the group was rolled back and nothing of it stored."""
+
+
 class Storage(ABC):
     """Runs, series, sender sequences, alert-engine state and alerts.
 
@@ -100,4 +105,5 @@ class Storage(ABC):
         """Alerts, newest first, optionally of one run, in some states, of one rule."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Releases the database; closing it again does nothing."""

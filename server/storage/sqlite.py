@@ -27,6 +27,7 @@ from raresignal.server.storage.records import (
     SeriesKey,
     SeriesPoint,
 )
+from raresignal.server.storage.rows import alert_from_row, alert_row, run_from_row, run_row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -108,41 +109,6 @@ _MULTI_ROW_INSERT = ("INSERT OR REPLACE INTO samples VALUES "
                      + ",".join(["(?,?,?,?)"] * ROWS_PER_INSERT))
 
 
-def _run_from_row(row: sqlite3.Row) -> RunRecord:
-    return RunRecord(
-        run_id=row["run_id"], run_name=row["run_name"], state=row["state"],
-        world_size=row["world_size"], created_at=row["created_at"],
-        updated_at=row["updated_at"], last_step=row["last_step"],
-        report_interval_seconds=row["report_interval_seconds"],
-        config=json.loads(row["config"]), tags=json.loads(row["tags"]),
-        agent_version=row["agent_version"], finished_at=row["finished_at"],
-    )
-
-
-def _alert_from_row(row: sqlite3.Row) -> AlertRecord:
-    return AlertRecord(
-        alert_id=row["alert_id"], run_id=row["run_id"], run_name=row["run_name"],
-        rule=row["rule"], labels=json.loads(row["labels"]), state=row["state"],
-        severity=row["severity"], summary=row["summary"], value=row["value"],
-        threshold=row["threshold"], step=row["step"], started_at=row["started_at"],
-        fired_at=row["fired_at"], resolved_at=row["resolved_at"],
-    )
-
-
-def _alert_row(alert: AlertRecord) -> tuple[Any, ...]:
-    return (alert.alert_id, alert.run_id, alert.run_name, alert.rule,
-            json.dumps(alert.labels, sort_keys=True), alert.state, alert.severity,
-            alert.summary, alert.value, alert.threshold, alert.step, alert.started_at,
-            alert.fired_at, alert.resolved_at)
-
-
-def _run_row(run: RunRecord) -> tuple[Any, ...]:
-    return (run.run_id, run.run_name, run.state, run.world_size, run.created_at,
-            run.updated_at, run.last_step, run.report_interval_seconds,
-            json.dumps(run.config, sort_keys=True), json.dumps(run.tags, sort_keys=True),
-            run.agent_version, run.finished_at)
-
-
 class SQLiteStorage(Storage):
     """:class:`~raresignal.server.storage.base.Storage` on one SQLite database."""
 
@@ -187,7 +153,7 @@ class SQLiteStorage(Storage):
 
     def create_run(self, run: RunRecord) -> None:
         with self._transaction():
-            self._db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _run_row(run))
+            self._db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", run_row(run))
 
     def update_run(self, run: RunRecord, writes: EngineWrites | None = None) -> None:
         with self._transaction():
@@ -199,7 +165,7 @@ class SQLiteStorage(Storage):
         query = "SELECT * FROM runs"
         if not include_finished:
             query += " WHERE finished_at = 0"
-        return [_run_from_row(row) for row in self._db.execute(query + " ORDER BY created_at")]
+        return [run_from_row(row) for row in self._db.execute(query + " ORDER BY created_at")]
 
     # -- sequences and series ------------------------------------------------------------
 
@@ -342,7 +308,7 @@ class SQLiteStorage(Storage):
             "report_interval_seconds = excluded.report_interval_seconds, "
             "config = excluded.config, tags = excluded.tags, "
             "agent_version = excluded.agent_version, finished_at = excluded.finished_at",
-            _run_row(run))
+            run_row(run))
 
     def _write_engine(self, writes: EngineWrites) -> None:
         if writes.rule_states:
@@ -353,7 +319,7 @@ class SQLiteStorage(Storage):
         if writes.alerts:
             self._db.executemany(
                 "INSERT OR REPLACE INTO alerts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [_alert_row(alert) for alert in writes.alerts])
+                [alert_row(alert) for alert in writes.alerts])
         if writes.changes:
             self._db.executemany(
                 "INSERT INTO alert_history VALUES (?,?,?,?,?,?)",
@@ -401,15 +367,17 @@ class SQLiteStorage(Storage):
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(limit)
         return [
-            _alert_from_row(row)
+            alert_from_row(row)
             for row in self._db.execute(
                 f"SELECT * FROM alerts{where} ORDER BY started_at DESC, alert_id LIMIT ?",
                 params)
         ]
 
     def close(self) -> None:
+        """Closes the database; closing it again does nothing."""
         if self._checkpointer is not None:
             self._checkpointer.close()
+            self._checkpointer = None
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
 

@@ -130,3 +130,7 @@ def client(server: ServerHandle) -> Iterator[Client]:
     c = Client(server.grpc_target)
     yield c
     c.close()
+
+
+# A throwaway PostgreSQL cluster per session (skipped where PostgreSQL is not installed).
+from postgres_cluster import password_file, postgres_cluster, postgres_db  # noqa: E402, F401

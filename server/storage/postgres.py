@@ -1,0 +1,377 @@
+"""The PostgreSQL backend: the SQLite backend's behaviour on a shared database.
+
+Every method is called from the server's one storage thread; the pool gives that thread a
+live connection (and a new one after the database restarts). A group of batches is one
+transaction: its samples go in by ``COPY`` into a staging table and one upsert, and its
+sender sequences by an upsert that only ever advances, so a second writer that tries to
+apply a batch already committed makes the whole group roll back instead of storing it
+twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Sequence, Set
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from raresignal.server.storage.base import RetentionPolicy, SequenceConflict, Storage
+from raresignal.server.storage.migrate import migrate
+from raresignal.server.storage.records import (
+    AlertRecord,
+    BatchGroup,
+    EngineWrites,
+    LatestValue,
+    RunRecord,
+    SeriesKey,
+    SeriesPoint,
+)
+from raresignal.server.storage.rows import alert_from_row, alert_row, run_from_row, run_row
+
+# One thread uses the pool; a second connection lets a read start while the first is
+# being replaced after a dropped connection.
+POOL_SIZE = 2
+CONNECT_TIMEOUT_SECONDS = 30.0
+
+SampleRow = tuple[int, int, float, float]  # (series_id, step, value, wall_time)
+
+_STAGING = ("CREATE TEMPORARY TABLE samples_staging (series_id BIGINT, step BIGINT, "
+            "value DOUBLE PRECISION, wall_time DOUBLE PRECISION) ON COMMIT DELETE ROWS")
+_COPY_STAGING = ("COPY samples_staging (series_id, step, value, wall_time) "
+                 "FROM STDIN (FORMAT BINARY)")
+_STAGING_TYPES = ("int8", "int8", "float8", "float8")
+_UPSERT_SAMPLES = (
+    "INSERT INTO samples SELECT series_id, step, value, wall_time FROM samples_staging "
+    "ON CONFLICT (series_id, step) DO UPDATE "
+    "SET value = excluded.value, wall_time = excluded.wall_time")
+# Inserts or advances each sender's sequence, and returns the rows it wrote: a sender
+# missing from the result already had this sequence (or a later one) committed.
+_ADVANCE_SEQUENCES = (
+    "INSERT INTO sender_sequences (run_id, sender_id, last_sequence) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+    "ON CONFLICT (run_id, sender_id) DO UPDATE SET last_sequence = excluded.last_sequence "
+    "WHERE sender_sequences.last_sequence < excluded.last_sequence "
+    "RETURNING run_id, sender_id")
+_CREATE_SERIES = (
+    "INSERT INTO series (run_id, metric, labels) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]) "
+    # A no-op update, so a series another writer created is returned with its id too.
+    "ON CONFLICT (run_id, metric, labels) DO UPDATE SET metric = excluded.metric "
+    "RETURNING series_id, run_id, metric, labels")
+_UPDATE_LATEST = (
+    "UPDATE series SET last_step = n.step, last_value = n.value, last_wall_time = n.wall "
+    "FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
+    "AS n(series_id, step, value, wall) "
+    "WHERE series.series_id = n.series_id AND series.last_step <= n.step")
+_UPSERT_RUN = (
+    "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+    "ON CONFLICT (run_id) DO UPDATE "
+    "SET run_name = excluded.run_name, state = excluded.state, "
+    "world_size = excluded.world_size, updated_at = excluded.updated_at, "
+    "last_step = excluded.last_step, "
+    "report_interval_seconds = excluded.report_interval_seconds, "
+    "config = excluded.config, tags = excluded.tags, "
+    "agent_version = excluded.agent_version, finished_at = excluded.finished_at")
+_UPSERT_ALERT = (
+    "INSERT INTO alerts VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+    "ON CONFLICT (alert_id) DO UPDATE "
+    "SET run_id = excluded.run_id, run_name = excluded.run_name, rule = excluded.rule, "
+    "labels = excluded.labels, state = excluded.state, severity = excluded.severity, "
+    "summary = excluded.summary, value = excluded.value, threshold = excluded.threshold, "
+    "step = excluded.step, started_at = excluded.started_at, fired_at = excluded.fired_at, "
+    "resolved_at = excluded.resolved_at")
+
+
+def _prepare_connection(conn: psycopg.Connection) -> None:
+    """Gives each pooled connection its own staging table (emptied at every commit)."""
+    conn.execute(_STAGING)
+    conn.commit()
+
+
+class PostgresStorage(Storage):
+    """:class:`~raresignal.server.storage.base.Storage` on one PostgreSQL database.
+
+    ``conninfo`` is a libpq connection string or URL; ``password``, when given, is passed
+    beside it rather than in it. The schema is migrated on start.
+    """
+
+    def __init__(self, conninfo: str, retention: RetentionPolicy | None = None,
+                 password: str | None = None) -> None:
+        self.retention = retention or RetentionPolicy()
+        extra: dict[str, Any] = {"application_name": "raresignal-server"}
+        if password is not None:
+            extra["password"] = password
+        # Connecting once directly first: a wrong address or password is raised as
+        # libpq words it, where the pool would only time out.
+        with psycopg.connect(conninfo, autocommit=True,
+                             connect_timeout=int(CONNECT_TIMEOUT_SECONDS), **extra) as conn:
+            migrate(conn)
+        self._pool = ConnectionPool(conninfo, kwargs=extra, min_size=1, max_size=POOL_SIZE,
+                                    configure=_prepare_connection, open=False,
+                                    name="raresignal-storage")
+        self._series_ids: dict[str, dict[SeriesKey, int]] = {}
+        # Upper bounds of the sample count per series (replaced steps count twice), so the
+        # exact count is only taken when a series may have reached the retention limit.
+        self._sizes: dict[int, int] = {}
+        # The committed sequence of every sender, advanced only once a commit succeeds; the
+        # database checks it again, so a stale value here can never store a batch twice.
+        self._sequences: dict[tuple[str, str], int] = {}
+        try:
+            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_SECONDS)
+            self._sequences = self._committed_sequences()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- runs ------------------------------------------------------------------------
+
+    def create_run(self, run: RunRecord) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                         run_row(run))
+
+    def update_run(self, run: RunRecord, writes: EngineWrites | None = None) -> None:
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute(_UPSERT_RUN, run_row(run))
+            if writes is not None:
+                self._write_engine(cur, writes)
+
+    def list_runs(self, include_finished: bool) -> list[RunRecord]:
+        query = "SELECT * FROM runs"
+        if not include_finished:
+            query += " WHERE finished_at = 0"
+        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            return [run_from_row(row) for row in cur.execute(query + " ORDER BY created_at")]
+
+    # -- sequences and series ------------------------------------------------------------
+
+    def last_sequence(self, run_id: str, sender_id: str) -> int:
+        return self._sequences.get((run_id, sender_id), 0)
+
+    def last_sequences(self, run_id: str) -> dict[str, int]:
+        return {sender: seq for (run, sender), seq in self._sequences.items() if run == run_id}
+
+    def _series_of(self, cur: psycopg.Cursor[Any], run_id: str) -> dict[SeriesKey, int]:
+        ids = self._series_ids.get(run_id)
+        if ids is None:
+            cur.execute("SELECT series_id, metric, labels FROM series WHERE run_id = %s",
+                        (run_id,))
+            ids = {(row[1], row[2]): row[0] for row in cur.fetchall()}
+            self._series_ids[run_id] = ids
+        return ids
+
+    def series_keys(self, run_id: str) -> Set[SeriesKey]:
+        known = self._series_ids.get(run_id)
+        if known is not None:  # asked for every batch: no connection needed once known
+            return known.keys()
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            return self._series_of(cur, run_id).keys()
+
+    def apply_group(self, group: BatchGroup) -> None:
+        """One transaction for the whole group; a sender sequence that the database
+        already holds (another writer applied the batch) rolls all of it back."""
+        created: list[tuple[dict[SeriesKey, int], SeriesKey]] = []
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if group.batches:
+                    self._write_group(cur, group, created)
+        except BaseException as error:
+            for series, key in created:
+                series.pop(key, None)
+            self._sizes.clear()  # counts may include rolled-back rows; re-count lazily
+            if isinstance(error, SequenceConflict):
+                self._reload_sequences()
+            raise
+        self._sequences.update(group.sequences)
+
+    def _committed_sequences(self) -> dict[tuple[str, str], int]:
+        with self._pool.connection() as conn:
+            return {(row[0], row[1]): row[2] for row in conn.execute(
+                "SELECT run_id, sender_id, last_sequence FROM sender_sequences")}
+
+    def _reload_sequences(self) -> None:
+        """Takes the committed sequences from the database, so the ledger acknowledges a
+        batch another writer stored instead of failing it again."""
+        # On a failure the conflict is raised all the same, and the next one reloads.
+        with contextlib.suppress(psycopg.Error):
+            self._sequences = self._committed_sequences()
+
+    def _write_group(self, cur: psycopg.Cursor[Any], group: BatchGroup,
+                     created: list[tuple[dict[SeriesKey, int], SeriesKey]]) -> None:
+        self._advance_sequences(cur, group.sequences)
+        self._create_series(cur, group, created)
+        rows, latest = self._sample_rows(group)
+        self._insert_samples(cur, rows)
+        if latest:
+            cur.execute(_UPDATE_LATEST, (
+                list(latest), [v[0] for v in latest.values()],
+                [v[1] for v in latest.values()], [v[2] for v in latest.values()]))
+        cur.executemany(_UPSERT_RUN, [run_row(run) for run in group.runs.values()])
+        self._write_engine(cur, group.engine_writes)
+        self._apply_retention(cur, rows)
+
+    def _advance_sequences(self, cur: psycopg.Cursor[Any],
+                           sequences: dict[tuple[str, str], int]) -> None:
+        keys = list(sequences)
+        cur.execute(_ADVANCE_SEQUENCES, ([k[0] for k in keys], [k[1] for k in keys],
+                                         [sequences[k] for k in keys]))
+        advanced = {(row[0], row[1]) for row in cur.fetchall()}
+        stale = [key for key in keys if key not in advanced]
+        if stale:
+            run_id, sender_id = stale[0]
+            raise SequenceConflict(
+                f"sequence {sequences[stale[0]]} of sender {sender_id!r} of run {run_id!r} "
+                f"(and {len(stale) - 1} more) is already committed by another writer")
+
+    def _create_series(self, cur: psycopg.Cursor[Any], group: BatchGroup,
+                       created: list[tuple[dict[SeriesKey, int], SeriesKey]]) -> None:
+        """Creates, in one statement, the series the group is the first to report."""
+        missing: dict[tuple[str, str, str], dict[SeriesKey, int]] = {}
+        for write in group.batches:
+            run_id = write.run.run_id
+            series = self._series_of(cur, run_id)
+            for key in write.newest:
+                if key not in series:
+                    missing[(run_id, *key)] = series
+        if not missing:
+            return
+        keys = list(missing)
+        cur.execute(_CREATE_SERIES, ([k[0] for k in keys], [k[1] for k in keys],
+                                     [k[2] for k in keys]))
+        for series_id, run_id, metric, labels in cur.fetchall():
+            series = missing[(run_id, metric, labels)]
+            series[(metric, labels)] = series_id
+            self._sizes.setdefault(series_id, 0)
+            created.append((series, (metric, labels)))
+
+    def _sample_rows(self, group: BatchGroup
+                     ) -> tuple[list[SampleRow], dict[int, tuple[int, float, float]]]:
+        """The group's sample rows, one per (series, step) with the later sample winning,
+        and the newest value of each series they touch."""
+        merged: dict[tuple[int, int], tuple[float, float]] = {}
+        latest: dict[int, tuple[int, float, float]] = {}
+        for write in group.batches:
+            series = self._series_ids[write.run.run_id]
+            for key, (step, value, wall_time) in write.newest.items():
+                series_id = series[key]
+                current = latest.get(series_id)
+                if current is None or step >= current[0]:
+                    latest[series_id] = (step, value, wall_time)
+            for s in write.samples:
+                merged[(series[(s.metric, s.labels_key)], s.step)] = (s.value, s.wall_time)
+        rows = [(sid, step, value, wall) for (sid, step), (value, wall) in merged.items()]
+        return rows, latest
+
+    def _insert_samples(self, cur: psycopg.Cursor[Any], rows: list[SampleRow]) -> None:
+        """COPY into the staging table, then one upsert: one round trip for the rows
+        however many there are (a row may replace a stored one, which COPY cannot)."""
+        if not rows:
+            return
+        with cur.copy(_COPY_STAGING) as copy:
+            copy.set_types(_STAGING_TYPES)
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(_UPSERT_SAMPLES)
+
+    def _apply_retention(self, cur: psycopg.Cursor[Any], rows: list[SampleRow]) -> None:
+        added = Counter(row[0] for row in rows)
+        limit = self.retention.limit
+        for series_id, count in added.items():
+            size = self._sizes.get(series_id)
+            if size is None:
+                size = self._exact_size(cur, series_id) - count
+            size += count
+            if size > limit:
+                size = self._exact_size(cur, series_id)
+                if size > limit:
+                    size -= self._thin(cur, series_id)
+            self._sizes[series_id] = size
+
+    @staticmethod
+    def _exact_size(cur: psycopg.Cursor[Any], series_id: int) -> int:
+        cur.execute("SELECT count(*) FROM samples WHERE series_id = %s", (series_id,))
+        row = cur.fetchone()
+        return int(row[0]) if row else 0
+
+    def _thin(self, cur: psycopg.Cursor[Any], series_id: int) -> int:
+        """Drops every second sample older than the full-resolution window; returns how
+        many were dropped."""
+        cur.execute("SELECT step FROM samples WHERE series_id = %s ORDER BY step DESC "
+                    "OFFSET %s", (series_id, self.retention.full_resolution))
+        older = [row[0] for row in cur.fetchall()]
+        older.reverse()  # oldest first; keep the oldest and every second one after it
+        dropped = older[1::2]
+        cur.execute("DELETE FROM samples WHERE series_id = %s AND step = ANY(%s)",
+                    (series_id, dropped))
+        return len(dropped)
+
+    @staticmethod
+    def _write_engine(cur: psycopg.Cursor[Any], writes: EngineWrites) -> None:
+        if writes.rule_states:
+            cur.executemany(
+                "INSERT INTO rule_states VALUES (%s,%s,%s) ON CONFLICT (run_id, state_key) "
+                "DO UPDATE SET state = excluded.state",
+                [(run_id, key, json.dumps(state)) for run_id, key, state in writes.rule_states])
+        if writes.alerts:
+            cur.executemany(_UPSERT_ALERT, [alert_row(alert) for alert in writes.alerts])
+        if writes.changes:
+            cur.executemany(
+                "INSERT INTO alert_history VALUES (%s,%s,%s,%s,%s,%s)",
+                [(c.alert.alert_id, c.previous_state, c.alert.state, c.at, c.alert.value,
+                  c.alert.step) for c in writes.changes])
+
+    # -- reads -----------------------------------------------------------------------
+
+    def latest_values(self) -> list[LatestValue]:
+        with self._pool.connection() as conn:
+            return [
+                LatestValue(*row)
+                for row in conn.execute(
+                    "SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
+                    "FROM series WHERE last_value IS NOT NULL")
+            ]
+
+    def get_series(self, run_id: str, metric: str, labels_key: str,
+                   since_step: int) -> list[SeriesPoint]:
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            series_id = self._series_of(cur, run_id).get((metric, labels_key))
+            if series_id is None:
+                return []
+            cur.execute("SELECT step, value, wall_time FROM samples "
+                        "WHERE series_id = %s AND step >= %s ORDER BY step",
+                        (series_id, since_step))
+            return [SeriesPoint(*row) for row in cur.fetchall()]
+
+    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]:
+        with self._pool.connection() as conn:
+            return [(row[0], row[1], json.loads(row[2])) for row in conn.execute(
+                "SELECT run_id, state_key, state FROM rule_states")]
+
+    def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
+               limit: int = 1000) -> list[AlertRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if run_id:
+            clauses.append("run_id = %s")
+            params.append(run_id)
+        if states:
+            clauses.append("state = ANY(%s)")
+            params.append(list(states))
+        if rule:
+            clauses.append("rule = %s")
+            params.append(rule)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit)
+        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(f"SELECT * FROM alerts{where} "
+                        "ORDER BY started_at DESC, alert_id LIMIT %s", params)
+            return [alert_from_row(row) for row in cur.fetchall()]
+
+    def close(self) -> None:
+        self._pool.close()
+

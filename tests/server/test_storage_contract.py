@@ -1,0 +1,267 @@
+"""What every storage backend promises, checked on SQLite and on a real PostgreSQL.
+
+Each test gets ``open_store``: a function that opens a storage on the test's own database,
+so calling it again is a server restart on the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import batch, sample
+from postgres_cluster import Cluster
+
+from raresignal.protos.v1 import ingest_pb2
+from raresignal.server.alerting.engine import AlertEngine
+from raresignal.server.serving.auth import EVERYONE
+from raresignal.server.serving.ledger import Ledger
+from raresignal.server.serving.live import LiveState
+from raresignal.server.storage.base import RetentionPolicy, SequenceConflict, Storage
+from raresignal.server.storage.records import (
+    AlertChange,
+    AlertRecord,
+    BatchGroup,
+    BatchWrite,
+    CheckedSample,
+    EngineWrites,
+    RunRecord,
+    newest_by_series,
+)
+from raresignal.server.storage.sqlite import SQLiteStorage
+
+OpenStore = Callable[..., Storage]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
+    opened: list[Storage] = []
+    if request.param == "sqlite":
+        def make(retention: RetentionPolicy | None = None) -> Storage:
+            return SQLiteStorage(str(tmp_path / "x.db"), retention)
+    else:
+        from raresignal.server.storage.postgres import PostgresStorage
+
+        cluster: Cluster = request.getfixturevalue("postgres_cluster")
+        dbname = request.getfixturevalue("postgres_db")
+
+        def make(retention: RetentionPolicy | None = None) -> Storage:
+            return PostgresStorage(cluster.admin_conninfo(dbname), retention)
+
+    def tracked(retention: RetentionPolicy | None = None) -> Storage:
+        store = make(retention)
+        opened.append(store)
+        return store
+
+    yield tracked
+    for store in opened:
+        store.close()
+
+
+def run_record(run_id: str, created_at: float = 1.0, finished_at: float = 0.0,
+               last_step: int = 0) -> RunRecord:
+    return RunRecord(run_id=run_id, run_name="name-" + run_id, state=1, world_size=2,
+                     created_at=created_at, updated_at=created_at, last_step=last_step,
+                     report_interval_seconds=1.5, config={"lr": "0.1"}, tags={"t": "x"},
+                     agent_version="1.2", finished_at=finished_at)
+
+
+def write(run: RunRecord, sequence: int, samples: list[CheckedSample],
+          sender: str = "s") -> tuple[BatchWrite, set[tuple[str, str]]]:
+    """A batch write and the series it names (new or not: the storage sorts that out)."""
+    newest = newest_by_series(samples)
+    return BatchWrite(run, sender, sequence, samples, EngineWrites(), newest), set(newest)
+
+
+def group_of(*writes: tuple[BatchWrite, set[tuple[str, str]]]) -> BatchGroup:
+    group = BatchGroup()
+    for batch_write, series in writes:
+        group.add(batch_write, series)
+    return group
+
+
+def loss(step: int, value: float, **labels: str) -> CheckedSample:
+    key = "{}" if not labels else ("{" + ",".join(f'"{k}":"{v}"' for k, v in
+                                                 sorted(labels.items())) + "}")
+    return CheckedSample("loss", key, step, value, 1000.0 + step)
+
+
+def open_ledger(store: Storage) -> tuple[Ledger, str]:
+    """A ledger (no alert rules) on ``store``, and the id of a run it opened."""
+    ledger = Ledger(store, AlertEngine([]), LiveState())
+    run, _ = ledger.open_run(ingest_pb2.OpenRunRequest(run_name="n", world_size=1), EVERYONE)
+    return ledger, run.run_id
+
+
+def report(ledger: Ledger, run_id: str, sequence: int, steps: range | list[int]) -> bool:
+    """Reports ``loss`` = step at each step, as sender "s"; whether it was applied."""
+    losses = [sample("loss", step, float(step)) for step in steps]
+    return ledger.apply(batch(run_id, sequence, losses, sender="s"), EVERYONE).applied
+
+
+def test_runs_are_stored_updated_and_listed_oldest_first(open_store: OpenStore) -> None:
+    store = open_store()
+    store.create_run(run_record("b", created_at=2.0))
+    store.create_run(run_record("a", created_at=1.0))
+    store.create_run(run_record("c", created_at=3.0, finished_at=4.0))
+    updated = run_record("b", created_at=2.0, last_step=77)
+    updated.tags = {"t": "y"}
+    store.update_run(updated)
+    assert [r.run_id for r in store.list_runs(include_finished=True)] == ["a", "b", "c"]
+    assert [r.run_id for r in store.list_runs(include_finished=False)] == ["a", "b"]
+    store.close()
+    reopened = open_store()
+    assert reopened.list_runs(include_finished=True)[1] == updated
+
+
+def test_each_sequence_is_applied_once_and_survives_a_restart(open_store: OpenStore) -> None:
+    ledger, run_id = open_ledger(open_store())
+    assert report(ledger, run_id, 5, [1])
+    assert not report(ledger, run_id, 5, [2])
+    assert not report(ledger, run_id, 4, [3])
+    ledger.close()
+    reopened = open_store()
+    assert reopened.last_sequences(run_id) == {"s": 5}
+    assert reopened.last_sequence(run_id, "s") == 5
+    assert reopened.last_sequence(run_id, "other") == 0
+    ledger = Ledger(reopened, AlertEngine([]), LiveState())
+    assert not report(ledger, run_id, 5, [4])  # a replay after the restart
+    assert report(ledger, run_id, 6, [5])
+    assert [p.step for p in reopened.get_series(run_id, "loss", "{}", 0)] == [1, 5]
+
+
+def test_series_samples_and_latest_values(open_store: OpenStore) -> None:
+    store = open_store()
+    run = run_record("r")
+    store.create_run(run)
+    # Steps out of order, two label sets, and step 3 twice in one group: the later wins.
+    first = [loss(3, 0.5, layer="a"), loss(1, 0.1, layer="a"), loss(2, 9.0)]
+    second = [loss(3, 0.75, layer="a"), loss(4, 4.0)]
+    store.apply_group(group_of(write(run, 1, first), write(run, 2, second)))
+    a_key = '{"layer":"a"}'
+    assert set(store.series_keys("r")) == {("loss", a_key), ("loss", "{}")}
+    assert [(p.step, p.value, p.wall_time) for p in store.get_series("r", "loss", a_key, 0)] \
+        == [(1, 0.1, 1001.0), (3, 0.75, 1003.0)]
+    assert [p.step for p in store.get_series("r", "loss", "{}", 3)] == [4]
+    assert store.get_series("r", "loss", '{"layer":"zz"}', 0) == []
+    # A later group re-reporting a stored step replaces it, and an older step does not
+    # move the latest value back.
+    store.apply_group(group_of(write(run, 3, [loss(1, 0.2, layer="a"), loss(4, 5.0)])))
+    assert [p.value for p in store.get_series("r", "loss", a_key, 0)] == [0.2, 0.75]
+    store.close()
+    reopened = open_store()
+    latest = {(v.run_id, v.metric, v.labels_key): (v.step, v.value, v.wall_time)
+              for v in reopened.latest_values()}
+    assert latest == {("r", "loss", a_key): (3, 0.75, 1003.0),
+                      ("r", "loss", "{}"): (4, 5.0, 1004.0)}
+    assert set(reopened.series_keys("r")) == {("loss", a_key), ("loss", "{}")}
+
+
+def test_retention_bounds_a_long_series_and_keeps_recent_steps_whole(
+        open_store: OpenStore) -> None:
+    policy = RetentionPolicy(full_resolution=100, thinned_capacity=50)
+    store = open_store(policy)
+    ledger, run_id = open_ledger(store)
+    for sequence in range(1, 201):  # 2,000 steps in batches of 10
+        assert report(ledger, run_id, sequence, range((sequence - 1) * 10, sequence * 10))
+    points = store.get_series(run_id, "loss", "{}", 0)
+    steps = [p.step for p in points]
+    assert len(steps) <= policy.limit
+    assert steps[-100:] == list(range(1900, 2000))  # the newest at full resolution
+    assert steps[0] == 0  # the oldest survives thinning, so the whole history is spanned
+    assert all(p.value == float(p.step) for p in points)  # thinning never mixes values
+
+
+def _alert(alert_id: str, run_id: str, state: int, started_at: float,
+           rule: str = "collapse") -> AlertRecord:
+    return AlertRecord(alert_id=alert_id, run_id=run_id, run_name="n", rule=rule,
+                       labels={"layer": "a"}, state=state, severity="warning",
+                       summary="s", value=1.5, threshold=1.0, step=7, started_at=started_at)
+
+
+def test_engine_writes_and_alerts(open_store: OpenStore) -> None:
+    store = open_store()
+    run = run_record("r")
+    other = run_record("o")
+    store.create_run(run)
+    store.create_run(other)
+    first = _alert("a1", "r", 1, 10.0)
+    writes = EngineWrites(
+        rule_states=[("r", "collapse|{}", {"ema": 1.0}), ("r", "collapse|{}", {"ema": 2.0})],
+        alerts=[first, _alert("a2", "r", 2, 20.0, rule="spike"), _alert("a3", "o", 1, 15.0)],
+        changes=[AlertChange(first, 0, 10.0)])
+    store.update_run(run, writes)
+    # A later write of an alert replaces it; samples and engine writes commit together.
+    fired = _alert("a1", "r", 2, 10.0)
+    fired.fired_at = 11.0
+    group = group_of(write(run, 1, [loss(1, 1.0)]))
+    group.engine_writes = EngineWrites(alerts=[fired], changes=[AlertChange(fired, 1, 11.0)])
+    store.apply_group(group)
+    store.close()
+    reopened = open_store()
+    assert reopened.rule_states() == [("r", "collapse|{}", {"ema": 2.0})]
+    assert [a.alert_id for a in reopened.alerts()] == ["a2", "a3", "a1"]  # newest first
+    assert [a.alert_id for a in reopened.alerts(run_id="r")] == ["a2", "a1"]
+    assert [a.alert_id for a in reopened.alerts(states=(2,))] == ["a2", "a1"]
+    assert [a.alert_id for a in reopened.alerts(rule="collapse", states=(1, 2))] == [
+        "a3", "a1"]
+    assert [a.alert_id for a in reopened.alerts(limit=1)] == ["a2"]
+    assert reopened.alerts(run_id="r", rule="spike")[0] == _alert("a2", "r", 2, 20.0,
+                                                                    rule="spike")
+    assert [a for a in reopened.alerts() if a.alert_id == "a1"] == [fired]
+
+
+def test_a_failing_group_stores_nothing_and_the_next_one_works(open_store: OpenStore) -> None:
+    store = open_store()
+    run = run_record("r")
+    store.create_run(run)
+    store.apply_group(group_of(write(run, 1, [loss(1, 1.0)])))
+    # The second batch names a run that does not exist: its series breaks the foreign key
+    # after the first batch's samples, sequence and new series were already written.
+    ghost = run_record("ghost")
+    group = group_of(write(run, 2, [loss(2, 2.0), loss(2, 2.0, layer="new")]),
+                     write(ghost, 1, [loss(9, 1.0)]))
+    group.engine_writes = EngineWrites(alerts=[_alert("x", "r", 1, 1.0)])
+    with pytest.raises(Exception):  # noqa: B017 - each backend's own integrity error
+        store.apply_group(group)
+    reopened = open_store()
+    for current in (store, reopened):
+        assert current.last_sequences("r") == {"s": 1}
+        assert current.last_sequence("ghost", "s") == 0
+        assert set(current.series_keys("r")) == {("loss", "{}")}
+        assert [p.step for p in current.get_series("r", "loss", "{}", 0)] == [1]
+        assert current.alerts() == []
+        assert [(v.run_id, v.step) for v in current.latest_values()] == [("r", 1)]
+    reopened.close()
+    # The storage's caches were rolled back too: the retried batch goes in whole.
+    store.apply_group(group_of(write(run, 2, [loss(2, 2.0), loss(2, 2.0, layer="new")])))
+    assert [p.step for p in store.get_series("r", "loss", '{"layer":"new"}', 0)] == [2]
+    assert store.last_sequences("r") == {"s": 2}
+
+
+def test_two_writers_never_apply_one_batch_twice(postgres_cluster: Cluster,
+                                                 postgres_db: str) -> None:
+    from raresignal.server.storage.postgres import PostgresStorage
+
+    conninfo = postgres_cluster.admin_conninfo(postgres_db)
+    first, second = PostgresStorage(conninfo), PostgresStorage(conninfo)
+    run = run_record("r")
+    first.create_run(run)
+    first.apply_group(group_of(write(run, 1, [loss(1, 1.0)])))
+    # The second writer has not seen sequence 1 committed, so its own check passes; the
+    # database's does not, and nothing of the group is stored, not even its other sender.
+    assert second.last_sequence("r", "s") == 0
+    replay = group_of(write(run, 1, [loss(1, 99.0), loss(2, 99.0)]),
+                      write(run, 1, [loss(3, 99.0)], sender="other"))
+    with pytest.raises(SequenceConflict, match="'s'"):
+        second.apply_group(replay)
+    assert [(p.step, p.value) for p in first.get_series("r", "loss", "{}", 0)] == [(1, 1.0)]
+    assert first.last_sequences("r") == {"s": 1}
+    # The conflict taught the second writer the committed sequence: the ledger on it now
+    # acknowledges the replay as a duplicate instead of failing it again.
+    assert second.last_sequences("r") == {"s": 1}
+    second.apply_group(group_of(write(run, 2, [loss(2, 2.0)])))
+    assert [p.step for p in first.get_series("r", "loss", "{}", 0)] == [1, 2]
+    first.close()
+    second.close()
