@@ -24,6 +24,7 @@ from raresignal.server.alerting.rules import RulesError
 from raresignal.server.serving.alertmanager_access import AlertmanagerAccessError
 from raresignal.server.serving.app import ServerConfig, serve
 from raresignal.server.serving.auth import TokensError, load_tokens, parse_tokens_env
+from raresignal.server.storage.open import StorageOpenError
 
 ENV_PREFIX = "RARESIGNAL_"
 _DEFAULTS = ServerConfig()
@@ -205,7 +206,7 @@ def run_server(args: argparse.Namespace, environ: Mapping[str, str] = os.environ
 
     try:
         asyncio.run(main())
-    except (RulesError, AlertmanagerAccessError) as exc:
+    except (RulesError, AlertmanagerAccessError, StorageOpenError) as exc:
         print(f"raresignal: {exc}", file=sys.stderr)
         return 2
     return 0

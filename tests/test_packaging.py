@@ -49,6 +49,7 @@ def test_wheel_holds_every_package_and_data_file(wheel: Path) -> None:
     assert not missing, f"add these to [tool.setuptools] packages in pyproject.toml: {missing}"
     assert "raresignal/protos/raresignal/v1/ingest.proto" in names
     assert "raresignal/server/alerting/default_rules.yaml" in names
+    assert "raresignal/server/storage/migrations/postgres/0001_initial.sql" in names
     assert not any(n.startswith("tests/") for n in names)
 
 
@@ -73,6 +74,8 @@ def test_installed_wheel_imports_in_a_fresh_environment(wheel: Path, tmp_path: P
         "raresignal.protos.v1.ingest_pb2_grpc as g, raresignal.protos.catalog as c\n"
         "from raresignal.server.alerting.rules import default_rules_text\n"
         "assert 'RunStalled' in default_rules_text()\n"
+        "from raresignal.server.storage.migrate import shipped_migrations\n"
+        "assert shipped_migrations()\n"
         "import pathlib, sys\n"
         f"site = pathlib.Path({str(site)!r})\n"
         "for m in (raresignal.agent.api, g, c):\n"

@@ -10,6 +10,7 @@ own ``PGPASSWORD`` or ``PGPASSFILE`` (``~/.pgpass``).
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Mapping
 
 from raresignal.server.storage.base import RetentionPolicy, Storage
@@ -54,15 +55,27 @@ def postgres_password(conninfo: str, environ: Mapping[str, str] = os.environ) ->
         return file.read().rstrip("\r\n")
 
 
+class StorageOpenError(Exception):
+    """The database named by ``--db`` cannot be opened; the message says why."""
+
+
 def open_storage(url: str, retention: RetentionPolicy | None = None) -> Storage:
     """The backend ``url`` names, opened (and, for PostgreSQL, migrated)."""
     if is_postgres_url(url):
         try:
+            import psycopg
+
             from raresignal.server.storage.postgres import PostgresStorage
         except ImportError as error:
-            raise RuntimeError("a postgresql:// database needs the postgres extra: "
-                               "pip install 'raresignal[server,postgres]'") from error
-        return PostgresStorage(url, retention, password=postgres_password(url))
+            raise StorageOpenError("a postgresql:// database needs the postgres extra: "
+                                   "pip install 'raresignal[server,postgres]'") from error
+        try:
+            return PostgresStorage(url, retention, password=postgres_password(url))
+        except (ValueError, OSError, psycopg.Error) as error:
+            raise StorageOpenError(f"cannot open the PostgreSQL database: {error}") from error
     from raresignal.server.storage.sqlite import SQLiteStorage
 
-    return SQLiteStorage(sqlite_path(url), retention)
+    try:
+        return SQLiteStorage(sqlite_path(url), retention)
+    except (ValueError, sqlite3.Error) as error:
+        raise StorageOpenError(f"cannot open the SQLite database {url!r}: {error}") from error

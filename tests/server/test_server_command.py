@@ -71,3 +71,20 @@ def test_unusable_alertmanager_settings_stop_the_cli_without_showing_the_secret(
     assert result.returncode == 2
     assert "needs both a username and a password file" in result.stderr
     assert "Zq9" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("db", "says"), [
+    ("postgresql://rs:hunter2@127.0.0.1:1/rs", "RARESIGNAL_DB_PASSWORD_FILE"),
+    ("postgresql://rs@127.0.0.1:1/rs", "cannot open the PostgreSQL database"),
+    ("{tmp}/no-such-folder/rs.db", "cannot open the SQLite database"),
+])
+def test_a_database_that_cannot_be_opened_stops_the_cli_with_one_line(
+        tmp_path: Path, db: str, says: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "raresignal.server.cli", "server", "--db",
+         db.format(tmp=tmp_path), "--grpc-port", "0", "--metrics-port", "0",
+         "--health-port", "0"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
