@@ -26,7 +26,7 @@ from raresignal.protos.v1 import (
     ingest_pb2_grpc,
 )
 from raresignal.server.alerting.alertmanager import AlertmanagerNotifier
-from raresignal.server.alerting.engine import FIRING
+from raresignal.server.alerting.engine import FIRING, RESOLVED
 from raresignal.server.serving.auth import Principal, TokenStore
 from raresignal.server.serving.convert import alert_message, run_info
 from raresignal.server.serving.ledger import BatchOutcome, Ledger, ReportRequest
@@ -157,7 +157,8 @@ class Backend:
             return
         self.hub.publish(changes)
         for change in changes:
-            if change.alert.state == FIRING:
+            # An episode that fires again after a resolve (within its hold) is one alert.
+            if change.alert.state == FIRING and change.previous_state != RESOLVED:
                 self.metrics.alerts_fired.labels(change.alert.rule).inc()
             log.info("alert %s: %s %s (run %s, value %.4g, step %d)",
                      alert_state_name(change.alert.state), change.alert.rule,
