@@ -4,6 +4,7 @@ this file's own (the shipped thresholds follow the detection benchmark; the flow
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,7 +144,9 @@ def test_finished_runs_leave_metrics_after_the_ttl(tmp_path: Path) -> None:
 
 
 def test_a_relapse_within_the_hold_is_the_same_alert_everywhere(
-        server: ServerHandle, client: Client, capsys: pytest.CaptureFixture[str]) -> None:
+        server: ServerHandle, client: Client, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="raresignal.server")
     run_id = client.open_run("relapsing").run_id
     # Fires (for: 2), resolves, then relapses for two evaluations within the hold.
     client.report([retention(run_id, seq, value)
@@ -159,3 +162,10 @@ def test_a_relapse_within_the_hold_is_the_same_alert_everywhere(
     listed = [line for line in capsys.readouterr().out.splitlines()
               if "RareSignalRetentionLoss" in line]
     assert len(listed) == 1 and "firing" in listed[0]
+
+    def logged() -> list[str]:
+        return [r.getMessage().split(":")[0] for r in caplog.records
+                if "(run relapsing," in r.getMessage()]
+
+    wait_for(lambda: len(logged()) == 4)
+    assert logged() == ["alert pending", "alert firing", "alert resolved", "alert firing"]
