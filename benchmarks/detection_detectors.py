@@ -34,8 +34,9 @@ class Alarm:
 
 
 def raresignal_alarms(trace: RunTrace, rules: Sequence[Rule]) -> list[Alarm]:
-    """Every alert that reached FIRING when the run's measurements are fed, step by step,
-    to a fresh AlertEngine with ``rules``. Non-finite values are left out, as the agent
+    """Every alert episode that reached FIRING when the run's measurements are fed, step by
+    step, to a fresh AlertEngine with ``rules`` (an episode firing again within its hold is
+    the same alarm). Non-finite values are left out, as the agent
     leaves them out of its reports (the non-finite count is a metric of its own)."""
     engine = AlertEngine(rules)
     # A zero report interval switches the stall clock off: the replay has no wall clock.
@@ -52,7 +53,8 @@ def raresignal_alarms(trace: RunTrace, rules: Sequence[Rule]) -> list[Alarm]:
     alarms: list[Alarm] = []
     for step in sorted(by_step):
         for change in engine.observe(_RUN_ID, by_step[step], now=float(step)):
-            if change.alert.state == common_pb2.ALERT_STATE_FIRING:
+            if (change.alert.state == common_pb2.ALERT_STATE_FIRING
+                    and change.previous_state != common_pb2.ALERT_STATE_RESOLVED):
                 alarms.append(Alarm(change.alert.step, change.alert.rule))
     return alarms
 

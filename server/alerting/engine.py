@@ -1,10 +1,10 @@
 """The alert engine: samples and time in, alert state transitions out.
 
 It is pure and synchronous (no I/O, no clock of its own), so every behaviour — baseline
-learning, ``for``, hysteresis, deduplication, the stall clock — is unit-testable by
-feeding values and timestamps. The server stores what :meth:`AlertEngine.take_writes`
-returns in the same transaction as the samples that caused it, and restores the engine
-from storage on restart.
+learning, ``for``, hysteresis, the hold after a resolve, deduplication, the stall clock —
+is unit-testable by feeding values and timestamps. The server stores what
+:meth:`AlertEngine.take_writes` returns in the same transaction as the samples that caused
+it, and restores the engine from storage on restart.
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ class SeriesState:
     episodes: int = 0
     alert_id: str | None = None
     evaluated: float | None = None  # the smoothed value a rule with smoothing compares
+    # After a firing alert resolves, its episode (``alert_id``) stays open until this many
+    # more evaluations pass without the condition, so that a relapse fires the same alert
+    # again; the record's times are kept here, as the resolved record leaves the active
+    # alerts (and only the active ones are reloaded on restart).
+    hold_left: int = 0
+    started_at: float = 0.0
+    fired_at: float = 0.0
 
     @property
     def baseline_ready(self) -> bool:
@@ -64,7 +71,8 @@ class SeriesState:
                 "median": self.median, "mad": self.mad, "last_step": self.last_step,
                 "last_value": self.last_value, "consecutive": self.consecutive,
                 "episodes": self.episodes, "alert_id": self.alert_id,
-                "evaluated": self.evaluated}
+                "evaluated": self.evaluated, "hold_left": self.hold_left,
+                "started_at": self.started_at, "fired_at": self.fired_at}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
@@ -164,8 +172,7 @@ class AlertEngine:
             self._transition(alert, RESOLVED, now, changes)
         for key, state in self._states.get(run_id, {}).items():
             if state.alert_id is not None:
-                state.alert_id = None
-                state.consecutive = 0
+                _end_episode(state)
                 self._dirty_states.add((run_id, key))
         return changes
 
@@ -284,6 +291,9 @@ class AlertEngine:
         assert condition is not None
         alert = self._active.get(state.alert_id) if state.alert_id else None
         if alert is None:
+            if state.hold_left:
+                self._evaluate_held(run_id, rule, state, sample, value, fire_at, now, changes)
+                return
             if not condition.holds(value, fire_at):
                 return  # the common case: nothing to alert on, no labels needed
             labels = self._labels(sample.labels_key)
@@ -308,9 +318,41 @@ class AlertEngine:
                 return
         elif condition.holds(value, resolve_at) and self._while_holds(run_id, rule, labels):
             return  # firing, and not yet back past the resolve boundary
-        state.alert_id = None
-        state.consecutive = 0
+        if alert.state == FIRING and rule.hold:
+            state.hold_left = rule.hold
+            state.started_at, state.fired_at = alert.started_at, alert.fired_at
+            state.consecutive = 0
+        else:
+            _end_episode(state)  # a pending alert that never fired ends at once
         self._transition(alert, RESOLVED, now, changes)
+
+    def _evaluate_held(self, run_id: str, rule: Rule, state: SeriesState,
+                       sample: CheckedSample, value: float, fire_at: float, now: float,
+                       changes: list[AlertChange]) -> None:
+        """One evaluation within the hold. A relapse that lasts ``for`` evaluations, as a new
+        alert would have to, fires the resolved episode again; each evaluation without the
+        condition runs the hold down, and the last one ends the episode."""
+        condition = rule.condition
+        assert condition is not None and state.alert_id is not None
+        relapse = condition.holds(value, fire_at)
+        if relapse:
+            labels = self._labels(sample.labels_key)
+            relapse = self._while_holds(run_id, rule, labels)
+        if relapse:
+            state.consecutive += 1
+            if state.consecutive < rule.for_evaluations:
+                return  # stays resolved: a relapse shorter than `for` fires nothing
+            alert = self._new_alert(run_id, rule, labels, sample.labels_key, state.episodes,
+                                    value, fire_at, sample.step, state.started_at)
+            alert.fired_at = state.fired_at
+            state.hold_left = 0
+            self._active[alert.alert_id] = alert
+            self._transition(alert, FIRING, now, changes, previous=RESOLVED)
+            return
+        state.consecutive = 0
+        state.hold_left -= 1
+        if not state.hold_left:
+            _end_episode(state)
 
     # -- the stall rule ----------------------------------------------------------------
 
@@ -371,8 +413,8 @@ class AlertEngine:
                     changes: list[AlertChange], previous: int | None = None) -> None:
         before = alert.state if previous is None else previous
         alert.state = target
-        if target == FIRING:
-            alert.fired_at = now
+        if target == FIRING and not alert.fired_at:
+            alert.fired_at = now  # an episode firing again keeps the time it first fired
         if target == RESOLVED:
             alert.resolved_at = now
             self._active.pop(alert.alert_id, None)
@@ -419,6 +461,14 @@ class AlertEngine:
 
     def state(self, run_id: str, key: str) -> SeriesState | None:
         return self._states.get(run_id, {}).get(key)
+
+
+def _end_episode(state: SeriesState) -> None:
+    """The series has no open episode any more: a later firing starts a new one."""
+    state.alert_id = None
+    state.consecutive = 0
+    state.hold_left = 0
+    state.started_at = state.fired_at = 0.0
 
 
 def _holds(condition: Condition, state: SeriesState, threshold: float) -> bool:

@@ -5,6 +5,10 @@ threshold that is either absolute or relative to a baseline learned per run afte
 warm-up (a ratio of the baseline median, or a number of MADs from it). It fires after
 ``for`` consecutive evaluations and resolves only once the value has crossed a separate
 ``resolve_threshold`` (hysteresis), so a value hovering at the threshold does not flap.
+After a firing alert resolves, its episode is held open until ``hold`` evaluations have
+passed without the condition: a relapse within the hold (``for`` evaluations, as for a new
+alert) fires the same alert (same id, same labels) again instead of opening a new episode,
+so a series drifting about the threshold is one alert.
 
 Format::
 
@@ -18,6 +22,8 @@ Format::
         relative_to: baseline_ratio  # absolute | baseline_ratio | baseline_mad
         resolve_threshold: 0.3
         for: 3
+        hold: 5                    # optional: evaluations without the condition after
+                                   # which a resolved alert's episode ends (0: at once)
         smoothing: 1               # optional: EWMA weight of the newest value in the value
                                    # compared (1: the raw value)
         severity: critical         # critical | warning | info
@@ -112,6 +118,10 @@ class Rule:
     smoothing: float = 1.0
     # (label, values) pairs: a series whose label takes one of the values is not evaluated.
     ignore_labels: tuple[tuple[str, frozenset[str]], ...] = ()
+    # Evaluations without the condition after which a resolved alert's episode ends; until
+    # then a relapse fires the same episode again. A few evaluations cover a value drifting
+    # back and forth across the threshold without merging a later, separate incident.
+    hold: int = 5
 
     def ignores(self, labels: Mapping[str, str]) -> bool:
         """Whether this rule leaves the series with these labels alone."""
@@ -138,7 +148,7 @@ def boundary(condition: Condition, threshold: float, median: float | None,
 
 
 _RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
-              "severity", "summary", "while", "baseline", "stalled_for_intervals",
+              "hold", "severity", "summary", "while", "baseline", "stalled_for_intervals",
               "smoothing", "ignore_labels"}
 _STALL_KEYS = {"alert", "stalled_for_intervals", "severity", "summary"}
 _CONDITION_KEYS = {"metric", "op", "threshold", "relative_to"}
@@ -322,6 +332,7 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
         condition=condition,
         resolve_threshold=resolve,
         for_evaluations=_integer(where, "for", entry.get("for", 1), 1),
+        hold=_integer(where, "hold", entry.get("hold", Rule.hold), 0),
         baseline=_baseline(where, entry.get("baseline"), base),
         while_condition=while_condition,
         smoothing=smoothing,

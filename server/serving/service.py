@@ -26,7 +26,8 @@ from raresignal.protos.v1 import (
     ingest_pb2_grpc,
 )
 from raresignal.server.alerting.alertmanager import AlertmanagerNotifier
-from raresignal.server.alerting.engine import FIRING
+from raresignal.server.alerting.engine import FIRING, RESOLVED
+from raresignal.server.alerting.transition_log import TransitionLog
 from raresignal.server.serving.auth import Principal, TokenStore
 from raresignal.server.serving.convert import alert_message, run_info
 from raresignal.server.serving.ledger import BatchOutcome, Ledger, ReportRequest
@@ -149,6 +150,7 @@ class Backend:
         self.hub = hub
         self.notifier = notifier
         self.batches = GroupCommit(self.call, ledger)
+        self.transitions = TransitionLog(log)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -157,22 +159,16 @@ class Backend:
         return self.tokens.principal(context.invocation_metadata())
 
     def publish(self, changes: Sequence[AlertChange]) -> None:
+        self.transitions.record(changes)  # also on empty clock ticks: it flushes its counts
         if not changes:
             return
         self.hub.publish(changes)
         for change in changes:
-            if change.alert.state == FIRING:
+            # An episode that fires again after a resolve (within its hold) is one alert.
+            if change.alert.state == FIRING and change.previous_state != RESOLVED:
                 self.metrics.alerts_fired.labels(change.alert.rule).inc()
-            log.info("alert %s: %s %r (run %r, value %.4g, step %d)",
-                     alert_state_name(change.alert.state), change.alert.rule,
-                     change.alert.labels, change.alert.run_name, change.alert.value,
-                     change.alert.step)
         if self.notifier is not None:
             self.notifier.notify([change.alert for change in changes])
-
-
-def alert_state_name(state: int) -> str:
-    return common_pb2.AlertState.Name(state).removeprefix("ALERT_STATE_").lower()
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: RequestError,

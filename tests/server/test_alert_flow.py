@@ -4,6 +4,7 @@ this file's own (the shipped thresholds follow the detection benchmark; the flow
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import Client, batch, config, find, sample, scrape, wait_for
 
+from raresignal.client.cli import main as cli_main
 from raresignal.protos.v1 import alerts_pb2, common_pb2
 from raresignal.server.serving.app import ServerHandle, start_in_thread
 
@@ -139,3 +141,31 @@ def test_finished_runs_leave_metrics_after_the_ttl(tmp_path: Path) -> None:
         wait_for(lambda: not find(scrape(handle.metrics_url), "raresignal_loss", run="gone"))
         assert find(scrape(handle.metrics_url), "raresignal_loss", run="kept") == [2.0]
         c.close()
+
+
+def test_a_relapse_within_the_hold_is_the_same_alert_everywhere(
+        server: ServerHandle, client: Client, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="raresignal.server")
+    run_id = client.open_run("relapsing").run_id
+    # Fires (for: 2), resolves, then relapses for two evaluations within the hold.
+    client.report([retention(run_id, seq, value)
+                   for seq, value in enumerate([0.1, 0.1, 0.8, 0.1, 0.1], start=1)])
+    (alert,) = client.list_alerts(run_id=run_id)
+    assert (alert.state, alert.step, alert.resolved_at) == (FIRING, 5, 0.0)
+    scraped = scrape(server.metrics_url)
+    assert find(scraped, "raresignal_alert_firing", run="relapsing") == [1.0]
+    assert find(scraped, "raresignal_alerts_fired_total",
+                alert="RareSignalRetentionLoss") == [1.0]  # one episode, counted once
+
+    assert cli_main(["alerts", "--run", run_id, "--server", server.grpc_target]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines()
+              if "RareSignalRetentionLoss" in line]
+    assert len(listed) == 1 and "firing" in listed[0]
+
+    def logged() -> list[str]:
+        return [r.getMessage().split(":")[0] for r in caplog.records
+                if "(run relapsing," in r.getMessage()]
+
+    wait_for(lambda: len(logged()) == 4)
+    assert logged() == ["alert pending", "alert firing", "alert resolved", "alert firing"]

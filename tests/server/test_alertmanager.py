@@ -14,6 +14,7 @@ import pytest
 from conftest import Client, batch, config, find, sample, scrape, wait_for
 from ports import free_port
 
+from raresignal.protos.v1 import common_pb2
 from raresignal.server.serving.app import start_in_thread
 
 BINARY = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -112,4 +113,28 @@ def test_unreachable_alertmanager_is_retried_then_counted_as_failed(tmp_path: Pa
         wait_for(lambda: find(scrape(server.metrics_url),
                               "raresignal_alertmanager_notifications_total",
                               outcome="retried") >= [2.0])
+        client.close()
+
+
+def test_a_relapse_within_the_hold_fires_the_same_alert_in_alertmanager(
+        tmp_path: Path, alertmanager: str) -> None:
+    with start_in_thread(config(tmp_path, alertmanager_url=alertmanager)) as server:
+        client = Client(server.grpc_target)
+        run_id = client.open_run("relapse").run_id
+
+        def received() -> list[dict]:
+            return [a for a in _active_alerts(alertmanager)
+                    if a["labels"].get("run_id") == run_id]
+
+        client.report([batch(run_id, 1, [sample("nonfinite_values", 1, 3.0)])])
+        (first,) = wait_for(received)  # type: ignore[misc]
+        client.report([batch(run_id, 2, [sample("nonfinite_values", 2, 0.0)])])
+        wait_for(lambda: not received())
+        client.report([batch(run_id, 3, [sample("nonfinite_values", 3, 2.0)])])
+        (again,) = wait_for(received)  # type: ignore[misc]
+        assert again["labels"] == first["labels"]
+        assert again["startsAt"] == first["startsAt"]  # the episode's first firing
+        assert again["annotations"]["step"] == "3"
+        (listed,) = client.list_alerts(run_id=run_id)
+        assert listed.state == common_pb2.ALERT_STATE_FIRING
         client.close()

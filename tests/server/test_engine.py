@@ -1,5 +1,5 @@
 """The alert engine as a pure function of samples and time: baselines, `for`,
-hysteresis, deduplication and the stall clock."""
+hysteresis, the hold after a resolve, deduplication and the stall clock."""
 
 from __future__ import annotations
 
@@ -89,8 +89,9 @@ def test_one_episode_per_series_and_a_new_one_after_resolving() -> None:
     assert states(first) == [(UNSPECIFIED, PENDING), (PENDING, FIRING)]
     other = feed(engine, "probe_retention", [0.1] * 3, start_step=1, probe="other")
     assert {c.alert.alert_id for c in other}.isdisjoint({c.alert.alert_id for c in first})
-    feed(engine, "probe_retention", [0.9], start_step=7, probe="rare")
-    second = feed(engine, "probe_retention", [0.1] * 3, start_step=8, probe="rare")
+    # Resolved at step 7, then five quiet evaluations run the hold out: a new episode.
+    feed(engine, "probe_retention", [0.9] * 6, start_step=7, probe="rare")
+    second = feed(engine, "probe_retention", [0.1] * 3, start_step=13, probe="rare")
     assert second[0].alert.alert_id != first[0].alert.alert_id
 
 
@@ -303,3 +304,117 @@ def test_a_rule_leaves_the_series_it_ignores_alone() -> None:
                                                      if probe == "rare" else []), probe
     assert engine.state("r1", 'Retention/fire/probe_retention/{"probe":"common"}') is None
     assert engine.state("r1", 'Retention/fire/probe_retention/{"probe":"rare"}') is not None
+
+
+# -- the hold: a resolved alert that relapses is the same episode ----------------------
+
+# Fires below 0.3 at once, resolves at 0.5 or more; the hold is the default (5).
+FLAPPING = RETENTION.replace("    for: 3\n", "    for: 1\n")
+DRIFT = [0.2, 0.6] * 6  # a series drifting back and forth across the threshold
+
+
+def test_a_flapping_series_is_one_episode() -> None:
+    engine = engine_for(FLAPPING)
+    changes = feed(engine, "probe_retention", DRIFT, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING), (FIRING, RESOLVED)] + [
+        (RESOLVED, FIRING), (FIRING, RESOLVED)] * 5
+    assert len({c.alert.alert_id for c in changes}) == 1
+    # The episode keeps the time it first fired; a firing record has no resolve time.
+    refired = [c.alert for c in changes if c.alert.state == FIRING]
+    assert {(a.started_at, a.fired_at) for a in refired} == {(1.0, 1.0)}
+    assert {a.resolved_at for a in refired} == {0.0}
+    assert [a.step for a in refired] == [1, 3, 5, 7, 9, 11]
+
+
+def test_a_relapse_within_the_hold_needs_for_evaluations_and_fires_the_same_alert() -> None:
+    engine = engine_for(RETENTION)  # for: 3
+    first = feed(engine, "probe_retention", [0.1] * 3 + [0.9, 0.9], probe="rare")
+    assert states(first)[-1] == (FIRING, RESOLVED)
+    # Two low values are a relapse shorter than `for`: nothing fires, nothing goes pending.
+    assert feed(engine, "probe_retention", [0.1, 0.1, 0.9], start_step=6, probe="rare") == []
+    changes = feed(engine, "probe_retention", [0.1] * 3, start_step=9, probe="rare")
+    assert states(changes) == [(RESOLVED, FIRING)]
+    assert changes[0].alert.alert_id == first[0].alert.alert_id
+    assert changes[0].at == 11.0 and changes[0].alert.fired_at == 3.0
+    assert engine.active_alerts() == [changes[0].alert]
+
+
+@pytest.mark.parametrize(("quiet", "same_episode"), [(4, True), (5, False)])
+def test_the_episode_ends_after_hold_evaluations_without_the_condition(
+        quiet: int, same_episode: bool) -> None:
+    engine = engine_for(FLAPPING)
+    first = feed(engine, "probe_retention", [0.1, 0.9], probe="rare")
+    feed(engine, "probe_retention", [0.9] * quiet, start_step=3, probe="rare")
+    changes = feed(engine, "probe_retention", [0.1], start_step=3 + quiet, probe="rare")
+    assert (changes[0].alert.alert_id == first[0].alert.alert_id) is same_episode
+    assert states(changes) == [(RESOLVED if same_episode else UNSPECIFIED, FIRING)]
+
+
+def test_hold_zero_ends_the_episode_at_the_resolve() -> None:
+    engine = engine_for(FLAPPING.replace("    for: 1\n", "    for: 1\n    hold: 0\n"))
+    changes = feed(engine, "probe_retention", [0.1, 0.9, 0.1], probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING), (FIRING, RESOLVED),
+                               (UNSPECIFIED, FIRING)]
+    assert changes[0].alert.alert_id != changes[2].alert.alert_id
+
+
+def test_a_pending_alert_that_never_fired_is_not_held() -> None:
+    engine = engine_for(RETENTION)
+    changes = feed(engine, "probe_retention", [0.1, 0.9, 0.1], probe="rare")
+    assert states(changes) == [(UNSPECIFIED, PENDING), (PENDING, RESOLVED),
+                               (UNSPECIFIED, PENDING)]
+    assert changes[0].alert.alert_id != changes[2].alert.alert_id
+
+
+def test_closing_a_run_ends_a_held_episode() -> None:
+    engine = engine_for(FLAPPING)
+    first = feed(engine, "probe_retention", [0.1, 0.9], probe="rare")
+    assert engine.close_run("r1", now=3.0) == []  # nothing open: the alert already resolved
+    engine.track_run("r1", "run-one", 0.0, last_report_at=3.0)  # resumed
+    changes = feed(engine, "probe_retention", [0.1], start_step=3, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    assert changes[0].alert.alert_id != first[0].alert.alert_id
+
+
+def restarted(engine: AlertEngine, text: str, stored: list) -> AlertEngine:
+    """A new engine restored from what ``engine`` wrote, as the server restores it."""
+    rule_states: dict[tuple[str, str], dict] = {}
+    alerts: dict[str, object] = {}
+    for writes in stored:
+        rule_states.update({(run, key): data for run, key, data in writes.rule_states})
+        alerts.update({a.alert_id: a for a in writes.alerts})
+    fresh = AlertEngine(parse_rules(text))
+    fresh.track_run("r1", "run-one", 0.0, last_report_at=0.0)
+    fresh.restore([(run, key, data) for (run, key), data in rule_states.items()],
+                  [a for a in alerts.values() if a.state in (PENDING, FIRING)])
+    return fresh
+
+
+def test_a_hold_survives_a_restart() -> None:
+    engine = engine_for(FLAPPING)
+    first = feed(engine, "probe_retention", [0.1, 0.9, 0.9], probe="rare")  # 1 of 5 quiet
+    stored = [engine.take_writes()]
+    # Restored twice from the same writes: a relapse inside the hold, and a run-out hold.
+    relapse = restarted(engine, FLAPPING, stored)
+    changes = feed(relapse, "probe_retention", [0.9] * 3 + [0.1], start_step=4, probe="rare")
+    assert states(changes) == [(RESOLVED, FIRING)]
+    assert (changes[0].alert.alert_id, changes[0].alert.started_at,
+            changes[0].alert.fired_at) == (first[0].alert.alert_id, 1.0, 1.0)
+    assert changes[0].alert.summary == "probe rare: 0.1"
+    ran_out = restarted(engine, FLAPPING, stored)
+    changes = feed(ran_out, "probe_retention", [0.9] * 4 + [0.1], start_step=4, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    assert changes[0].alert.alert_id != first[0].alert.alert_id
+
+
+def test_state_written_before_holds_existed_still_loads() -> None:
+    engine = engine_for(FLAPPING)
+    feed(engine, "probe_retention", [0.9], probe="rare")
+    (run_id, key, data), = engine.take_writes().rule_states
+    for field in ("hold_left", "started_at", "fired_at"):
+        del data[field]
+    fresh = AlertEngine(parse_rules(FLAPPING))
+    fresh.track_run("r1", "run-one", 0.0, last_report_at=0.0)
+    fresh.restore([(run_id, key, data)], [])
+    changes = feed(fresh, "probe_retention", [0.1], start_step=2, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]

@@ -138,3 +138,59 @@ def test_restart_on_the_same_file_resumes_everything(tmp_path: Path) -> None:
             (next(a[0] for a in alerts_before if a[1] == "RareSignalRetentionLoss"),
              common_pb2.ALERT_STATE_RESOLVED)]
         client.close()
+
+
+HOLD_RULES = """
+rules:
+  - alert: RareSignalRetentionLoss
+    metric: probe_retention
+    op: "<"
+    threshold: 0.3
+    resolve_threshold: 0.4
+    hold: 3
+    severity: critical
+"""
+
+
+def test_a_restart_in_the_middle_of_a_hold_keeps_the_episode(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(HOLD_RULES)
+    settings = config(tmp_path, rules_path=str(rules))
+
+    def retention(run_id: str, seq: int, value: float) -> ingest_pb2.ReportBatch:
+        return batch(run_id, seq, [sample("probe_retention", seq, value, probe="rare")])
+
+    with start_in_thread(settings) as server:
+        client = Client(server.grpc_target)
+        run_id = client.open_run("held", interval=3600.0).run_id
+        # Fires, resolves, and one of the hold's three quiet evaluations passes.
+        client.report([retention(run_id, seq, value)
+                       for seq, value in enumerate([0.1, 0.9, 0.9], start=1)])
+        (resolved,) = client.list_alerts(run_id=run_id)
+        assert resolved.state == common_pb2.ALERT_STATE_RESOLVED
+        client.close()
+
+    with start_in_thread(settings) as server:
+        client = Client(server.grpc_target)
+        client.open_run("held", interval=3600.0, resume=run_id)
+        # The value relapses after two of the hold's three quiet evaluations: the same
+        # alert fires again, though the hold began before the restart.
+        client.report([retention(run_id, 4, 0.9), retention(run_id, 5, 0.1)])
+        (alert,) = client.list_alerts(run_id=run_id)
+        assert (alert.alert_id, alert.state, alert.fired_at, alert.step) == (
+            resolved.alert_id, common_pb2.ALERT_STATE_FIRING, resolved.fired_at, 5)
+        scraped = scrape(server.metrics_url)
+        assert find(scraped, "raresignal_alert_firing", run="held") == [1.0]
+        # Resolved again, and the hold runs out across another restart: a new episode.
+        client.report([retention(run_id, seq, 0.9) for seq in (6, 7)])
+        client.close()
+
+    with start_in_thread(settings) as server:
+        client = Client(server.grpc_target)
+        client.open_run("held", interval=3600.0, resume=run_id)
+        client.report([retention(run_id, seq, value)
+                       for seq, value in [(8, 0.9), (9, 0.9), (10, 0.1)]])
+        alerts = client.list_alerts(run_id=run_id)
+        assert sorted((a.alert_id == resolved.alert_id, a.state) for a in alerts) == [
+            (False, common_pb2.ALERT_STATE_FIRING), (True, common_pb2.ALERT_STATE_RESOLVED)]
+        client.close()

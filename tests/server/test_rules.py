@@ -9,6 +9,7 @@ import pytest
 
 from raresignal.server.alerting.rules import (
     Relative,
+    Rule,
     RulesError,
     default_rules_text,
     load_rules,
@@ -77,6 +78,9 @@ def rule(**fields: object) -> str:
     (rule(relative_to="median"), "unknown relative_to 'median'"),
     (rule(severity="page"), "unknown severity 'page'"),
     (rule(**{"for": 0}), "for must be an integer >= 1, got 0"),
+    (rule(hold=-1), "hold must be an integer >= 0, got -1"),
+    (rule(hold=2.5), "hold must be an integer >= 0, got 2.5"),
+    ("rules: [{alert: S, stalled_for_intervals: 5, hold: 3}]", "unknown stall rule key(s) 'hold'"),
     (rule(treshold=0.3), "unknown rule key(s) 'treshold'"),
     (rule(summary='"{probe} {colour}"'), "cannot be formatted"),
     (rule(baseline="{window: 0}"), "baseline.window must be an integer >= 1"),
@@ -111,6 +115,13 @@ def test_the_message_names_the_rule_by_index_and_name() -> None:
 def test_load_rules_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="cannot read rules file"):
         load_rules(tmp_path / "absent.yaml")
+
+
+def test_hold_defaults_to_the_rules_default_and_can_be_set_or_turned_off() -> None:
+    (default,) = parse_rules(rule())
+    assert default.hold == Rule.hold > 0
+    (set_, off) = parse_rules(rule(hold=12) + rule(alert="Y", hold=0).removeprefix("rules:\n"))
+    assert (set_.hold, off.hold) == (12, 0)
 
 
 def test_a_valid_file_loads(tmp_path: Path) -> None:
