@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Client, batch, config, find, sample, scrape, wait_for
+from server_support import Client, batch, config, find, sample, scrape, wait_for
 
 from raresignal.client.cli import main as cli_main
 from raresignal.protos.v1 import alerts_pb2, common_pb2

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Client, batch, config, find, sample, scrape, wait_for
 from ports import free_port
+from server_support import Client, batch, config, find, sample, scrape, wait_for
 
 from raresignal.protos.v1 import common_pb2
 from raresignal.server.serving.app import start_in_thread

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import Client, batch, config, find, sample, scrape, wait_for
+from server_support import Client, batch, config, find, sample, scrape, wait_for
 from tls_certificates import make_certificates, needs_openssl
 
 from raresignal.server.serving.alertmanager_access import AlertmanagerAccessError

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Client, batch, config, sample
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_support import Client, batch, config, sample
 
 from raresignal.protos.transport import TlsConfig
 from raresignal.protos.v1 import alerts_pb2

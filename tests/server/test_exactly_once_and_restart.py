@@ -6,8 +6,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from conftest import Client, batch, config, find, sample, scrape
 from rule_snippets import FISHER_MASS_RULE
+from server_support import Client, batch, config, find, sample, scrape
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
 from raresignal.server.alerting.rules import default_rules_text, load_rules

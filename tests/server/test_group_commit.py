@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Client, batch, sample
+from server_support import Client, batch, sample
 
 from raresignal.protos.v1 import ingest_pb2
 from raresignal.server.alerting.engine import AlertEngine, SeriesState

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Client, batch, config, sample
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_support import Client, batch, config, sample
 
 from raresignal.protos.catalog import CATALOG
 from raresignal.protos.transport import REJECTED_SEQUENCE_METADATA_KEY

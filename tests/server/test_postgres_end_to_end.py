@@ -10,8 +10,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Client, scrape, wait_for
 from postgres_cluster import Cluster
+from server_support import Client, scrape, wait_for
 
 from raresignal.server.process import ServerProcess
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from conftest import batch, sample
+from server_support import batch, sample
 
 from raresignal.protos.v1 import ingest_pb2
 from raresignal.server.alerting.engine import AlertEngine

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import batch, sample
 from postgres_cluster import Cluster
+from server_support import batch, sample
 
 from raresignal.protos.v1 import ingest_pb2
 from raresignal.server.alerting.engine import AlertEngine

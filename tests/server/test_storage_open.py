@@ -6,12 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg
 import pytest
 from postgres_cluster import PASSWORD, Cluster
 
 from raresignal.server.serving.app import ServerConfig
-from raresignal.server.storage.open import PASSWORD_FILE_ENV, open_storage, sqlite_path
+from raresignal.server.storage.open import (
+    PASSWORD_FILE_ENV,
+    StorageOpenError,
+    open_storage,
+    sqlite_path,
+)
 from raresignal.server.storage.postgres import PostgresStorage
 from raresignal.server.storage.records import RunRecord
 from raresignal.server.storage.sqlite import SQLiteStorage
@@ -41,7 +45,7 @@ def test_a_sqlite_url_opens_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     store.create_run(_run("r"))
     store.close()
     assert (tmp_path / "rs.db").exists()
-    with pytest.raises(ValueError, match="sqlite:///path"):
+    with pytest.raises(StorageOpenError, match="sqlite:///path"):
         open_storage("sqlite://host/rs.db")
 
 
@@ -51,7 +55,7 @@ def test_a_sqlite_url_opens_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     "postgresql://raresignal@127.0.0.1/rs?password=hunter2",
 ])
 def test_a_password_in_the_url_is_refused_with_the_safe_alternatives(url: str) -> None:
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(StorageOpenError) as refused:
         open_storage(url)
     message = str(refused.value)
     assert all(name in message for name in (PASSWORD_FILE_ENV, "PGPASSWORD", "PGPASSFILE"))
@@ -68,7 +72,7 @@ def test_the_password_comes_from_the_password_file(postgres_cluster: Cluster,
     assert [r.run_id for r in store.list_runs(include_finished=True)] == ["r"]
     store.close()
     password_file.write_text("wrong\n")
-    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+    with pytest.raises(StorageOpenError, match="password authentication failed"):
         open_storage(postgres_cluster.url(postgres_db))
 
 
@@ -78,7 +82,7 @@ def test_libpq_finds_the_password_itself_without_the_file(
     monkeypatch.delenv(PASSWORD_FILE_ENV, raising=False)
     monkeypatch.delenv("PGPASSWORD", raising=False)
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
-    with pytest.raises(psycopg.OperationalError):
+    with pytest.raises(StorageOpenError):
         open_storage(postgres_cluster.url(postgres_db))
     pgpass = tmp_path / "pgpass"
     pgpass.write_text(f"127.0.0.1:{postgres_cluster.port}:*:*:{PASSWORD}\n")

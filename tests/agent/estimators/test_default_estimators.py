@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyTransformer
+from estimator_models import TinyTransformer
 
 from raresignal.agent.api import Estimator, Measurement, Probe, StepContext
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators

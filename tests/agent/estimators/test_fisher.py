@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import call
+from estimator_models import call
 from torch import nn
 
 from raresignal.agent.estimators.fisher import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import MLP
+from estimator_models import MLP
 
 from raresignal.agent.estimators.gradient_stats import (
     UpdateRatioTracker,

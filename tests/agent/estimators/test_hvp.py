@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SdpaBlock, TinyTransformer, call, exact_hessian
+from estimator_models import SdpaBlock, TinyTransformer, call, exact_hessian
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import call
+from estimator_models import call
 
 from raresignal.agent.estimators.likelihood import ClassificationLikelihood
 from raresignal.agent.estimators.noise_scale import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import call
+from estimator_models import call
 
 from raresignal.agent.estimators.representation import capture_features, representation_stats
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import MLP, call, exact_hessian
+from estimator_models import MLP, call, exact_hessian
 from torch import nn
 
 from raresignal.agent.estimators.hvp import make_hvp
