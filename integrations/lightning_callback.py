@@ -208,13 +208,13 @@ class LightningMonitorHooks:
         # Every rank calls step() every optimizer step: the monitor's collectives rely on it.
         self.monitor.step(loss=self._loss, batch=batch)
         self._loss = None
-        self._publish(pl_module)
+        self._publish(trainer, pl_module)
 
     def _is_monitored(self, optimizer: Any) -> bool:
         inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps it
         return inner is self._optimizer or optimizer is self._optimizer
 
-    def _publish(self, pl_module: Any) -> None:
+    def _publish(self, trainer: Any, pl_module: Any) -> None:
         """Logs the headline values through ``pl_module.log``, so they land in
         ``trainer.callback_metrics`` every step (EarlyStopping and ModelCheckpoint can
         monitor them) and reach the loggers at the Trainer's ``log_every_n_steps``.
@@ -223,9 +223,10 @@ class LightningMonitorHooks:
         Lightning's loggers write on rank zero only."""
         assert self.monitor is not None
         latest = self.monitor.latest()
+        # Lightning warns for each metric logged to loggers when the Trainer has none.
+        to_loggers = self.log_to_loggers and bool(trainer.loggers)
         for name, value in headline_metrics(latest).items():
-            pl_module.log(name, value, logger=self.log_to_loggers, on_step=True,
-                          on_epoch=False)
+            pl_module.log(name, value, logger=to_loggers, on_step=True, on_epoch=False)
         if self.progress_bar:
             for name, value in progress_bar_metrics(latest).items():
                 pl_module.log(name, value, prog_bar=True, logger=False, on_step=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,10 @@ def _config() -> MonitorConfig:
 
 def _fit(flavour_name: str, server: Any, tmp_path: Path, steps: int,
          ckpt_path: str | None = None, extra: tuple[Any, ...] = (),
-         log_every_n_steps: int = 1, max_epochs: int | None = None) -> tuple[Any, Any, Any]:
+         log_every_n_steps: int = 1, max_epochs: int | None = None,
+         csv_logger: bool = True) -> tuple[Any, Any, Any]:
     """Fits the classifier for at most ``steps`` optimizer steps (4 per epoch), logging to
-    a CSV logger, with the ``extra`` callbacks after raresignal's."""
+    a CSV logger (or none), with the ``extra`` callbacks after raresignal's."""
     flavour = importlib.import_module(flavour_name)
     callback_module = importlib.import_module(FLAVOURS[flavour_name])
     torch.manual_seed(0)
@@ -76,7 +78,7 @@ def _fit(flavour_name: str, server: Any, tmp_path: Path, steps: int,
         probes={"rare": _data(1, 32)},
         common_probe=DataLoader(TensorDataset(*_data(2, 32)), batch_size=8),
         config=_config())
-    loggers = flavour.loggers.CSVLogger(str(tmp_path), name="csv")
+    loggers = flavour.loggers.CSVLogger(str(tmp_path), name="csv") if csv_logger else False
     checkpointing = any(isinstance(c, flavour.callbacks.ModelCheckpoint) for c in extra)
     trainer = flavour.Trainer(max_steps=steps, max_epochs=max_epochs,
                               callbacks=[callback, *extra], logger=loggers,
@@ -234,3 +236,13 @@ def test_early_stopping_and_checkpointing_monitor_a_raresignal_metric(
                    {"probe": "rare"})[-1][1])
     assert checkpoint.best_model_score is not None
     assert Path(checkpoint.best_model_path).is_file()
+
+
+def test_a_trainer_without_loggers_still_gets_the_metrics_and_no_warnings(
+        server: Any, tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _, _ = _fit("lightning.pytorch", server, tmp_path, STEPS,
+                             csv_logger=False)
+    assert "raresignal/probe_accuracy/rare" in trainer.callback_metrics
+    assert not [w for w in caught if "raresignal/" in str(w.message)]
