@@ -169,7 +169,7 @@ class RaresignalSharpness:
         ctx = StepContext(step=0, model=self.workload.model, optimizer=None,
                           forward=default_forward)
         values = {m.metric: m.value for m in self.estimator.run(ctx)}
-        return TopEstimate(values["sharpness"], int(values["hvp_count"]))
+        return TopEstimate(values["sharpness"], int(values["hessian_vector_products"]))
 
     @property
     def warm_state(self) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """raresignal for the Hugging Face Transformers ``Trainer``.
 
 >>> from raresignal.integrations.hf import RaresignalTrainerCallback
->>> trainer = Trainer(model, args, train_dataset=data,
-...                   callbacks=[RaresignalTrainerCallback(server="host:50051",
-...                                                        probes={"rare": rare_dataset})])
+>>> callback = RaresignalTrainerCallback(server="host:50051", probes={"rare": rare_dataset})
+>>> trainer = Trainer(model, args, train_dataset=data)
+>>> callback.attach(trainer)  # ahead of report_to's integrations, which then log its values
 
 The Trainer hands callbacks neither the batch nor the loss, so the callback watches the
 model's own forward calls (a forward hook) for the last training micro-batch and its
@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    DefaultFlowCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from raresignal.agent import Monitor, MonitorConfig
 from raresignal.agent.api import Estimator, Probe
@@ -67,8 +73,9 @@ class RaresignalTrainerCallback(TrainerCallback):
     ``attention_mask``) with ``labels`` as the model takes them (the input ids, -100 where
     not scored); the callback aligns them with the logits (:func:`aligned_targets`).
     ``forward(model, inputs)`` overrides how logits are obtained (default
-    ``model(**inputs).logits``). Headline values are added to the Trainer's own logs
-    (``raresignal/...`` keys) when ``log_to_loggers``.
+    ``model(**inputs).logits``). Headline values are added to the Trainer's training logs
+    (``raresignal/...`` keys, every ``logging_steps``) when ``log_to_loggers``; call
+    :meth:`attach` for the reporting integrations to receive them too.
     """
 
     def __init__(
@@ -187,14 +194,28 @@ class RaresignalTrainerCallback(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         # The Trainer's log dict is what reaches TensorBoard, W&B and the rest: the headline
-        # values join it (reporting callbacks listed after this one receive them) and the
-        # log history the Trainer writes into trainer_state.json.
-        if not self.log_to_loggers or self.monitor is None or logs is None:
+        # values join it (reporting callbacks after this one receive them: see attach) and
+        # the log history entry the Trainer appended for it just before this event, which
+        # it writes into trainer_state.json. Only the training logs, every logging_steps,
+        # carry "loss": evaluation and end-of-training summaries are left as they are.
+        if not self.log_to_loggers or self.monitor is None or not logs or "loss" not in logs:
             return
         headline = headline_metrics(self.monitor.latest())
         logs.update(headline)
         if state.log_history:
             state.log_history[-1].update(headline)
+
+    def attach(self, trainer: Any) -> None:
+        """Places this callback in ``trainer`` right after its flow callback, ahead of the
+        reporting integrations (``report_to``: TensorBoard, W&B, ...), so they receive the
+        headline values. The Trainer puts callbacks passed to it after those integrations,
+        which then log before the values join the logs."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        position = next((index + 1 for index, callback in enumerate(callbacks)
+                         if isinstance(callback, DefaultFlowCallback)), 0)
+        callbacks.insert(position, self)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:

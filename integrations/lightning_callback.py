@@ -26,7 +26,8 @@ from raresignal.integrations.torch import (
     to_probes,
 )
 
-# The series the callback also hands to Lightning's loggers: the ones a person reads first.
+# The series the callback also logs through the framework (its loggers, the metrics its
+# callbacks monitor): the ones a person reads first.
 HEADLINE_METRICS = (
     "probe_accuracy",
     "probe_fisher_mass_ratio",
@@ -119,7 +120,6 @@ class LightningMonitorHooks:
         self._last_run_id: str | None = None
         self._batch: Any = None
         self._loss: torch.Tensor | None = None
-        self._logged: dict[str, float] = {}
 
     # Overridable conversions ------------------------------------------------------------
 
@@ -215,22 +215,22 @@ class LightningMonitorHooks:
         return inner is self._optimizer or optimizer is self._optimizer
 
     def _publish(self, trainer: Any, pl_module: Any) -> None:
-        """Hands the headline values to Lightning's loggers and progress bar."""
+        """Logs the headline values through ``pl_module.log``, so they land in
+        ``trainer.callback_metrics`` every step (EarlyStopping and ModelCheckpoint can
+        monitor them) and reach the loggers at the Trainer's ``log_every_n_steps``.
+
+        Every rank logs: a callback that monitors a metric looks it up on each rank, and
+        Lightning's loggers write on rank zero only."""
         assert self.monitor is not None
         latest = self.monitor.latest()
+        # Lightning warns for each metric logged to loggers when the Trainer has none.
+        to_loggers = self.log_to_loggers and bool(trainer.loggers)
+        for name, value in headline_metrics(latest).items():
+            pl_module.log(name, value, logger=to_loggers, on_step=True, on_epoch=False)
         if self.progress_bar:
             for name, value in progress_bar_metrics(latest).items():
                 pl_module.log(name, value, prog_bar=True, logger=False, on_step=True,
                               on_epoch=False)
-        if not self.log_to_loggers or not trainer.loggers or not trainer.is_global_zero:
-            return
-        metrics = headline_metrics(latest)
-        changed = {k: v for k, v in metrics.items() if self._logged.get(k) != v}
-        if not changed:
-            return
-        self._logged.update(changed)
-        for logger in trainer.loggers:
-            logger.log_metrics(changed, step=trainer.global_step)
 
     # Shutdown -------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ _SPECS: tuple[MetricSpec, ...] = (
     _g("sharpness_ratio", "Sharpness (preconditioned for Adam-type) over its stability "
        "threshold; above 1 the step is past the edge of stability."),
     _g("hessian_trace", "Hutchinson estimate of the trace of the loss Hessian."),
-    _g("hvp_count", "Hessian-vector products the last sharpness estimate used."),
+    _g("hessian_vector_products", "Hessian-vector products the last sharpness estimate used."),
     # Fisher information.
     _g("fisher_trace", "Trace of the true Fisher (labels sampled from the model) per layer "
        "group.", LABEL_GROUP),

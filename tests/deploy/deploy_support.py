@@ -4,6 +4,7 @@ real Prometheus server started on a free loopback port."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -22,8 +23,10 @@ RULES_FILE = CHART_DIR / "files" / "rules.yaml"
 DASHBOARD_FILE = CHART_DIR / "dashboards" / "raresignal.json"
 CI_VALUES = sorted(CHART_DIR.glob("ci/*-values.yaml"))
 MONITORING_API = "monitoring.coreos.com/v1"
-# Grafana's variables, as Grafana would substitute them before sending a query.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "30s", "$run": ".*"}
+# Grafana's variables, as Grafana would substitute them before sending a query (each one
+# set to "All" where it is the dashboard's own).
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "30s", "run": ".*",
+                     "run_id": ".*", "probe": ".*"}
 # The newest Kubernetes version kubernetes-validate ships schemas for, and the one the
 # chart is rendered for.
 KUBE_VERSION = "1.37.0"
@@ -70,15 +73,19 @@ def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD_FILE.read_text())
 
 
+def substitute_variables(expr: str) -> str:
+    """``expr`` with each ``$name`` replaced whole (``$run`` is not the start of
+    ``$run_id``); an unknown variable raises KeyError."""
+    return re.sub(r"\$(\w+)", lambda match: GRAFANA_VARIABLES[match.group(1)], expr)
+
+
 def dashboard_queries() -> dict[str, str]:
     """Panel title / refId -> expression, with Grafana's variables substituted."""
     queries = {}
     for panel in dashboard()["panels"]:
         for target in panel.get("targets", []):
-            expr = target["expr"]
-            for variable, value in GRAFANA_VARIABLES.items():
-                expr = expr.replace(variable, value)
-            queries[f"{panel['title']} / {target['refId']}"] = expr
+            queries[f"{panel['title']} / {target['refId']}"] = substitute_variables(
+                target["expr"])
     return queries
 
 

@@ -65,9 +65,12 @@ def test_real_training_collapse_reaches_prometheus_and_the_dashboard(
         assert {s["metric"]["alertname"] for s in mirrored} & {
             s["metric"]["alert"] for s in fired}
 
-        # Every dashboard query returns data for a real run.
+        # Every dashboard query returned data at some time of a real run. Asked over the
+        # run rather than at its end: the overhead budget sets the estimators' cadences
+        # from wall time, so on a busy machine a probe alert may already have resolved
+        # when training ends, and the firing-alerts table is an instant query.
         empty = [name for name, expr in dashboard_queries().items()
-                 if not _poll(prometheus, expr)]
+                 if not _poll(prometheus, f"last_over_time(({expr})[15m:1s])")]
         assert empty == []
         # Every step's report arrived: the last one too, flushed when training ended.
         assert _poll(prometheus, f'raresignal_step{{run="{RUN}"}} == {settings.steps - 1}')

@@ -64,7 +64,7 @@ def test_dashboard_has_a_panel_for_each_signal() -> None:
                    "probe_retention", "sharpness_ratio", "subspace_overlap",
                    "fisher_effective_rank", "gradient_noise_scale", "agent_overhead_ratio",
                    "probe_accuracy", "loss", "alert_firing"):
-        assert f"raresignal_{metric}{{run=~\".*\"}}" in queries, metric
+        assert f"raresignal_{metric}{{run=~\".*\"" in queries, metric
 
 
 def test_sharpness_panel_draws_the_stability_line_at_one() -> None:

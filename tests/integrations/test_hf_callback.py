@@ -96,3 +96,52 @@ def test_trainer_train_reports_loss_and_probes_to_the_server(server: Any,
     # The headline values joined the Trainer's log history.
     assert any("raresignal/probe_accuracy/rare" in entry
                for entry in trainer.state.log_history)
+
+
+class LogRecorder(TrainerCallback):
+    """What a reporting integration receives: a copy of every log dict."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+               **kwargs: Any) -> None:
+        self.logs.append(dict(logs))
+
+
+def test_headline_values_join_the_training_logs_at_logging_steps(server: Any,
+                                                                 tmp_path: Path) -> None:
+    steps, every = 8, 2
+    callback = RaresignalTrainerCallback(
+        server=server.grpc_target, run_name="hf-logging", probes={"rare": TokenDataset(1, 8)},
+        common_probe=TokenDataset(2, 8), config=MonitorConfig(report_interval_seconds=0.1))
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps,
+                             per_device_train_batch_size=4, logging_steps=every,
+                             save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, learning_rate=1e-2)
+    # Listed before raresignal, as the Trainer places its report_to integrations.
+    reporter = LogRecorder()
+    trainer = Trainer(model=_model(), args=args, train_dataset=TokenDataset(0, 32),
+                      callbacks=[reporter, callback])
+    callback.attach(trainer)
+    trainer.train()
+
+    key = "raresignal/probe_accuracy/rare"
+    stored = get_series(server.grpc_target, callback.state_dict()["run_id"], "probe_accuracy",
+                        {"probe": "rare"})
+    assert stored
+    first_measured = stored[0][0] + 1  # the monitor counts steps from 0, the Trainer from 1
+    # The training logs, every logging_steps, carry the latest measured value; the
+    # summary at the end of training does not.
+    training = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in training] == list(range(every, steps + 1, every))
+    with_values = [entry for entry in training if key in entry]
+    assert [entry["step"] for entry in with_values] == [
+        step for step in range(every, steps + 1, every) if step >= first_measured]
+    for entry in with_values:
+        latest = [value for step, value in stored if step <= entry["step"] - 1][-1]
+        assert entry[key] == latest
+    assert not any(key in entry for entry in trainer.state.log_history if "loss" not in entry)
+    # Attached ahead of the reporter, the values reached what it logs too.
+    assert [logs[key] for logs in reporter.logs if key in logs] == [
+        entry[key] for entry in with_values]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,11 @@ def _config() -> MonitorConfig:
 
 
 def _fit(flavour_name: str, server: Any, tmp_path: Path, steps: int,
-         ckpt_path: str | None = None, extra: tuple[Any, ...] = ()) -> tuple[Any, Any, Any]:
+         ckpt_path: str | None = None, extra: tuple[Any, ...] = (),
+         log_every_n_steps: int = 1, max_epochs: int | None = None,
+         csv_logger: bool = True) -> tuple[Any, Any, Any]:
+    """Fits the classifier for at most ``steps`` optimizer steps (4 per epoch), logging to
+    a CSV logger (or none), with the ``extra`` callbacks after raresignal's."""
     flavour = importlib.import_module(flavour_name)
     callback_module = importlib.import_module(FLAVOURS[flavour_name])
     torch.manual_seed(0)
@@ -73,11 +78,14 @@ def _fit(flavour_name: str, server: Any, tmp_path: Path, steps: int,
         probes={"rare": _data(1, 32)},
         common_probe=DataLoader(TensorDataset(*_data(2, 32)), batch_size=8),
         config=_config())
-    loggers = flavour.loggers.CSVLogger(str(tmp_path), name="csv")
-    trainer = flavour.Trainer(max_steps=steps, callbacks=[callback, *extra], logger=loggers,
+    loggers = flavour.loggers.CSVLogger(str(tmp_path), name="csv") if csv_logger else False
+    checkpointing = any(isinstance(c, flavour.callbacks.ModelCheckpoint) for c in extra)
+    trainer = flavour.Trainer(max_steps=steps, max_epochs=max_epochs,
+                              callbacks=[callback, *extra], logger=loggers,
                               accelerator="cpu", devices=1, enable_progress_bar=False,
-                              enable_model_summary=False, log_every_n_steps=1,
-                              default_root_dir=str(tmp_path), enable_checkpointing=False)
+                              enable_model_summary=False, log_every_n_steps=log_every_n_steps,
+                              default_root_dir=str(tmp_path),
+                              enable_checkpointing=checkpointing)
     loader = DataLoader(TensorDataset(*_data(0, 64)), batch_size=16)
     trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer, callback, model
@@ -120,13 +128,11 @@ def test_fit_reports_every_step_and_probe_accuracy_to_the_server_and_loggers(
     run = next(r for r in list_runs(server.grpc_target) if r.run_id == run_id)
     assert run.state == common_pb2.RUN_STATE_COMPLETED
 
-    # The headline values went to the Lightning logger as well, at their steps.
-    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    logged = [(int(r["step"]), float(r["raresignal/probe_accuracy/rare"])) for r in rows
-              if r.get("raresignal/probe_accuracy/rare")]
-    stored = dict(accuracy)
-    assert logged and all(stored[step] == value for step, value in logged)
+    # The headline values went to the Lightning logger as well: every step here, from the
+    # probe's first measurement on.
+    rows = _accuracy_rows(trainer)
+    assert [int(r["step"]) for r in rows] == list(range(accuracy[0][0], STEPS))
+    _assert_rows_hold_the_latest_value(rows, accuracy)
 
 
 def test_resume_from_checkpoint_keeps_run_id_baselines_and_step_numbering(
@@ -175,3 +181,68 @@ def _assert_same_state(actual: Any, expected: Any) -> None:
             _assert_same_state(a, e)
     else:
         assert actual == expected or (actual != actual and expected != expected)
+
+
+def _accuracy_rows(trainer: Any) -> list[dict[str, str]]:
+    """The CSV logger's rows that hold the rare probe's accuracy."""
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
+        return [row for row in csv.DictReader(handle)
+                if row.get("raresignal/probe_accuracy/rare")]
+
+
+def _assert_rows_hold_the_latest_value(rows: list[dict[str, str]],
+                                       stored: list[tuple[int, float]]) -> None:
+    """Each row holds the value the monitor had measured last by its step (probes are
+    measured at their own cadence, the logger writes at the Trainer's)."""
+    for row in rows:
+        latest = [value for step, value in stored if step <= int(row["step"])][-1]
+        assert float(row["raresignal/probe_accuracy/rare"]) == latest, row["step"]
+
+
+@pytest.mark.parametrize("flavour_name", list(FLAVOURS))
+def test_loggers_get_headline_values_at_the_trainers_logging_cadence(
+        flavour_name: str, server: Any, tmp_path: Path) -> None:
+    steps, every = 12, 4
+    trainer, callback, _ = _fit(flavour_name, server, tmp_path, steps,
+                                log_every_n_steps=every)
+    stored = get_series(server.grpc_target, callback.run_id, "probe_accuracy",
+                        {"probe": "rare"})
+    rows = _accuracy_rows(trainer)
+    # Lightning writes on the optimizer steps that complete a logging interval.
+    assert [int(r["step"]) for r in rows] == [
+        s for s in range(stored[0][0], steps) if (s + 1) % every == 0]
+    assert len(rows) >= 2
+    _assert_rows_hold_the_latest_value(rows, stored)
+
+
+@pytest.mark.parametrize("flavour_name", list(FLAVOURS))
+def test_early_stopping_and_checkpointing_monitor_a_raresignal_metric(
+        flavour_name: str, server: Any, tmp_path: Path) -> None:
+    flavour = importlib.import_module(flavour_name)
+    monitored = "raresignal/probe_accuracy/rare"
+    # Accuracy cannot rise by a whole 1.0, so after the first epoch sets the best value the
+    # next one is no improvement and, with patience 1, training stops.
+    stopping = flavour.callbacks.EarlyStopping(monitor=monitored, mode="max", patience=1,
+                                               min_delta=1.0, check_on_train_epoch_end=True)
+    checkpoint = flavour.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"),
+                                                   monitor=monitored, mode="max")
+    trainer, callback, _ = _fit(flavour_name, server, tmp_path, steps=40, max_epochs=10,
+                                extra=(stopping, checkpoint))
+
+    assert trainer.current_epoch == 2 and stopping.stopped_epoch == 1
+    assert trainer.global_step == 8
+    assert float(trainer.callback_metrics[monitored]) == pytest.approx(
+        get_series(server.grpc_target, callback.run_id, "probe_accuracy",
+                   {"probe": "rare"})[-1][1])
+    assert checkpoint.best_model_score is not None
+    assert Path(checkpoint.best_model_path).is_file()
+
+
+def test_a_trainer_without_loggers_still_gets_the_metrics_and_no_warnings(
+        server: Any, tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _, _ = _fit("lightning.pytorch", server, tmp_path, STEPS,
+                             csv_logger=False)
+    assert "raresignal/probe_accuracy/rare" in trainer.callback_metrics
+    assert not [w for w in caught if "raresignal/" in str(w.message)]

@@ -66,7 +66,7 @@ class SharpnessEstimator(DefaultEstimator):
             hvp = self._hvp(objective)
             top = self.plain.estimate(hvp, device)
             out = [Measurement("sharpness", top.value),
-                   Measurement("hvp_count", float(top.matvecs))]
+                   Measurement("hessian_vector_products", float(top.matvecs))]
             profile = optimizer_profile(ctx.optimizer or self.shared.optimizer)
             threshold = profile.stability_threshold()
             compared = top.value

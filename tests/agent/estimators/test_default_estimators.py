@@ -18,7 +18,7 @@ EXPECTED = {
     "gradient_subspace": set(),
     "subspace_drift": {"subspace_overlap", "subspace_max_angle_radians"},
     "sharpness": {"sharpness", "preconditioned_sharpness", "sharpness_threshold",
-                  "sharpness_ratio", "hessian_trace", "hvp_count"},
+                  "sharpness_ratio", "hessian_trace", "hessian_vector_products"},
     "fisher": {"fisher_trace", "empirical_fisher_trace", "fisher_top_eigenvalue",
                "fisher_effective_rank"},
     "probes": {"probe_fisher_mass", "probe_fisher_mass_ratio", "probe_absorption",

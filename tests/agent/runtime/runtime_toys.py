@@ -69,7 +69,7 @@ class SleepyEstimator:
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         time.sleep(self.seconds)
         self.runs.append(ctx.step)
-        return [Measurement("hvp_count", float(len(self.runs)))]
+        return [Measurement("hessian_vector_products", float(len(self.runs)))]
 
     def state_dict(self) -> dict[str, Any]:
         return {"runs": list(self.runs)}
