@@ -6,6 +6,10 @@ default estimator on, rare and common probes given). Alternating blocks in one r
 both sides see the same machine load, CPU frequency and caches; the overhead is one minus
 the ratio of the median monitored throughput to the median bare throughput.
 
+Beside the mean cost it reports the delay one ``monitor.step`` call adds to a training
+step (median, p99 and maximum), against the stall bound: no step may be delayed by more
+than twice the median bare step time, or 50 ms, whichever is larger.
+
 Two workloads: a ~3M-parameter causal transformer (``causal_lm`` task) and a small CNN
 (classification). Example::
 
@@ -15,6 +19,7 @@ Two workloads: a ~3M-parameter causal transformer (``causal_lm`` task) and a sma
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -121,21 +126,63 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_block(work: Workload, monitor: Monitor | None, steps: int,
-              device: torch.device) -> float:
-    """Trains ``steps`` steps; returns steps per second."""
+# No training step may be delayed by the monitor by more than this many median bare step
+# times, or STALL_FLOOR_SECONDS, whichever is larger.
+STALL_STEP_FACTOR = 2.0
+STALL_FLOOR_SECONDS = 0.05
+
+
+def run_block(work: Workload, monitor: Monitor | None, steps: int, device: torch.device,
+              step_seconds: list[float] | None = None,
+              monitor_seconds: list[float] | None = None) -> float:
+    """Trains ``steps`` steps; returns steps per second. Appends each step's wall time to
+    ``step_seconds`` and each ``monitor.step`` call's to ``monitor_seconds``."""
     _sync(device)
     started = time.perf_counter()
     for _ in range(steps):
+        step_started = time.perf_counter()
         inputs, targets = work.next_batch()
         work.optimizer.zero_grad(set_to_none=True)
         loss = work.loss(work.model(inputs), targets)
         loss.backward()
         if monitor is not None:
+            _sync(device)  # the delay is the monitor's own, not queued training work
+            call_started = time.perf_counter()
             monitor.step(loss=loss, batch=(inputs, targets))
+            _sync(device)
+            if monitor_seconds is not None:
+                monitor_seconds.append(time.perf_counter() - call_started)
         work.optimizer.step()
+        if step_seconds is not None:
+            _sync(device)
+            step_seconds.append(time.perf_counter() - step_started)
     _sync(device)
     return steps / (time.perf_counter() - started)
+
+
+@dataclass
+class StepDelays:
+    """How long ``monitor.step`` held up single steps, against the stall bound."""
+
+    bare_step_seconds: float  # median bare step
+    median: float
+    p99: float
+    maximum: float
+    over_bound: int
+    steps: int
+
+    @property
+    def bound(self) -> float:
+        return max(STALL_STEP_FACTOR * self.bare_step_seconds, STALL_FLOOR_SECONDS)
+
+    @classmethod
+    def of(cls, bare_steps: list[float], delays: list[float]) -> StepDelays:
+        ordered = sorted(delays)
+        median_step = statistics.median(bare_steps)
+        bound = max(STALL_STEP_FACTOR * median_step, STALL_FLOOR_SECONDS)
+        p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+        return cls(median_step, statistics.median(ordered), p99, ordered[-1],
+                   sum(delay > bound for delay in ordered), len(ordered))
 
 
 @dataclass
@@ -149,6 +196,7 @@ class Result:
     reported_overhead: float | None
     intervals: dict[str, int]
     estimator_seconds: dict[str, float]
+    delays: StepDelays
 
     @property
     def overhead(self) -> float:
@@ -170,9 +218,12 @@ def measure(work: Workload, args: argparse.Namespace, device: torch.device) -> R
     run_block(work, None, args.warmup_steps, device)
     run_block(work, monitor, args.warmup_steps, device)
     bare, monitored = [], []
+    bare_steps: list[float] = []
+    delays: list[float] = []
     for _ in range(args.blocks):
-        bare.append(run_block(work, None, args.block_steps, device))
-        monitored.append(run_block(work, monitor, args.block_steps, device))
+        bare.append(run_block(work, None, args.block_steps, device, step_seconds=bare_steps))
+        monitored.append(run_block(work, monitor, args.block_steps, device,
+                                   monitor_seconds=delays))
         if args.verbose:
             print(f"{work.name}: block {len(bare)}: bare {bare[-1]:.2f} steps/s, "
                   f"monitored {monitored[-1]:.2f} steps/s", flush=True)
@@ -186,7 +237,8 @@ def measure(work: Workload, args: argparse.Namespace, device: torch.device) -> R
         sum(args.block_steps / rate for rate in monitored),
         latest.get("agent_overhead_ratio"), monitor.intervals,
         {key[len(prefix):-1]: value for key, value in latest.items()
-         if key.startswith(prefix)})
+         if key.startswith(prefix)},
+        StepDelays.of(bare_steps, delays))
 
 
 def print_table(results: list[Result], target: float) -> None:
@@ -202,6 +254,15 @@ def print_table(results: list[Result], target: float) -> None:
     print("\noverhead: 1 - median monitored / median bare block throughput; amortized: "
           "from total times;\nself-reported: the monitor's agent_overhead_ratio "
           f"(its last {MonitorConfig.overhead_window_steps} steps)")
+    print(f"\nper-step delay of monitor.step (ms), against the stall bound max("
+          f"{STALL_STEP_FACTOR:g} x median bare step, {STALL_FLOOR_SECONDS * 1e3:g} ms):")
+    print(f"{'model':<12}{'bare step':>10}{'median':>9}{'p99':>9}{'max':>9}{'bound':>9}"
+          f"{'steps over bound':>18}")
+    for r in results:
+        d = r.delays
+        print(f"{r.name:<12}{d.bare_step_seconds * 1e3:>10.1f}{d.median * 1e3:>9.2f}"
+              f"{d.p99 * 1e3:>9.1f}{d.maximum * 1e3:>9.1f}{d.bound * 1e3:>9.1f}"
+              f"{f'{d.over_bound} of {d.steps}':>18}")
     for r in results:
         print(f"\n{r.name}: estimator (cadence in steps, last run in ms)")
         for name, interval in r.intervals.items():

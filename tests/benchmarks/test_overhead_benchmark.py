@@ -1,0 +1,40 @@
+"""The overhead benchmark's per-step delay figures: computed right, and printed."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import overhead
+
+
+def test_step_delays_against_the_stall_bound() -> None:
+    bare = [0.010] * 9 + [0.5]  # median 10 ms: the bound is the 50 ms floor
+    delays = [0.001] * 98 + [0.049, 0.2]
+    d = overhead.StepDelays.of(bare, delays)
+    assert d.bare_step_seconds == pytest.approx(0.010)
+    assert d.bound == pytest.approx(0.05)
+    assert d.median == pytest.approx(0.001)
+    assert d.p99 == pytest.approx(0.049)  # the 99th of 100 sorted delays
+    assert d.maximum == pytest.approx(0.2)
+    assert (d.over_bound, d.steps) == (1, 100)
+    slow = overhead.StepDelays.of([0.1, 0.1, 0.1], delays)
+    assert slow.bound == pytest.approx(0.2) and slow.over_bound == 0
+
+
+def test_the_benchmark_prints_the_delay_of_every_monitored_step(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    overhead.main(["--models", "cnn", "--blocks", "1", "--block-steps", "6",
+                   "--warmup-steps", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    row = re.search(r"^cnn\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
+                    r"(\d+) of (\d+)$", out, re.MULTILINE)
+    assert row is not None, out
+    bare, median, p99, maximum, bound = map(float, row.groups()[:5])
+    assert 0 < median <= p99 <= maximum and bound >= 50.0 and bare > 0
+    assert int(row.group(7)) == 6
