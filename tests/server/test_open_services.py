@@ -48,7 +48,8 @@ def test_reflection_is_open_on_an_open_server(tmp_path: Path) -> None:
 
 
 def watch(stub: health_pb2_grpc.HealthStub) -> grpc.Future:
-    return stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    # A deadline far past the test: only cancel() ends a stream that holds a place.
+    return stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=600)
 
 
 def test_health_watches_are_bounded_and_check_stays_open(secured: ServerHandle) -> None:
