@@ -24,6 +24,7 @@ from raresignal.server.alerting.rules import RulesError
 from raresignal.server.serving.alertmanager_access import AlertmanagerAccessError
 from raresignal.server.serving.app import ServerConfig, serve
 from raresignal.server.serving.auth import TokensError, load_tokens, parse_tokens_env
+from raresignal.server.serving.metrics_endpoint import MetricsAccessError
 from raresignal.server.storage.open import StorageOpenError
 
 ENV_PREFIX = "RARESIGNAL_"
@@ -44,9 +45,29 @@ examples:
   raresignal server --alertmanager-url https://am:9093 --alertmanager-ca-file am-ca.pem \\
       --alertmanager-username raresignal --alertmanager-password-file am-password
   raresignal server --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem
+  raresignal server --tls-cert server.pem --tls-key server.key --metrics-tls \\
+      --metrics-token-file scrape-token --metrics-omit-run-names
 
 tokens file (YAML): `s3cret: ["teamA-*"]`, or lines `s3cret teamA-* shared-*`.
 """
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _boolean(value: str | bool) -> bool:
+    """A yes/no setting from a variable or file: true/false, yes/no, on/off or 1/0."""
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE_WORDS + _FALSE_WORDS)}")
+
+
+_boolean.__name__ = "boolean"  # what the error message for a bad variable calls it
 
 # name, type, default, help; a server setting's default is ServerConfig's.
 _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
@@ -74,6 +95,15 @@ _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     ("tls_cert", str, None, "server certificate (PEM); enables TLS"),
     ("tls_key", str, None, "server private key (PEM)"),
     ("tls_client_ca", str, None, "CA (PEM) client certificates must chain to: mutual TLS"),
+    ("metrics_token_file", str, _DEFAULTS.metrics_token_file,
+     "file holding the bearer token a scrape of /metrics must send (none: no token)"),
+    ("metrics_tls", _boolean, _DEFAULTS.metrics_tls,
+     "serve /metrics over TLS with --tls-cert/--tls-key; with --tls-client-ca a scrape "
+     "needs a client certificate too"),
+    ("metrics_omit_run_names", _boolean, _DEFAULTS.metrics_omit_run_names,
+     "leave the run label (run names) off /metrics; run_id stays"),
+    ("max_health_watches", int, _DEFAULTS.max_health_watches,
+     "Health.Watch streams served at once; more get RESOURCE_EXHAUSTED"),
     ("finished_run_ttl", float, _DEFAULTS.finished_run_ttl_seconds,
      "seconds a finished run stays in /metrics"),
     ("clock_interval", float, _DEFAULTS.clock_interval_seconds,
@@ -101,7 +131,12 @@ def add_server_command(
     server.add_argument("--config", help="YAML file with settings (keys as below, e.g. db)")
     for name, kind, default, text in _SERVER_SETTINGS:
         shown = f" (default: {default})" if default is not None else ""
-        server.add_argument(_flag(name), dest=name, type=kind, default=None, help=text + shown)
+        if kind is _boolean:
+            server.add_argument(_flag(name), dest=name, default=None, help=text + shown,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            server.add_argument(_flag(name), dest=name, type=kind, default=None,
+                                help=text + shown)
     return server
 
 
@@ -171,7 +206,11 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> S
         alertmanager_bearer_token_file=settings["alertmanager_bearer_token_file"],
         alertmanager_ca_file=settings["alertmanager_ca_file"],
         finished_run_ttl_seconds=settings["finished_run_ttl"],
-        clock_interval_seconds=settings["clock_interval"], tls=tls)
+        clock_interval_seconds=settings["clock_interval"], tls=tls,
+        metrics_token_file=settings["metrics_token_file"],
+        metrics_tls=settings["metrics_tls"],
+        metrics_omit_run_names=settings["metrics_omit_run_names"],
+        max_health_watches=settings["max_health_watches"])
 
 
 def _write_ready_file(path: str, text: str) -> None:
@@ -206,7 +245,8 @@ def run_server(args: argparse.Namespace, environ: Mapping[str, str] = os.environ
 
     try:
         asyncio.run(main())
-    except (RulesError, AlertmanagerAccessError, StorageOpenError) as exc:
+    except (RulesError, AlertmanagerAccessError, StorageOpenError,
+            MetricsAccessError) as exc:
         print(f"raresignal: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter
 
 from raresignal.protos.transport import (
     DEFAULT_GRPC_PORT,
@@ -41,9 +42,16 @@ from raresignal.server.serving.alertmanager_access import (
 )
 from raresignal.server.serving.auth import AuthInterceptor, TokenStore
 from raresignal.server.serving.decoding import DecodingInterceptor
+from raresignal.server.serving.health_watch import BoundedHealthServicer
 from raresignal.server.serving.ledger import Ledger
 from raresignal.server.serving.live import LiveState
 from raresignal.server.serving.metrics import RunStateCollector, ServerMetrics
+from raresignal.server.serving.metrics_endpoint import (
+    MetricsAccessError,
+    read_token,
+    start_metrics_server,
+    tls_context,
+)
 from raresignal.server.serving.service import (
     AlertHub,
     AlertsService,
@@ -92,6 +100,15 @@ class ServerConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     alertmanager_resend_seconds: float = 60.0
     shutdown_grace_seconds: float = 5.0
+    # /metrics: a scrape bearer token read from this file (None: no token), TLS with the
+    # certificate above (mutual when the gRPC port is), and series without the run name
+    # (run_id alone) for Prometheus servers that teams share.
+    metrics_token_file: str | None = None
+    metrics_tls: bool = False
+    metrics_omit_run_names: bool = False
+    # Health.Watch streams served at once; health needs no token, so this bounds what an
+    # anonymous caller can hold open.
+    max_health_watches: int = 100
 
     def open_storage(self) -> Storage:
         """The storage backend these settings name (the one place that picks it)."""
@@ -109,6 +126,17 @@ class ServerConfig:
         context = ssl_context(self.alertmanager_url, self.alertmanager_ca_file)
         return AlertmanagerNotifier(self.alertmanager_url, counter, generator_url,
                                     headers=headers, ssl_context=context)
+
+    def metrics_access(self) -> tuple[str | None, ssl.SSLContext | None]:
+        """The /metrics scrape token and TLS context these settings name, read from their
+        files; MetricsAccessError for settings that cannot be used."""
+        token = read_token(self.metrics_token_file) if self.metrics_token_file else None
+        if not self.metrics_tls:
+            return token, None
+        if self.tls is None:
+            raise MetricsAccessError("TLS on the metrics port reuses the server's "
+                                     "certificate: set --tls-cert and --tls-key too")
+        return token, tls_context(self.tls)
 
 
 @dataclass(frozen=True)
@@ -133,6 +161,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
     pending Alertmanager notifications."""
     stop = stop or asyncio.Event()
     rules = load_rules(config.rules_path)
+    metrics_token, metrics_tls = config.metrics_access()
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as resources:
         # Resources are released in reverse order of creation, whatever fails.
@@ -151,14 +180,18 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         resources.push_async_callback(close_ledger)
         registry = CollectorRegistry()
         metrics = ServerMetrics(registry)
-        registry.register(RunStateCollector(live, config.finished_run_ttl_seconds))
-        http_server, http_thread = start_http_server(config.metrics_port, config.host,
-                                                     registry)
+        registry.register(RunStateCollector(
+            live, config.finished_run_ttl_seconds,
+            include_run_names=not config.metrics_omit_run_names))
+        http_server, http_thread = start_metrics_server(
+            config.host, config.metrics_port, registry, token=metrics_token,
+            context=metrics_tls)
         resources.callback(http_thread.join, 5)
         resources.callback(http_server.server_close)
         resources.callback(http_server.shutdown)
         host = _display_host(config.host)
-        metrics_url = f"http://{host}:{http_server.server_port}/metrics"
+        scheme = "https" if metrics_tls is not None else "http"
+        metrics_url = f"{scheme}://{host}:{http_server.server_port}/metrics"
         notifier = config.open_notifier(metrics.notifications, metrics_url)
         if notifier is not None:
             resources.callback(notifier.close)
@@ -166,7 +199,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         hub = AlertHub()
         backend = Backend(ledger, executor, metrics, tokens, hub, notifier)
 
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = BoundedHealthServicer(config.max_health_watches)
         server = grpc.aio.server(options=server_options(),
                                  interceptors=[AuthInterceptor(tokens), DecodingInterceptor()])
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestService(backend), server)
@@ -195,10 +228,11 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         endpoints = Endpoints(f"{host}:{grpc_port}", metrics_url, f"{host}:{health_port}")
         log.info("raresignal server listening: grpc=%s%s metrics=%s health=%s db=%s "
-                 "rules=%d alertmanager=%s auth=%s", endpoints.grpc_target,
+                 "rules=%d alertmanager=%s auth=%s metrics-auth=%s", endpoints.grpc_target,
                  " (tls)" if config.tls else "", metrics_url, endpoints.health_target,
                  config.db_path, len(rules), config.alertmanager_url or "off",
-                 "open" if tokens.is_open else "tokens")
+                 "open" if tokens.is_open else "tokens",
+                 "token" if metrics_token else "open")
         clock_task = asyncio.create_task(_run_clock(backend, config))
 
         async def stop_clock() -> None:

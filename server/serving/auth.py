@@ -2,7 +2,8 @@
 
 Tokens map to run-name glob patterns: a token scoped to ``teamA-*`` may open, write and
 read runs whose name matches, and gets PERMISSION_DENIED for any other run. A missing or
-unknown token gets UNAUTHENTICATED. With no tokens configured the server is open.
+unknown token gets UNAUTHENTICATED. With no tokens configured the server is open. Health is
+open either way; reflection needs a token like every other service.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from raresignal.server.serving.validation import RequestError
 
 log = logging.getLogger("raresignal.server")
 
-# Kubernetes probes and grpcurl-style discovery must work without a token.
-UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Kubernetes probes carry no token. Reflection does need one where tokens are configured:
+# the service list is of no use to a caller who may not call any of them.
+UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/",)
 
 
 class TokensError(ValueError):

@@ -1,7 +1,8 @@
 """What the server exposes to Prometheus: its own counters and every run's latest state.
 
 Run series are built at scrape time by one custom Collector from the live state:
-``raresignal_<metric>{run, run_id, <catalogue labels>}``. Label sets stay bounded because
+``raresignal_<metric>{run, run_id, <catalogue labels>}`` (without ``run`` where run names
+must not leave the server). Label sets stay bounded because
 the server accepts only catalogue label keys, bounded values and a bounded number of
 series per run, and finished runs disappear after a TTL.
 """
@@ -53,10 +54,17 @@ class RunStateCollector(Collector):
     """Builds the per-run families from the live state at each scrape."""
 
     def __init__(self, live: LiveState, finished_ttl_seconds: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 include_run_names: bool = True) -> None:
         self._live = live
         self._ttl = finished_ttl_seconds
         self._clock = clock
+        self._include_run_names = include_run_names
+
+    def _run_labels(self, run_name: str, run_id: str) -> dict[str, str]:
+        if self._include_run_names:
+            return {"run": run_name, "run_id": run_id}
+        return {"run_id": run_id}
 
     def collect(self) -> Iterator[Metric]:
         snap = self._live.snapshot(self._clock(), self._ttl)
@@ -78,7 +86,7 @@ class RunStateCollector(Collector):
                     else:
                         family = GaugeMetricFamily(spec.prometheus_name, spec.help)
                     families[metric] = family
-                sample_labels = {"run": names[run_id], "run_id": run_id, **labels}
+                sample_labels = {**self._run_labels(names[run_id], run_id), **labels}
                 suffix = "_total" if CATALOG[metric].kind is Kind.COUNTER else ""
                 family.add_sample(family.name + suffix, sample_labels, value)
         yield from families.values()
@@ -86,7 +94,7 @@ class RunStateCollector(Collector):
         firing = GaugeMetricFamily(
             "raresignal_alert_firing", "1 while an alert fires; absent otherwise.")
         for alert in snap.firing:
-            labels = {"run": alert.run_name, "run_id": alert.run_id, "alert": alert.rule,
-                      "severity": alert.severity, **alert.labels}
+            labels = {**self._run_labels(alert.run_name, alert.run_id),
+                      "alert": alert.rule, "severity": alert.severity, **alert.labels}
             firing.add_sample("raresignal_alert_firing", labels, 1.0)
         yield firing

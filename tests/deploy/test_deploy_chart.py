@@ -57,6 +57,12 @@ def _pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return deployment["spec"]["template"]["spec"]
 
 
+def _tokens_secret(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (secret,) = [s for s in by_kind(objects, "Secret")
+                 if s["metadata"]["name"].endswith("-tokens")]
+    return secret
+
+
 def test_ci_values_cover_the_required_cases() -> None:
     assert {_case_id(p) for p in CI_VALUES} >= {"defaults", "tls", "monitoring",
                                                  "existing-secret"}
@@ -147,7 +153,7 @@ def test_defaults_store_the_database_on_a_claim_and_generate_a_token() -> None:
     (claim,) = by_kind(objects, "PersistentVolumeClaim")
     volumes = {v["name"]: v for v in _pod_spec(objects)["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    (secret,) = by_kind(objects, "Secret")
+    secret = _tokens_secret(objects)
     data = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
     token = data["token-default"]
     assert len(token) == 40 and token.isalnum()
@@ -167,7 +173,10 @@ def test_tls_values_mount_the_certificate_and_enable_mutual_tls() -> None:
     assert volumes["tls"]["secret"]["secretName"] == "raresignal-server-tls"
     assert "emptyDir" in volumes["data"]
     assert by_kind(objects, "PersistentVolumeClaim") == []
-    (secret,) = by_kind(objects, "Secret")  # tokens only: the TLS Secret is the user's
+    # The TLS Secret is the user's: the chart makes only the tokens and the scrape token.
+    assert sorted(s["metadata"]["name"] for s in by_kind(objects, "Secret")) == [
+        "rs-raresignal-metrics-token", "rs-raresignal-tokens"]
+    secret = _tokens_secret(objects)
     tokens = parse_tokens(base64.b64decode(secret["data"]["tokens.yaml"]).decode())
     assert tokens["team-a-token-0123456789abcdef"] == ["team-a-*"]
     shared = base64.b64decode(secret["data"]["token-shared"]).decode()
@@ -240,6 +249,18 @@ _METADATA = {"type": "object", "required": ["name", "namespace", "labels"],
                             "annotations": _LABELS}}
 _DURATION = {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?"
                                           "(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+# The operator's SecretKeySelector and SafeTLSConfig (secret-based: Prometheus reads the
+# Secrets from the ServiceMonitor's namespace).
+_SECRET_KEY = {"type": "object", "additionalProperties": False, "required": ["name", "key"],
+               "properties": {"name": {"type": "string", "minLength": 1},
+                              "key": {"type": "string", "minLength": 1},
+                              "optional": {"type": "boolean"}}}
+_SECRET_OR_CONFIG_MAP = {"type": "object", "additionalProperties": False,
+                         "properties": {"secret": _SECRET_KEY, "configMap": _SECRET_KEY}}
+_TLS_CONFIG = {"type": "object", "additionalProperties": False,
+               "properties": {"ca": _SECRET_OR_CONFIG_MAP, "cert": _SECRET_OR_CONFIG_MAP,
+                              "keySecret": _SECRET_KEY, "serverName": {"type": "string"},
+                              "insecureSkipVerify": {"type": "boolean"}}}
 SERVICE_MONITOR_SCHEMA = {
     "type": "object", "additionalProperties": False,
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -266,7 +287,9 @@ SERVICE_MONITOR_SCHEMA = {
                              "scheme": {"enum": ["http", "https"]},
                              "interval": _DURATION, "scrapeTimeout": _DURATION,
                              "relabelings": {"type": "array"},
-                             "metricRelabelings": {"type": "array"}}}}}}}}
+                             "metricRelabelings": {"type": "array"},
+                             "bearerTokenSecret": _SECRET_KEY,
+                             "tlsConfig": _TLS_CONFIG}}}}}}}
 PROMETHEUS_RULE_SCHEMA = {
     "type": "object", "additionalProperties": False,
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -372,5 +395,5 @@ def test_readme_job_example_matches_the_chart() -> None:
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["RARESIGNAL_SERVER"]["value"] == "raresignal.ml.svc:50051"
     ref = env["RARESIGNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
-    (secret,) = by_kind(manifests(render_chart(name="raresignal", namespace="ml")), "Secret")
+    secret = _tokens_secret(manifests(render_chart(name="raresignal", namespace="ml")))
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]

@@ -83,3 +83,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "raresignal.grpcAddress" -}}
 {{- printf "%s.%s.svc:%d" (include "raresignal.fullname" .) .Release.Namespace (int .Values.service.ports.grpc) }}
 {{- end }}
+
+{{/* Name of the Secret holding the /metrics scrape token, and its key. */}}
+{{- define "raresignal.metricsTokenSecretName" -}}
+{{- default (printf "%s-metrics-token" (include "raresignal.fullname" .)) .Values.metrics.auth.existingSecret }}
+{{- end }}
+
+{{- define "raresignal.metricsTokenSecretKey" -}}
+{{- if .Values.metrics.auth.existingSecret }}{{ .Values.metrics.auth.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
