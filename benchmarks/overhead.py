@@ -170,19 +170,22 @@ class StepDelays:
     maximum: float
     over_bound: int
     steps: int
+    warmup_maximum: float  # the longest call in the untimed steps before the blocks
 
     @property
     def bound(self) -> float:
         return max(STALL_STEP_FACTOR * self.bare_step_seconds, STALL_FLOOR_SECONDS)
 
     @classmethod
-    def of(cls, bare_steps: list[float], delays: list[float]) -> StepDelays:
+    def of(cls, bare_steps: list[float], delays: list[float],
+           warmup_delays: list[float] = ()) -> StepDelays:
         ordered = sorted(delays)
         median_step = statistics.median(bare_steps)
         bound = max(STALL_STEP_FACTOR * median_step, STALL_FLOOR_SECONDS)
         p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
         return cls(median_step, statistics.median(ordered), p99, ordered[-1],
-                   sum(delay > bound for delay in ordered), len(ordered))
+                   sum(delay > bound for delay in ordered), len(ordered),
+                   max(warmup_delays, default=0.0))
 
 
 @dataclass
@@ -216,7 +219,8 @@ def measure(work: Workload, args: argparse.Namespace, device: torch.device) -> R
                       config=MonitorConfig(target_overhead=args.target))
     # Warm-up: allocator, kernels, and the first (cold) run of every estimator.
     run_block(work, None, args.warmup_steps, device)
-    run_block(work, monitor, args.warmup_steps, device)
+    warm_delays: list[float] = []
+    run_block(work, monitor, args.warmup_steps, device, monitor_seconds=warm_delays)
     bare, monitored = [], []
     bare_steps: list[float] = []
     delays: list[float] = []
@@ -238,7 +242,7 @@ def measure(work: Workload, args: argparse.Namespace, device: torch.device) -> R
         latest.get("agent_overhead_ratio"), monitor.intervals,
         {key[len(prefix):-1]: value for key, value in latest.items()
          if key.startswith(prefix)},
-        StepDelays.of(bare_steps, delays))
+        StepDelays.of(bare_steps, delays, warm_delays))
 
 
 def print_table(results: list[Result], target: float) -> None:
@@ -255,14 +259,15 @@ def print_table(results: list[Result], target: float) -> None:
           "from total times;\nself-reported: the monitor's agent_overhead_ratio "
           f"(its last {MonitorConfig.overhead_window_steps} steps)")
     print(f"\nper-step delay of monitor.step (ms), against the stall bound max("
-          f"{STALL_STEP_FACTOR:g} x median bare step, {STALL_FLOOR_SECONDS * 1e3:g} ms):")
+          f"{STALL_STEP_FACTOR:g} x median bare step, {STALL_FLOOR_SECONDS * 1e3:g} ms); the "
+          "warm-up holds each estimator's first (cold) run:")
     print(f"{'model':<12}{'bare step':>10}{'median':>9}{'p99':>9}{'max':>9}{'bound':>9}"
-          f"{'steps over bound':>18}")
+          f"{'steps over bound':>18}{'max in warm-up':>16}")
     for r in results:
         d = r.delays
         print(f"{r.name:<12}{d.bare_step_seconds * 1e3:>10.1f}{d.median * 1e3:>9.2f}"
               f"{d.p99 * 1e3:>9.1f}{d.maximum * 1e3:>9.1f}{d.bound * 1e3:>9.1f}"
-              f"{f'{d.over_bound} of {d.steps}':>18}")
+              f"{f'{d.over_bound} of {d.steps}':>18}{d.warmup_maximum * 1e3:>16.1f}")
     for r in results:
         print(f"\n{r.name}: estimator (cadence in steps, last run in ms)")
         for name, interval in r.intervals.items():

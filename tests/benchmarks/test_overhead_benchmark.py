@@ -16,13 +16,14 @@ import overhead
 def test_step_delays_against_the_stall_bound() -> None:
     bare = [0.010] * 9 + [0.5]  # median 10 ms: the bound is the 50 ms floor
     delays = [0.001] * 98 + [0.049, 0.2]
-    d = overhead.StepDelays.of(bare, delays)
+    d = overhead.StepDelays.of(bare, delays, [0.003, 4.5])
     assert d.bare_step_seconds == pytest.approx(0.010)
     assert d.bound == pytest.approx(0.05)
     assert d.median == pytest.approx(0.001)
     assert d.p99 == pytest.approx(0.049)  # the 99th of 100 sorted delays
     assert d.maximum == pytest.approx(0.2)
     assert (d.over_bound, d.steps) == (1, 100)
+    assert d.warmup_maximum == pytest.approx(4.5)
     slow = overhead.StepDelays.of([0.1, 0.1, 0.1], delays)
     assert slow.bound == pytest.approx(0.2) and slow.over_bound == 0
 
@@ -33,7 +34,7 @@ def test_the_benchmark_prints_the_delay_of_every_monitored_step(
                    "--warmup-steps", "2", "--threads", "1"])
     out = capsys.readouterr().out
     row = re.search(r"^cnn\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
-                    r"(\d+) of (\d+)$", out, re.MULTILINE)
+                    r"(\d+) of (\d+)\s+([\d.]+)$", out, re.MULTILINE)
     assert row is not None, out
     bare, median, p99, maximum, bound = map(float, row.groups()[:5])
     assert 0 < median <= p99 <= maximum and bound >= 50.0 and bare > 0
