@@ -329,7 +329,9 @@ class Sender:
         """Takes samples off the queue into batches, waiting at most until the next flush
         or the next retry is due."""
         interval = self._config.report_interval_seconds
-        deadline = self._last_flush + interval
+        # An empty buffer has no flush due: wait for samples (submit wakes the thread) and
+        # look again after one interval, rather than spin.
+        deadline = (self._last_flush if self._buffer else time.monotonic()) + interval
         if self._network_due():
             deadline = min(deadline, max(self._retry_at, time.monotonic()))
         deadline = min(deadline, self._heartbeat_due_at())
