@@ -97,17 +97,21 @@ class Ledger:
         self.live = live
         self._clock = clock
         self._runs: dict[str, RunRecord] = {}
+        # While this server was down nobody listened: a run's silence counts from now, so a
+        # restart does not raise RunStalled for every run before its next heartbeat.
+        started = clock()
         for run in storage.list_runs(include_finished=True):
-            self._track(run)
+            self._track(run, heard_at=max(run.updated_at, started))
         engine.restore(storage.rule_states(),
                        storage.alerts(states=(PENDING, FIRING), limit=1 << 62))
         live.load_values(storage.latest_values())
         live.load_firing(engine.active_alerts())
 
-    def _track(self, run: RunRecord) -> None:
+    def _track(self, run: RunRecord, heard_at: float | None = None) -> None:
         self._runs[run.run_id] = run
         self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
-                              run.updated_at, run.last_step, finished=bool(run.finished_at))
+                              run.updated_at if heard_at is None else heard_at, run.last_step,
+                              finished=bool(run.finished_at))
         self.live.set_run(run)
 
     # -- ingest ------------------------------------------------------------------------
