@@ -2,10 +2,10 @@
 
 It is pure and synchronous (no I/O, no clock of its own), so every behaviour — baseline
 learning, ``for``, hysteresis, the hold after a resolve, deduplication, the stall clock
-(fed by reports and heartbeats) —
-is unit-testable by feeding values and timestamps. The server stores what
-:meth:`AlertEngine.take_writes` returns in the same transaction as the samples that caused
-it, and restores the engine from storage on restart.
+(fed by reports and heartbeats) — is unit-testable by feeding values and timestamps. The
+server stores what :meth:`AlertEngine.take_writes` returns in the same transaction as the
+samples that caused it, and restores the engine from storage on restart (all but the stall
+clock's learned pace, which the next steps teach it again).
 """
 
 from __future__ import annotations
@@ -205,12 +205,11 @@ class AlertEngine:
 
     # -- evaluation ------------------------------------------------------------------
 
-    def observe(self, run_id: str, samples: Iterable[CheckedSample],
+    def observe(self, run_id: str, samples: Sequence[CheckedSample],
                 now: float) -> list[AlertChange]:
         """Evaluates every rule on each new step of each series in ``samples``."""
         clock = self._runs[run_id]
         changes: list[AlertChange] = []
-        samples = list(samples)
         newest = max((s.step for s in samples), default=clock.last_step)
         clock.heard(newest, now, self._gap_history)
         self._evaluate_stall(run_id, clock, now, changes)
