@@ -364,6 +364,10 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
     severity = entry.get("severity", "warning")
     if severity not in SEVERITIES:
         raise where.error(f"unknown severity {severity!r} (use one of {', '.join(SEVERITIES)})")
+    if "stalled_for_intervals" in entry:
+        raise where.error("a stall rule's window follows the run's step times: write "
+                          f"`stall:` with any of {', '.join(sorted(_STALL_KEYS))} instead of "
+                          "stalled_for_intervals")
     if "stall" in entry:
         _unknown_keys(where, entry, _STALL_RULE_KEYS, "stall rule")
         summary = entry.get("summary", "Run {run}: {reason} for {value:.0f} s")

@@ -102,7 +102,8 @@ def rule(**fields: object) -> str:
     (rule(ignore_labels="[common]"), "ignore_labels must be a mapping of label to value(s)"),
     ("rules: [{alert: S, stall: {floor_seconds: -1}}]", "floor_seconds must be > 0"),
     ("rules: [{alert: S, stall: {}, metric: loss}]", "unknown stall rule key"),
-    ("rules: [{alert: S, stalled_for_intervals: 5}]", "unknown rule key"),
+    ("rules: [{alert: S, stalled_for_intervals: 5}]",
+     "write `stall:` with any of floor_seconds, history"),
     ("rules:\n  - alert: A\n    metric: loss\n    op: '<'\n    threshold: 1\n"
      "  - alert: A\n    metric: loss\n    op: '<'\n    threshold: 1\n", "defined twice"),
     ("alerts: []", "expected a mapping with a 'rules' list"),
