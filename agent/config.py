@@ -39,6 +39,10 @@ class MonitorConfig:
     # samples to a batch.
     report_interval_seconds: float = 1.0
     batch_size: int = 512
+    # When the sender has sent nothing for this long (validation, a checkpoint, a long
+    # probe run, a hung loop) it tells the server the process lives and its step; well
+    # under the server's least stall window (the RunStalled rule's floor).
+    heartbeat_interval_seconds: float = 10.0
     # Steps of measurements waiting for the sender thread before step() starts dropping.
     queue_size: int = 4096
     # Spool: where unsent batches wait while the server is unreachable (None: a per-run
@@ -68,6 +72,7 @@ class MonitorConfig:
             "overhead_window_steps": self.overhead_window_steps >= 1,
             "report_interval_seconds": self.report_interval_seconds > 0,
             "batch_size": self.batch_size >= 1,
+            "heartbeat_interval_seconds": self.heartbeat_interval_seconds > 0,
             "queue_size": self.queue_size >= 1,
             "spool_max_bytes": self.spool_max_bytes >= 1024,
             "network_timeout_seconds": self.network_timeout_seconds > 0,

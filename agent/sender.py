@@ -12,6 +12,12 @@ leaves the spool only when the server acknowledges it (APPLIED or DUPLICATE). A 
 server rejects (the stream ends with a validation status and the rejected sequence in the
 trailing metadata) can never succeed, so it is dropped, logged and counted.
 
+While the process lives, the thread also sends a heartbeat (the run, this sender, the last
+step submitted, the wall time) whenever it has sent nothing for
+``heartbeat_interval_seconds``, so the server tells a paused or hung loop from a dead
+process. Heartbeats carry no measurements: they are never spooled, and a failed one is
+simply followed by the next.
+
 "Reports" in the dropped counter are samples (single measurements), whether they were
 dropped from a full queue, from a full spool or in a rejected batch.
 """
@@ -146,6 +152,11 @@ class Sender:
         self._send_failures = 0
         self._internal_errors = 0
         self._log = RateLimitedLog(log)
+        # Written by submit() on the training thread, read here: a plain int, no lock.
+        self._current_step = 0
+        self._last_contact = time.monotonic()
+        self._heartbeats = True  # off once a server says it does not know the call
+        self._heartbeats_sent = 0
 
     # -- read from the training thread ---------------------------------------------------
 
@@ -175,6 +186,11 @@ class Sender:
         return list(self._left_behind)
 
     @property
+    def heartbeats_sent(self) -> int:
+        """Heartbeats the server acknowledged."""
+        return self._heartbeats_sent
+
+    @property
     def internal_errors(self) -> int:
         """Unexpected errors the thread survived (each logged, rate-limited)."""
         return self._internal_errors
@@ -201,6 +217,7 @@ class Sender:
         """Queues one step's samples without blocking; False when they were dropped."""
         if not samples:
             return True
+        self._current_step = samples[0][2]
         try:
             self._queue.put_nowait(samples)
             return True
@@ -293,6 +310,8 @@ class Sender:
                 self._collect(block=not closing)
                 if self._network_due() and time.monotonic() >= self._retry_at:
                     self._try_send()
+                elif not closing and self._heartbeat_due_at() <= time.monotonic():
+                    self._send_heartbeat()
             except Exception:
                 # Whatever went wrong, the thread carries on: measurements keep flowing
                 # into the spool, and the next attempt may well succeed.
@@ -310,9 +329,12 @@ class Sender:
         """Takes samples off the queue into batches, waiting at most until the next flush
         or the next retry is due."""
         interval = self._config.report_interval_seconds
-        deadline = self._last_flush + interval
+        # An empty buffer has no flush due: wait for samples (submit wakes the thread) and
+        # look again after one interval, rather than spin.
+        deadline = (self._last_flush if self._buffer else time.monotonic()) + interval
         if self._network_due():
             deadline = min(deadline, max(self._retry_at, time.monotonic()))
+        deadline = min(deadline, self._heartbeat_due_at())
         wait = max(0.0, deadline - time.monotonic()) if block else 0.0
         try:
             item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
@@ -389,12 +411,43 @@ class Sender:
             if not self._run_opened:
                 self._open_run(stub)
             acknowledged = self._stream(stub) if len(self._spool or ()) else True
+            self._last_contact = time.monotonic()
             self._failures = 0
             # A stream that ended cleanly without acknowledging anything would otherwise
             # be retried at once, in a busy loop.
             self._retry_at = 0.0 if acknowledged else time.monotonic() + 1.0
         except grpc.RpcError as error:
             self._on_error(error)
+
+    def _heartbeat_due_at(self) -> float:
+        """When the next heartbeat is due (infinity: none is, or none can be sent)."""
+        if not (self._heartbeats and self._run_opened and self._run_id):
+            return float("inf")
+        return max(self._last_contact + self._config.heartbeat_interval_seconds,
+                   self._retry_at)
+
+    def _send_heartbeat(self) -> None:
+        """Tells the server this process lives, at which step; a failure only waits for
+        the next one (batches have their own retries)."""
+        self._last_contact = time.monotonic()
+        request = ingest_pb2.HeartbeatRequest(run_id=self._run_id or "",
+                                              sender_id=self.sender_id,
+                                              step=self._current_step, wall_time=time.time())
+        try:
+            self._ensure_stub().Heartbeat(request,
+                                          timeout=self._config.network_timeout_seconds,
+                                          metadata=self._metadata())
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self._heartbeats = False  # an older server: reports alone keep it informed
+                log.info("raresignal: the server at %s takes no heartbeats", self.target)
+                return
+            name = code.name if code is not None else type(error).__name__
+            self._log.warning("heartbeat:" + name, "raresignal: heartbeat to %s failed (%s)",
+                              self.target, name)
+            return
+        self._heartbeats_sent += 1
 
     def _open_run(self, stub: ingest_pb2_grpc.IngestStub) -> None:
         request = ingest_pb2.OpenRunRequest(

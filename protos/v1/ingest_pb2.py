@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as raresignal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araresignal/v1/ingest.proto\x12\rraresignal.v1\x1a\x1araresignal/v1/common.proto\"\xd3\x02\n\x0eOpenRunRequest\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x15\n\rresume_run_id\x18\x02 \x01(\t\x12\x39\n\x06\x63onfig\x18\x03 \x03(\x0b\x32).raresignal.v1.OpenRunRequest.ConfigEntry\x12\x35\n\x04tags\x18\x04 \x03(\x0b\x32\'.raresignal.v1.OpenRunRequest.TagsEntry\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x1f\n\x17report_interval_seconds\x18\x06 \x01(\x01\x12\x15\n\ragent_version\x18\x07 \x01(\t\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc7\x01\n\x0fOpenRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x03run\x18\x02 \x01(\x0b\x32\x16.raresignal.v1.RunInfo\x12I\n\x0elast_sequences\x18\x03 \x03(\x0b\x32\x31.raresignal.v1.OpenRunResponse.LastSequencesEntry\x1a\x34\n\x12LastSequencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"j\n\x0bReportBatch\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12&\n\x07samples\x18\x04 \x03(\x0b\x32\x15.raresignal.v1.Sample\"\xb9\x01\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .raresignal.v1.ReportAck.Outcome\x12\x17\n\x0fsamples_applied\x18\x03 \x01(\x05\"N\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_APPLIED\x10\x01\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x02\"I\n\x0f\x43loseRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.raresignal.v1.RunState\"7\n\x10\x43loseRunResponse\x12#\n\x03run\x18\x01 \x01(\x0b\x32\x16.raresignal.v1.RunInfo2\xe3\x01\n\x06Ingest\x12H\n\x07OpenRun\x12\x1d.raresignal.v1.OpenRunRequest\x1a\x1e.raresignal.v1.OpenRunResponse\x12\x42\n\x06Report\x12\x1a.raresignal.v1.ReportBatch\x1a\x18.raresignal.v1.ReportAck(\x01\x30\x01\x12K\n\x08\x43loseRun\x12\x1e.raresignal.v1.CloseRunRequest\x1a\x1f.raresignal.v1.CloseRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araresignal/v1/ingest.proto\x12\rraresignal.v1\x1a\x1araresignal/v1/common.proto\"\xd3\x02\n\x0eOpenRunRequest\x12\x10\n\x08run_name\x18\x01 \x01(\t\x12\x15\n\rresume_run_id\x18\x02 \x01(\t\x12\x39\n\x06\x63onfig\x18\x03 \x03(\x0b\x32).raresignal.v1.OpenRunRequest.ConfigEntry\x12\x35\n\x04tags\x18\x04 \x03(\x0b\x32\'.raresignal.v1.OpenRunRequest.TagsEntry\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x1f\n\x17report_interval_seconds\x18\x06 \x01(\x01\x12\x15\n\ragent_version\x18\x07 \x01(\t\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc7\x01\n\x0fOpenRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12#\n\x03run\x18\x02 \x01(\x0b\x32\x16.raresignal.v1.RunInfo\x12I\n\x0elast_sequences\x18\x03 \x03(\x0b\x32\x31.raresignal.v1.OpenRunResponse.LastSequencesEntry\x1a\x34\n\x12LastSequencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"j\n\x0bReportBatch\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12&\n\x07samples\x18\x04 \x03(\x0b\x32\x15.raresignal.v1.Sample\"\xb9\x01\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .raresignal.v1.ReportAck.Outcome\x12\x17\n\x0fsamples_applied\x18\x03 \x01(\x05\"N\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_APPLIED\x10\x01\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x02\"V\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x11\n\twall_time\x18\x04 \x01(\x01\"\x13\n\x11HeartbeatResponse\"I\n\x0f\x43loseRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.raresignal.v1.RunState\"7\n\x10\x43loseRunResponse\x12#\n\x03run\x18\x01 \x01(\x0b\x32\x16.raresignal.v1.RunInfo2\xb3\x02\n\x06Ingest\x12H\n\x07OpenRun\x12\x1d.raresignal.v1.OpenRunRequest\x1a\x1e.raresignal.v1.OpenRunResponse\x12\x42\n\x06Report\x12\x1a.raresignal.v1.ReportBatch\x1a\x18.raresignal.v1.ReportAck(\x01\x30\x01\x12K\n\x08\x43loseRun\x12\x1e.raresignal.v1.CloseRunRequest\x1a\x1f.raresignal.v1.CloseRunResponse\x12N\n\tHeartbeat\x12\x1f.raresignal.v1.HeartbeatRequest\x1a .raresignal.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,10 +54,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTACK']._serialized_end=911
   _globals['_REPORTACK_OUTCOME']._serialized_start=833
   _globals['_REPORTACK_OUTCOME']._serialized_end=911
-  _globals['_CLOSERUNREQUEST']._serialized_start=913
-  _globals['_CLOSERUNREQUEST']._serialized_end=986
-  _globals['_CLOSERUNRESPONSE']._serialized_start=988
-  _globals['_CLOSERUNRESPONSE']._serialized_end=1043
-  _globals['_INGEST']._serialized_start=1046
-  _globals['_INGEST']._serialized_end=1273
+  _globals['_HEARTBEATREQUEST']._serialized_start=913
+  _globals['_HEARTBEATREQUEST']._serialized_end=999
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1001
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1020
+  _globals['_CLOSERUNREQUEST']._serialized_start=1022
+  _globals['_CLOSERUNREQUEST']._serialized_end=1095
+  _globals['_CLOSERUNRESPONSE']._serialized_start=1097
+  _globals['_CLOSERUNRESPONSE']._serialized_end=1152
+  _globals['_INGEST']._serialized_start=1155
+  _globals['_INGEST']._serialized_end=1462
 # @@protoc_insertion_point(module_scope)

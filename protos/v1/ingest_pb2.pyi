@@ -87,6 +87,22 @@ class ReportAck(_message.Message):
     samples_applied: int
     def __init__(self, sequence: _Optional[int] = ..., outcome: _Optional[_Union[ReportAck.Outcome, str]] = ..., samples_applied: _Optional[int] = ...) -> None: ...
 
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("run_id", "sender_id", "step", "wall_time")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    sender_id: str
+    step: int
+    wall_time: float
+    def __init__(self, run_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class CloseRunRequest(_message.Message):
     __slots__ = ("run_id", "state")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

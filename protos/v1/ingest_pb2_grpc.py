@@ -55,6 +55,11 @@ class IngestStub:
                 request_serializer=raresignal_dot_v1_dot_ingest__pb2.CloseRunRequest.SerializeToString,
                 response_deserializer=raresignal_dot_v1_dot_ingest__pb2.CloseRunResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/raresignal.v1.Ingest/Heartbeat',
+                request_serializer=raresignal_dot_v1_dot_ingest__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=raresignal_dot_v1_dot_ingest__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
@@ -97,6 +102,16 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Says the sender's process is alive, and at which step, when it has sent nothing for
+        a while (a validation pass, a checkpoint, a hung loop). It carries no measurements:
+        nothing is stored, and it tells RunStalled "alive but not stepping" from "nothing
+        heard". NOT_FOUND for an unknown run, FAILED_PRECONDITION for a closed one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +129,11 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.CloseRun,
                     request_deserializer=raresignal_dot_v1_dot_ingest__pb2.CloseRunRequest.FromString,
                     response_serializer=raresignal_dot_v1_dot_ingest__pb2.CloseRunResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=raresignal_dot_v1_dot_ingest__pb2.HeartbeatRequest.FromString,
+                    response_serializer=raresignal_dot_v1_dot_ingest__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,6 +223,33 @@ class Ingest:
             '/raresignal.v1.Ingest/CloseRun',
             raresignal_dot_v1_dot_ingest__pb2.CloseRunRequest.SerializeToString,
             raresignal_dot_v1_dot_ingest__pb2.CloseRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raresignal.v1.Ingest/Heartbeat',
+            raresignal_dot_v1_dot_ingest__pb2.HeartbeatRequest.SerializeToString,
+            raresignal_dot_v1_dot_ingest__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,10 +1,11 @@
 """The alert engine: samples and time in, alert state transitions out.
 
 It is pure and synchronous (no I/O, no clock of its own), so every behaviour — baseline
-learning, ``for``, hysteresis, the hold after a resolve, deduplication, the stall clock —
-is unit-testable by feeding values and timestamps. The server stores what
-:meth:`AlertEngine.take_writes` returns in the same transaction as the samples that caused
-it, and restores the engine from storage on restart.
+learning, ``for``, hysteresis, the hold after a resolve, deduplication, the stall clock
+(fed by reports and heartbeats) — is unit-testable by feeding values and timestamps. The
+server stores what :meth:`AlertEngine.take_writes` returns in the same transaction as the
+samples that caused it, and restores the engine from storage on restart (all but the stall
+clock's learned pace, which the next steps teach it again).
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from raresignal.protos.catalog import CATALOG
 from raresignal.protos.v1 import common_pb2
-from raresignal.server.alerting.rules import BaselineSpec, Condition, Relative, Rule, boundary
+from raresignal.server.alerting.rules import (
+    STALL_REASONS,
+    BaselineSpec,
+    Condition,
+    Relative,
+    Rule,
+    boundary,
+)
 from raresignal.server.storage.records import (
     AlertChange,
     AlertRecord,
@@ -100,11 +109,26 @@ class SeriesState:
 
 @dataclass
 class RunClock:
+    """What the stall rule knows of a run: when it was last heard, and its pace."""
+
     run_name: str
-    report_interval_seconds: float
-    last_report_at: float
+    report_interval_seconds: float  # 0: the run has no wall clock (a replay); never stalls
+    last_report_at: float  # the last report or heartbeat
     last_step: int = 0
     finished: bool = False
+    step_advanced_at: float = 0.0
+    # Seconds between the recent step advances the server saw (not stored: relearned).
+    gaps: deque[float] = field(default_factory=deque)
+
+    def heard(self, step: int, now: float, history: int) -> None:
+        """A report or heartbeat at ``now`` says the run is at ``step``."""
+        self.last_report_at = max(self.last_report_at, now)
+        if step > self.last_step:
+            self.gaps.append(max(0.0, now - self.step_advanced_at))
+            while len(self.gaps) > history:
+                self.gaps.popleft()
+            self.last_step = step
+            self.step_advanced_at = now
 
 
 def _alert_id(run_id: str, rule: str, labels_key: str, episode: int) -> str:
@@ -143,6 +167,8 @@ class AlertEngine:
                     (rule, role == _FIRE, f"{rule.alert}/{role}/{metric}/",
                      condition.relative_to is not Relative.ABSOLUTE))
         self._stall_rules = [rule for rule in self.rules if rule.is_stall]
+        self._gap_history = max((r.stall.history for r in self._stall_rules if r.stall),
+                                default=1)
         self._runs: dict[str, RunClock] = {}
         self._states: dict[str, dict[str, SeriesState]] = {}
         self._active: dict[str, AlertRecord] = {}
@@ -158,8 +184,9 @@ class AlertEngine:
     def track_run(self, run_id: str, run_name: str, report_interval_seconds: float,
                   last_report_at: float, last_step: int = 0, finished: bool = False) -> None:
         """Registers a run (opened, resumed, or loaded on restart)."""
+        # The pace is relearned from here: until then only silence counts as a stall.
         self._runs[run_id] = RunClock(run_name, report_interval_seconds, last_report_at,
-                                      last_step, finished)
+                                      last_step, finished, step_advanced_at=last_report_at)
         self._states.setdefault(run_id, {})
 
     def close_run(self, run_id: str, now: float) -> list[AlertChange]:
@@ -178,14 +205,14 @@ class AlertEngine:
 
     # -- evaluation ------------------------------------------------------------------
 
-    def observe(self, run_id: str, samples: Iterable[CheckedSample],
+    def observe(self, run_id: str, samples: Sequence[CheckedSample],
                 now: float) -> list[AlertChange]:
         """Evaluates every rule on each new step of each series in ``samples``."""
         clock = self._runs[run_id]
-        clock.last_report_at = now
         changes: list[AlertChange] = []
-        for rule in self._stall_rules:
-            self._resolve_stall(run_id, rule, now, changes)
+        newest = max((s.step for s in samples), default=clock.last_step)
+        clock.heard(newest, now, self._gap_history)
+        self._evaluate_stall(run_id, clock, now, changes)
         relevant = [s for s in samples if s.metric in self._by_metric]
         if not relevant:
             return changes
@@ -227,19 +254,21 @@ class AlertEngine:
         clock.last_step = last_step
         return changes
 
+    def heartbeat(self, run_id: str, step: int, now: float) -> list[AlertChange]:
+        """The run's process is alive at ``step``: heard, though perhaps not advancing."""
+        clock = self._runs[run_id]
+        changes: list[AlertChange] = []
+        if clock.finished:
+            return changes
+        clock.heard(step, now, self._gap_history)
+        self._evaluate_stall(run_id, clock, now, changes)
+        return changes
+
     def tick(self, now: float) -> list[AlertChange]:
-        """The clock rule: a run that sent nothing for too long is stalled."""
+        """The clock rule: a run whose step froze, or that went silent, for too long."""
         changes: list[AlertChange] = []
         for run_id, clock in self._runs.items():
-            if clock.finished or clock.report_interval_seconds <= 0:
-                continue
-            silent = now - clock.last_report_at
-            for rule in self._stall_rules:
-                limit = rule.stalled_for_intervals * clock.report_interval_seconds
-                if silent > limit:
-                    self._fire_stall(run_id, clock, rule, silent, limit, now, changes)
-                else:
-                    self._resolve_stall(run_id, rule, now, changes)
+            self._evaluate_stall(run_id, clock, now, changes)
         return changes
 
     def _boundaries(self, rule: Rule, state: SeriesState) -> tuple[float, float] | None:
@@ -356,17 +385,39 @@ class AlertEngine:
 
     # -- the stall rule ----------------------------------------------------------------
 
-    def _fire_stall(self, run_id: str, clock: RunClock, rule: Rule, silent: float,
-                    limit: float, now: float, changes: list[AlertChange]) -> None:
+    def _evaluate_stall(self, run_id: str, clock: RunClock, now: float,
+                        changes: list[AlertChange]) -> None:
+        """Fires or resolves each stall rule for one run at ``now``."""
+        if clock.finished or clock.report_interval_seconds <= 0:
+            return
+        silent = now - clock.last_report_at
+        frozen = now - clock.step_advanced_at
+        for rule in self._stall_rules:
+            spec = rule.stall
+            assert spec is not None
+            gaps = list(clock.gaps)[-spec.history:]
+            window = spec.window(gaps)
+            if silent > window:
+                self._fire_stall(run_id, clock, rule, STALL_REASONS[1], silent, window, now,
+                                 changes)
+            elif len(gaps) >= spec.learn_after and frozen > window:
+                self._fire_stall(run_id, clock, rule, STALL_REASONS[0], frozen, window, now,
+                                 changes)
+            else:
+                self._resolve_stall(run_id, rule, now, changes)
+
+    def _fire_stall(self, run_id: str, clock: RunClock, rule: Rule, reason: str,
+                    value: float, window: float, now: float,
+                    changes: list[AlertChange]) -> None:
         key = f"{rule.alert}/{_STALL}"
         state = self._states[run_id].setdefault(key, SeriesState())
         alert = self._active.get(state.alert_id) if state.alert_id else None
         if alert is not None:
-            alert.value = silent
+            alert.value = value
             return
         state.episodes += 1
-        alert = self._new_alert(run_id, rule, {}, "{}", state.episodes, silent, limit,
-                                clock.last_step, now)
+        alert = self._new_alert(run_id, rule, {}, "{}", state.episodes, value, window,
+                                clock.last_step, now, reason=reason)
         state.alert_id = alert.alert_id
         self._active[alert.alert_id] = alert
         self._dirty_states.add((run_id, key))
@@ -388,20 +439,20 @@ class AlertEngine:
 
     def _new_alert(self, run_id: str, rule: Rule, labels: dict[str, str], labels_key: str,
                    episode: int, value: float, threshold: float, step: int,
-                   now: float) -> AlertRecord:
+                   now: float, reason: str = "") -> AlertRecord:
         alert = AlertRecord(
             alert_id=_alert_id(run_id, rule.alert, labels_key, episode), run_id=run_id,
             run_name=self._runs[run_id].run_name, rule=rule.alert, labels=dict(labels),
             state=UNSPECIFIED, severity=rule.severity, summary="", value=value,
             threshold=threshold, step=step, started_at=now)
-        self._update_value(alert, rule, labels, value, threshold, step)
+        self._update_value(alert, rule, labels, value, threshold, step, reason)
         return alert
 
     def _update_value(self, alert: AlertRecord, rule: Rule, labels: dict[str, str],
-                      value: float, threshold: float, step: int) -> None:
+                      value: float, threshold: float, step: int, reason: str = "") -> None:
         alert.value, alert.threshold, alert.step = value, threshold, step
         if rule.condition is None:
-            fields: dict[str, Any] = {"intervals": rule.stalled_for_intervals}
+            fields: dict[str, Any] = {"reason": reason}
         else:
             fields = {key: labels.get(key, "") for key in CATALOG[rule.condition.metric].labels}
         alert.summary = rule.summary.format(

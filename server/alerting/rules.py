@@ -36,16 +36,28 @@ Format::
         ignore_labels:             # optional: series with any of these label values are
           probe: [common]          # not evaluated (here: the common reference probe)
       - alert: RunStalled
-        stalled_for_intervals: 5   # no report for this many of the run's report intervals
+        stall:                     # makes this the stall rule; every key is optional
+          step_time_factor: 20     # stalled: the step is frozen, or nothing is heard, for
+          step_time_quantile: 0.95 # longer than factor x this quantile of the run's recent
+          floor_seconds: 300       # times between step advances, and at least the floor
+          history: 64              # step advances the quantile is taken over
+          learn_after: 8           # advances seen before a frozen step counts (until
+                                   # then only silence does)
         severity: warning
-        summary: "Run {run} is silent: {intervals:g} report intervals"
+        summary: "Run {run}: {reason} for {value:.0f} s"
+
+The stall rule reads the run's clock, not a metric: the agent's reports and heartbeats
+(which its sender thread sends while the process lives) tell the server that the run is
+heard and at which step. Learning the window from the run's own pace keeps validation
+passes, checkpoints and the monitor's own work quiet while a hung loop (heard, step
+frozen) or a dead process (nothing heard) still fires; a run's next step resolves it.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
@@ -87,6 +99,31 @@ class BaselineSpec:
 
 
 @dataclass(frozen=True)
+class StallSpec:
+    """When a run counts as stalled: its step frozen, or nothing heard from it, for longer
+    than :meth:`window` seconds. The times between the step advances the server sees are
+    a step time, or the report interval when steps are faster."""
+
+    step_time_factor: float = 20.0
+    step_time_quantile: float = 0.95
+    # The least window, whatever the pace: validation passes and checkpoints of a fast run
+    # last minutes while its steps take a fraction of a second.
+    floor_seconds: float = 300.0
+    history: int = 64
+    # Until this many advances are seen (a new run, or after a server restart) the pace is
+    # unknown, and only silence counts: a run's first step may compile for minutes.
+    learn_after: int = 8
+
+    def window(self, gaps: Sequence[float]) -> float:
+        """Seconds of frozen step or silence that count as a stall, given recent gaps."""
+        if not gaps:
+            return self.floor_seconds
+        ordered = sorted(gaps)
+        pace = ordered[min(len(ordered) - 1, int(self.step_time_quantile * len(ordered)))]
+        return max(self.floor_seconds, self.step_time_factor * pace)
+
+
+@dataclass(frozen=True)
 class Condition:
     metric: str
     op: str
@@ -112,7 +149,7 @@ class Rule:
     for_evaluations: int = 1
     baseline: BaselineSpec = BaselineSpec()
     while_condition: Condition | None = None
-    stalled_for_intervals: float = 0.0
+    stall: StallSpec | None = None  # set for the stall rule only
     # EWMA weight of the newest value in the value compared with the threshold (1: raw).
     # The baseline is learned with its own smoothing, from the raw values.
     smoothing: float = 1.0
@@ -148,9 +185,13 @@ def boundary(condition: Condition, threshold: float, median: float | None,
 
 
 _RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
-              "hold", "severity", "summary", "while", "baseline", "stalled_for_intervals",
-              "smoothing", "ignore_labels"}
-_STALL_KEYS = {"alert", "stalled_for_intervals", "severity", "summary"}
+              "hold", "severity", "summary", "while", "baseline", "smoothing",
+              "ignore_labels"}
+_STALL_RULE_KEYS = {"alert", "stall", "severity", "summary"}
+_STALL_KEYS = {"step_time_factor", "step_time_quantile", "floor_seconds", "history",
+               "learn_after"}
+# What a stall rule's summary may say as {reason}.
+STALL_REASONS = ("its step stopped advancing", "nothing was heard from it")
 _CONDITION_KEYS = {"metric", "op", "threshold", "relative_to"}
 _BASELINE_KEYS = {"warmup", "window", "smoothing", "mad_floor_fraction"}
 
@@ -229,6 +270,34 @@ def _baseline(where: _Where, entry: Any, base: BaselineSpec) -> BaselineSpec:
     )
 
 
+def _stall(where: _Where, entry: Any) -> StallSpec:
+    if entry is None:
+        return StallSpec()
+    if not isinstance(entry, Mapping):
+        raise where.error("stall must be a mapping")
+    _unknown_keys(where, entry, _STALL_KEYS, "stall")
+    base = StallSpec()
+    factor = _number(where, "stall.step_time_factor",
+                     entry.get("step_time_factor", base.step_time_factor))
+    quantile = _number(where, "stall.step_time_quantile",
+                       entry.get("step_time_quantile", base.step_time_quantile))
+    floor = _number(where, "stall.floor_seconds", entry.get("floor_seconds", base.floor_seconds))
+    if factor < 1:
+        raise where.error(f"stall.step_time_factor must be >= 1, got {factor:g}")
+    if not 0 < quantile <= 1:
+        raise where.error(f"stall.step_time_quantile must be in (0, 1], got {quantile:g}")
+    if floor <= 0:
+        raise where.error(f"stall.floor_seconds must be > 0, got {floor:g}")
+    history = _integer(where, "stall.history", entry.get("history", base.history), 1)
+    learn_after = _integer(where, "stall.learn_after",
+                           entry.get("learn_after", base.learn_after), 1)
+    if learn_after > history:
+        raise where.error(f"stall.learn_after ({learn_after}) must be at most stall.history "
+                          f"({history})")
+    return StallSpec(step_time_factor=factor, step_time_quantile=quantile,
+                     floor_seconds=floor, history=history, learn_after=learn_after)
+
+
 def _ignore_labels(where: _Where, entry: Any, metric: str
                    ) -> tuple[tuple[str, frozenset[str]], ...]:
     """``{label: value or [values]}``, on labels the rule's metric has."""
@@ -274,7 +343,7 @@ def _check_summary(where: _Where, summary: str, metric: str | None) -> None:
     fields: dict[str, Any] = {"run": "r", "run_id": "id", "value": 1.0, "threshold": 1.0,
                               "step": 1, "alert": "a"}
     if metric is None:
-        fields["intervals"] = 1.0  # a stall rule's summary may name its factor
+        fields["reason"] = STALL_REASONS[0]
     else:
         fields.update({key: "x" for key in CATALOG[metric].labels})
     try:
@@ -296,14 +365,17 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
     if severity not in SEVERITIES:
         raise where.error(f"unknown severity {severity!r} (use one of {', '.join(SEVERITIES)})")
     if "stalled_for_intervals" in entry:
-        _unknown_keys(where, entry, _STALL_KEYS, "stall rule")
-        factor = _number(where, "stalled_for_intervals", entry["stalled_for_intervals"])
-        if factor <= 0:
-            raise where.error("stalled_for_intervals must be > 0")
-        summary = entry.get("summary", "Run {run} sent no report for {value:.0f} s")
+        raise where.error("a stall rule's window follows the run's step times: write "
+                          f"`stall:` with any of {', '.join(sorted(_STALL_KEYS))} instead of "
+                          "stalled_for_intervals")
+    if "stall" in entry:
+        _unknown_keys(where, entry, _STALL_RULE_KEYS, "stall rule")
+        summary = entry.get("summary", "Run {run}: {reason} for {value:.0f} s")
+        if not isinstance(summary, str):
+            raise where.error("summary must be text")
         _check_summary(where, summary, None)
         return Rule(alert=name, severity=severity, summary=summary,
-                    stalled_for_intervals=factor)
+                    stall=_stall(where, entry["stall"]))
     _unknown_keys(where, entry, _RULE_KEYS, "rule")
     condition = _condition(where, {k: entry[k] for k in _CONDITION_KEYS if k in entry}, "rule")
     resolve = _number(where, "resolve_threshold",

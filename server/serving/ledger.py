@@ -29,6 +29,7 @@ from raresignal.server.serving.validation import (
     RequestError,
     check_batch_envelope,
     check_close_state,
+    check_name,
     check_open_run,
     check_run_id,
     check_samples,
@@ -96,17 +97,21 @@ class Ledger:
         self.live = live
         self._clock = clock
         self._runs: dict[str, RunRecord] = {}
+        # While this server was down nobody listened: a run's silence counts from now, so a
+        # restart does not raise RunStalled for every run before its next heartbeat.
+        started = clock()
         for run in storage.list_runs(include_finished=True):
-            self._track(run)
+            self._track(run, heard_at=max(run.updated_at, started))
         engine.restore(storage.rule_states(),
                        storage.alerts(states=(PENDING, FIRING), limit=1 << 62))
         live.load_values(storage.latest_values())
         live.load_firing(engine.active_alerts())
 
-    def _track(self, run: RunRecord) -> None:
+    def _track(self, run: RunRecord, heard_at: float | None = None) -> None:
         self._runs[run.run_id] = run
         self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
-                              run.updated_at, run.last_step, finished=bool(run.finished_at))
+                              run.updated_at if heard_at is None else heard_at, run.last_step,
+                              finished=bool(run.finished_at))
         self.live.set_run(run)
 
     # -- ingest ------------------------------------------------------------------------
@@ -271,15 +276,38 @@ class Ledger:
                  common_pb2.RunState.Name(final_state))
         return closed, changes
 
+    def heartbeat(self, request: ingest_pb2.HeartbeatRequest,
+                  principal: Principal) -> list[AlertChange]:
+        """A sender's process is alive at a step: feeds the stall clock, stores nothing but
+        the alert changes it causes."""
+        check_run_id("run_id", request.run_id)
+        check_name("sender_id", request.sender_id)
+        if request.step < 0:
+            raise invalid("step must be >= 0")
+        run = self._runs.get(request.run_id)
+        if run is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"run_id {request.run_id!r} is not a known run; call OpenRun")
+        principal.authorize(run.run_name)
+        if run.finished_at:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"run_id {run.run_id!r} ({run.run_name}) is closed")
+        changes = self.engine.heartbeat(run.run_id, request.step, self._clock())
+        self._store_clock_changes(changes)
+        return changes
+
     def tick(self) -> list[AlertChange]:
         """Runs the clock rules (RunStalled) and stores what they changed."""
         changes = self.engine.tick(self._clock())
+        self._store_clock_changes(changes)
+        return changes
+
+    def _store_clock_changes(self, changes: list[AlertChange]) -> None:
         if changes:
             writes = self.engine.take_writes()
             for run_id in {c.alert.run_id for c in changes}:
                 self.storage.update_run(self._runs[run_id], _only_run(writes, run_id))
             self.live.apply_changes(changes)
-        return changes
 
     # -- reads -----------------------------------------------------------------------
 

@@ -220,6 +220,16 @@ class IngestService(ingest_pb2_grpc.IngestServicer):
             yield ingest_pb2.ReportAck(sequence=batch.sequence, outcome=result,
                                        samples_applied=outcome.samples_applied)
 
+    async def Heartbeat(self, request: ingest_pb2.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> ingest_pb2.HeartbeatResponse:
+        try:
+            principal = self._b.principal(context)
+            changes = await self._b.call(self._b.ledger.heartbeat, request, principal)
+        except RequestError as error:
+            await _abort(context, error)
+        self._b.publish(changes)
+        return ingest_pb2.HeartbeatResponse()
+
     async def CloseRun(self, request: ingest_pb2.CloseRunRequest,
                        context: grpc.aio.ServicerContext) -> ingest_pb2.CloseRunResponse:
         try:

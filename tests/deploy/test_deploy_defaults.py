@@ -67,17 +67,20 @@ def test_the_image_listens_on_every_interface_at_the_default_ports() -> None:
     assert f"RARESIGNAL_HEALTH_PORT={DEFAULTS.health_port}" in "\n".join(lines)
 
 
-def test_the_runbooks_state_the_stall_factor_of_the_default_rules() -> None:
+def test_the_runbooks_state_the_stall_window_of_the_default_rules() -> None:
     (stalled,) = [rule for rule in load_rules() if rule.alert == "RunStalled"]
+    assert stalled.stall is not None
     mirror = next(rule for group in yaml.safe_load(RULES_FILE.read_text())["groups"]
                   for rule in group["rules"] if rule["alert"] == "RunStalled")
     readme = (CHART_DIR.parent / "README.md").read_text()
     runbook = readme.split("### RunStalled", 1)[1].split("\n### ", 1)[0]
-    pattern = re.compile(r"(\d+(?:\.\d+)?) of (?:its|the run's) reporting intervals")
+    pattern = re.compile(r"(\d+(?:\.\d+)?) times\s+its\s+usual\s+time\s+between\s+steps"
+                         r"\s+\(at\s+least\s+(\d+(?:\.\d+)?)\s+s\)")
     for text in (mirror["annotations"]["description"], runbook):
         stated = pattern.findall(text)
         assert stated, text
-        assert {float(factor) for factor in stated} == {stalled.stalled_for_intervals}
+        assert {(float(factor), float(floor)) for factor, floor in stated} == {
+            (stalled.stall.step_time_factor, stalled.stall.floor_seconds)}
 
 
 def test_the_overhead_runbook_states_the_agents_target() -> None:

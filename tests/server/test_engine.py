@@ -199,24 +199,123 @@ def test_while_metric_is_read_fresh_when_both_arrive_at_one_step() -> None:
     assert states(engine.observe("r1", both, now=3.0)) == [(UNSPECIFIED, FIRING)]
 
 
+# A floor well under the learned window, so the tests below exercise the learned part.
 STALL = """
 rules:
   - alert: RunStalled
-    stalled_for_intervals: 5
+    stall: {step_time_factor: 20, step_time_quantile: 0.95, floor_seconds: 30, history: 64,
+            learn_after: 8}
 """
+STEP_SECONDS = 5.0  # learned window: 20 x 5 s = 100 s
+HEARTBEAT_SECONDS = 10.0
+FROZEN = "its step stopped advancing"
+SILENT = "nothing was heard from it"
 
 
-def test_run_stalled_follows_an_injected_clock() -> None:
-    engine = engine_for(STALL, interval=2.0)  # last report at t=0; limit 10 s
-    assert engine.tick(now=10.0) == []
-    changes = engine.tick(now=10.5)
-    assert states(changes) == [(UNSPECIFIED, FIRING)]
-    assert changes[0].alert.threshold == 10.0 and changes[0].alert.value == 10.5
-    assert engine.tick(now=30.0) == []  # still the same episode
-    changes = engine.observe("r1", [s("loss", 1, 1.0)], now=31.0)
-    assert states(changes) == [(FIRING, RESOLVED)]
-    assert engine.tick(now=40.0) == []  # 9 s since the last report
-    assert len(engine.tick(now=41.5)) == 1  # a new episode
+class FakeRun:
+    """A training run as the engine sees it: reports as steps advance, heartbeats while
+    they do not, and the server's clock ticking every second."""
+
+    def __init__(self, engine: AlertEngine) -> None:
+        self.engine, self.now, self.step = engine, 0.0, 0
+        self.changes: list[AlertChange] = []
+
+    def train(self, steps: int, seconds_per_step: float = STEP_SECONDS) -> None:
+        for _ in range(steps):
+            self.wait(seconds_per_step, heartbeats=True)
+            self.step += 1
+            self.changes += self.engine.observe("r1", [s("step", self.step, self.step)],
+                                                now=self.now)
+
+    def wait(self, seconds: float, heartbeats: bool) -> None:
+        """The step stays put for ``seconds``; the process heartbeats if it lives."""
+        silent_since = self.now
+        for _ in range(int(seconds)):
+            self.now += 1.0
+            if heartbeats and self.now - silent_since >= HEARTBEAT_SECONDS:
+                silent_since = self.now
+                self.changes += self.engine.heartbeat("r1", self.step, now=self.now)
+            self.changes += self.engine.tick(now=self.now)
+
+    def take(self) -> list[AlertChange]:
+        changes, self.changes = self.changes, []
+        return changes
+
+
+def stalled_run(interval: float = 1.0) -> FakeRun:
+    run = FakeRun(engine_for(STALL, interval=interval))
+    run.train(20)
+    assert run.take() == []
+    return run
+
+
+def test_a_validation_pause_of_ten_step_times_does_not_stall() -> None:
+    run = stalled_run()
+    run.wait(10 * STEP_SECONDS, heartbeats=True)  # past the floor, inside the learned window
+    run.train(5)
+    run.wait(10 * STEP_SECONDS, heartbeats=True)
+    assert run.take() == []
+
+
+def test_a_hung_loop_fires_although_heartbeats_arrive_and_resolves_on_the_next_step(
+) -> None:
+    run = stalled_run()
+    run.wait(20 * STEP_SECONDS, heartbeats=True)  # exactly the window: not beyond it
+    assert run.take() == []
+    run.wait(1, heartbeats=True)
+    (fired,) = run.take()
+    assert states([fired]) == [(UNSPECIFIED, FIRING)]
+    assert fired.alert.threshold == 20 * STEP_SECONDS and fired.alert.step == 20
+    assert FROZEN in fired.alert.summary
+    run.wait(300, heartbeats=True)
+    assert run.take() == []  # the same episode
+    run.train(1)
+    assert states(run.take()) == [(FIRING, RESOLVED)]
+
+
+def test_a_dead_process_fires_when_nothing_is_heard_for_the_window() -> None:
+    run = stalled_run()
+    run.wait(20 * STEP_SECONDS, heartbeats=False)
+    assert run.take() == []
+    run.wait(1, heartbeats=False)
+    (fired,) = run.take()
+    assert states([fired]) == [(UNSPECIFIED, FIRING)]
+    assert SILENT in fired.alert.summary and fired.alert.value == 20 * STEP_SECONDS + 1
+    run.train(1)  # a restarted process resumes the run
+    assert states(run.take()) == [(FIRING, RESOLVED)]
+
+
+def test_the_window_follows_the_runs_own_pace() -> None:
+    run = FakeRun(engine_for(STALL, interval=1.0))
+    run.train(20, seconds_per_step=1.0)  # fast steps: the floor, 30 s, is the window
+    run.wait(30, heartbeats=True)
+    assert run.take() == []
+    run.wait(1, heartbeats=True)
+    assert states(run.take()) == [(UNSPECIFIED, FIRING)]
+
+
+def test_a_frozen_step_counts_only_once_the_pace_is_learned() -> None:
+    run = FakeRun(engine_for(STALL, interval=1.0))
+    run.train(7)  # one advance short of learn_after
+    run.wait(1000, heartbeats=True)  # e.g. a first step that compiles for minutes
+    assert run.take() == []
+    run.wait(20 * STEP_SECONDS + 1, heartbeats=False)  # silence counts from the start
+    fired = run.take()
+    assert states(fired) == [(UNSPECIFIED, FIRING)] and SILENT in fired[0].alert.summary
+
+
+def test_a_run_without_a_wall_clock_never_stalls() -> None:
+    run = FakeRun(engine_for(STALL, interval=0.0))  # a replay: report interval 0
+    run.train(20)
+    run.wait(1000, heartbeats=False)
+    assert run.take() == []
+
+
+def test_heartbeats_for_a_closed_run_change_nothing() -> None:
+    run = stalled_run()
+    run.engine.close_run("r1", now=run.now)
+    run.wait(1000, heartbeats=True)
+    assert run.take() == []
 
 
 def test_closing_a_run_resolves_its_alerts_and_stops_the_clock() -> None:

@@ -11,6 +11,7 @@ from raresignal.server.alerting.rules import (
     Relative,
     Rule,
     RulesError,
+    StallSpec,
     default_rules_text,
     load_rules,
     parse_rules,
@@ -43,7 +44,8 @@ def test_default_rules_are_the_shipped_set() -> None:
     absorbed = rules["RareSignalAbsorbed"]
     assert absorbed.while_condition is not None
     assert absorbed.while_condition.metric == "probe_loss"
-    assert rules["RunStalled"].stalled_for_intervals == 5
+    assert rules["RunStalled"].stall == StallSpec(step_time_factor=20, step_time_quantile=0.95,
+                                                  floor_seconds=300, history=64, learn_after=8)
     # The rare-signal rules watch the rare probes, not the common reference probe.
     for name in ("RareSignalAbsorbed", "RareSignalRetentionLoss", "RareSignalInterference"):
         assert rules[name].ignores({"probe": "common"}), name
@@ -80,7 +82,13 @@ def rule(**fields: object) -> str:
     (rule(**{"for": 0}), "for must be an integer >= 1, got 0"),
     (rule(hold=-1), "hold must be an integer >= 0, got -1"),
     (rule(hold=2.5), "hold must be an integer >= 0, got 2.5"),
-    ("rules: [{alert: S, stalled_for_intervals: 5, hold: 3}]", "unknown stall rule key(s) 'hold'"),
+    ("rules: [{alert: S, stall: {}, hold: 3}]", "unknown stall rule key(s) 'hold'"),
+    ("rules: [{alert: S, stall: {floor: 3}}]", "unknown stall key(s) 'floor'"),
+    ("rules: [{alert: S, stall: {step_time_factor: 0.5}}]", "step_time_factor must be >= 1"),
+    ("rules: [{alert: S, stall: {step_time_quantile: 0}}]", "must be in (0, 1]"),
+    ("rules: [{alert: S, stall: {history: 4, learn_after: 5}}]",
+     "learn_after (5) must be at most stall.history (4)"),
+    ("rules: [{alert: S, stall: {}, summary: '{intervals}'}]", "cannot be formatted"),
     (rule(treshold=0.3), "unknown rule key(s) 'treshold'"),
     (rule(summary='"{probe} {colour}"'), "cannot be formatted"),
     (rule(baseline="{window: 0}"), "baseline.window must be an integer >= 1"),
@@ -92,8 +100,10 @@ def rule(**fields: object) -> str:
     (rule(ignore_labels="{group: [x]}"), "metric 'probe_retention' has no label 'group'"),
     (rule(ignore_labels="{probe: 3}"), "ignore_labels.probe must be a label value or a list"),
     (rule(ignore_labels="[common]"), "ignore_labels must be a mapping of label to value(s)"),
-    ("rules: [{alert: S, stalled_for_intervals: -1}]", "stalled_for_intervals must be > 0"),
-    ("rules: [{alert: S, stalled_for_intervals: 5, metric: loss}]", "unknown stall rule key"),
+    ("rules: [{alert: S, stall: {floor_seconds: -1}}]", "floor_seconds must be > 0"),
+    ("rules: [{alert: S, stall: {}, metric: loss}]", "unknown stall rule key"),
+    ("rules: [{alert: S, stalled_for_intervals: 5}]",
+     "write `stall:` with any of floor_seconds, history"),
     ("rules:\n  - alert: A\n    metric: loss\n    op: '<'\n    threshold: 1\n"
      "  - alert: A\n    metric: loss\n    op: '<'\n    threshold: 1\n", "defined twice"),
     ("alerts: []", "expected a mapping with a 'rules' list"),
