@@ -94,8 +94,7 @@ class DemoResult:
 
 def demo_monitor_config() -> MonitorConfig:
     """The monitor settings of the demo: :data:`DEMO_CADENCES`, each estimator held at its
-    cadence (no budget stretching), and the default report interval, from which the
-    server's RunStalled rule derives how long a silent run may stay quiet."""
+    cadence (no budget stretching), and otherwise the defaults."""
     estimators = EstimatorConfig(**DEMO_CADENCES,
                                  retention_warmup_step=DEMO_RETENTION_REFERENCE_STEP,
                                  probe_interference_horizon=DEMO_INTERFERENCE_HORIZON)
