@@ -20,7 +20,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from raresignal.server.storage.base import RetentionPolicy, SequenceConflict, Storage
+from raresignal.server.storage.base import (
+    AlertPosition,
+    RetentionPolicy,
+    SequenceConflict,
+    Storage,
+)
 from raresignal.server.storage.migrate import migrate
 from raresignal.server.storage.records import (
     AlertRecord,
@@ -336,15 +341,15 @@ class PostgresStorage(Storage):
                     "FROM series WHERE last_value IS NOT NULL")
             ]
 
-    def get_series(self, run_id: str, metric: str, labels_key: str,
-                   since_step: int) -> list[SeriesPoint]:
+    def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
+                   limit: int | None = None) -> list[SeriesPoint]:
         with self._pool.connection() as conn, conn.cursor() as cur:
             series_id = self._series_of(cur, run_id).get((metric, labels_key))
             if series_id is None:
                 return []
             cur.execute("SELECT step, value, wall_time FROM samples "
-                        "WHERE series_id = %s AND step >= %s ORDER BY step",
-                        (series_id, since_step))
+                        "WHERE series_id = %s AND step >= %s ORDER BY step LIMIT %s",
+                        (series_id, since_step, limit))
             return [SeriesPoint(*row) for row in cur.fetchall()]
 
     def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -353,18 +358,26 @@ class PostgresStorage(Storage):
                 "SELECT run_id, state_key, state FROM rule_states")]
 
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
-               limit: int = 1000) -> list[AlertRecord]:
+               limit: int = 1000, run_ids: Sequence[str] | None = None,
+               after: AlertPosition | None = None) -> list[AlertRecord]:
         clauses: list[str] = []
         params: list[Any] = []
         if run_id:
             clauses.append("run_id = %s")
             params.append(run_id)
+        if run_ids is not None:
+            clauses.append("run_id = ANY(%s)")
+            params.append(list(run_ids))
         if states:
             clauses.append("state = ANY(%s)")
             params.append(list(states))
         if rule:
             clauses.append("rule = %s")
             params.append(rule)
+        if after is not None:
+            # started_at <= %s alone bounds the index range; the rest breaks the tie.
+            clauses.append("started_at <= %s AND (started_at < %s OR alert_id > %s)")
+            params.extend((after[0], after[0], after[1]))
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(limit)
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
