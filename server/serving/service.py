@@ -273,7 +273,7 @@ class AlertsService(alerts_pb2_grpc.AlertsServicer):
             await _abort(context, error)
         messages, last = _page(alerts, page_size, alert_message)
         token = "" if last is None else encode_page_token(
-            query, (last.started_at, last.alert_id))
+            query, (float(last.started_at), last.alert_id))
         return alerts_pb2.ListAlertsResponse(alerts=messages, next_page_token=token)
 
     async def WatchAlerts(self, request: alerts_pb2.WatchAlertsRequest,
@@ -324,7 +324,8 @@ class RunsService(alerts_pb2_grpc.RunsServicer):
         except RequestError as error:
             await _abort(context, error)
         messages, last = _page(runs, page_size, run_info)
-        token = "" if last is None else encode_page_token(query, (last.created_at, last.run_id))
+        token = "" if last is None else encode_page_token(
+            query, (float(last.created_at), last.run_id))
         return alerts_pb2.ListRunsResponse(runs=messages, next_page_token=token)
 
     async def GetSeries(self, request: alerts_pb2.GetSeriesRequest,
@@ -350,7 +351,7 @@ class RunsService(alerts_pb2_grpc.RunsServicer):
                                      wall_time=point.wall_time)
 
         messages, last = _page(points, page_size, sample)
-        token = "" if last is None else encode_page_token(query, (last.step,))
+        token = "" if last is None else encode_page_token(query, (int(last.step),))
         return alerts_pb2.GetSeriesResponse(samples=messages, next_page_token=token)
 
 

@@ -92,6 +92,35 @@ _UPSERT_ALERT = (
     "resolved_at = excluded.resolved_at")
 
 
+def alerts_query(run_id: str, states: Sequence[int], rule: str, limit: int,
+                 run_ids: Sequence[str] | None, after: AlertPosition | None
+                 ) -> tuple[str, list[Any]]:
+    """The SQL (and its parameters) of :meth:`PostgresStorage.alerts`: the planner picks
+    ``alerts_by_run`` for a few runs and ``alerts_by_start`` for the whole order."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if run_id:
+        clauses.append("run_id = %s")
+        params.append(run_id)
+    if run_ids is not None:
+        clauses.append("run_id = ANY(%s)")
+        params.append(list(run_ids))
+    if states:
+        clauses.append("state = ANY(%s)")
+        params.append(list(states))
+    if rule:
+        clauses.append("rule = %s")
+        params.append(rule)
+    if after is not None:
+        # started_at <= %s alone bounds the index range; the rest breaks the tie.
+        clauses.append("started_at <= %s AND (started_at < %s OR alert_id > %s)")
+        params.extend((after[0], after[0], after[1]))
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    params.append(limit)
+    return (f"SELECT * FROM alerts{where} ORDER BY started_at DESC, alert_id LIMIT %s",
+            params)
+
+
 def _prepare_connection(conn: psycopg.Connection) -> None:
     """Gives each pooled connection its own staging table (emptied at every commit)."""
     conn.execute(_STAGING)
@@ -360,29 +389,9 @@ class PostgresStorage(Storage):
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
                limit: int = 1000, run_ids: Sequence[str] | None = None,
                after: AlertPosition | None = None) -> list[AlertRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if run_id:
-            clauses.append("run_id = %s")
-            params.append(run_id)
-        if run_ids is not None:
-            clauses.append("run_id = ANY(%s)")
-            params.append(list(run_ids))
-        if states:
-            clauses.append("state = ANY(%s)")
-            params.append(list(states))
-        if rule:
-            clauses.append("rule = %s")
-            params.append(rule)
-        if after is not None:
-            # started_at <= %s alone bounds the index range; the rest breaks the tie.
-            clauses.append("started_at <= %s AND (started_at < %s OR alert_id > %s)")
-            params.extend((after[0], after[0], after[1]))
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(limit)
+        query, params = alerts_query(run_id, states, rule, limit, run_ids, after)
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(f"SELECT * FROM alerts{where} "
-                        "ORDER BY started_at DESC, alert_id LIMIT %s", params)
+            cur.execute(query, params)
             return [alert_from_row(row) for row in cur.fetchall()]
 
     def close(self) -> None:

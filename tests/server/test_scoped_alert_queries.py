@@ -1,15 +1,18 @@
 """A token scoped to a few runs lists their alerts by index: another team's alert storm
 is never read, however large. Checked on what SQLite executes (its plan and the number
-of virtual-machine steps), on the ledger's storage call, and through a real server."""
+of virtual-machine steps) and PostgreSQL (the rows its plan read), on the ledger's
+storage call, and through a real server."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from postgres_cluster import Cluster
 from server_support import Client, config
 from stored_alerts import store_alerts
 
@@ -149,3 +152,39 @@ def test_a_scoped_token_pages_through_its_own_alerts(storm_db: tuple[Path, str],
         finally:
             team_a.close()
             admin.close()
+
+
+def _alert_rows_read(plan: dict[str, Any]) -> int:
+    """Rows the plan's nodes on the alerts table produced or filtered out, all loops."""
+    read = 0
+    if plan.get("Relation Name") == "alerts":
+        loops = plan.get("Actual Loops", 1)
+        read += (plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+                 + plan.get("Rows Removed by Index Recheck", 0)) * loops
+    return read + sum(_alert_rows_read(child) for child in plan.get("Plans", ()))
+
+
+def test_postgres_reads_only_the_callers_alerts(postgres_cluster: Cluster,
+                                                postgres_db: str) -> None:
+    import psycopg
+
+    from raresignal.server.storage.postgres import PostgresStorage, alerts_query
+
+    conninfo = postgres_cluster.admin_conninfo(postgres_db)
+    store = PostgresStorage(conninfo)
+    try:
+        own = store_alerts(store, "teamA-run", OWN_ALERTS, run_index=0)
+        for index in range(1, OTHER_RUNS + 1):
+            store_alerts(store, f"teamB-{index}", ALERTS_PER_OTHER_RUN, run_index=index)
+    finally:
+        store.close()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("ANALYZE alerts")
+        for run_ids, after, wanted, bound in (
+                ([own], None, 11, OWN_ALERTS),
+                (None, (1_700_000_010.123456, ""), 20, 20 + ALERTS_PER_OTHER_RUN)):
+            query, params = alerts_query("", (), "", wanted, run_ids, after)
+            row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query, params).fetchone()
+            assert row is not None
+            plan = row[0][0]["Plan"]
+            assert 0 < _alert_rows_read(plan) <= bound, plan
