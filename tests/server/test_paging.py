@@ -14,7 +14,7 @@ from server_support import Client, batch, config, sample
 from stored_alerts import stored_alerts
 
 from raresignal.protos.transport import MAX_MESSAGE_BYTES
-from raresignal.protos.v1 import alerts_pb2, ingest_pb2
+from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
 from raresignal.server.serving.app import ServerHandle, start_in_thread
 from raresignal.server.serving.validation import (
     MAX_ALERTS_PAGE_SIZE,
@@ -38,6 +38,13 @@ def pages(call: Callable[..., Any], request: Any,
         if not response.next_page_token:
             return
         request.page_token = response.next_page_token
+
+
+def _in_run_order(listed: Sequence[common_pb2.RunInfo], opened: Sequence[str]) -> bool:
+    """Whether ``listed`` holds each opened run once, oldest first (runs opened within one
+    clock tick share created_at, and their run ids order them)."""
+    keys = [(run.created_at, run.run_id) for run in listed]
+    return keys == sorted(keys) and sorted(k[1] for k in keys) == sorted(opened)
 
 
 @pytest.fixture
@@ -92,7 +99,7 @@ def test_runs_with_maximal_config_and_tags_come_in_pages_under_the_cap(
                                             world_size=1, config=maximal, tags=maximal)
         opened.append(client.ingest.OpenRun(request, timeout=30).run_id)
     responses = list(pages(client.runs.ListRuns, alerts_pb2.ListRunsRequest()))
-    assert [r.run_id for response in responses for r in response.runs] == opened
+    assert _in_run_order([r for response in responses for r in response.runs], opened)
     assert all(response.ByteSize() < MAX_MESSAGE_BYTES for response in responses)
     assert len(responses) == 3  # one maximal run alone is over half the cap
 
@@ -102,7 +109,7 @@ def test_runs_and_series_page_in_order(server: ServerHandle, client: Client) -> 
     request = alerts_pb2.ListRunsRequest(page_size=3)
     responses = list(pages(client.runs.ListRuns, request))
     assert [len(r.runs) for r in responses] == [3, 3, 1]
-    assert [run.run_id for r in responses for run in r.runs] == opened
+    assert _in_run_order([run for r in responses for run in r.runs], opened)
 
     client.report([batch(opened[0], 1, [sample("loss", step, 1.0) for step in range(250)])])
     series = alerts_pb2.GetSeriesRequest(run_id=opened[0], metric="loss", since_step=20,
@@ -117,8 +124,8 @@ def test_tokens_resume_only_the_request_they_came_from(server: ServerHandle,
     run_id = client.open_run("tokens").run_id
     client.open_run("tokens-2")
     client.report([batch(run_id, 1, [sample("loss", step, 1.0) for step in range(5)])])
-    runs_token = client.runs.ListRuns(alerts_pb2.ListRunsRequest(page_size=1),
-                                      timeout=10).next_page_token
+    first = client.runs.ListRuns(alerts_pb2.ListRunsRequest(page_size=1), timeout=10)
+    runs_token = first.next_page_token
     series = alerts_pb2.GetSeriesRequest(run_id=run_id, metric="loss", page_size=2)
     series_token = client.runs.GetSeries(series, timeout=10).next_page_token
     assert runs_token and series_token
@@ -141,5 +148,5 @@ def test_tokens_resume_only_the_request_they_came_from(server: ServerHandle,
         assert raised.value.code() == INVALID, request
     resumed = client.runs.ListRuns(alerts_pb2.ListRunsRequest(page_token=runs_token),
                                    timeout=10)
-    assert [r.run_name for r in resumed.runs] == ["tokens-2"]
+    assert sorted(r.run_name for r in [*first.runs, *resumed.runs]) == ["tokens", "tokens-2"]
     assert not resumed.next_page_token
