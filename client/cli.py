@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from raresignal.client.channels import auth_metadata, open_channel
+from raresignal.client.paging import follow_pages
 from raresignal.protos.transport import DEFAULT_GRPC_PORT, TlsConfig
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
 
@@ -110,6 +111,8 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
         epilog="examples:\n  raresignal runs\n  raresignal runs --all --server rs:50051",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     runs.add_argument("--all", action="store_true", help="include finished runs")
+    runs.add_argument("--limit", type=int, default=0,
+                      help="at most this many runs, finished ones included (0: every run)")
     _add_client_options(runs)
     runs.set_defaults(handler=run_runs)
 
@@ -124,7 +127,8 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     alerts.add_argument("--rule", default="", help="only this rule, e.g. RunStalled")
     alerts.add_argument("--state", action="append", default=[],
                         choices=("pending", "firing", "resolved"), help="only these states")
-    alerts.add_argument("--limit", type=int, default=100, help="at most this many (list)")
+    alerts.add_argument("--limit", type=int, default=100,
+                        help="at most this many, read page by page (list; 0: every alert)")
     alerts.add_argument("--all", action="store_true",
                         help="also list pending episodes that cleared without ever firing")
     _add_client_options(alerts)
@@ -196,18 +200,31 @@ def _state(enum: Any, value: int, prefix: str) -> str:
     return enum.Name(value).removeprefix(prefix).lower()
 
 
+def _check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ClientError(f"--limit must be 0 (no bound) or more, got {limit}")
+
+
 def run_runs(args: argparse.Namespace) -> int:
+    _check_limit(args.limit)
     with _channel(args) as channel:
-        response = alerts_pb2_grpc.RunsStub(channel).ListRuns(
-            alerts_pb2.ListRunsRequest(include_finished=True),
-            metadata=auth_metadata(args.token), timeout=30)
-    shown = [run for run in response.runs
-             if args.all or run.state == common_pb2.RUN_STATE_ACTIVE]
+        stub = alerts_pb2_grpc.RunsStub(channel)
+        metadata = auth_metadata(args.token)
+
+        def fetch(token: str, page_size: int) -> tuple[Sequence[common_pb2.RunInfo], str]:
+            response = stub.ListRuns(
+                alerts_pb2.ListRunsRequest(include_finished=True, page_size=page_size,
+                                           page_token=token),
+                metadata=metadata, timeout=30)
+            return response.runs, response.next_page_token
+
+        runs = list(follow_pages(fetch, args.limit))
+    shown = [run for run in runs if args.all or run.state == common_pb2.RUN_STATE_ACTIVE]
     rows = [(run.run_id, run.run_name, _state(common_pb2.RunState, run.state, "RUN_STATE_"),
              str(run.last_step), _time(run.updated_at), str(run.world_size))
             for run in shown]
     print(format_table(("RUN_ID", "NAME", "STATE", "STEP", "LAST REPORT", "WORLD"), rows))
-    hidden = len(response.runs) - len(shown)
+    hidden = len(runs) - len(shown)
     if hidden:
         print(f"({hidden} finished run{'s' if hidden > 1 else ''} not shown; --all lists "
               "them)")
@@ -250,16 +267,22 @@ def worth_listing(alerts: Sequence[common_pb2.Alert], include_unfired: bool
 
 
 def run_alerts(args: argparse.Namespace) -> int:
+    _check_limit(args.limit)
     states = [getattr(common_pb2, f"ALERT_STATE_{s.upper()}") for s in args.state]
     alert_filter = alerts_pb2.AlertFilter(run_id=args.run, rule=args.rule, states=states)
     metadata = auth_metadata(args.token)
     with _channel(args) as channel:
         stub = alerts_pb2_grpc.AlertsStub(channel)
         if not args.watch:
-            response = stub.ListAlerts(
-                alerts_pb2.ListAlertsRequest(filter=alert_filter, limit=args.limit),
-                metadata=metadata, timeout=30)
-            shown = worth_listing(response.alerts, include_unfired=args.all)
+            def fetch(token: str, page_size: int) -> tuple[Sequence[common_pb2.Alert], str]:
+                response = stub.ListAlerts(
+                    alerts_pb2.ListAlertsRequest(filter=alert_filter, page_size=page_size,
+                                                 page_token=token),
+                    metadata=metadata, timeout=30)
+                return response.alerts, response.next_page_token
+
+            alerts = list(follow_pages(fetch, args.limit))
+            shown = worth_listing(alerts, include_unfired=args.all)
             print(format_table(ALERT_HEADER, [_alert_row(a) for a in shown]))
             return 0
         print("  ".join(ALERT_HEADER), flush=True)

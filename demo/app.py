@@ -18,6 +18,7 @@ from raresignal.agent.api import Probe, series_key
 from raresignal.agent.estimators import EstimatorConfig
 from raresignal.client.alert_watch import AlertWatcher
 from raresignal.client.channels import open_channel
+from raresignal.client.paging import read_series
 from raresignal.demo.report import AlertMark, write_report
 from raresignal.demo.task import TaskConfig, probe_examples
 from raresignal.demo.training import CollapseInducer, DemoModule, TokenStream
@@ -127,11 +128,11 @@ def fetch_series(target: str, run_id: str) -> dict[str, list[tuple[int, float]]]
             label_sets = ([{"probe": RARE_PROBE}, {"probe": COMMON_PROBE}]
                           if metric in PROBE_METRICS else [{}])
             for labels in label_sets:
-                response = stub.GetSeries(alerts_pb2.GetSeriesRequest(
-                    run_id=run_id, metric=metric, labels=labels), timeout=10)
-                if response.samples:
+                samples = read_series(stub, alerts_pb2.GetSeriesRequest(
+                    run_id=run_id, metric=metric, labels=labels))
+                if samples:
                     series[series_key(metric, labels)] = [
-                        (int(s.step), float(s.value)) for s in response.samples]
+                        (int(s.step), float(s.value)) for s in samples]
     return series
 
 

@@ -18,18 +18,24 @@ class AlertFilter(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_common_pb2.AlertState, str]]] = ..., rule: _Optional[str] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
-    __slots__ = ("filter", "limit")
+    __slots__ = ("filter", "limit", "page_size", "page_token")
     FILTER_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     filter: AlertFilter
     limit: int
-    def __init__(self, filter: _Optional[_Union[AlertFilter, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, filter: _Optional[_Union[AlertFilter, _Mapping]] = ..., limit: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAlertsResponse(_message.Message):
-    __slots__ = ("alerts",)
+    __slots__ = ("alerts", "next_page_token")
     ALERTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     alerts: _containers.RepeatedCompositeFieldContainer[_common_pb2.Alert]
-    def __init__(self, alerts: _Optional[_Iterable[_Union[_common_pb2.Alert, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, alerts: _Optional[_Iterable[_Union[_common_pb2.Alert, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchAlertsRequest(_message.Message):
     __slots__ = ("filter",)
@@ -46,19 +52,25 @@ class AlertEvent(_message.Message):
     def __init__(self, alert: _Optional[_Union[_common_pb2.Alert, _Mapping]] = ..., previous_state: _Optional[_Union[_common_pb2.AlertState, str]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("include_finished",)
+    __slots__ = ("include_finished", "page_size", "page_token")
     INCLUDE_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     include_finished: bool
-    def __init__(self, include_finished: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, include_finished: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
-    __slots__ = ("runs",)
+    __slots__ = ("runs", "next_page_token")
     RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[_common_pb2.RunInfo]
-    def __init__(self, runs: _Optional[_Iterable[_Union[_common_pb2.RunInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[_common_pb2.RunInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetSeriesRequest(_message.Message):
-    __slots__ = ("run_id", "metric", "labels", "since_step")
+    __slots__ = ("run_id", "metric", "labels", "since_step", "page_size", "page_token")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,14 +82,20 @@ class GetSeriesRequest(_message.Message):
     METRIC_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SINCE_STEP_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     metric: str
     labels: _containers.ScalarMap[str, str]
     since_step: int
-    def __init__(self, run_id: _Optional[str] = ..., metric: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., since_step: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, run_id: _Optional[str] = ..., metric: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., since_step: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetSeriesResponse(_message.Message):
-    __slots__ = ("samples",)
+    __slots__ = ("samples", "next_page_token")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[_common_pb2.Sample]
-    def __init__(self, samples: _Optional[_Iterable[_Union[_common_pb2.Sample, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, samples: _Optional[_Iterable[_Union[_common_pb2.Sample, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -26,7 +26,14 @@ if _version_not_supported:
 
 
 class AlertsStub:
-    """Missing associated documentation comment in .proto file."""
+    """Paging, the same for every list: a response holds at most page_size items (0: the
+    server's default; above its maximum: the maximum) and fewer when a page would grow too
+    large for one message. next_page_token is empty on the last page; to read on, send
+    the same request again with page_token set to it. A token is opaque and belongs to the
+    request it came from: another filter or another list answers INVALID_ARGUMENT. Pages
+    follow a stable order, so items added meanwhile are neither skipped nor repeated.
+
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,10 +54,17 @@ class AlertsStub:
 
 
 class AlertsServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Paging, the same for every list: a response holds at most page_size items (0: the
+    server's default; above its maximum: the maximum) and fewer when a page would grow too
+    large for one message. next_page_token is empty on the last page; to read on, send
+    the same request again with page_token set to it. A token is opaque and belongs to the
+    request it came from: another filter or another list answers INVALID_ARGUMENT. Pages
+    follow a stable order, so items added meanwhile are neither skipped nor repeated.
+
+    """
 
     def ListAlerts(self, request, context):
-        """Alerts matching the filter, newest first.
+        """Alerts matching the filter, newest first (by started_at, then alert_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +100,14 @@ def add_AlertsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Alerts:
-    """Missing associated documentation comment in .proto file."""
+    """Paging, the same for every list: a response holds at most page_size items (0: the
+    server's default; above its maximum: the maximum) and fewer when a page would grow too
+    large for one message. next_page_token is empty on the last page; to read on, send
+    the same request again with page_token set to it. A token is opaque and belongs to the
+    request it came from: another filter or another list answers INVALID_ARGUMENT. Pages
+    follow a stable order, so items added meanwhile are neither skipped nor repeated.
+
+    """
 
     @staticmethod
     def ListAlerts(request,
@@ -168,7 +189,8 @@ class RunsServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListRuns(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Runs the caller may see, oldest first (by created_at, then run_id).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

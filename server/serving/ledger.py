@@ -35,7 +35,7 @@ from raresignal.server.serving.validation import (
     check_samples,
     invalid,
 )
-from raresignal.server.storage.base import Storage
+from raresignal.server.storage.base import AlertPosition, Storage
 from raresignal.server.storage.records import (
     AlertChange,
     AlertRecord,
@@ -53,7 +53,7 @@ from raresignal.server.storage.records import (
 
 log = logging.getLogger("raresignal.server")
 
-MAX_ALERTS_LISTED = 10_000
+RunPosition = tuple[float, str]  # (created_at, run_id) of the last run a page held
 
 
 @dataclass
@@ -314,35 +314,52 @@ class Ledger:
     def run(self, run_id: str) -> RunRecord | None:
         return self._runs.get(run_id)
 
-    def list_runs(self, include_finished: bool, principal: Principal) -> list[RunRecord]:
-        return [run for run in self._runs.values()
-                if (include_finished or not run.finished_at) and principal.allows(run.run_name)]
+    def list_runs(self, include_finished: bool, principal: Principal,
+                  after: RunPosition | None = None, limit: int | None = None
+                  ) -> list[RunRecord]:
+        """The runs the caller may see, oldest first (by created_at, then run_id), only
+        those after ``after`` in that order, at most ``limit``."""
+        runs = sorted((run for run in self._runs.values()
+                       if (include_finished or not run.finished_at)
+                       and principal.allows(run.run_name)
+                       and (after is None or (run.created_at, run.run_id) > after)),
+                      key=lambda run: (run.created_at, run.run_id))
+        return runs if limit is None else runs[:limit]
 
     def list_alerts(self, run_id: str, states: tuple[int, ...], rule: str, limit: int,
-                    principal: Principal) -> list[AlertRecord]:
-        if limit < 0:
-            raise invalid("limit must be >= 0")
-        limit = min(limit or 1000, MAX_ALERTS_LISTED)
+                    principal: Principal, after: AlertPosition | None = None
+                    ) -> list[AlertRecord]:
+        """A page of the alerts the caller may see, newest first, after ``after``.
+
+        A scoped caller's runs are picked here from the runs held in memory, and storage
+        reads only their alerts (by index), never every team's."""
         if run_id:
             run = self._runs.get(run_id)
             if run is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"run_id {run_id!r} is not a known run")
             principal.authorize(run.run_name)
-        alerts = self.storage.alerts(run_id=run_id, states=states, rule=rule,
-                                     limit=limit if principal.patterns == ("*",) else 1 << 62)
-        return [a for a in alerts if principal.allows(a.run_name)][:limit]
+        run_ids: list[str] | None = None
+        if run_id:
+            run_ids = [run_id]
+        elif "*" not in principal.patterns:
+            run_ids = [run.run_id for run in self._runs.values()
+                       if principal.allows(run.run_name)]
+            if not run_ids:
+                return []
+        return self.storage.alerts(states=states, rule=rule, limit=limit, run_ids=run_ids,
+                                   after=after)
 
     def active_alerts(self) -> list[AlertRecord]:
         return [replace(a, labels=dict(a.labels)) for a in self.engine.active_alerts()]
 
     def get_series(self, run_id: str, metric: str, labels: dict[str, str], since_step: int,
-                   principal: Principal) -> list[SeriesPoint]:
+                   principal: Principal, limit: int | None = None) -> list[SeriesPoint]:
         run = self._runs.get(run_id)
         if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"run_id {run_id!r} is not a known run")
         principal.authorize(run.run_name)
-        return self.storage.get_series(run_id, metric, labels_key(labels), since_step)
+        return self.storage.get_series(run_id, metric, labels_key(labels), since_step, limit)
 
     def close(self) -> None:
         self.storage.close()

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from raresignal.protos.transport import REJECTED_SEQUENCE_METADATA_KEY
 from raresignal.protos.v1 import (
@@ -33,15 +34,24 @@ from raresignal.server.serving.convert import alert_message, run_info
 from raresignal.server.serving.ledger import BatchOutcome, Ledger, ReportRequest
 from raresignal.server.serving.metrics import ServerMetrics
 from raresignal.server.serving.validation import (
+    MAX_ALERTS_PAGE_SIZE,
+    MAX_RUNS_PAGE_SIZE,
+    MAX_SAMPLES_PAGE_SIZE,
+    PAGE_BYTES,
     RequestError,
     check_alert_filter,
+    check_page_size,
     check_series_request,
+    decode_page_token,
+    encode_page_token,
+    invalid,
 )
-from raresignal.server.storage.records import AlertChange, AlertRecord
+from raresignal.server.storage.records import AlertChange, AlertRecord, SeriesPoint
 
 log = logging.getLogger("raresignal.server")
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 WATCH_QUEUE_SIZE = 10_000
 # At most this many batches per group commit, so one transaction (and the ack latency of
 # every batch in it) stays bounded however many senders queue up at once.
@@ -260,11 +270,21 @@ class AlertsService(alerts_pb2_grpc.AlertsServicer):
         try:
             principal = self._b.principal(context)
             check_alert_filter(f)
+            if request.limit < 0:
+                raise invalid(f"limit must be >= 0, got {request.limit}")
+            page_size = check_page_size(request.page_size or request.limit,
+                                        MAX_ALERTS_PAGE_SIZE)
+            query = ("ListAlerts", f.run_id, tuple(sorted(set(f.states))), f.rule,
+                     principal.patterns)
+            after = decode_page_token(request.page_token, query, (float, str))
             alerts = await self._b.call(self._b.ledger.list_alerts, f.run_id, tuple(f.states),
-                                        f.rule, request.limit, principal)
+                                        f.rule, page_size + 1, principal, after)
         except RequestError as error:
             await _abort(context, error)
-        return alerts_pb2.ListAlertsResponse(alerts=[alert_message(a) for a in alerts])
+        messages, last = _page(alerts, page_size, alert_message)
+        token = "" if last is None else encode_page_token(
+            query, (float(last.started_at), last.alert_id))
+        return alerts_pb2.ListAlertsResponse(alerts=messages, next_page_token=token)
 
     async def WatchAlerts(self, request: alerts_pb2.WatchAlertsRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[
@@ -306,22 +326,63 @@ class RunsService(alerts_pb2_grpc.RunsServicer):
                        context: grpc.aio.ServicerContext) -> alerts_pb2.ListRunsResponse:
         try:
             principal = self._b.principal(context)
+            page_size = check_page_size(request.page_size, MAX_RUNS_PAGE_SIZE)
+            query = ("ListRuns", request.include_finished, principal.patterns)
+            after = decode_page_token(request.page_token, query, (float, str))
             runs = await self._b.call(self._b.ledger.list_runs, request.include_finished,
-                                      principal)
+                                      principal, after, page_size + 1)
         except RequestError as error:
             await _abort(context, error)
-        return alerts_pb2.ListRunsResponse(runs=[run_info(run) for run in runs])
+        messages, last = _page(runs, page_size, run_info)
+        token = "" if last is None else encode_page_token(
+            query, (float(last.created_at), last.run_id))
+        return alerts_pb2.ListRunsResponse(runs=messages, next_page_token=token)
 
     async def GetSeries(self, request: alerts_pb2.GetSeriesRequest,
                         context: grpc.aio.ServicerContext) -> alerts_pb2.GetSeriesResponse:
         try:
             principal = self._b.principal(context)
             check_series_request(request)
+            page_size = check_page_size(request.page_size, MAX_SAMPLES_PAGE_SIZE)
+            query = ("GetSeries", request.run_id, request.metric,
+                     tuple(sorted(request.labels.items())), request.since_step,
+                     principal.patterns)
+            after = decode_page_token(request.page_token, query, (int,))
+            since_step = request.since_step if after is None else int(after[0]) + 1
             points = await self._b.call(self._b.ledger.get_series, request.run_id,
-                                        request.metric, dict(request.labels),
-                                        request.since_step, principal)
+                                        request.metric, dict(request.labels), since_step,
+                                        principal, page_size + 1)
         except RequestError as error:
             await _abort(context, error)
-        return alerts_pb2.GetSeriesResponse(samples=[
-            common_pb2.Sample(metric=request.metric, labels=request.labels, step=p.step,
-                              value=p.value, wall_time=p.wall_time) for p in points])
+
+        def sample(point: SeriesPoint) -> common_pb2.Sample:
+            return common_pb2.Sample(metric=request.metric, labels=request.labels,
+                                     step=point.step, value=point.value,
+                                     wall_time=point.wall_time)
+
+        messages, last = _page(points, page_size, sample)
+        token = "" if last is None else encode_page_token(query, (int(last.step),))
+        return alerts_pb2.GetSeriesResponse(samples=messages, next_page_token=token)
+
+
+# A repeated field's tag and length prefix, at most, beside each item's own bytes.
+_ITEM_FRAMING_BYTES = 6
+
+
+def _page(items: Sequence[T], page_size: int,
+          to_message: Callable[[T], M]) -> tuple[list[M], T | None]:
+    """The messages of a page: up to ``page_size`` of ``items`` (fetched one beyond, to
+    learn whether another page follows) and, past the first, no more than PAGE_BYTES.
+    Returns them and the last item they hold when another page follows, else None."""
+    messages: list[M] = []
+    total = 0
+    for item in items[:page_size]:
+        message = to_message(item)
+        size = message.ByteSize() + _ITEM_FRAMING_BYTES
+        if messages and total + size > PAGE_BYTES:
+            break
+        messages.append(message)
+        total += size
+    if len(messages) < len(items):
+        return messages, items[len(messages) - 1]
+    return messages, None

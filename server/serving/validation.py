@@ -15,6 +15,10 @@ character into a log line, a label or an error message:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
 import math
 import re
 from typing import NoReturn
@@ -259,3 +263,73 @@ def _reject_first_bad_sample(batch: ingest_pb2.ReportBatch) -> NoReturn:
                 raise invalid(f"samples[{index}].labels[{key!r}] may only use printable "
                               "ASCII characters")
     raise AssertionError("a batch rejected by the fast check has no bad sample")
+
+
+# -- paging ------------------------------------------------------------------------------
+#
+# A list answers in pages under two bounds: a number of items (the request's page_size,
+# at most the list's maximum) and PAGE_BYTES, the encoded size past which a page ends
+# early (it always holds one item, and one item of the largest kind, a run with full
+# config and tags maps, is about 2.2 MB). The item maxima follow from the field limits
+# above, so a page of maximal items stays under PAGE_BYTES by count alone:
+#
+# - an alert: ids 20 + 16, run name and rule 128 each, one label of 128 (no metric has
+#   more), a summary of up to 1 KiB, numbers and tags: under 1.6 KiB;
+#   1000 of them: under 1.6 MiB;
+# - a sample: a metric name under 64, one label of 128, three numbers: under 256 B;
+#   5000 of them: under 1.25 MiB;
+# - a run: up to 2 * 256 map entries of 4 KiB each, so the byte bound, not the count,
+#   limits a page of large runs.
+PAGE_BYTES = 2 * 1024 * 1024
+DEFAULT_PAGE_SIZE = 100
+MAX_ALERTS_PAGE_SIZE = 1000
+MAX_RUNS_PAGE_SIZE = 1000
+MAX_SAMPLES_PAGE_SIZE = 5000
+_TOKEN_VERSION = 1
+_TOKEN_DIGEST_CHARS = 16
+
+
+def check_page_size(page_size: int, maximum: int) -> int:
+    """The page size a request asks for: the default when 0, the maximum when above it."""
+    if page_size < 0:
+        raise invalid(f"page_size must be >= 0, got {page_size}")
+    return min(page_size or DEFAULT_PAGE_SIZE, maximum)
+
+
+def _query_digest(query: tuple[object, ...]) -> str:
+    return hashlib.sha256(repr(query).encode()).hexdigest()[:_TOKEN_DIGEST_CHARS]
+
+
+def encode_page_token(query: tuple[object, ...], position: tuple[object, ...]) -> str:
+    """An opaque token for the page after ``position`` of the list ``query`` describes.
+
+    ``query`` names the list, its filter and the caller's scope, so a token sent with
+    another request is refused rather than resuming a different list. Nothing in it is
+    secret or trusted: every page applies the caller's scope again.
+    """
+    text = json.dumps([_TOKEN_VERSION, _query_digest(query), *position],
+                      separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, query: tuple[object, ...],
+                      position_types: tuple[type, ...]) -> tuple[object, ...] | None:
+    """The position a token resumes after (None for an empty token: the first page), or
+    INVALID_ARGUMENT for a token this server did not issue for ``query``."""
+    if not token:
+        return None
+    try:
+        if len(token) > 1024:
+            raise ValueError("too long")
+        decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise invalid("page_token is not a page token this server issued") from None
+    if (not isinstance(decoded, list) or len(decoded) != 2 + len(position_types)
+            or decoded[0] != _TOKEN_VERSION
+            or not all(type(value) is kind
+                       for value, kind in zip(decoded[2:], position_types, strict=True))):
+        raise invalid("page_token is not a page token this server issued")
+    if decoded[1] != _query_digest(query):
+        raise invalid("page_token belongs to another request (another list, filter or "
+                      "token); send the request it came from")
+    return tuple(decoded[2:])

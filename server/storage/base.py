@@ -24,6 +24,8 @@ from raresignal.server.storage.records import (
     SeriesPoint,
 )
 
+AlertPosition = tuple[float, str]  # (started_at, alert_id) of the last alert a page held
+
 
 @dataclass(frozen=True)
 class RetentionPolicy:
@@ -93,16 +95,23 @@ class Storage(ABC):
     def latest_values(self) -> list[LatestValue]: ...
 
     @abstractmethod
-    def get_series(self, run_id: str, metric: str, labels_key: str,
-                   since_step: int) -> list[SeriesPoint]: ...
+    def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
+                   limit: int | None = None) -> list[SeriesPoint]:
+        """The series' samples from ``since_step`` on, oldest first, at most ``limit``."""
 
     @abstractmethod
     def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]: ...
 
     @abstractmethod
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
-               limit: int = 1000) -> list[AlertRecord]:
-        """Alerts, newest first, optionally of one run, in some states, of one rule."""
+               limit: int = 1000, run_ids: Sequence[str] | None = None,
+               after: AlertPosition | None = None) -> list[AlertRecord]:
+        """Alerts, newest first (by ``started_at``, then ``alert_id``), optionally of one
+        run, of the runs in ``run_ids`` (None: every run), in some states, of one rule, and
+        only those after ``after`` in that order (the keyset of the next page).
+
+        A backend answers from an index on the order or on the runs, so a caller scoped
+        to a few runs reads those runs' alerts only, however many others are stored."""
 
     @abstractmethod
     def close(self) -> None:

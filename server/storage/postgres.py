@@ -20,7 +20,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from raresignal.server.storage.base import RetentionPolicy, SequenceConflict, Storage
+from raresignal.server.storage.base import (
+    AlertPosition,
+    RetentionPolicy,
+    SequenceConflict,
+    Storage,
+)
 from raresignal.server.storage.migrate import migrate
 from raresignal.server.storage.records import (
     AlertRecord,
@@ -85,6 +90,35 @@ _UPSERT_ALERT = (
     "summary = excluded.summary, value = excluded.value, threshold = excluded.threshold, "
     "step = excluded.step, started_at = excluded.started_at, fired_at = excluded.fired_at, "
     "resolved_at = excluded.resolved_at")
+
+
+def alerts_query(run_id: str, states: Sequence[int], rule: str, limit: int,
+                 run_ids: Sequence[str] | None, after: AlertPosition | None
+                 ) -> tuple[str, list[Any]]:
+    """The SQL (and its parameters) of :meth:`PostgresStorage.alerts`: the planner picks
+    ``alerts_by_run`` for a few runs and ``alerts_by_start`` for the whole order."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if run_id:
+        clauses.append("run_id = %s")
+        params.append(run_id)
+    if run_ids is not None:
+        clauses.append("run_id = ANY(%s)")
+        params.append(list(run_ids))
+    if states:
+        clauses.append("state = ANY(%s)")
+        params.append(list(states))
+    if rule:
+        clauses.append("rule = %s")
+        params.append(rule)
+    if after is not None:
+        # started_at <= %s alone bounds the index range; the rest breaks the tie.
+        clauses.append("started_at <= %s AND (started_at < %s OR alert_id > %s)")
+        params.extend((after[0], after[0], after[1]))
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    params.append(limit)
+    return (f"SELECT * FROM alerts{where} ORDER BY started_at DESC, alert_id LIMIT %s",
+            params)
 
 
 def _prepare_connection(conn: psycopg.Connection) -> None:
@@ -336,15 +370,15 @@ class PostgresStorage(Storage):
                     "FROM series WHERE last_value IS NOT NULL")
             ]
 
-    def get_series(self, run_id: str, metric: str, labels_key: str,
-                   since_step: int) -> list[SeriesPoint]:
+    def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
+                   limit: int | None = None) -> list[SeriesPoint]:
         with self._pool.connection() as conn, conn.cursor() as cur:
             series_id = self._series_of(cur, run_id).get((metric, labels_key))
             if series_id is None:
                 return []
             cur.execute("SELECT step, value, wall_time FROM samples "
-                        "WHERE series_id = %s AND step >= %s ORDER BY step",
-                        (series_id, since_step))
+                        "WHERE series_id = %s AND step >= %s ORDER BY step LIMIT %s",
+                        (series_id, since_step, limit))
             return [SeriesPoint(*row) for row in cur.fetchall()]
 
     def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -353,23 +387,11 @@ class PostgresStorage(Storage):
                 "SELECT run_id, state_key, state FROM rule_states")]
 
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
-               limit: int = 1000) -> list[AlertRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if run_id:
-            clauses.append("run_id = %s")
-            params.append(run_id)
-        if states:
-            clauses.append("state = ANY(%s)")
-            params.append(list(states))
-        if rule:
-            clauses.append("rule = %s")
-            params.append(rule)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(limit)
+               limit: int = 1000, run_ids: Sequence[str] | None = None,
+               after: AlertPosition | None = None) -> list[AlertRecord]:
+        query, params = alerts_query(run_id, states, rule, limit, run_ids, after)
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(f"SELECT * FROM alerts{where} "
-                        "ORDER BY started_at DESC, alert_id LIMIT %s", params)
+            cur.execute(query, params)
             return [alert_from_row(row) for row in cur.fetchall()]
 
     def close(self) -> None:

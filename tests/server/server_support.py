@@ -12,6 +12,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from raresignal.client.channels import auth_metadata
+from raresignal.client.paging import read_series
 from raresignal.protos.transport import client_channel_options
 from raresignal.protos.v1 import (
     alerts_pb2,
@@ -72,10 +73,9 @@ class Client:
         return list(self.alerts.ListAlerts(request, metadata=self.metadata, timeout=10).alerts)
 
     def series(self, run_id: str, metric: str, **labels: str) -> list[tuple[int, float]]:
-        response = self.runs.GetSeries(
-            alerts_pb2.GetSeriesRequest(run_id=run_id, metric=metric, labels=labels),
-            metadata=self.metadata, timeout=10)
-        return [(s.step, s.value) for s in response.samples]
+        """Every stored sample of the series, page after page."""
+        request = alerts_pb2.GetSeriesRequest(run_id=run_id, metric=metric, labels=labels)
+        return [(s.step, s.value) for s in read_series(self.runs, request, self.metadata)]
 
     def close(self) -> None:
         self.channel.close()

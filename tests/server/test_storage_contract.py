@@ -265,3 +265,52 @@ def test_two_writers_never_apply_one_batch_twice(postgres_cluster: Cluster,
     assert [p.step for p in first.get_series("r", "loss", "{}", 0)] == [1, 2]
     first.close()
     second.close()
+
+
+def _newest_first(alerts: list[AlertRecord]) -> list[str]:
+    return [a.alert_id for a in sorted(alerts, key=lambda a: (-a.started_at, a.alert_id))]
+
+
+def test_alert_pages_resume_after_their_last_alert(open_store: OpenStore) -> None:
+    store = open_store()
+    for run_id in ("r", "o"):
+        store.create_run(run_record(run_id))
+    # Four alerts share each started_at, so pages end inside ties the alert_id breaks.
+    alerts = [_alert(f"a{i:02d}", "o" if i % 3 == 0 else "r", 1 + i % 3, float(i // 4))
+              for i in range(30)]
+    store.update_run(run_record("r"), EngineWrites(alerts=alerts))
+    everything = store.alerts(limit=100)
+    assert [a.alert_id for a in everything] == _newest_first(alerts)
+    read: list[str] = []
+    after = None
+    while page := store.alerts(limit=7, after=after):
+        read += [a.alert_id for a in page]
+        after = (page[-1].started_at, page[-1].alert_id)
+        if len(read) == 14:
+            # Written between pages: one newer than the position (belongs to pages already
+            # read, so not repeated), one older (still ahead, so read once).
+            store.update_run(run_record("r"), EngineWrites(
+                alerts=[_alert("newer", "r", 1, 100.0), _alert("older", "r", 1, -1.0)]))
+    assert read == [a.alert_id for a in everything] + ["older"]
+
+    own = [a for a in alerts if a.run_id == "o"]
+    assert [a.alert_id for a in store.alerts(run_ids=["o"], limit=100)] == _newest_first(own)
+    first = store.alerts(run_ids=["o"], limit=4)
+    rest = store.alerts(run_ids=["o"], limit=100,
+                        after=(first[-1].started_at, first[-1].alert_id))
+    assert [a.alert_id for a in first + rest] == _newest_first(own)
+    assert store.alerts(run_ids=[], limit=100) == []
+    assert store.alerts(run_id="r", run_ids=["o"], limit=100) == []
+    assert [a.alert_id for a in store.alerts(run_ids=["o", "r"], states=(1,), limit=100)] == \
+        _newest_first([a for a in alerts if a.state == 1] + [_alert("older", "r", 1, -1.0)]
+                      + [_alert("newer", "r", 1, 100.0)])
+
+
+def test_series_reads_stop_at_their_limit(open_store: OpenStore) -> None:
+    store = open_store()
+    run = run_record("r")
+    store.create_run(run)
+    store.apply_group(group_of(write(run, 1, [loss(step, 0.5) for step in range(10)])))
+    assert [p.step for p in store.get_series("r", "loss", "{}", 3, limit=4)] == [3, 4, 5, 6]
+    assert [p.step for p in store.get_series("r", "loss", "{}", 8, limit=4)] == [8, 9]
+    assert len(store.get_series("r", "loss", "{}", 0)) == 10
