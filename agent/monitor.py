@@ -387,7 +387,9 @@ class Monitor:
         process resumed from this state replays whatever the server has not acknowledged.
         """
         sender = self._sender
-        if sender is not None and not sender.flush(self.config.network_timeout_seconds):
+        # After close() the sender has sealed or sent everything: there is nothing to flush.
+        if (sender is not None and not self._closed
+                and not sender.flush(self.config.network_timeout_seconds)):
             log.warning("raresignal: the last steps before this checkpoint were not in the "
                         "spool within %.1f s; should this process end before sending them, "
                         "resuming from the checkpoint will not replay them",

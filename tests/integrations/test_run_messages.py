@@ -213,18 +213,21 @@ def test_lightning_callback_prints_through_rank_zero_info_and_keeps_its_values(
     assert callback.latest() == callback.monitor.latest()
 
 
-def test_lightning_callback_names_the_run_id_in_its_summary(server: Any,
-                                                             tmp_path: Path) -> None:
+def test_lightning_callback_names_the_run_id_in_its_summary(
+        server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from raresignal.integrations.lightning import RaresignalCallback
 
     callback = RaresignalCallback(server=server.grpc_target, run_name="where-lightning-srv",
                                   probes={"rare": _rare_probe()},
                                   config=MonitorConfig(report_interval_seconds=0.1))
-    with collecting(rank_zero_logger()) as lines:
+    with collecting(rank_zero_logger()) as lines, caplog.at_level(logging.WARNING):
         _lightning_fit("lightning.pytorch", callback, tmp_path)
 
     run_id = callback.run_id
     assert run_id
+    # The final state, taken after close, has nothing left to flush: no warning about it.
+    assert not [r for r in caplog.records
+                if r.name == "raresignal.agent.monitor" and r.levelno >= logging.WARNING]
     assert len(_matching(lines.lines, f"reports to {server.grpc_target}")) == 1
     # Printed during training if the id came back before the end, and then only once.
     assert len(_matching(lines.lines, f"has run id {run_id}")) <= 1
