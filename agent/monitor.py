@@ -5,6 +5,11 @@ Call ``step()`` once per optimizer step, after backward and before ``optimizer.s
 keeps their latest values in process and hands them to the sender thread. It never raises
 because of the monitor and never waits on the network: an estimator that raises is
 logged (rate-limited) and counted, and reporting happens in the background.
+
+It also tells the person running it where the data goes: at the first step the run's name,
+server and the commands to look at it, the run id once the server has assigned it, and a
+summary at close; each once, on the reporting rank, through ``announce`` (logging at INFO
+unless an integration passes its framework's printer).
 """
 
 from __future__ import annotations
