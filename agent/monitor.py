@@ -5,6 +5,11 @@ Call ``step()`` once per optimizer step, after backward and before ``optimizer.s
 keeps their latest values in process and hands them to the sender thread. It never raises
 because of the monitor and never waits on the network: an estimator that raises is
 logged (rate-limited) and counted, and reporting happens in the background.
+
+It also tells the person running it where the data goes: at the first step the run's name,
+server and the commands to look at it, the run id once the server has assigned it, and a
+summary at close; each once, on the reporting rank, through ``announce`` (logging at INFO
+unless an integration passes its framework's printer).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +64,37 @@ def _agent_version() -> str:
         return "unknown"
 
 
+def start_message(run_name: str, server: str | None, run_id: str | None) -> str:
+    """The first step's line: where the run's values go and how to look at them."""
+    if server is None:
+        return (f"raresignal: run '{run_name}' measures in process only (no server); "
+                "read the values with latest()")
+    where = (f"run id {run_id}" if run_id else "run id to follow")
+    return (f"raresignal: run '{run_name}' reports to {server} ({where}); look with "
+            f"`raresignal runs --server {server}`, "
+            f"`raresignal alerts --server {server} --run {run_id or '<run id>'}` "
+            f"or the raresignal Grafana dashboard (run {run_name})")
+
+
+def run_id_message(run_name: str, server: str, run_id: str) -> str:
+    """The line printed once the server has opened the run and its id is known."""
+    return (f"raresignal: run '{run_name}' has run id {run_id} on {server}; its alerts: "
+            f"`raresignal alerts --server {server} --run {run_id}`")
+
+
+def end_message(run_name: str, server: str | None, run_id: str | None, state: str,
+                steps: int, delivered: bool) -> str:
+    """The closing line: how much was measured, and where the alerts are listed."""
+    head = f"raresignal: run '{run_name}' {state}: {steps} steps measured"
+    if server is None:
+        return f"{head}; nothing was sent (no server), the last values stay in latest()"
+    sent = ("every report delivered" if delivered else
+            "some reports are still in the local spool (`raresignal spool push` sends them)")
+    if run_id is None:
+        return f"{head}, {sent}; find the run with `raresignal runs --all --server {server}`"
+    return f"{head}, {sent}; its alerts: `raresignal alerts --server {server} --run {run_id}`"
+
+
 def _check_estimators(estimators: Sequence[Any]) -> list[Estimator]:
     for estimator in estimators:
         if not is_estimator(estimator):
@@ -83,6 +119,7 @@ class Monitor:
         config: MonitorConfig | None = None,
         token: str | None = None,
         estimators: Sequence[Estimator] | None = None,
+        announce: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or MonitorConfig()
         self.model = model
@@ -116,6 +153,11 @@ class Monitor:
         self._sends = False
         self._resume: dict[str, Any] = {}
         self._sender: Sender | None = None
+        # Where the run's values go, said once at the first step and once at close; an
+        # integration passes its framework's rank-zero printer.
+        self._announce = announce or log.info
+        self._announced_start = False
+        self._announced_run_id = False
 
     def _default_estimators(self, probes: dict[str, Probe], common_probe: Probe | None
                             ) -> list[Estimator]:
@@ -151,7 +193,30 @@ class Monitor:
         except Exception:
             self._log.warning("budget", "raresignal: the budget scheduler failed at step %d",
                               step, exc_info=True)
+        try:
+            self._announce_progress()
+        except Exception:
+            self._log.warning("announce", "raresignal: cannot print where the run goes",
+                              exc_info=True)
         self._last_exit = time.perf_counter()
+
+    def _announces(self) -> bool:
+        """Only the rank that reports speaks, so a multi-process run prints one line."""
+        return self._dist is None or self._dist.rank == self.config.rank_to_send
+
+    def _announce_progress(self) -> None:
+        """The first step's line, then the run id once the sender has opened the run."""
+        if not self._announces():
+            return
+        run_id = self.run_id if self._sends else None
+        if not self._announced_start:
+            self._announced_start = True
+            self._announced_run_id = run_id is not None
+            self._announce(start_message(self.run_name, self.server, run_id))
+        elif run_id is not None and not self._announced_run_id:
+            self._announced_run_id = True
+            assert self.server is not None
+            self._announce(run_id_message(self.run_name, self.server, run_id))
 
     def _bind_distributed(self) -> None:
         """Joins torch.distributed if it is initialised; decides whether this rank sends."""
@@ -327,7 +392,9 @@ class Monitor:
         process resumed from this state replays whatever the server has not acknowledged.
         """
         sender = self._sender
-        if sender is not None and not sender.flush(self.config.network_timeout_seconds):
+        # After close() the sender has sealed or sent everything: there is nothing to flush.
+        if (sender is not None and not self._closed
+                and not sender.flush(self.config.network_timeout_seconds)):
             log.warning("raresignal: the last steps before this checkpoint were not in the "
                         "spool within %.1f s; should this process end before sending them, "
                         "resuming from the checkpoint will not replay them",
@@ -368,15 +435,19 @@ class Monitor:
         if self._closed:
             return True
         self._closed = True
-        if self._sender is None:
-            return True
-        if self._step > 0:
-            agent = self._agent_values(self._step - 1)
-            wall_time = time.time()
-            self._sender.submit([(metric, labels, self._step - 1, value, wall_time)
-                                 for (metric, labels), value in agent.items()
-                                 if math.isfinite(value)])
-        return self._sender.close(state, self.config.close_timeout_seconds)
+        delivered = True
+        if self._sender is not None:
+            if self._step > 0:
+                agent = self._agent_values(self._step - 1)
+                wall_time = time.time()
+                self._sender.submit([(metric, labels, self._step - 1, value, wall_time)
+                                     for (metric, labels), value in agent.items()
+                                     if math.isfinite(value)])
+            delivered = self._sender.close(state, self.config.close_timeout_seconds)
+        if self.config.enabled and self._announces():
+            self._announce(end_message(self.run_name, self.server if self._sends else None,
+                                       self.run_id, state, self._step, delivered))
+        return delivered
 
     def __enter__(self) -> Monitor:
         return self

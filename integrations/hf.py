@@ -13,6 +13,10 @@ micro-batch's backward and after the Trainer's gradient clipping, right before
 (subspaces, overlaps, interference) are unaffected; only ``grad_norm`` reports the clipped
 norm when ``max_grad_norm`` is set.
 
+The main process prints, once, the run's name, server and how to look at it at the first
+step (the run id when the server has assigned it), and a one-line summary at the end;
+``callback.monitor`` and ``callback.latest()`` stay readable after ``train`` returns.
+
 Checkpoints: on every save the monitor's state goes into the checkpoint folder
 (``raresignal_monitor.pt``); ``Trainer.train(resume_from_checkpoint=...)`` picks it up
 again, so the resumed run keeps its run id, baselines and sketches.
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     DefaultFlowCallback,
     TrainerCallback,
@@ -58,6 +63,15 @@ def aligned_targets(labels: torch.Tensor) -> torch.Tensor:
     aligned = torch.full_like(labels, IGNORE_INDEX)
     aligned[:, :-1] = labels[:, 1:]
     return aligned
+
+
+def main_process_printer(state: TrainerState) -> Callable[[str], None]:
+    """Prints on the Trainer's main process only, as its own progress output does; through
+    ``tqdm.write``, so a progress bar on screen is not broken."""
+    def write(line: str) -> None:
+        if state.is_world_process_zero:
+            tqdm.write(line)
+    return write
 
 
 def state_path(checkpoint_dir: str, process_index: int) -> str:
@@ -104,7 +118,8 @@ class RaresignalTrainerCallback(TrainerCallback):
                         for name, probe in to_probes(probes, max_probe_examples).items()}
         self._common_probe = (self._aligned(to_probe(common_probe, max_probe_examples))
                               if common_probe is not None else None)
-        self.monitor: Monitor | None = None
+        self.monitor: Monitor | None = None  # the running one, then the last one closed
+        self._running = False
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._measuring = False
         self._batch: tuple[Any, torch.Tensor] | None = None
@@ -152,7 +167,7 @@ class RaresignalTrainerCallback(TrainerCallback):
                       optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
         # Started here rather than in on_train_begin: only now has a resumed Trainer
         # loaded its state, whose global_step names the checkpoint to resume from.
-        if self.monitor is not None or model is None:
+        if self._running or model is None:
             return
         device = next(model.parameters()).device
         self.monitor = Monitor(
@@ -168,7 +183,9 @@ class RaresignalTrainerCallback(TrainerCallback):
             config=self.config,
             token=self.token,
             estimators=self.estimators,
+            announce=main_process_printer(state),
         )
+        self._running = True
         if state.global_step > 0:
             checkpoint = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
             for path in (state_path(checkpoint, args.process_index), state_path(checkpoint, 0)):
@@ -178,7 +195,7 @@ class RaresignalTrainerCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                               control: TrainerControl, **kwargs: Any) -> None:
-        if self.monitor is None:
+        if not self._running or self.monitor is None:
             return
         loss = None
         if self._losses:
@@ -198,7 +215,8 @@ class RaresignalTrainerCallback(TrainerCallback):
         # the log history entry the Trainer appended for it just before this event, which
         # it writes into trainer_state.json. Only the training logs, every logging_steps,
         # carry "loss": evaluation and end-of-training summaries are left as they are.
-        if not self.log_to_loggers or self.monitor is None or not logs or "loss" not in logs:
+        if (not self.log_to_loggers or not self._running or self.monitor is None or not logs
+                or "loss" not in logs):
             return
         headline = headline_metrics(self.monitor.latest())
         logs.update(headline)
@@ -219,7 +237,7 @@ class RaresignalTrainerCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
-        if self.monitor is None:
+        if not self._running or self.monitor is None:
             return
         checkpoint = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
         os.makedirs(checkpoint, exist_ok=True)
@@ -230,12 +248,18 @@ class RaresignalTrainerCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.monitor is not None:
-            monitor, self.monitor = self.monitor, None
-            monitor.close(state="completed")
+        if self._running and self.monitor is not None:
+            self._running = False
+            self.monitor.close(state="completed")
             # Taken after close(): closing sends a last report, which advances the numbering.
-            self._final_state = dict(monitor.state_dict())
+            self._final_state = dict(self.monitor.state_dict())
+
+    def latest(self) -> dict[str, float]:
+        """The last value of every series of the current (or last closed) run."""
+        return self.monitor.latest() if self.monitor is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state, or the last closed run's."""
-        return dict(self.monitor.state_dict()) if self.monitor is not None else self._final_state
+        if self._running and self.monitor is not None:
+            return dict(self.monitor.state_dict())
+        return self._final_state

@@ -81,7 +81,15 @@ class LightningMonitorHooks:
     Logits come from ``forward(pl_module, inputs)`` when given, else from the overridable
     :meth:`forward_logits` (``pl_module(inputs)``); batches are split into
     ``(inputs, targets)`` by the overridable :meth:`split_batch`.
+
+    At the first step the run's name, server and how to look at it are printed once
+    through Lightning's ``rank_zero_info`` (the run id when the server has assigned it),
+    and a one-line summary at the end. ``monitor`` and :meth:`latest` stay readable after
+    ``fit`` returns.
     """
+
+    # Lightning's rank-zero INFO printer of the package the class is built for.
+    _announce: Callable[[str], None] | None = None
 
     def __init__(
         self,
@@ -113,11 +121,11 @@ class LightningMonitorHooks:
         self._probes = to_probes(probes, max_probe_examples)
         self._common_probe = (to_probe(common_probe, max_probe_examples)
                               if common_probe is not None else None)
-        self.monitor: Monitor | None = None
+        self.monitor: Monitor | None = None  # the running one, then the last one closed
+        self._running = False
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None  # from a checkpoint, not yet applied
         self._final_state: dict[str, Any] = {}  # of the last closed run
-        self._last_run_id: str | None = None
         self._batch: Any = None
         self._loss: torch.Tensor | None = None
 
@@ -139,9 +147,11 @@ class LightningMonitorHooks:
     @property
     def run_id(self) -> str | None:
         """The server's id of the current (or last closed) run."""
-        if self.monitor is not None:
-            return self.monitor.run_id
-        return self._last_run_id
+        return self.monitor.run_id if self.monitor is not None else None
+
+    def latest(self) -> dict[str, float]:
+        """The last value of every series of the current (or last closed) run."""
+        return self.monitor.latest() if self.monitor is not None else {}
 
     # Checkpointing ----------------------------------------------------------------------
 
@@ -151,13 +161,13 @@ class LightningMonitorHooks:
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state (run id, baselines, sketches), saved with the checkpoint."""
-        if self.monitor is not None:
+        if self._running and self.monitor is not None:
             return dict(self.monitor.state_dict())
         return dict(self._pending_state or self._final_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Kept until the monitor starts, so a resumed fit continues the same run."""
-        if self.monitor is not None:
+        if self._running and self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
@@ -165,7 +175,7 @@ class LightningMonitorHooks:
     # Training hooks -----------------------------------------------------------------------
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        if self.monitor is not None:
+        if self._running:
             return
         if not trainer.optimizers:
             raise ValueError("raresignal needs an optimizer: configure_optimizers returned none")
@@ -186,7 +196,9 @@ class LightningMonitorHooks:
             config=self.config,
             token=self.token,
             estimators=self.estimators,
+            announce=type(self)._announce,
         )
+        self._running = True
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -202,7 +214,7 @@ class LightningMonitorHooks:
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self.monitor is None or not self._is_monitored(optimizer):
+        if not self._running or self.monitor is None or not self._is_monitored(optimizer):
             return
         batch = self.split_batch(self._batch) if self._batch is not None else None
         # Every rank calls step() every optimizer step: the monitor's collectives rely on it.
@@ -245,19 +257,20 @@ class LightningMonitorHooks:
     def _close(self, state: str) -> None:
         """Flushes what is left to send and closes the run; a later state_dict() still
         returns the final state so a checkpoint written afterwards can resume it."""
-        if self.monitor is None:
+        if not self._running or self.monitor is None:
             return
-        monitor, self.monitor = self.monitor, None
-        monitor.close(state=state)
+        self._running = False
+        self.monitor.close(state=state)
         # Taken after close(): closing sends a last report, which advances the numbering.
-        self._final_state = dict(monitor.state_dict())
-        self._last_run_id = monitor.run_id
+        self._final_state = dict(self.monitor.state_dict())
 
 
-def callback_class(base: type, module: str) -> type:
-    """``RaresignalCallback`` for the Lightning package whose ``Callback`` is ``base``."""
+def callback_class(base: type, module: str, announce: Callable[[str], None]) -> type:
+    """``RaresignalCallback`` for the Lightning package whose ``Callback`` is ``base``;
+    ``announce`` is that package's ``rank_zero_info``."""
     return type(
         "RaresignalCallback",
         (LightningMonitorHooks, base),
-        {"__module__": module, "__doc__": LightningMonitorHooks.__doc__},
+        {"__module__": module, "__doc__": LightningMonitorHooks.__doc__,
+         "_announce": staticmethod(announce)},
     )

@@ -10,9 +10,10 @@ Users of ``lightning.pytorch`` import the same class from
 from __future__ import annotations
 
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from raresignal.integrations.lightning_callback import LightningMonitorHooks, callback_class
 
-RaresignalCallback: type[LightningMonitorHooks] = callback_class(Callback, __name__)
+RaresignalCallback: type[LightningMonitorHooks] = callback_class(Callback, __name__, rank_zero_info)
 
 __all__ = ["RaresignalCallback"]
