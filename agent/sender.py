@@ -482,7 +482,7 @@ class Sender:
         self._run_opened = True
         if self._claim is not None:
             self._claim.record_run(self.run_name, self._run_id)
-        log.info("raresignal: run %s open on %s (sender %s)", self._run_id, self.target,
+        log.debug("raresignal: run %s open on %s (sender %s)", self._run_id, self.target,
                  self.sender_id)
 
     def _stream(self, stub: ingest_pb2_grpc.IngestStub) -> bool:
