@@ -483,7 +483,7 @@ class Sender:
         if self._claim is not None:
             self._claim.record_run(self.run_name, self._run_id)
         log.debug("raresignal: run %s open on %s (sender %s)", self._run_id, self.target,
-                 self.sender_id)
+                  self.sender_id)
 
     def _stream(self, stub: ingest_pb2_grpc.IngestStub) -> bool:
         """Sends up to one window of spooled batches and removes what is acknowledged or
