@@ -67,7 +67,10 @@ class StalledRunHarness:
         self.target = server.grpc_target
         config = MonitorConfig(spool_dir=str(spool), report_interval_seconds=0.05,
                                heartbeat_interval_seconds=0.05, network_timeout_seconds=5.0,
-                               reconnect_initial_seconds=0.05, reconnect_max_seconds=0.3)
+                               reconnect_initial_seconds=0.05, reconnect_max_seconds=0.3,
+                               # Every step reports its loss: a stretched cadence would leave
+                               # steps the server never hears of, and train() waits for each.
+                               max_interval_factor=1)
         self.monitor = Monitor(torch.nn.Linear(2, 2), None, server=self.target,
                                run_name="stalling", estimators=[LossEstimator()],
                                config=config)
