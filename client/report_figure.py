@@ -1,4 +1,7 @@
-"""The demo's PNG report: what the monitor saw, with the alerts marked.
+"""The PNG report of a run: what the monitor saw, with the alerts marked.
+
+Drawn by ``raresignal report`` and by the demo. It needs matplotlib (the ``demo`` extra),
+so the client imports this module only inside the command that draws.
 
 Five panels share the step axis — probe accuracy, probe Fisher mass ratio, absorption and
 bulk residual, sharpness against its stability threshold, subspace overlap — and each
@@ -21,6 +24,11 @@ from matplotlib.figure import Figure
 
 # series key (as in Monitor.latest()) -> [(step, value), ...]
 Series = Mapping[str, Sequence[tuple[int, float]]]
+
+# Every metric a panel draws: the series a caller needs to fetch.
+DRAWN_METRICS = ("probe_accuracy", "probe_retention", "probe_interference",
+                 "probe_fisher_mass_ratio", "probe_absorption", "probe_bulk_residual",
+                 "sharpness_ratio", "subspace_overlap")
 
 PANEL_TITLES = (
     "Probe accuracy",
