@@ -1,8 +1,10 @@
 """A server's SQLite file, read without a server: read-only, with the stdlib ``sqlite3``.
 
-Opened read-only, the file is never changed (no schema creation, no migration, no alert
-clock running over stalled runs as a started server would), it may be read while a server
-is writing it (WAL readers do not block the writer), and the core install suffices. The
+Opened read-only, the database is never written (no schema creation, no migration, no
+alert clock running over stalled runs as a started server would; SQLite may leave its
+empty ``-wal`` and ``-shm`` companions beside a file no server has open), it may be read
+while a server is writing it (WAL readers do not block the writer), and the core install
+suffices. The
 price is knowing the server's schema: the columns read here are those of
 ``raresignal.server.storage.sqlite``, and a test writes a file with the real server and
 reads it back through both this reader and the server's gRPC answers.
@@ -31,6 +33,9 @@ class DatabaseSource:
     """The runs, series and alerts of one server database file."""
 
     def __init__(self, path: str) -> None:
+        if "://" in path:
+            raise DatabaseError(f"--db reads a server's SQLite file; {path.split('://')[0]} "
+                                "databases are read through their server (--server)")
         if not Path(path).is_file():
             raise DatabaseError(f"no database file at {path!r}")
         uri = f"{Path(path).resolve().as_uri()}?mode=ro"

@@ -4,6 +4,7 @@ straight from the SQLite file that server writes, and the `ListSeries` pages the
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -245,12 +246,30 @@ def test_the_file_needs_only_the_core_install_and_the_report_names_its_extra(
     assert not list(tmp_path.iterdir())
 
 
+def test_reading_a_file_leaves_the_database_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "closed.db"
+    config = ServerConfig(db_path=str(db), host="127.0.0.1", grpc_port=0, metrics_port=0,
+                          health_port=0)
+    with start_in_thread(config) as server:
+        report_run(server.grpc_target, "exp-1", _collapsing())
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    for argv in (["export", "exp-1"], ["compare", "exp-1"], ["series", "exp-1", "loss"]):
+        code, out, err = _run(capsys, *argv, "--db", str(db))
+        assert code == 0 and out, err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
 def test_a_file_that_is_no_server_database_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.db").write_text("not a database")
-    for path in (tmp_path / "notes.db", tmp_path / "missing.db"):
+    (tmp_path / "empty.db").write_bytes(b"")
+    for path in (tmp_path / "notes.db", tmp_path / "empty.db", tmp_path / "missing.db"):
         code, _, err = _run(capsys, "series", "exp-1", "loss", "--db", str(path))
         assert code == 2 and str(path) in err
+    code, _, err = _run(capsys, "series", "exp-1", "loss", "--db",
+                        "postgresql://rs@db:5432/raresignal")
+    assert code == 2 and "--server" in err
 
 
 def test_each_data_command_teaches_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
