@@ -1,4 +1,5 @@
-"""The ``raresignal`` command: list runs, list or watch alerts, and run the server.
+"""The ``raresignal`` command: list runs, list or watch alerts, read, export, compare and
+draw runs' series, and run the server.
 
 The client commands need only the core install (grpc and the wire contract), so they work
 wherever the agent is installed. The ``server`` command belongs to ``raresignal.server``
@@ -10,19 +11,24 @@ install instead of failing at start-up.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from raresignal.client.channels import auth_metadata, open_channel
+from raresignal.client import data_commands
+from raresignal.client.channels import auth_metadata
+from raresignal.client.options import (
+    ClientError,
+    add_client_options,
+    channel_for,
+    format_table,
+    server_address,
+    wall_time,
+)
 from raresignal.client.paging import follow_pages
-from raresignal.protos.transport import DEFAULT_GRPC_PORT, TlsConfig
+from raresignal.protos.transport import TlsConfig
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
 
 MAIN_EPILOG = """\
@@ -32,24 +38,15 @@ examples:
   raresignal alerts --watch --run 3f2a9c0d1e2b4a5c
   raresignal alerts --state firing --token $TOKEN
   raresignal spool push --run-name exp-1
+  raresignal series exp-1 probe_accuracy --label probe=rare
+  raresignal export exp-1 --format jsonl --db runs.db
+  raresignal compare baseline exp-1
+  raresignal report exp-1 --out report/
 """
 
 SERVER_EXTRA_HINT = "pip install 'raresignal[server]'"
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get("RARESIGNAL_SERVER"),
-                        help="server address host:port (env RARESIGNAL_SERVER; default: "
-                             f"the --ready-file's, else 127.0.0.1:{DEFAULT_GRPC_PORT})")
-    parser.add_argument("--ready-file", default=os.environ.get("RARESIGNAL_READY_FILE"),
-                        help="the file `raresignal server --ready-file` wrote: its gRPC "
-                             "address is used (env RARESIGNAL_READY_FILE)")
-    parser.add_argument("--token", default=os.environ.get("RARESIGNAL_TOKEN"),
-                        help="bearer token (env RARESIGNAL_TOKEN)")
-    parser.add_argument("--tls-ca", default=os.environ.get("RARESIGNAL_TLS_CA"),
-                        help="CA certificate (PEM) to verify a TLS server (env RARESIGNAL_TLS_CA)")
 
 
 def _missing_dependency(error: ImportError) -> str | None:
@@ -113,7 +110,7 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     runs.add_argument("--all", action="store_true", help="include finished runs")
     runs.add_argument("--limit", type=int, default=0,
                       help="at most this many runs, finished ones included (0: every run)")
-    _add_client_options(runs)
+    add_client_options(runs)
     runs.set_defaults(handler=run_runs)
 
     alerts = commands.add_parser(
@@ -131,7 +128,7 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
                         help="at most this many, read page by page (list; 0: every alert)")
     alerts.add_argument("--all", action="store_true",
                         help="also list pending episodes that cleared without ever firing")
-    _add_client_options(alerts)
+    add_client_options(alerts)
     alerts.set_defaults(handler=run_alerts)
 
     spool = commands.add_parser(
@@ -154,46 +151,10 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
     push.add_argument("--run-name", default=None, help="only spools of this run name")
     push.add_argument("--timeout", type=float, default=60.0,
                       help="seconds to try each spool before leaving it for later")
-    _add_client_options(push)
+    add_client_options(push)
     push.set_defaults(handler=run_spool_push)
+    data_commands.add_data_commands(commands)
     return parser
-
-
-class ClientError(Exception):
-    """A problem with the command's own settings, reported in one line."""
-
-
-def server_address(server: str | None, ready_file: str | None) -> str:
-    """Where to connect: ``--server``, else the gRPC address a server wrote to its ready
-    file (servers started on free ports), else the default local port."""
-    if server:
-        return server
-    if ready_file:
-        try:
-            endpoints = json.loads(Path(ready_file).read_text())
-            return str(endpoints["grpc"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ClientError(f"cannot read the server address from the ready file "
-                              f"{ready_file!r}: {error}") from error
-    return f"127.0.0.1:{DEFAULT_GRPC_PORT}"
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    tls = TlsConfig(root_certificates=args.tls_ca) if args.tls_ca else None
-    return open_channel(server_address(args.server, args.ready_file), tls)
-
-
-def _time(seconds: float) -> str:
-    if not seconds:
-        return "-"
-    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
-             for row in (header, *rows)]
-    return "\n".join(lines)
 
 
 def _state(enum: Any, value: int, prefix: str) -> str:
@@ -207,7 +168,7 @@ def _check_limit(limit: int) -> None:
 
 def run_runs(args: argparse.Namespace) -> int:
     _check_limit(args.limit)
-    with _channel(args) as channel:
+    with channel_for(args) as channel:
         stub = alerts_pb2_grpc.RunsStub(channel)
         metadata = auth_metadata(args.token)
 
@@ -221,7 +182,7 @@ def run_runs(args: argparse.Namespace) -> int:
         runs = list(follow_pages(fetch, args.limit))
     shown = [run for run in runs if args.all or run.state == common_pb2.RUN_STATE_ACTIVE]
     rows = [(run.run_id, run.run_name, _state(common_pb2.RunState, run.state, "RUN_STATE_"),
-             str(run.last_step), _time(run.updated_at), str(run.world_size))
+             str(run.last_step), wall_time(run.updated_at), str(run.world_size))
             for run in shown]
     print(format_table(("RUN_ID", "NAME", "STATE", "STEP", "LAST REPORT", "WORLD"), rows))
     hidden = len(runs) - len(shown)
@@ -248,7 +209,7 @@ def run_spool_push(args: argparse.Namespace) -> int:
 
 def _alert_row(alert: common_pb2.Alert) -> tuple[str, ...]:
     labels = ",".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
-    return (_time(alert.started_at),
+    return (wall_time(alert.started_at),
             _state(common_pb2.AlertState, alert.state, "ALERT_STATE_"), alert.severity,
             alert.rule, alert.run_name, labels or "-", f"{alert.value:.4g}", str(alert.step),
             alert.summary)
@@ -271,7 +232,7 @@ def run_alerts(args: argparse.Namespace) -> int:
     states = [getattr(common_pb2, f"ALERT_STATE_{s.upper()}") for s in args.state]
     alert_filter = alerts_pb2.AlertFilter(run_id=args.run, rule=args.rule, states=states)
     metadata = auth_metadata(args.token)
-    with _channel(args) as channel:
+    with channel_for(args) as channel:
         stub = alerts_pb2_grpc.AlertsStub(channel)
         if not args.watch:
             def fetch(token: str, page_size: int) -> tuple[Sequence[common_pb2.Alert], str]:

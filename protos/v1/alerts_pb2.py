@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as raresignal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araresignal/v1/alerts.proto\x12\rraresignal.v1\x1a\x1araresignal/v1/common.proto\"V\n\x0b\x41lertFilter\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.raresignal.v1.AlertState\x12\x0c\n\x04rule\x18\x03 \x01(\t\"u\n\x11ListAlertsRequest\x12*\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1a.raresignal.v1.AlertFilter\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x12ListAlertsResponse\x12$\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x14.raresignal.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x12WatchAlertsRequest\x12*\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1a.raresignal.v1.AlertFilter\"d\n\nAlertEvent\x12#\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x14.raresignal.v1.Alert\x12\x31\n\x0eprevious_state\x18\x02 \x01(\x0e\x32\x19.raresignal.v1.AlertState\"R\n\x0fListRunsRequest\x12\x18\n\x10include_finished\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x10ListRunsResponse\x12$\n\x04runs\x18\x01 \x03(\x0b\x32\x16.raresignal.v1.RunInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd9\x01\n\x10GetSeriesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.raresignal.v1.GetSeriesRequest.LabelsEntry\x12\x12\n\nsince_step\x18\x04 \x01(\x03\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x11GetSeriesResponse\x12&\n\x07samples\x18\x01 \x03(\x0b\x32\x15.raresignal.v1.Sample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xaa\x01\n\x06\x41lerts\x12Q\n\nListAlerts\x12 .raresignal.v1.ListAlertsRequest\x1a!.raresignal.v1.ListAlertsResponse\x12M\n\x0bWatchAlerts\x12!.raresignal.v1.WatchAlertsRequest\x1a\x19.raresignal.v1.AlertEvent0\x01\x32\xa3\x01\n\x04Runs\x12K\n\x08ListRuns\x12\x1e.raresignal.v1.ListRunsRequest\x1a\x1f.raresignal.v1.ListRunsResponse\x12N\n\tGetSeries\x12\x1f.raresignal.v1.GetSeriesRequest\x1a .raresignal.v1.GetSeriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1araresignal/v1/alerts.proto\x12\rraresignal.v1\x1a\x1araresignal/v1/common.proto\"V\n\x0b\x41lertFilter\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.raresignal.v1.AlertState\x12\x0c\n\x04rule\x18\x03 \x01(\t\"u\n\x11ListAlertsRequest\x12*\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1a.raresignal.v1.AlertFilter\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x12ListAlertsResponse\x12$\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x14.raresignal.v1.Alert\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x12WatchAlertsRequest\x12*\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1a.raresignal.v1.AlertFilter\"d\n\nAlertEvent\x12#\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x14.raresignal.v1.Alert\x12\x31\n\x0eprevious_state\x18\x02 \x01(\x0e\x32\x19.raresignal.v1.AlertState\"R\n\x0fListRunsRequest\x12\x18\n\x10include_finished\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x10ListRunsResponse\x12$\n\x04runs\x18\x01 \x03(\x0b\x32\x16.raresignal.v1.RunInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd9\x01\n\x10GetSeriesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12;\n\x06labels\x18\x03 \x03(\x0b\x32+.raresignal.v1.GetSeriesRequest.LabelsEntry\x12\x12\n\nsince_step\x18\x04 \x01(\x03\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x11GetSeriesResponse\x12&\n\x07samples\x18\x01 \x03(\x0b\x32\x15.raresignal.v1.Sample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x11ListSeriesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x82\x01\n\nSeriesInfo\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x35\n\x06labels\x18\x02 \x03(\x0b\x32%.raresignal.v1.SeriesInfo.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x12ListSeriesResponse\x12)\n\x06series\x18\x01 \x03(\x0b\x32\x19.raresignal.v1.SeriesInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xaa\x01\n\x06\x41lerts\x12Q\n\nListAlerts\x12 .raresignal.v1.ListAlertsRequest\x1a!.raresignal.v1.ListAlertsResponse\x12M\n\x0bWatchAlerts\x12!.raresignal.v1.WatchAlertsRequest\x1a\x19.raresignal.v1.AlertEvent0\x01\x32\xf6\x01\n\x04Runs\x12K\n\x08ListRuns\x12\x1e.raresignal.v1.ListRunsRequest\x1a\x1f.raresignal.v1.ListRunsResponse\x12N\n\tGetSeries\x12\x1f.raresignal.v1.GetSeriesRequest\x1a .raresignal.v1.GetSeriesResponse\x12Q\n\nListSeries\x12 .raresignal.v1.ListSeriesRequest\x1a!.raresignal.v1.ListSeriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSERIESREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_GETSERIESREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_SERIESINFO_LABELSENTRY']._loaded_options = None
+  _globals['_SERIESINFO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ALERTFILTER']._serialized_start=73
   _globals['_ALERTFILTER']._serialized_end=159
   _globals['_LISTALERTSREQUEST']._serialized_start=161
@@ -54,8 +56,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERIESREQUEST_LABELSENTRY']._serialized_end=918
   _globals['_GETSERIESRESPONSE']._serialized_start=920
   _globals['_GETSERIESRESPONSE']._serialized_end=1004
-  _globals['_ALERTS']._serialized_start=1007
-  _globals['_ALERTS']._serialized_end=1177
-  _globals['_RUNS']._serialized_start=1180
-  _globals['_RUNS']._serialized_end=1343
+  _globals['_LISTSERIESREQUEST']._serialized_start=1006
+  _globals['_LISTSERIESREQUEST']._serialized_end=1080
+  _globals['_SERIESINFO']._serialized_start=1083
+  _globals['_SERIESINFO']._serialized_end=1213
+  _globals['_SERIESINFO_LABELSENTRY']._serialized_start=873
+  _globals['_SERIESINFO_LABELSENTRY']._serialized_end=918
+  _globals['_LISTSERIESRESPONSE']._serialized_start=1215
+  _globals['_LISTSERIESRESPONSE']._serialized_end=1303
+  _globals['_ALERTS']._serialized_start=1306
+  _globals['_ALERTS']._serialized_end=1476
+  _globals['_RUNS']._serialized_start=1479
+  _globals['_RUNS']._serialized_end=1725
 # @@protoc_insertion_point(module_scope)

@@ -183,6 +183,11 @@ class RunsStub:
                 request_serializer=raresignal_dot_v1_dot_alerts__pb2.GetSeriesRequest.SerializeToString,
                 response_deserializer=raresignal_dot_v1_dot_alerts__pb2.GetSeriesResponse.FromString,
                 _registered_method=True)
+        self.ListSeries = channel.unary_unary(
+                '/raresignal.v1.Runs/ListSeries',
+                request_serializer=raresignal_dot_v1_dot_alerts__pb2.ListSeriesRequest.SerializeToString,
+                response_deserializer=raresignal_dot_v1_dot_alerts__pb2.ListSeriesResponse.FromString,
+                _registered_method=True)
 
 
 class RunsServicer:
@@ -202,6 +207,14 @@ class RunsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSeries(self, request, context):
+        """The series one run has stored (by metric, then label set), each named as GetSeries
+        takes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +227,11 @@ def add_RunsServicer_to_server(servicer, server):
                     servicer.GetSeries,
                     request_deserializer=raresignal_dot_v1_dot_alerts__pb2.GetSeriesRequest.FromString,
                     response_serializer=raresignal_dot_v1_dot_alerts__pb2.GetSeriesResponse.SerializeToString,
+            ),
+            'ListSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSeries,
+                    request_deserializer=raresignal_dot_v1_dot_alerts__pb2.ListSeriesRequest.FromString,
+                    response_serializer=raresignal_dot_v1_dot_alerts__pb2.ListSeriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +288,33 @@ class Runs:
             '/raresignal.v1.Runs/GetSeries',
             raresignal_dot_v1_dot_alerts__pb2.GetSeriesRequest.SerializeToString,
             raresignal_dot_v1_dot_alerts__pb2.GetSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raresignal.v1.Runs/ListSeries',
+            raresignal_dot_v1_dot_alerts__pb2.ListSeriesRequest.SerializeToString,
+            raresignal_dot_v1_dot_alerts__pb2.ListSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,7 @@ from raresignal.server.storage.records import (
 log = logging.getLogger("raresignal.server")
 
 RunPosition = tuple[float, str]  # (created_at, run_id) of the last run a page held
+SeriesPosition = tuple[str, str]  # (metric, labels key) of the last series a page held
 
 
 @dataclass
@@ -360,6 +361,19 @@ class Ledger:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"run_id {run_id!r} is not a known run")
         principal.authorize(run.run_name)
         return self.storage.get_series(run_id, metric, labels_key(labels), since_step, limit)
+
+    def list_series(self, run_id: str, principal: Principal,
+                    after: SeriesPosition | None = None, limit: int | None = None
+                    ) -> list[SeriesKey]:
+        """The run's series, by metric then labels key, only those after ``after`` in that
+        order, at most ``limit``."""
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"run_id {run_id!r} is not a known run")
+        principal.authorize(run.run_name)
+        keys = sorted(key for key in self.storage.series_keys(run_id)
+                      if after is None or key > after)
+        return keys if limit is None else keys[:limit]
 
     def close(self) -> None:
         self.storage.close()

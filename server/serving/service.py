@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -37,16 +38,23 @@ from raresignal.server.serving.validation import (
     MAX_ALERTS_PAGE_SIZE,
     MAX_RUNS_PAGE_SIZE,
     MAX_SAMPLES_PAGE_SIZE,
+    MAX_SERIES_PAGE_SIZE,
     PAGE_BYTES,
     RequestError,
     check_alert_filter,
     check_page_size,
+    check_run_id,
     check_series_request,
     decode_page_token,
     encode_page_token,
     invalid,
 )
-from raresignal.server.storage.records import AlertChange, AlertRecord, SeriesPoint
+from raresignal.server.storage.records import (
+    AlertChange,
+    AlertRecord,
+    SeriesKey,
+    SeriesPoint,
+)
 
 log = logging.getLogger("raresignal.server")
 
@@ -363,6 +371,26 @@ class RunsService(alerts_pb2_grpc.RunsServicer):
         messages, last = _page(points, page_size, sample)
         token = "" if last is None else encode_page_token(query, (int(last.step),))
         return alerts_pb2.GetSeriesResponse(samples=messages, next_page_token=token)
+
+    async def ListSeries(self, request: alerts_pb2.ListSeriesRequest,
+                         context: grpc.aio.ServicerContext) -> alerts_pb2.ListSeriesResponse:
+        try:
+            principal = self._b.principal(context)
+            check_run_id("run_id", request.run_id)
+            page_size = check_page_size(request.page_size, MAX_SERIES_PAGE_SIZE)
+            query = ("ListSeries", request.run_id, principal.patterns)
+            after = decode_page_token(request.page_token, query, (str, str))
+            keys = await self._b.call(self._b.ledger.list_series, request.run_id, principal,
+                                      after, page_size + 1)
+        except RequestError as error:
+            await _abort(context, error)
+
+        def series_info(key: SeriesKey) -> alerts_pb2.SeriesInfo:
+            return alerts_pb2.SeriesInfo(metric=key[0], labels=json.loads(key[1]))
+
+        messages, last = _page(keys, page_size, series_info)
+        token = "" if last is None else encode_page_token(query, last)
+        return alerts_pb2.ListSeriesResponse(series=messages, next_page_token=token)
 
 
 # A repeated field's tag and length prefix, at most, beside each item's own bytes.

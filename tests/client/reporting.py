@@ -8,8 +8,15 @@ from raresignal.client.channels import auth_metadata, open_channel
 from raresignal.protos.transport import TlsConfig
 from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
-# (metric, step, value)
-SampleSpec = tuple[str, int, float]
+# (metric, step, value), or (metric, step, value, labels)
+SampleSpec = tuple[str, int, float] | tuple[str, int, float, dict[str, str]]
+
+
+def _sample(spec: SampleSpec) -> common_pb2.Sample:
+    metric, step, value = spec[:3]
+    labels = spec[3] if len(spec) == 4 else {}
+    return common_pb2.Sample(metric=metric, step=step, value=value, labels=labels,
+                             wall_time=1_700_000_000.0 + step)
 
 
 def report_run(target: str, run_name: str, samples: Sequence[SampleSpec],
@@ -24,9 +31,7 @@ def report_run(target: str, run_name: str, samples: Sequence[SampleSpec],
                                 metadata=metadata, timeout=10).run_id
         batch = ingest_pb2.ReportBatch(
             run_id=run_id, sender_id="rank0-test", sequence=1,
-            samples=[common_pb2.Sample(metric=metric, step=step, value=value,
-                                       wall_time=1_700_000_000.0 + step)
-                     for metric, step, value in samples])
+            samples=[_sample(spec) for spec in samples])
         list(ingest.Report(iter([batch]), metadata=metadata, timeout=20))
         if finished:
             ingest.CloseRun(ingest_pb2.CloseRunRequest(

@@ -11,41 +11,15 @@ import textwrap
 import time
 from pathlib import Path
 
+from cli_runner import CLI_WITHOUT, SERVER_EXTRA_AND_TORCH, cli_without
 from reporting import report_run
 
 from raresignal.server.process import ServerProcess
-
-SERVER_EXTRA_AND_TORCH = ("yaml", "prometheus_client", "grpc_health", "grpc_reflection",
-                          "torch")
-
-# Makes the blocked modules look uninstalled, as on an agent-only install, then runs the
-# command line with the script's arguments.
-CLI_WITHOUT = textwrap.dedent("""
-    import importlib.abc, sys
-    BLOCKED = {blocked!r}
-    class Uninstalled(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split('.')[0] in BLOCKED:
-                raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)
-            return None
-    sys.meta_path.insert(0, Uninstalled())
-    from raresignal.client.cli import main
-    code = main(sys.argv[1:])
-    imported = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)
-    assert not imported, imported
-    sys.exit(code)
-""")
 
 
 def _cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "raresignal.client.cli", *argv],
                           capture_output=True, text=True, timeout=60, env=env)
-
-
-def _cli_without(blocked: tuple[str, ...], *argv: str) -> subprocess.CompletedProcess[str]:
-    code = CLI_WITHOUT.format(blocked=sorted(blocked))
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_help_teaches_with_examples() -> None:
@@ -113,19 +87,19 @@ def test_cli_server_runs_and_answers_runs_and_alerts(tmp_path: Path) -> None:
 def test_client_commands_run_without_the_server_extra_or_torch(tmp_path: Path) -> None:
     with ServerProcess(tmp_path / "rs.db", tmp_path).start() as server:
         run_id = report_run(server.grpc_target, "lean-run", [("nonfinite_values", 1, 3.0)])
-        runs = _cli_without(SERVER_EXTRA_AND_TORCH, "runs", "--server", server.grpc_target)
+        runs = cli_without(SERVER_EXTRA_AND_TORCH, "runs", "--server", server.grpc_target)
         assert runs.returncode == 0, runs.stderr
         assert run_id in runs.stdout and "lean-run" in runs.stdout
-        alerts = _cli_without(SERVER_EXTRA_AND_TORCH, "alerts", "--state", "firing",
+        alerts = cli_without(SERVER_EXTRA_AND_TORCH, "alerts", "--state", "firing",
                               "--server", server.grpc_target)
         assert alerts.returncode == 0, alerts.stderr
         assert "NonFiniteGradients" in alerts.stdout and "lean-run" in alerts.stdout
 
     for argv in (["--help"], ["alerts", "--help"]):
-        helped = _cli_without(SERVER_EXTRA_AND_TORCH, *argv)
+        helped = cli_without(SERVER_EXTRA_AND_TORCH, *argv)
         assert helped.returncode == 0 and "examples:" in helped.stdout, helped.stderr
-    assert "raresignal[server]" in _cli_without(SERVER_EXTRA_AND_TORCH, "--help").stdout
-    refused = _cli_without(SERVER_EXTRA_AND_TORCH, "server", "--db", str(tmp_path / "x.db"))
+    assert "raresignal[server]" in cli_without(SERVER_EXTRA_AND_TORCH, "--help").stdout
+    refused = cli_without(SERVER_EXTRA_AND_TORCH, "server", "--db", str(tmp_path / "x.db"))
     assert refused.returncode == 2
     assert "pip install 'raresignal[server]'" in refused.stderr
     assert "'yaml'" in refused.stderr

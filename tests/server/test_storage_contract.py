@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from postgres_cluster import Cluster
 from server_support import batch, sample
@@ -18,6 +19,7 @@ from raresignal.server.alerting.engine import AlertEngine
 from raresignal.server.serving.auth import EVERYONE
 from raresignal.server.serving.ledger import Ledger
 from raresignal.server.serving.live import LiveState
+from raresignal.server.serving.validation import RequestError
 from raresignal.server.storage.base import RetentionPolicy, SequenceConflict, Storage
 from raresignal.server.storage.records import (
     AlertChange,
@@ -314,3 +316,29 @@ def test_series_reads_stop_at_their_limit(open_store: OpenStore) -> None:
     assert [p.step for p in store.get_series("r", "loss", "{}", 3, limit=4)] == [3, 4, 5, 6]
     assert [p.step for p in store.get_series("r", "loss", "{}", 8, limit=4)] == [8, 9]
     assert len(store.get_series("r", "loss", "{}", 0)) == 10
+
+
+def test_series_list_pages_resume_after_their_last_series(open_store: OpenStore) -> None:
+    store = open_store()
+    ledger, run_id = open_ledger(store)
+    other, _ = ledger.open_run(ingest_pb2.OpenRunRequest(run_name="o", world_size=1),
+                               EVERYONE)
+    samples = [sample("loss", 1, 1.0), sample("grad_norm", 1, 2.0),
+               *(sample("fisher_trace", 1, 3.0, group=f"g{i}") for i in range(5))]
+    assert ledger.apply(batch(run_id, 1, samples, sender="s"), EVERYONE).applied
+    assert ledger.apply(batch(other.run_id, 1, [sample("sharpness", 1, 1.0)], sender="s"),
+                        EVERYONE).applied
+    every = ledger.list_series(run_id, EVERYONE)
+    assert every == sorted([("loss", "{}"), ("grad_norm", "{}"),
+                            *(("fisher_trace", f'{{"group":"g{i}"}}') for i in range(5))])
+    first = ledger.list_series(run_id, EVERYONE, limit=3)
+    rest = ledger.list_series(run_id, EVERYONE, after=first[-1], limit=100)
+    assert first + rest == every
+    ledger.close()
+    reopened = Ledger(open_store(), AlertEngine([]), LiveState())
+    assert reopened.list_series(run_id, EVERYONE) == every
+    assert reopened.list_series(other.run_id, EVERYONE) == [("sharpness", "{}")]
+    with pytest.raises(RequestError) as unknown:
+        reopened.list_series("0" * 16, EVERYONE)
+    assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+    reopened.close()
