@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 from server_support import Client, Scrape, batch, config, sample, scrape
 
 from raresignal.protos.catalog import CATALOG, Kind
-from raresignal.server.serving.app import ServerHandle, start_in_thread
+from raresignal.server.serving.app import ServerConfig, ServerHandle, start_in_thread
 
+REPO_ROOT = Path(__file__).parents[2]
 RUN = "freshness"
 FINISHED_TTL_SECONDS = 2.0
 DEADLINE_SECONDS = 60.0
@@ -135,3 +137,13 @@ def test_finished_run_leaves_metrics_after_the_ttl(tmp_path: Path) -> None:
             assert _value(metrics, "raresignal_runs", state="finished") >= 1
         finally:
             client.close()
+
+
+def test_the_docs_state_the_default_finished_run_ttl() -> None:
+    default = ServerConfig().finished_run_ttl_seconds
+    for readme, setting in ((REPO_ROOT / "README.md", "`--finished-run-ttl`"),
+                            (REPO_ROOT / "helm" / "README.md",
+                             "`server.finishedRunTtlSeconds`")):
+        text = " ".join(readme.read_text().split())
+        stated = re.findall(re.escape(setting) + r"[^(]*\(default (\d+)", text)
+        assert [float(s) for s in stated] == [default], readme
