@@ -23,7 +23,8 @@ ages, which would be stale the moment they are scraped, or explicit sample times
 the exposition: Prometheus drops samples older than its head block accepts, and a series
 with explicit timestamps is not marked stale when it disappears, so an old measurement
 would either vanish or linger rather than show its age. The companions add two series
-per run series, bounded like them; they leave with their run.
+per run series (a scrape's run samples triple), bounded like them; they leave with their
+run.
 
 Finished runs. ``raresignal_run_finished_timestamp_seconds`` is the server time a run
 closed; its series, companions and alerts leave /metrics once the scrape's clock is more
