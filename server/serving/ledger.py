@@ -203,6 +203,7 @@ class Ledger:
             return results
         for _, write, changes in applied:
             self._runs[write.run.run_id] = write.run
+            self.live.set_run(write.run)
             self.live.record_newest(write.run.run_id, write.newest)
             self.live.apply_changes(changes)
         return results

@@ -11,6 +11,7 @@ import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from raresignal.protos.v1 import common_pb2
 from raresignal.server.storage.records import (
@@ -28,6 +29,18 @@ class RunView:
     run_id: str
     run_name: str
     finished_at: float  # 0 while active
+    last_step: int = 0
+    reported_at: float = 0.0  # server time of the last applied report (or of the opening)
+
+
+class SeriesValue(NamedTuple):
+    """One series' newest value and when it was measured."""
+
+    metric: str
+    labels: dict[str, str]
+    value: float
+    step: int
+    measured_at: float  # the sample's wall time, on the agent's clock (0: not sent)
 
 
 @dataclass
@@ -37,8 +50,7 @@ class Snapshot:
     runs: list[RunView] = field(default_factory=list)
     active_runs: int = 0
     finished_runs: int = 0
-    # run_id -> [(metric, labels, value)]
-    values: dict[str, list[tuple[str, dict[str, str], float]]] = field(default_factory=dict)
+    values: dict[str, list[SeriesValue]] = field(default_factory=dict)  # by run_id
     firing: list[AlertRecord] = field(default_factory=list)
 
 
@@ -46,29 +58,35 @@ class LiveState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._runs: dict[str, RunView] = {}
-        # run_id -> (metric, labels_key) -> (step, value)
-        self._values: dict[str, dict[tuple[str, str], tuple[int, float]]] = {}
+        # run_id -> (metric, labels_key) -> (step, value, wall_time)
+        self._values: dict[str, dict[SeriesKey, Newest]] = {}
         self._firing: dict[str, AlertRecord] = {}
 
     def set_run(self, run: RunRecord) -> None:
+        """Takes a run as it stands: opened, after an applied batch, or closed."""
         with self._lock:
-            self._runs[run.run_id] = RunView(run.run_id, run.run_name, run.finished_at)
+            previous = self._runs.get(run.run_id)
+            # Closing moves updated_at to the close time; the last report stays what it was.
+            reported_at = (previous.reported_at if run.finished_at and previous
+                           else run.updated_at)
+            self._runs[run.run_id] = RunView(run.run_id, run.run_name, run.finished_at,
+                                             run.last_step, reported_at)
             self._values.setdefault(run.run_id, {})
 
     def load_values(self, values: Iterable[LatestValue]) -> None:
         with self._lock:
             for v in values:
-                self._values.setdefault(v.run_id, {})[(v.metric, v.labels_key)] = (v.step,
-                                                                                    v.value)
+                self._values.setdefault(v.run_id, {})[(v.metric, v.labels_key)] = (
+                    v.step, v.value, v.wall_time)
 
     def record_newest(self, run_id: str, newest: Mapping[SeriesKey, Newest]) -> None:
         """Takes the newest sample per series of a batch: O(series), not O(samples)."""
         with self._lock:
             series = self._values.setdefault(run_id, {})
-            for key, (step, value, _) in newest.items():
+            for key, sample in newest.items():
                 current = series.get(key)
-                if current is None or step >= current[0]:
-                    series[key] = (step, value)
+                if current is None or sample[0] >= current[0]:
+                    series[key] = sample
 
     def apply_changes(self, changes: Iterable[AlertChange]) -> None:
         with self._lock:
@@ -98,9 +116,9 @@ class LiveState:
                     snap.active_runs += 1
                 snap.runs.append(run)
                 snap.values[run.run_id] = [
-                    (metric, json.loads(labels_key), value)
-                    for (metric, labels_key), (_, value) in self._values.get(run.run_id,
-                                                                            {}).items()
+                    SeriesValue(metric, json.loads(labels_key), value, step, wall_time)
+                    for (metric, labels_key), (step, value, wall_time)
+                    in self._values.get(run.run_id, {}).items()
                 ]
             shown = {run.run_id for run in snap.runs}
             snap.firing = [a for a in self._firing.values() if a.run_id in shown]

@@ -17,20 +17,32 @@ from test_deploy_prometheus_e2e import _batches, scraping_prometheus
 
 from raresignal.client.channels import open_channel
 from raresignal.protos.catalog import CATALOG
-from raresignal.protos.v1 import ingest_pb2, ingest_pb2_grpc
+from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 # The dashboard variables that narrow a run's series, each the name of the label it filters.
 FILTER_VARIABLES = ("run", "run_id", "probe")
 # Labels of the series the server builds itself (the catalogue's get run and run_id).
+# A run series' freshness companions carry its labels and the catalogue name, as metric.
+COMPANION_LABELS = {"run", "run_id", "metric", *{label for spec in CATALOG.values()
+                                                for label in spec.labels}}
 SERVER_SERIES_LABELS = {
     "raresignal_alert_firing": {"run", "run_id", "probe", "alert", "severity"},
     "raresignal_runs": {"state"},
     "raresignal_ingest_batches_total": {"outcome"},
+    "raresignal_run_last_step": {"run", "run_id"},
+    "raresignal_run_last_report_timestamp_seconds": {"run", "run_id"},
+    "raresignal_run_finished_timestamp_seconds": {"run", "run_id"},
+    "raresignal_series_last_step": COMPANION_LABELS,
+    "raresignal_series_last_measured_timestamp_seconds": COMPANION_LABELS,
 }
 # Series on which a label is present only for some samples: the filter must also let the
-# others through (a run-level alert has no probe).
-OPTIONAL_LABELS = {"raresignal_alert_firing": {"probe"}}
+# others through (a run-level alert has no probe, nor has the companion of a run series).
+OPTIONAL_LABELS = {"raresignal_alert_firing": {"probe"},
+                   "raresignal_series_last_step": {"probe"},
+                   "raresignal_series_last_measured_timestamp_seconds": {"probe"}}
+# The panels that say how old the probe panels' values are, and their units.
+PROBE_AGE_PANELS = {"Probe measured, seconds ago": "s", "Probe measured, steps ago": "none"}
 # Grafana's unit ids the panels may use.
 GRAFANA_UNITS = {"none", "short", "percent", "percentunit", "s", "ms", "bytes", "reqps",
                  "ops"}
@@ -151,6 +163,25 @@ def test_run_id_and_probe_variables_chain_to_run() -> None:
             assert f'{label}=~"${label}"' in variable["definition"], (name, label)
 
 
+def _panel(title: str) -> dict[str, Any]:
+    (panel,) = [p for p in _panels(dashboard()) if p["title"] == title]
+    return panel
+
+
+def test_probe_rows_show_the_age_of_their_measurements() -> None:
+    board = dashboard()
+    probe_row = next(p for p in board["panels"] if p["title"] == "Rare-signal probes")
+    first_probe_panel = min(p["gridPos"]["y"] for p in _panels(board)
+                            if "raresignal_probe_" in p["targets"][0]["expr"])
+    for title, unit in PROBE_AGE_PANELS.items():
+        panel = _panel(title)
+        assert panel["fieldConfig"]["defaults"]["unit"] == unit, title
+        # Between the row's title and the probe values they qualify.
+        assert probe_row["gridPos"]["y"] < panel["gridPos"]["y"] < first_probe_panel, title
+        (target,) = panel["targets"]
+        assert 'metric=~"probe_.+"' in target["expr"], title
+
+
 def _label_values(prometheus: PrometheusServer, definition: str) -> list[str]:
     """What Grafana's ``label_values(selector, label)`` returns, asked of Prometheus."""
     selector, label = re.fullmatch(r"label_values\((.*), (\w+)\)", definition).groups()
@@ -213,3 +244,64 @@ def test_two_runs_of_one_name_draw_as_two_lines(
                 if target.get("format") != "table":
                     legends = {_legend(target["legendFormat"], s) for s in series}
                     assert len(legends) == len(series), name
+
+
+STALE_STEP, LAST_STEP = 3, 500
+STALE_SECONDS = 3600.0
+
+
+def _report_stale_rare_probe(target: str, measured_at: float) -> str:
+    """A run whose rare probe was last measured at step 3, an hour before its common
+    probe and loss at step 500."""
+    def at(metric: str, step: int, wall_time: float, **labels: str) -> common_pb2.Sample:
+        return common_pb2.Sample(metric=metric, labels=labels, step=step, value=0.5,
+                                 wall_time=wall_time)
+
+    with open_channel(target) as channel:
+        stub = ingest_pb2_grpc.IngestStub(channel)
+        run_id = stub.OpenRun(ingest_pb2.OpenRunRequest(
+            run_name=RUN, world_size=1, report_interval_seconds=60.0), timeout=10).run_id
+        batches = [
+            [at("probe_accuracy", STALE_STEP, measured_at - STALE_SECONDS, probe="rare")],
+            [at("probe_accuracy", LAST_STEP, measured_at, probe="common"),
+             at("loss", LAST_STEP, measured_at)],
+        ]
+        acks = list(stub.Report(iter(
+            ingest_pb2.ReportBatch(run_id=run_id, sender_id="rank0-e2e", sequence=sequence,
+                                   samples=samples)
+            for sequence, samples in enumerate(batches, 1)), timeout=30))
+    assert {a.outcome for a in acks} == {ingest_pb2.ReportAck.OUTCOME_APPLIED}
+    return run_id
+
+
+def _ages(prometheus: PrometheusServer, title: str) -> dict[str, float]:
+    """The probe-age panel's value per probe, once Prometheus has scraped both probes."""
+    (target,) = _panel(title)["targets"]
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while True:
+        answer = prometheus.query(substitute_variables(target["expr"]))
+        assert answer["status"] == "success", answer
+        ages = {s["metric"]["probe"]: float(s["value"][1]) for s in answer["data"]["result"]}
+        if set(ages) == {"common", "rare"}:
+            return ages
+        assert time.monotonic() < deadline, f"{title}: {ages}"
+        time.sleep(0.5)
+
+
+def test_probe_age_panels_read_steps_and_seconds_since_measured(
+        start_prometheus: Callable[[dict[str, Any]], PrometheusServer],
+        tmp_path: Path) -> None:
+    config = ServerConfig(db_path=str(tmp_path / "raresignal.db"), host="127.0.0.1",
+                          grpc_port=0, metrics_port=0, health_port=0)
+    with start_in_thread(config) as server:
+        prometheus = scraping_prometheus(start_prometheus, server.metrics_url, tmp_path)
+        measured_at = time.time()
+        _report_stale_rare_probe(server.grpc_target, measured_at)
+
+        steps = _ages(prometheus, "Probe measured, steps ago")
+        assert steps == {"common": 0.0, "rare": float(LAST_STEP - STALE_STEP)}
+
+        seconds = _ages(prometheus, "Probe measured, seconds ago")
+        now = time.time()
+        assert 0.0 <= seconds["common"] <= now - measured_at
+        assert STALE_SECONDS <= seconds["rare"] <= STALE_SECONDS + now - measured_at

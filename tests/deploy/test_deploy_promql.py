@@ -12,7 +12,8 @@ from raresignal.protos.catalog import CATALOG, PROMETHEUS_PREFIX
 
 SERVER_OWN_SERIES = {
     "raresignal_alert_firing", "raresignal_runs", "raresignal_ingest_batches_total",
-    "raresignal_alertmanager_notifications_total",
+    "raresignal_alertmanager_notifications_total", "raresignal_run_last_step",
+    "raresignal_series_last_step", "raresignal_series_last_measured_timestamp_seconds",
 }
 
 def rule_expressions() -> dict[str, str]:

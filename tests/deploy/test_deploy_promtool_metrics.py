@@ -1,6 +1,7 @@
 """The server's /metrics, scraped from a real server that holds a run reporting every
-catalogue metric with a firing alert, passes ``promtool check metrics``: Prometheus'
-own linter of exposition format and naming conventions."""
+catalogue metric with a firing alert (and the freshness series beside them), passes
+``promtool check metrics``: Prometheus' own linter of exposition format and naming
+conventions."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ LABEL_VALUES = {LABEL_PROBE: ("rare", "common"), LABEL_GROUP: ("embedding", "hea
                 LABEL_LAYER: ("block0", "block1"),
                 LABEL_ESTIMATOR: ("sharpness", "fisher")}
 DEADLINE_SECONDS = 60.0
+# What the server adds beside the run series to say how old they are.
+FRESHNESS_SERIES = ("raresignal_series_last_step",
+                    "raresignal_series_last_measured_timestamp_seconds",
+                    "raresignal_run_last_step", "raresignal_run_last_report_timestamp_seconds")
 
 
 def _catalogue_samples(spec: MetricSpec, step: int) -> list[common_pb2.Sample]:
@@ -103,6 +108,8 @@ def test_scraped_metrics_pass_promtool(promtool_binary: str, server: ServerHandl
     assert "\nraresignal_alert_firing{" in exposition
     for spec in CATALOG.values():
         assert f"\n{spec.prometheus_name}{{" in exposition, spec.name
+    for freshness in FRESHNESS_SERIES:
+        assert f"\n{freshness}{{" in exposition, freshness
 
     result = _promtool_check(promtool_binary, exposition)
     problems = result.stdout + result.stderr
