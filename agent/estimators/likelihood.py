@@ -9,7 +9,9 @@ the likelihood through this one interface. Built in, by task name:
 - "regression": Gaussian y ~ N(f(x), variance), outputs and targets [N, ...] (MSE);
 - "multi_label": independent Bernoulli per output, logits and 0/1 targets [N, K] (BCE).
 
-Any other likelihood plugs in by implementing the ``Likelihood`` protocol.
+Any other likelihood plugs in by implementing the ``Likelihood`` protocol. A loss with no
+likelihood (contrastive, diffusion, custom) is task "custom" with a ``loss_fn``: the
+loss-based signals then come from that scalar, and the Fisher-based ones are unavailable.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # a target position that is not scored
+DEFAULT_TASK = "classification"
+CUSTOM_TASK = "custom"  # a loss_fn and no likelihood
 
 
 @runtime_checkable
@@ -194,3 +198,20 @@ def mean_nll(likelihood: Likelihood, logits: torch.Tensor,
     """Mean negative log-likelihood per scored token: the usual training loss."""
     total = likelihood.counts(targets).sum().clamp(min=1.0)
     return likelihood.nll(logits, targets).sum() / total
+
+
+def resolve_task(task: str | Likelihood | None, has_loss_fn: bool) -> Likelihood | None:
+    """The likelihood the Fisher-based signals sample from, or None for task "custom".
+
+    No task means "custom" when a ``loss_fn`` is given, else ``DEFAULT_TASK``. A likelihood
+    task with a ``loss_fn`` keeps both: the ``loss_fn`` is the training loss (sharpness,
+    noise scale, probe loss) and the likelihood gives the Fisher (e.g. a label-smoothed
+    classification loss).
+    """
+    if task is None:
+        task = CUSTOM_TASK if has_loss_fn else DEFAULT_TASK
+    if task == CUSTOM_TASK:
+        if not has_loss_fn:
+            raise ValueError("task 'custom' needs loss_fn=(model, inputs, targets) -> scalar")
+        return None
+    return likelihood_for_task(task)
