@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 
 from raresignal.agent import Monitor, MonitorConfig, Probe
 from raresignal.agent.estimators import EstimatorConfig, build_shared_state
+from raresignal.agent.estimators.likelihood import GaussianLikelihood
 from raresignal.agent.estimators.noise_scale import half_batch_norms
 from raresignal.agent.estimators.objective import BatchObjective
 
@@ -193,7 +195,7 @@ def test_a_loss_fn_that_is_the_gaussian_nll_gives_the_losses_task_regression_doe
         point = {n: t.requires_grad_(True) for n, t in objective.point().items()}
         value = objective(point)
         grads[name] = torch.autograd.grad(value, list(point.values()))
-        values[name] = float(value)
+        values[name] = float(value.detach())
         order = torch.randperm(48, generator=torch.Generator().manual_seed(4))
         norms[name] = half_batch_norms(state.functional, state.likelihood, x, y,
                                        order[:24], order[24:])
@@ -208,3 +210,8 @@ def test_a_loss_fn_that_is_the_gaussian_nll_gives_the_losses_task_regression_doe
 def test_task_custom_needs_a_loss_fn() -> None:
     with pytest.raises(ValueError, match="loss_fn"):
         Monitor(Regressor(2), None, server=None, task="custom")
+
+
+def test_readme_states_the_regression_variance_the_likelihood_uses() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"Gaussian, variance {GaussianLikelihood().variance:g} " in readme
