@@ -1,9 +1,11 @@
 """A Monitor on each task a training loop may have: the likelihoods picked by ``task=`` and
-a ``loss_fn`` with no likelihood, on tiny models, measuring in process."""
+a ``loss_fn`` with no likelihood, on tiny models, in process and through the real server."""
 
 from __future__ import annotations
 
 import logging
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from raresignal.agent import Monitor, MonitorConfig, Probe
@@ -18,6 +21,7 @@ from raresignal.agent.estimators import EstimatorConfig, build_shared_state
 from raresignal.agent.estimators.likelihood import GaussianLikelihood
 from raresignal.agent.estimators.noise_scale import half_batch_norms
 from raresignal.agent.estimators.objective import BatchObjective
+from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 LossOf = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 
@@ -95,14 +99,16 @@ def _contrastive_data(generator: torch.Generator) -> tuple[torch.Tensor, torch.T
 
 
 def _run(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], loss_of: LossOf,
-         steps: int = 12, **monitor_args: Any) -> tuple[Monitor, list[float]]:
+         steps: int = 12, config: MonitorConfig | None = None, **monitor_args: Any,
+         ) -> tuple[Monitor, list[float]]:
     """Trains ``steps`` steps on the data's first 32 examples, probing the last 16; returns
     the monitor and the probe's loss at each step, computed here."""
     inputs, targets = data
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = Monitor(model, optimizer, server=None, probes={"rare": Probe(inputs[32:],
-                                                                            targets[32:])},
-                      config=MonitorConfig(max_interval_factor=1, estimator_config=EVERY_STEP),
+    monitor_args.setdefault("server", None)
+    monitor = Monitor(model, optimizer, probes={"rare": Probe(inputs[32:], targets[32:])},
+                      config=config or MonitorConfig(max_interval_factor=1,
+                                                     estimator_config=EVERY_STEP),
                       **monitor_args)
     probe_losses = []
     for _ in range(steps):
@@ -177,6 +183,39 @@ def test_a_loss_fn_without_likelihood_reports_the_loss_signals_and_says_what_is_
     assert latest["agent_estimator_unavailable{estimator=probe_fisher}"] == 1.0
     said = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(said) == 1 and "fisher and probe_fisher" in said[0]
+
+
+def _scraped_samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_the_unavailable_gauge_reaches_prometheus_through_the_server(tmp_path: Path) -> None:
+    def unavailable(scraped: dict) -> dict[str, float]:
+        return {dict(labels)["estimator"]: value for (name, labels), value in scraped.items()
+                if name == "raresignal_agent_estimator_unavailable"
+                and ("run", "contrastive") in labels}
+
+    with start_in_thread(ServerConfig(db_path=str(tmp_path / "rs.db"), host="127.0.0.1",
+                                      grpc_port=0, metrics_port=0, health_port=0)) as server:
+        torch.manual_seed(0)
+        config = MonitorConfig(max_interval_factor=1, estimator_config=EVERY_STEP,
+                               spool_dir=str(tmp_path / "spool"), report_interval_seconds=0.05)
+        monitor, _ = _run(Regressor(4), _contrastive_data(torch.Generator().manual_seed(2)),
+                          _contrastive_loss, config=config, server=server.grpc_target,
+                          run_name="contrastive", loss_fn=_contrastive_loss)
+        assert monitor.sender is not None and monitor.sender.dropped_reports == 0
+        deadline = time.monotonic() + 30
+        while True:
+            scraped = _scraped_samples(server.metrics_url)
+            if len(unavailable(scraped)) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert unavailable(scraped) == {"fisher": 1.0, "probe_fisher": 1.0}
+    by_name = {name for name, labels in scraped if ("run", "contrastive") in labels}
+    assert {"raresignal_sharpness", "raresignal_probe_loss"} <= by_name
+    assert not {"raresignal_fisher_trace", "raresignal_probe_fisher_mass"} & by_name
 
 
 def test_a_loss_fn_that_is_the_gaussian_nll_gives_the_losses_task_regression_does() -> None:
