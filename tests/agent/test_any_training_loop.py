@@ -254,3 +254,20 @@ def test_task_custom_needs_a_loss_fn() -> None:
 def test_readme_states_the_regression_variance_the_likelihood_uses() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"Gaussian, variance {GaussianLikelihood().variance:g} " in readme
+
+
+def test_a_loss_fn_with_a_likelihood_task_is_the_loss_and_keeps_the_fisher() -> None:
+    torch.manual_seed(0)
+    model = Regressor(2)
+    x, y = _regression_data(torch.Generator().manual_seed(5))
+
+    def weighted(m: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 3.0 * _gaussian_loss(m, inputs, targets)
+
+    shared = build_shared_state(model, None, None, EstimatorConfig(), task="regression",
+                                loss_fn=weighted)
+    assert isinstance(shared.likelihood, GaussianLikelihood) and shared.per_example is not None
+    objective = BatchObjective(shared.functional, shared.likelihood, x, y)
+    with torch.no_grad():
+        assert float(objective(objective.point())) == pytest.approx(
+            float(weighted(model, x, y)), rel=1e-6)
