@@ -49,6 +49,7 @@ from raresignal.agent.sender import RUN_STATES, SampleTuple, Sender
 
 if TYPE_CHECKING:
     from raresignal.agent.estimators.likelihood import Likelihood
+    from raresignal.agent.estimators.objective import LossFn
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,15 @@ def _check_estimators(estimators: Sequence[Any]) -> list[Estimator]:
 
 
 class Monitor:
-    """Measures training health at every step and reports it; see the module docstring."""
+    """Measures training health at every step and reports it; see the module docstring.
+
+    ``task`` names the model's likelihood, which the true Fisher samples labels from:
+    "classification" (the default), "causal_lm", "masked_lm", "regression" (Gaussian,
+    variance 1) or "multi_label" (Bernoulli per output), or any ``Likelihood``. A loss
+    with no likelihood (contrastive, diffusion, custom) is passed as
+    ``loss_fn(model, inputs, targets) -> scalar`` (task "custom"): the Fisher-based
+    signals are then unavailable, and said so; see ``build_default_estimators``.
+    """
 
     def __init__(
         self,
@@ -115,11 +124,12 @@ class Monitor:
         probes: Mapping[str, Probe] | None = None,
         common_probe: Probe | None = None,
         forward: ForwardFn | None = None,
-        task: str | Likelihood = "classification",
+        task: str | Likelihood | None = None,
         config: MonitorConfig | None = None,
         token: str | None = None,
         estimators: Sequence[Estimator] | None = None,
         announce: Callable[[str], None] | None = None,
+        loss_fn: LossFn | None = None,
     ) -> None:
         self.config = config or MonitorConfig()
         self.model = model
@@ -127,6 +137,7 @@ class Monitor:
         self.server = server
         self.run_name = run_name
         self.task = task
+        self.loss_fn = loss_fn
         self._token = token if token is not None else self.config.token
         self._forward = forward or default_forward
         # Bound at the first step: a monitor may be built before init_process_group.
@@ -165,7 +176,7 @@ class Monitor:
 
         return build_default_estimators(
             self.model, self.optimizer, probes, common_probe, self.config.estimator_config,
-            task=self.task, forward=self._forward)
+            task=self.task, forward=self._forward, loss_fn=self.loss_fn)
 
     # -- the training loop's calls -------------------------------------------------------
 

@@ -110,6 +110,8 @@ _SPECS: tuple[MetricSpec, ...] = (
        "the overhead budget.", LABEL_ESTIMATOR),
     _c("agent_dropped_reports_total", "Reports the agent dropped (spool full or rejected)."),
     _g("agent_spool_bytes", "Bytes waiting in the agent's spool."),
+    _g("agent_estimator_unavailable", "1 for each estimator the run's task cannot measure "
+       "(a loss_fn with no likelihood has no sampled-label Fisher).", LABEL_ESTIMATOR),
     _c("agent_estimator_errors_total", "Runs of an estimator that raised; the monitor logged "
        "the error and went on.", LABEL_ESTIMATOR),
     _c("agent_send_failures_total", "Attempts to reach the server that failed (each one is "

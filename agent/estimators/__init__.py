@@ -9,9 +9,12 @@ from raresignal.agent.api import default_forward
 from raresignal.agent.estimators.config import EstimatorConfig
 from raresignal.agent.estimators.default import build_default_estimators, build_shared_state
 from raresignal.agent.estimators.likelihood import (
+    BernoulliLikelihood,
     CausalLMLikelihood,
     ClassificationLikelihood,
+    GaussianLikelihood,
     Likelihood,
+    MaskedLMLikelihood,
 )
 from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.shared import (
@@ -24,11 +27,14 @@ from raresignal.agent.estimators.sketch import GradientSketcher
 __all__ = [
     "GRAD_SKETCH_KEY",
     "LOCAL_GRAD_SQ_NORM_KEY",
+    "BernoulliLikelihood",
     "CausalLMLikelihood",
     "ClassificationLikelihood",
     "EstimatorConfig",
+    "GaussianLikelihood",
     "GradientSketcher",
     "Likelihood",
+    "MaskedLMLikelihood",
     "ParameterSet",
     "SharedState",
     "build_default_estimators",

@@ -18,7 +18,12 @@ from typing import Any
 import torch
 
 from raresignal.agent.estimators.likelihood import Likelihood
-from raresignal.agent.estimators.objective import FunctionalModel, take, to_fp32_inputs
+from raresignal.agent.estimators.objective import (
+    FunctionalModel,
+    TrainingLoss,
+    take,
+    to_fp32_inputs,
+)
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,16 @@ def two_batch_estimate(small_sq: float, big_sq: float, b_small: float,
     return NoiseEstimate(grad_sq, trace_sigma)
 
 
-def half_batch_norms(functional: FunctionalModel, likelihood: Likelihood, inputs: Any,
+def half_batch_norms(functional: FunctionalModel, likelihood: Likelihood | None, inputs: Any,
                      targets: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
                      ) -> tuple[float, float, float, float]:
     """(mean |g_half|^2, |g_union|^2, half size, union size) for two disjoint halves.
 
-    Each half's gradient is that of its mean token loss; the union's is their
-    token-weighted mean, i.e. the gradient of the mean loss over both halves.
+    Each half's gradient is that of its mean token loss (or of the ``loss_fn``); the
+    union's is their token-weighted mean, i.e. the gradient of the mean loss over both
+    halves.
     """
+    training_loss = TrainingLoss(functional, likelihood)
     params = functional.parameters
     device = params.device
     inputs = to_fp32_inputs(inputs, device)
@@ -53,12 +60,10 @@ def half_batch_norms(functional: FunctionalModel, likelihood: Likelihood, inputs
     for index in (first, second):
         leaves = {n: t.detach().requires_grad_(True) for n, t in params.fp32_detached().items()}
         half_targets = targets[index]
-        logits = functional.logits(leaves, take(inputs, index))
-        count = likelihood.counts(half_targets).sum().clamp(min=1.0)
-        loss = likelihood.nll(logits, half_targets).sum() / count
+        loss = training_loss(leaves, take(inputs, index), half_targets)
         g = torch.autograd.grad(loss, [leaves[n] for n in params.names], allow_unused=True)
         grads.append(params.flatten(list(g)))
-        tokens.append(float(count))
+        tokens.append(training_loss.weight(half_targets))
     union = (tokens[0] * grads[0] + tokens[1] * grads[1]) / (tokens[0] + tokens[1])
     small_sq = 0.5 * float(grads[0].pow(2).sum() + grads[1].pow(2).sum())
     size = float(first.numel())

@@ -1,14 +1,15 @@
 """The loss as a pure function of the parameters, on one fixed batch, in fp32.
 
 Curvature and per-example gradients need the loss as f(params): this wraps the user's
-``forward(model, inputs)`` so ``torch.func.functional_call`` can swap in other parameter
-values (fp32 copies, perturbed points, vmapped per-example slices) without touching the
-model's own parameters or gradients.
+``forward(model, inputs)`` (and ``loss_fn(model, inputs, targets)`` where a training loop
+has a loss with no likelihood) so ``torch.func.functional_call`` can swap in other
+parameter values (fp32 copies, perturbed points, vmapped per-example slices) without
+touching the model's own parameters or gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ from raresignal.agent.estimators.likelihood import Likelihood, mean_nll
 from raresignal.agent.estimators.parameters import ParameterSet
 
 Params = dict[str, torch.Tensor]
+# The scalar training loss of a batch, for losses with no likelihood (contrastive,
+# diffusion, custom): loss_fn(model, inputs, targets) -> scalar tensor.
+LossFn = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 
 
 class _ForwardAdapter(nn.Module):
@@ -33,6 +37,18 @@ class _ForwardAdapter(nn.Module):
 
     def forward(self, inputs: Any) -> torch.Tensor:
         return self._forward(self.model, inputs)
+
+
+class _LossAdapter(nn.Module):
+    """Makes ``loss_fn(model, inputs, targets)`` callable through ``functional_call``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        return self._loss_fn(self.model, inputs, targets)
 
 
 def to_fp32_inputs(inputs: Any, device: torch.device) -> Any:
@@ -60,8 +76,10 @@ def take(inputs: Any, index: torch.Tensor | slice) -> Any:
 class FunctionalModel:
     """Calls the model with given parameter values (fp32), buffers as the model has them."""
 
-    def __init__(self, model: nn.Module, forward: ForwardFn, parameters: ParameterSet) -> None:
+    def __init__(self, model: nn.Module, forward: ForwardFn, parameters: ParameterSet,
+                 loss_fn: LossFn | None = None) -> None:
         self.adapter = _ForwardAdapter(model, forward)
+        self.loss_adapter = _LossAdapter(model, loss_fn) if loss_fn is not None else None
         self.parameters = parameters
         self._needs_cast = any(p.dtype != torch.float32 for p in parameters.params)
 
@@ -71,31 +89,73 @@ class FunctionalModel:
             buffers = {n: b.float() if b.is_floating_point() else b for n, b in buffers.items()}
         return buffers
 
-    def logits(self, params: Mapping[str, torch.Tensor], inputs: Any) -> torch.Tensor:
+    def _state(self, params: Mapping[str, torch.Tensor]) -> Params:
         state = {f"model.{n}": t for n, t in params.items()}
         state.update(self._buffers())
         if self._needs_cast:
             # fp32 everywhere: frozen parameters too, so matmuls do not mix dtypes.
             for n, p in self.adapter.model.named_parameters():
                 state.setdefault(f"model.{n}", p.detach().float())
+        return state
+
+    def logits(self, params: Mapping[str, torch.Tensor], inputs: Any) -> torch.Tensor:
         with torch.autocast(device_type=self.parameters.device.type, enabled=False):
-            return functional_call(self.adapter, state, (inputs,), strict=False).float()
+            return functional_call(self.adapter, self._state(params), (inputs,),
+                                   strict=False).float()
+
+    def custom_loss(self, params: Mapping[str, torch.Tensor], inputs: Any,
+                    targets: torch.Tensor) -> torch.Tensor:
+        """The user's ``loss_fn`` at ``params``, a scalar."""
+        if self.loss_adapter is None:
+            raise ValueError("no loss_fn was given")
+        with torch.autocast(device_type=self.parameters.device.type, enabled=False):
+            return functional_call(self.loss_adapter, self._state(params), (inputs, targets),
+                                   strict=False).float()
+
+
+class TrainingLoss:
+    """The scalar loss of a batch as f(params): the user's ``loss_fn`` where one is given,
+    else the likelihood's mean NLL per scored token."""
+
+    def __init__(self, functional: FunctionalModel, likelihood: Likelihood | None) -> None:
+        if functional.loss_adapter is None and likelihood is None:
+            raise ValueError("a loss needs a likelihood or a loss_fn")
+        self.functional = functional
+        self.likelihood = likelihood
+
+    @property
+    def custom(self) -> bool:
+        return self.functional.loss_adapter is not None
+
+    def __call__(self, params: Mapping[str, torch.Tensor], inputs: Any,
+                 targets: torch.Tensor) -> torch.Tensor:
+        if self.custom:
+            return self.functional.custom_loss(params, inputs, targets)
+        assert self.likelihood is not None
+        return mean_nll(self.likelihood, self.functional.logits(params, inputs), targets)
+
+    def weight(self, targets: torch.Tensor) -> float:
+        """What the loss averages over: scored tokens, or examples for a ``loss_fn``."""
+        if self.custom:
+            return float(max(1, int(targets.shape[0])))
+        assert self.likelihood is not None
+        return float(self.likelihood.counts(targets).sum().clamp(min=1.0))
 
 
 class BatchObjective:
-    """Mean NLL on one fixed batch as a function of the parameters: f(params) -> scalar."""
+    """The training loss on one fixed batch as a function of the parameters: f(params) ->
+    scalar (the ``loss_fn`` if the functional model has one, else the mean NLL)."""
 
-    def __init__(self, functional: FunctionalModel, likelihood: Likelihood, inputs: Any,
-                 targets: torch.Tensor) -> None:
+    def __init__(self, functional: FunctionalModel, likelihood: Likelihood | None,
+                 inputs: Any, targets: torch.Tensor) -> None:
         device = functional.parameters.device
         self.functional = functional
-        self.likelihood = likelihood
+        self.loss = TrainingLoss(functional, likelihood)
         self.inputs = to_fp32_inputs(inputs, device)
         self.targets = targets.to(device)
 
     def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.functional.logits(params, self.inputs)
-        return mean_nll(self.likelihood, logits, self.targets)
+        return self.loss(params, self.inputs, self.targets)
 
     @property
     def names(self) -> tuple[str, ...]:

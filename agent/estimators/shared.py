@@ -75,13 +75,13 @@ class SharedState:
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     forward: ForwardFn
-    likelihood: Likelihood
+    likelihood: Likelihood | None  # None for task "custom": a loss_fn, no likelihood
     config: EstimatorConfig
     parameters: ParameterSet
     sketcher: GradientSketcher
     dominant: DominantSubspace
     functional: FunctionalModel
-    per_example: PerExampleGradients
+    per_example: PerExampleGradients | None  # sampled-label gradients need a likelihood
     curvature_batch: FixedBatch
     notes: dict[str, str] = field(default_factory=dict)  # e.g. which HVP backend is used
 

@@ -14,7 +14,7 @@ from raresignal.agent.estimators.fisher import sample_model_labels
 from raresignal.agent.estimators.gradient_stats import parameter_sketch
 from raresignal.agent.estimators.isolation import preserved_training_state
 from raresignal.agent.estimators.likelihood import mean_nll
-from raresignal.agent.estimators.objective import BatchObjective
+from raresignal.agent.estimators.objective import BatchObjective, TrainingLoss, to_fp32_inputs
 from raresignal.agent.estimators.probes import (
     RetentionReference,
     absorption,
@@ -47,7 +47,9 @@ class InterferenceStart:
 
 class ProbeEstimator(DefaultEstimator):
     """Rare-signal geometry of each probe set against the common probe and U_dom. Off under
-    FSDP (sharded parameters): per-example gradients need whole parameters.
+    FSDP (sharded parameters): per-example gradients need whole parameters. With a
+    ``loss_fn`` and no likelihood only the loss and the interference remain (the rest
+    rests on labels sampled from the model).
 
     Interference is cos(g_R(theta_s), -(theta_t - theta_s)): the probe's mean gradient at
     an earlier measurement s against the net update training applied from s to now, t (at
@@ -81,20 +83,34 @@ class ProbeEstimator(DefaultEstimator):
         return zlib.crc32(name.encode())
 
     def _measure(self, name: str, probe: Probe) -> tuple[list[Measurement], dict[str, Any]]:
+        """The probe's loss; with a likelihood also its accuracy and its sampled-label
+        Fisher mass and per-example sketches (None without one)."""
         engine, likelihood = self.shared.per_example, self.shared.likelihood
         labels = (("probe", name),)
+        training_loss = TrainingLoss(self.shared.functional, likelihood)
+        out: list[Measurement] = []
+        if training_loss.custom:
+            params = self.shared.parameters
+            with torch.no_grad():
+                loss = training_loss(params.fp32_detached(),
+                                     to_fp32_inputs(probe.inputs, params.device),
+                                     probe.targets.to(params.device))
+            out.append(Measurement("probe_loss", float(loss), labels))
+        if likelihood is None or engine is None:
+            return out, {"mass": None, "sketches": None}
         logits = engine.logits(probe.inputs)
         targets = probe.targets.to(logits.device)
+        if not training_loss.custom:
+            out.append(Measurement("probe_loss", float(mean_nll(likelihood, logits, targets)),
+                                   labels))
         counts = likelihood.counts(targets).sum().clamp(min=1.0)
-        loss = float(mean_nll(likelihood, logits, targets))
         accuracy = float(likelihood.correct(logits, targets).sum() / counts)
         _, sampled = sample_model_labels(engine, probe.inputs, targets,
                                          self.shared.generator(self._label_seed(name)))
         summary = engine.summarize(probe.inputs, sampled)
         mass = fisher_mass(summary.sq_norms, summary.counts)
-        out = [Measurement("probe_loss", loss, labels),
-               Measurement("probe_accuracy", accuracy, labels),
-               Measurement("probe_fisher_mass", mass, labels)]
+        out += [Measurement("probe_accuracy", accuracy, labels),
+                Measurement("probe_fisher_mass", mass, labels)]
         return out, {"mass": mass, "sketches": summary.sketches}
 
     def _dataset_gradient_sketch(self, probe: Probe) -> torch.Tensor:
@@ -121,8 +137,11 @@ class ProbeEstimator(DefaultEstimator):
             for name, probe in named.items():
                 measured, info = self._measure(name, probe)
                 out += measured
+                dataset_gradients[name] = self._dataset_gradient_sketch(probe)
                 labels = (("probe", name),)
                 g = info["sketches"]
+                if g is None:  # no likelihood: no sampled-label geometry
+                    continue
                 if self.common is not None and name == config.common_probe_name:
                     common_mass = info["mass"]
                 elif common_mass is not None and common_mass > 0:
@@ -139,7 +158,6 @@ class ProbeEstimator(DefaultEstimator):
                 if name in self.references:
                     out.append(Measurement("probe_retention",
                                            self.references[name].retention(g), labels))
-                dataset_gradients[name] = self._dataset_gradient_sketch(probe)
         parameters = parameter_sketch(self.shared.sketcher)
         out += self._interference(ctx.step, parameters)
         self.interference_starts.append(InterferenceStart(ctx.step, parameters,

@@ -97,7 +97,7 @@ def test_bad_configuration_is_rejected_with_the_field_named() -> None:
     with pytest.raises(ValueError, match="subspace_rank"):
         EstimatorConfig(fd_rows=4, subspace_rank=4)
     with pytest.raises(ValueError, match="unknown task"):
-        build_default_estimators(TinyTransformer(), None, task="regression")
+        build_default_estimators(TinyTransformer(), None, task="ranking")
     with pytest.raises(ValueError, match="taken by the common probe"):
         build_default_estimators(TinyTransformer(), None, {"common": Probe(*_tokens(2, 0))},
                                  Probe(*_tokens(2, 1)), task="causal_lm")

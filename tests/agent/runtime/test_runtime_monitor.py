@@ -145,8 +145,8 @@ def test_first_step_holds_an_estimator_back_and_is_optional() -> None:
 
 
 def test_bad_arguments_get_clear_errors() -> None:
-    with pytest.raises(ValueError, match="unknown task 'regression'"):
-        Monitor(small_classifier(), None, task="regression")  # default estimators
+    with pytest.raises(ValueError, match="unknown task 'ranking'"):
+        Monitor(small_classifier(), None, task="ranking")  # default estimators
     with pytest.raises(ValueError, match="target_overhead"):
         MonitorConfig(target_overhead=1.5)
     with pytest.raises(TypeError, match="is not an Estimator"):
