@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,8 @@ _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     *((name, int, getattr(_DEFAULTS.quotas, name),
        f"{text}; beyond it RESOURCE_EXHAUSTED (without tokens: all callers together)")
       for name, text in _QUOTA_HELP.items()),
+    ("alerts_kept_per_run", int, _DEFAULTS.retention.alerts_per_run,
+     "resolved alerts (with their transitions) a run keeps; older ones are deleted"),
     ("finished_run_ttl", float, _DEFAULTS.finished_run_ttl_seconds,
      "seconds a finished run stays in /metrics"),
     ("clock_interval", float, _DEFAULTS.clock_interval_seconds,
@@ -221,7 +224,8 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> S
         metrics_tls=settings["metrics_tls"],
         metrics_omit_run_names=settings["metrics_omit_run_names"],
         max_health_watches=settings["max_health_watches"],
-        quotas=Quotas(**{name: settings[name] for name in _QUOTA_HELP}))
+        quotas=Quotas(**{name: settings[name] for name in _QUOTA_HELP}),
+        retention=replace(_DEFAULTS.retention, alerts_per_run=settings["alerts_kept_per_run"]))
 
 
 def _write_ready_file(path: str, text: str) -> None:

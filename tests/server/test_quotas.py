@@ -216,3 +216,15 @@ def test_abuse_stays_within_what_the_quotas_allow(tmp_path: Path,
         details = refused(client.open_run, "abuse-after-restart")
         client.close()
         assert "max_runs_per_token" in details, details
+
+
+def test_quotas_come_from_flags_and_variables() -> None:
+    from raresignal.server.cli import _server_config, build_parser, server_settings
+
+    args = build_parser().parse_args(["server", "--max-series-per-token", "7"])
+    environ = {"RARESIGNAL_MAX_OPEN_RUNS_PER_TOKEN": "3",
+               "RARESIGNAL_ALERTS_KEPT_PER_RUN": "5"}
+    settings = server_settings(args, environ)
+    server_config = _server_config(settings, environ)
+    assert server_config.quotas == Quotas(max_series_per_token=7, max_open_runs_per_token=3)
+    assert server_config.retention.alerts_per_run == 5
