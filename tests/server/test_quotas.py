@@ -228,3 +228,17 @@ def test_quotas_come_from_flags_and_variables() -> None:
     server_config = _server_config(settings, environ)
     assert server_config.quotas == Quotas(max_series_per_token=7, max_open_runs_per_token=3)
     assert server_config.retention.alerts_per_run == 5
+
+
+def test_the_readme_states_the_defaults() -> None:
+    import re
+
+    from raresignal.server.serving.app import ServerConfig
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    stated = dict(re.findall(r"`--([a-z-]+)`[^(`]*\((\d{1,3}(?:,\d{3})*(?: KiB)?)", readme))
+    defaults = ServerConfig()
+    expected = {name.replace("_", "-"): f"{value:,}" for name, value in vars(Quotas()).items()}
+    expected["max-run-metadata-bytes"] = f"{Quotas().max_run_metadata_bytes // 1024} KiB"
+    expected["alerts-kept-per-run"] = f"{defaults.retention.alerts_per_run:,}"
+    assert {flag: stated.get(flag) for flag in expected} == expected
