@@ -35,6 +35,7 @@ _QUOTA_HELP = {
     "max_runs_per_token": "runs a token may keep, finished ones included",
     "max_open_runs_per_token": "runs a token may have open at once",
     "max_series_per_token": "series across all of a token's runs",
+    "max_senders_per_token": "sender ids across all of a token's runs",
     "max_run_metadata_bytes": "bytes of one run's config and tags (keys and values)",
 }
 _DEFAULT_PORTS = f"{_DEFAULTS.grpc_port}/{_DEFAULTS.metrics_port}/{_DEFAULTS.health_port}"

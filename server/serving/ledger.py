@@ -104,8 +104,10 @@ class Ledger:
         # Runs whose series the live state and the engine hold: active ones and those
         # finished within the TTL. An older finished run is only a record until resumed.
         self._loaded: set[str] = set()
-        # Series per run, counted once from storage, then kept as batches add series.
+        # Series and senders per run, counted once from storage, then kept as batches add
+        # them.
         self._series_counts: dict[str, int] = {}
+        self._sender_counts: dict[str, int] = {}
         # While this server was down nobody listened: a run's silence counts from now, so a
         # restart does not raise RunStalled for every run before its next heartbeat.
         started = clock()
@@ -156,6 +158,20 @@ class Ledger:
         if count is None:
             count = self._series_counts[run_id] = len(self.storage.series_keys(run_id))
         return count
+
+    def _sender_count(self, run_id: str) -> int:
+        count = self._sender_counts.get(run_id)
+        if count is None:
+            count = self._sender_counts[run_id] = len(self.storage.last_sequences(run_id))
+        return count
+
+    def _check_sender_quota(self, principal: Principal, group: BatchGroup) -> None:
+        limit = self.quotas.max_senders_per_token
+        held = sum(self._sender_count(run.run_id) + len(group.new_senders.get(run.run_id, ()))
+                   for run in self._scope(principal))
+        if held + 1 > limit:
+            raise exhausted("max_senders_per_token", limit,
+                            f"a new sender_id and this token's runs have {held}")
 
     def _check_open_quotas(self, request: ingest_pb2.OpenRunRequest, principal: Principal,
                            resumed: RunRecord | None) -> None:
@@ -280,6 +296,9 @@ class Ledger:
         for run_id, keys in group.new_series.items():
             if run_id in self._series_counts:  # else counted from storage when next needed
                 self._series_counts[run_id] += len(keys)
+        for run_id, senders in group.new_senders.items():
+            if run_id in self._sender_counts:
+                self._sender_counts[run_id] += len(senders)
         for _, write, changes in applied:
             self._runs[write.run.run_id] = write.run
             self.live.record_newest(write.run.run_id, write.newest)
@@ -300,6 +319,7 @@ class Ledger:
         last_sequence = group.sequences.get((run.run_id, batch.sender_id))
         if last_sequence is None:
             last_sequence = self.storage.last_sequence(run.run_id, batch.sender_id)
+        new_sender = last_sequence == 0
         if batch.sequence <= last_sequence:
             return None
         if run.finished_at:
@@ -319,13 +339,15 @@ class Ledger:
                                f"the limit of {MAX_SERIES_PER_RUN} series per run")
         if new_series:
             self._check_series_quota(principal, group, len(new_series))
+        if new_sender:
+            self._check_sender_quota(principal, group)
         now = self._clock()
         changes = self.engine.observe(run.run_id, samples, now)
         last_step = max((step for step, _, _ in newest.values()), default=run.last_step)
         updated = replace(run, updated_at=now, last_step=max(run.last_step, last_step))
         write = BatchWrite(updated, batch.sender_id, batch.sequence, samples,
                            self.engine.take_writes(), newest)
-        group.add(write, new_series)
+        group.add(write, new_series, new_sender)
         return write, changes
 
     def _reload_engine(self, run: RunRecord) -> None:

@@ -18,7 +18,7 @@ from raresignal.server.serving.quotas import Quotas
 
 TOKENS = {"tok-a": ["a-*"], "tok-b": ["b-*"]}
 SMALL = Quotas(max_runs_per_token=3, max_open_runs_per_token=2, max_series_per_token=50,
-               max_run_metadata_bytes=1000)
+               max_senders_per_token=3, max_run_metadata_bytes=1000)
 
 
 @pytest.fixture
@@ -88,6 +88,17 @@ def test_series_per_token_across_runs(a: Client, b: Client) -> None:
         == ingest_pb2.ReportAck.OUTCOME_APPLIED
     other = b.open_run("b-1").run_id
     b.report([batch(other, 1, [sample("probe_loss", 1, 1.0, probe=f"p{i}") for i in range(50)])])
+
+
+def test_senders_per_token_across_runs(a: Client) -> None:
+    one, two = a.open_run("a-1").run_id, a.open_run("a-2").run_id
+    a.report([batch(one, 1, [sample("loss", 1, 1.0)], sender=f"rank{i}") for i in range(2)])
+    a.report([batch(two, 1, [sample("loss", 1, 1.0)], sender="rank0")])
+    details = refused(a.report, [batch(two, 1, [sample("loss", 1, 1.0)], sender="rank1")])
+    assert names_quota(details, "max_senders_per_token", 3), details
+    # Known senders go on.
+    assert a.report([batch(one, 2, [sample("loss", 2, 1.0)], sender="rank1")])[0].outcome \
+        == ingest_pb2.ReportAck.OUTCOME_APPLIED
 
 
 def test_run_metadata_bytes(a: Client) -> None:
