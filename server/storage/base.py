@@ -43,7 +43,7 @@ class RetentionPolicy:
 
     full_resolution: int = 10_000
     thinned_capacity: int = 10_000
-    alerts_per_run: int = 1000
+    alerts_per_run: int = 10_000
 
     def __post_init__(self) -> None:
         if self.full_resolution < 1 or self.thinned_capacity < 2 or self.alerts_per_run < 1:
