@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,20 @@ from raresignal.protos.transport import TlsConfig
 from raresignal.server.alerting.rules import RulesError
 from raresignal.server.serving.alertmanager_access import AlertmanagerAccessError
 from raresignal.server.serving.app import ServerConfig, serve
-from raresignal.server.serving.auth import TokensError, load_tokens, parse_tokens_env
+from raresignal.server.serving.auth import load_tokens, parse_tokens_env
 from raresignal.server.serving.metrics_endpoint import MetricsAccessError
+from raresignal.server.serving.quotas import Quotas
 from raresignal.server.storage.open import StorageOpenError
 
 ENV_PREFIX = "RARESIGNAL_"
 _DEFAULTS = ServerConfig()
+_QUOTA_HELP = {
+    "max_runs_per_token": "runs a token may keep, finished ones included",
+    "max_open_runs_per_token": "runs a token may have open at once",
+    "max_series_per_token": "series across all of a token's runs",
+    "max_senders_per_token": "sender ids across all of a token's runs",
+    "max_run_metadata_bytes": "bytes of one run's config and tags (keys and values)",
+}
 _DEFAULT_PORTS = f"{_DEFAULTS.grpc_port}/{_DEFAULTS.metrics_port}/{_DEFAULTS.health_port}"
 
 SERVER_EPILOG = f"""\
@@ -104,6 +113,11 @@ _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
      "leave the run label (run names) off /metrics; run_id stays"),
     ("max_health_watches", int, _DEFAULTS.max_health_watches,
      "Health.Watch streams served at once; more get RESOURCE_EXHAUSTED"),
+    *((name, int, getattr(_DEFAULTS.quotas, name),
+       f"{text}; beyond it RESOURCE_EXHAUSTED (without tokens: all callers together)")
+      for name, text in _QUOTA_HELP.items()),
+    ("alerts_kept_per_run", int, _DEFAULTS.retention.alerts_per_run,
+     "resolved alerts (with their transitions) a run keeps; older ones are deleted"),
     ("finished_run_ttl", float, _DEFAULTS.finished_run_ttl_seconds,
      "seconds a finished run stays in /metrics"),
     ("clock_interval", float, _DEFAULTS.clock_interval_seconds,
@@ -210,7 +224,9 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> S
         metrics_token_file=settings["metrics_token_file"],
         metrics_tls=settings["metrics_tls"],
         metrics_omit_run_names=settings["metrics_omit_run_names"],
-        max_health_watches=settings["max_health_watches"])
+        max_health_watches=settings["max_health_watches"],
+        quotas=Quotas(**{name: settings[name] for name in _QUOTA_HELP}),
+        retention=replace(_DEFAULTS.retention, alerts_per_run=settings["alerts_kept_per_run"]))
 
 
 def _write_ready_file(path: str, text: str) -> None:
@@ -226,7 +242,7 @@ def run_server(args: argparse.Namespace, environ: Mapping[str, str] = os.environ
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = _server_config(settings, environ)
-    except TokensError as exc:
+    except ValueError as exc:  # a TokensError or a quota below 1
         print(f"raresignal: {exc}", file=sys.stderr)
         return 2
 

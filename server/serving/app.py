@@ -52,6 +52,7 @@ from raresignal.server.serving.metrics_endpoint import (
     start_metrics_server,
     tls_context,
 )
+from raresignal.server.serving.quotas import Quotas
 from raresignal.server.serving.service import (
     AlertHub,
     AlertsService,
@@ -109,6 +110,8 @@ class ServerConfig:
     # Health.Watch streams served at once; health needs no token, so this bounds what an
     # anonymous caller can hold open.
     max_health_watches: int = 100
+    # What each token (with no tokens: all callers together) may make the server keep.
+    quotas: Quotas = field(default_factory=Quotas)
 
     def open_storage(self) -> Storage:
         """The storage backend these settings name (the one place that picks it)."""
@@ -170,7 +173,8 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         live = LiveState()
 
         def open_ledger() -> Ledger:
-            return Ledger(config.open_storage(), AlertEngine(rules), live)
+            return Ledger(config.open_storage(), AlertEngine(rules), live, quotas=config.quotas,
+                          finished_run_ttl_seconds=config.finished_run_ttl_seconds)
 
         ledger = await loop.run_in_executor(executor, open_ledger)
 

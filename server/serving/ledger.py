@@ -22,6 +22,7 @@ from raresignal.protos.v1 import common_pb2, ingest_pb2
 from raresignal.server.alerting.engine import FIRING, PENDING, AlertEngine
 from raresignal.server.serving.auth import Principal
 from raresignal.server.serving.live import LiveState
+from raresignal.server.serving.quotas import Quotas, exhausted, metadata_bytes
 from raresignal.server.serving.validation import (
     MAX_SAMPLES_PER_BATCH,
     MAX_SERIES_PER_RUN,
@@ -92,28 +93,115 @@ class ReportRequest:
 
 class Ledger:
     def __init__(self, storage: Storage, engine: AlertEngine, live: LiveState,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, quotas: Quotas | None = None,
+                 finished_run_ttl_seconds: float = float("inf")) -> None:
         self.storage = storage
         self.engine = engine
         self.live = live
+        self.quotas = quotas or Quotas()
         self._clock = clock
+        self._finished_ttl = finished_run_ttl_seconds
         self._runs: dict[str, RunRecord] = {}
+        # Runs whose series the live state and the engine hold: active ones and those
+        # finished within the TTL. An older finished run is only a record until resumed.
+        self._loaded: set[str] = set()
+        # Series and senders per run, counted once from storage, then kept as batches add
+        # them.
+        self._series_counts: dict[str, int] = {}
+        self._sender_counts: dict[str, int] = {}
         # While this server was down nobody listened: a run's silence counts from now, so a
         # restart does not raise RunStalled for every run before its next heartbeat.
         started = clock()
         for run in storage.list_runs(include_finished=True):
-            self._track(run, heard_at=max(run.updated_at, started))
-        engine.restore(storage.rule_states(),
+            if self._expired(run, started):
+                self._runs[run.run_id] = run
+                live.expire_run(run)
+            else:
+                self._track(run, heard_at=max(run.updated_at, started))
+        engine.restore([s for s in storage.rule_states() if s[0] in self._loaded],
                        storage.alerts(states=(PENDING, FIRING), limit=1 << 62))
-        live.load_values(storage.latest_values())
+        live.load_values(v for v in storage.latest_values() if v.run_id in self._loaded)
         live.load_firing(engine.active_alerts())
+
+    def _expired(self, run: RunRecord, now: float) -> bool:
+        """A finished run past the metrics TTL: nothing shows it, nothing evaluates it."""
+        return bool(run.finished_at) and now - run.finished_at > self._finished_ttl
 
     def _track(self, run: RunRecord, heard_at: float | None = None) -> None:
         self._runs[run.run_id] = run
+        self._loaded.add(run.run_id)
         self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
                               run.updated_at if heard_at is None else heard_at, run.last_step,
                               finished=bool(run.finished_at))
         self.live.set_run(run)
+
+    def _unload_expired(self, now: float) -> None:
+        """Drops the series of finished runs past the TTL from the live state and engine."""
+        for run_id in [r for r in self._loaded if self._expired(self._runs[r], now)]:
+            self._loaded.discard(run_id)
+            self.engine.forget_run(run_id)
+            self.live.expire_run(self._runs[run_id])
+
+    def _reload(self, run: RunRecord) -> None:
+        """Brings an unloaded run's engine state and latest values back (it is resumed)."""
+        self._track(run)
+        self._reload_engine(run)
+        self.live.load_values(v for v in self.storage.latest_values() if v.run_id == run.run_id)
+
+    # -- quotas ----------------------------------------------------------------------
+
+    def _scope(self, principal: Principal) -> list[RunRecord]:
+        """The runs that count against the caller's quotas: those its token may access."""
+        return [run for run in self._runs.values() if principal.allows(run.run_name)]
+
+    def _series_count(self, run_id: str) -> int:
+        count = self._series_counts.get(run_id)
+        if count is None:
+            count = self._series_counts[run_id] = len(self.storage.series_keys(run_id))
+        return count
+
+    def _sender_count(self, run_id: str) -> int:
+        count = self._sender_counts.get(run_id)
+        if count is None:
+            count = self._sender_counts[run_id] = len(self.storage.last_sequences(run_id))
+        return count
+
+    def _check_sender_quota(self, principal: Principal, group: BatchGroup) -> None:
+        limit = self.quotas.max_senders_per_token
+        held = sum(self._sender_count(run.run_id) + len(group.new_senders.get(run.run_id, ()))
+                   for run in self._scope(principal))
+        if held + 1 > limit:
+            raise exhausted("max_senders_per_token", limit,
+                            f"a new sender_id and this token's runs have {held}")
+
+    def _check_open_quotas(self, request: ingest_pb2.OpenRunRequest, principal: Principal,
+                           resumed: RunRecord | None) -> None:
+        quotas = self.quotas
+        size = metadata_bytes(dict(request.config), dict(request.tags))
+        if size > quotas.max_run_metadata_bytes:
+            raise exhausted("max_run_metadata_bytes", quotas.max_run_metadata_bytes,
+                            f"config and tags take {size} bytes")
+        scope = self._scope(principal)
+        if resumed is None and len(scope) >= quotas.max_runs_per_token:
+            raise exhausted("max_runs_per_token", quotas.max_runs_per_token,
+                            f"this token's runs already number {len(scope)}, finished ones "
+                            "included")
+        if resumed is not None and not resumed.finished_at:
+            return  # already open: resuming it opens nothing more
+        open_runs = sum(1 for run in scope if not run.finished_at)
+        if open_runs >= quotas.max_open_runs_per_token:
+            raise exhausted("max_open_runs_per_token", quotas.max_open_runs_per_token,
+                            f"this token already has {open_runs} open runs; close one first")
+
+    def _check_series_quota(self, principal: Principal, group: BatchGroup,
+                            new_series: int) -> None:
+        limit = self.quotas.max_series_per_token
+        held = sum(self._series_count(run.run_id) + len(group.new_series.get(run.run_id, ()))
+                   for run in self._scope(principal))
+        if held + new_series > limit:
+            raise exhausted("max_series_per_token", limit,
+                            f"samples would create {new_series} new series and this "
+                            f"token's runs hold {held}")
 
     # -- ingest ------------------------------------------------------------------------
 
@@ -122,6 +210,7 @@ class Ledger:
         check_open_run(request)
         principal.authorize(request.run_name)
         now = self._clock()
+        existing = None
         if request.resume_run_id:
             existing = self._runs.get(request.resume_run_id)
             if existing is None:
@@ -130,6 +219,8 @@ class Ledger:
             if existing.run_name != request.run_name:
                 raise invalid(f"resume_run_id {existing.run_id!r} belongs to run "
                               f"{existing.run_name!r}, not {request.run_name!r}")
+        self._check_open_quotas(request, principal, existing)
+        if existing is not None:
             run = replace(existing, state=common_pb2.RUN_STATE_ACTIVE, finished_at=0.0,
                           world_size=request.world_size, updated_at=now,
                           report_interval_seconds=request.report_interval_seconds,
@@ -137,6 +228,8 @@ class Ledger:
                           tags=dict(request.tags) or existing.tags,
                           agent_version=request.agent_version or existing.agent_version)
             self.storage.update_run(run)
+            if run.run_id not in self._loaded:
+                self._reload(run)
             log.info("run resumed: %r (%s)", run.run_name, run.run_id)
         else:
             run = RunRecord(
@@ -201,6 +294,12 @@ class Ledger:
             for index, _, _ in applied:
                 results[index] = self.apply_many([requests[index]])[0]
             return results
+        for run_id, keys in group.new_series.items():
+            if run_id in self._series_counts:  # else counted from storage when next needed
+                self._series_counts[run_id] += len(keys)
+        for run_id, senders in group.new_senders.items():
+            if run_id in self._sender_counts:
+                self._sender_counts[run_id] += len(senders)
         for _, write, changes in applied:
             self._runs[write.run.run_id] = write.run
             self.live.set_run(write.run)
@@ -222,6 +321,7 @@ class Ledger:
         last_sequence = group.sequences.get((run.run_id, batch.sender_id))
         if last_sequence is None:
             last_sequence = self.storage.last_sequence(run.run_id, batch.sender_id)
+        new_sender = last_sequence == 0
         if batch.sequence <= last_sequence:
             return None
         if run.finished_at:
@@ -239,13 +339,17 @@ class Ledger:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"samples would create {len(new_series)} new series, beyond "
                                f"the limit of {MAX_SERIES_PER_RUN} series per run")
+        if new_series:
+            self._check_series_quota(principal, group, len(new_series))
+        if new_sender:
+            self._check_sender_quota(principal, group)
         now = self._clock()
         changes = self.engine.observe(run.run_id, samples, now)
         last_step = max((step for step, _, _ in newest.values()), default=run.last_step)
         updated = replace(run, updated_at=now, last_step=max(run.last_step, last_step))
         write = BatchWrite(updated, batch.sender_id, batch.sequence, samples,
                            self.engine.take_writes(), newest)
-        group.add(write, new_series)
+        group.add(write, new_series, new_sender)
         return write, changes
 
     def _reload_engine(self, run: RunRecord) -> None:
@@ -300,8 +404,10 @@ class Ledger:
 
     def tick(self) -> list[AlertChange]:
         """Runs the clock rules (RunStalled) and stores what they changed."""
-        changes = self.engine.tick(self._clock())
+        now = self._clock()
+        changes = self.engine.tick(now)
         self._store_clock_changes(changes)
+        self._unload_expired(now)
         return changes
 
     def _store_clock_changes(self, changes: list[AlertChange]) -> None:

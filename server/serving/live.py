@@ -61,10 +61,13 @@ class LiveState:
         # run_id -> (metric, labels_key) -> (step, value, wall_time)
         self._values: dict[str, dict[SeriesKey, Newest]] = {}
         self._firing: dict[str, AlertRecord] = {}
+        # Finished runs past the TTL: counted among the finished runs, their series not held.
+        self._expired: set[str] = set()
 
     def set_run(self, run: RunRecord) -> None:
         """Takes a run as it stands: opened, after an applied batch, or closed."""
         with self._lock:
+            self._expired.discard(run.run_id)
             previous = self._runs.get(run.run_id)
             # Closing moves updated_at to the close time; the last report stays what it was.
             reported_at = (previous.reported_at if run.finished_at and previous
@@ -72,6 +75,16 @@ class LiveState:
             self._runs[run.run_id] = RunView(run.run_id, run.run_name, run.finished_at,
                                              run.last_step, reported_at)
             self._values.setdefault(run.run_id, {})
+
+    def expire_run(self, run: RunRecord) -> None:
+        """Forgets a finished run's series and alerts; it still counts as a finished run."""
+        with self._lock:
+            self._runs.pop(run.run_id, None)
+            self._values.pop(run.run_id, None)
+            for alert_id in [a for a, alert in self._firing.items()
+                             if alert.run_id == run.run_id]:
+                del self._firing[alert_id]
+            self._expired.add(run.run_id)
 
     def load_values(self, values: Iterable[LatestValue]) -> None:
         with self._lock:
@@ -107,6 +120,7 @@ class LiveState:
         """The exposed state; finished runs older than the TTL are left out."""
         snap = Snapshot()
         with self._lock:
+            snap.finished_runs = len(self._expired)
             for run in self._runs.values():
                 if run.finished_at:
                     snap.finished_runs += 1

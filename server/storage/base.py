@@ -14,6 +14,7 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
+from raresignal.protos.v1.common_pb2 import ALERT_STATE_RESOLVED
 from raresignal.server.storage.records import (
     AlertRecord,
     BatchGroup,
@@ -35,14 +36,24 @@ class RetentionPolicy:
     are capped at ``thinned_capacity``: whenever they exceed it, every second one is
     dropped (the oldest always stays), so the resolution of old history halves each time
     and a series never holds more than ``full_resolution + thinned_capacity`` samples.
+
+    A run keeps its newest ``alerts_per_run`` resolved alerts with their transitions;
+    older resolved ones are deleted as new ones resolve. Open alerts always stay.
     """
 
     full_resolution: int = 10_000
     thinned_capacity: int = 10_000
+    alerts_per_run: int = 10_000
 
     def __post_init__(self) -> None:
-        if self.full_resolution < 1 or self.thinned_capacity < 2:
-            raise ValueError("retention needs full_resolution >= 1 and thinned_capacity >= 2")
+        if self.full_resolution < 1 or self.thinned_capacity < 2 or self.alerts_per_run < 1:
+            raise ValueError("retention needs full_resolution >= 1, thinned_capacity >= 2 "
+                             "and alerts_per_run >= 1")
+
+    def runs_to_prune(self, alerts: Sequence[AlertRecord]) -> set[str]:
+        """The runs whose alert history may have grown past the limit: those with an
+        alert that just resolved (only a resolved alert can be deleted)."""
+        return {alert.run_id for alert in alerts if alert.state == ALERT_STATE_RESOLVED}
 
     @property
     def limit(self) -> int:

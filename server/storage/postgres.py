@@ -20,6 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from raresignal.protos.v1.common_pb2 import ALERT_STATE_RESOLVED
 from raresignal.server.storage.base import (
     AlertPosition,
     RetentionPolicy,
@@ -344,8 +345,7 @@ class PostgresStorage(Storage):
                     (series_id, dropped))
         return len(dropped)
 
-    @staticmethod
-    def _write_engine(cur: psycopg.Cursor[Any], writes: EngineWrites) -> None:
+    def _write_engine(self, cur: psycopg.Cursor[Any], writes: EngineWrites) -> None:
         if writes.rule_states:
             cur.executemany(
                 "INSERT INTO rule_states VALUES (%s,%s,%s) ON CONFLICT (run_id, state_key) "
@@ -358,6 +358,13 @@ class PostgresStorage(Storage):
                 "INSERT INTO alert_history VALUES (%s,%s,%s,%s,%s,%s)",
                 [(c.alert.alert_id, c.previous_state, c.alert.state, c.at, c.alert.value,
                   c.alert.step) for c in writes.changes])
+        for run_id in self.retention.runs_to_prune(writes.alerts):
+            stale = cur.execute(
+                "SELECT alert_id FROM alerts WHERE run_id = %s AND state = %s "
+                "ORDER BY started_at DESC, alert_id DESC OFFSET %s",
+                (run_id, ALERT_STATE_RESOLVED, self.retention.alerts_per_run)).fetchall()
+            cur.executemany("DELETE FROM alert_history WHERE alert_id = %s", stale)
+            cur.executemany("DELETE FROM alerts WHERE alert_id = %s", stale)
 
     # -- reads -----------------------------------------------------------------------
 

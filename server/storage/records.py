@@ -149,10 +149,14 @@ class BatchGroup:
     runs: dict[str, RunRecord] = field(default_factory=dict)  # each run after the group
     sequences: dict[tuple[str, str], int] = field(default_factory=dict)  # (run, sender)
     new_series: dict[str, set[SeriesKey]] = field(default_factory=dict)  # per run
+    new_senders: dict[str, set[str]] = field(default_factory=dict)  # per run, first batch
     engine_writes: EngineWrites = field(default_factory=EngineWrites)
 
-    def add(self, write: BatchWrite, new_series: Iterable[SeriesKey]) -> None:
+    def add(self, write: BatchWrite, new_series: Iterable[SeriesKey],
+            new_sender: bool = False) -> None:
         run_id = write.run.run_id
+        if new_sender:
+            self.new_senders.setdefault(run_id, set()).add(write.sender_id)
         self.batches.append(write)
         self.runs[run_id] = write.run
         self.sequences[(run_id, write.sender_id)] = write.sequence

@@ -16,6 +16,7 @@ from collections.abc import Sequence, Set
 from itertools import chain
 from typing import Any
 
+from raresignal.protos.v1.common_pb2 import ALERT_STATE_RESOLVED
 from raresignal.server.storage.base import AlertPosition, RetentionPolicy, Storage
 from raresignal.server.storage.checkpoint import WalCheckpointer
 from raresignal.server.storage.records import (
@@ -359,6 +360,13 @@ class SQLiteStorage(Storage):
                 "INSERT INTO alert_history VALUES (?,?,?,?,?,?)",
                 [(c.alert.alert_id, c.previous_state, c.alert.state, c.at, c.alert.value,
                   c.alert.step) for c in writes.changes])
+        for run_id in self.retention.runs_to_prune(writes.alerts):
+            stale = [row for row in self._db.execute(
+                "SELECT alert_id FROM alerts WHERE run_id = ? AND state = ? "
+                "ORDER BY started_at DESC, alert_id DESC LIMIT -1 OFFSET ?",
+                (run_id, ALERT_STATE_RESOLVED, self.retention.alerts_per_run))]
+            self._db.executemany("DELETE FROM alert_history WHERE alert_id = ?", stale)
+            self._db.executemany("DELETE FROM alerts WHERE alert_id = ?", stale)
 
     # -- reads -----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from stored_alerts import stored_alerts
 from raresignal.protos.transport import MAX_MESSAGE_BYTES
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
 from raresignal.server.serving.app import ServerHandle, start_in_thread
+from raresignal.server.serving.quotas import Quotas
 from raresignal.server.serving.validation import (
     MAX_ALERTS_PAGE_SIZE,
     MAX_MAP_ENTRIES,
@@ -90,15 +91,21 @@ def test_pages_shrink_to_the_byte_bound_when_items_are_larger(tmp_path: Path) ->
 
 
 def test_runs_with_maximal_config_and_tags_come_in_pages_under_the_cap(
-        server: ServerHandle, client: Client) -> None:
+        tmp_path: Path) -> None:
     maximal = {f"k{i:03d}" + "k" * (MAX_NAME_CHARS - 4): "v" * MAX_MAP_VALUE_CHARS
                for i in range(MAX_MAP_ENTRIES)}
-    opened = []
-    for i in range(3):
-        request = ingest_pb2.OpenRunRequest(run_name=f"{i}" + "n" * (MAX_NAME_CHARS - 1),
-                                            world_size=1, config=maximal, tags=maximal)
-        opened.append(client.ingest.OpenRun(request, timeout=30).run_id)
-    responses = list(pages(client.runs.ListRuns, alerts_pb2.ListRunsRequest()))
+    # The largest metadata the field limits allow, past the default quota.
+    quotas = Quotas(max_run_metadata_bytes=2 * MAX_MAP_ENTRIES
+                    * (MAX_NAME_CHARS + MAX_MAP_VALUE_CHARS))
+    with start_in_thread(config(tmp_path, quotas=quotas)) as server:
+        client = Client(server.grpc_target)
+        opened = []
+        for i in range(3):
+            request = ingest_pb2.OpenRunRequest(run_name=f"{i}" + "n" * (MAX_NAME_CHARS - 1),
+                                                world_size=1, config=maximal, tags=maximal)
+            opened.append(client.ingest.OpenRun(request, timeout=30).run_id)
+        responses = list(pages(client.runs.ListRuns, alerts_pb2.ListRunsRequest()))
+        client.close()
     assert _in_run_order([r for response in responses for r in response.runs], opened)
     assert all(response.ByteSize() < MAX_MESSAGE_BYTES for response in responses)
     assert len(responses) == 3  # one maximal run alone is over half the cap

@@ -342,3 +342,22 @@ def test_series_list_pages_resume_after_their_last_series(open_store: OpenStore)
         reopened.list_series("0" * 16, EVERYONE)
     assert unknown.value.code == grpc.StatusCode.NOT_FOUND
     reopened.close()
+
+
+def test_a_run_keeps_its_newest_resolved_alerts_and_every_open_one(
+        open_store: OpenStore) -> None:
+    store = open_store(RetentionPolicy(alerts_per_run=2))
+    run, other = run_record("r"), run_record("o")
+    store.create_run(run)
+    store.create_run(other)
+    store.update_run(run, EngineWrites(alerts=[_alert("open", "r", 2, 1.0),
+                                               _alert("o1", "o", 3, 2.0)]))
+    for i in range(5):
+        resolved = _alert(f"a{i}", "r", 3, 10.0 + i)
+        store.update_run(run, EngineWrites(alerts=[resolved],
+                                           changes=[AlertChange(resolved, 2, 10.0 + i)]))
+    assert [a.alert_id for a in store.alerts(run_id="r")] == ["a4", "a3", "open"]
+    assert [a.alert_id for a in store.alerts(run_id="o")] == ["o1"]
+    if isinstance(store, SQLiteStorage):  # the transitions of deleted alerts go with them
+        history = store._db.execute("SELECT DISTINCT alert_id FROM alert_history").fetchall()
+        assert sorted(row[0] for row in history) == ["a3", "a4"]
