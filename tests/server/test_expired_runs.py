@@ -90,7 +90,7 @@ def test_a_resumed_expired_run_comes_back_with_its_values_and_state(tmp_path: Pa
     ledger.open_run(ingest_pb2.OpenRunRequest(run_name="back", world_size=1,
                                               resume_run_id=run_id), PRINCIPAL)
     snap = ledger.live.snapshot(clock.now, TTL)
-    assert snap.values[run_id] == [("loss", {}, 2.5)]
+    assert [(v.metric, v.labels, v.value) for v in snap.values[run_id]] == [("loss", {}, 2.5)]
     assert snap.finished_runs == 0
     state = ledger.engine.state(run_id, STATE_KEY)
     assert state is not None

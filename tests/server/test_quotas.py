@@ -133,7 +133,9 @@ ATTEMPTS, SERIES_ASKED, BATCH = 30, 2000, 1000
 BYTES_PER_SERIES = 8 * 1024  # live value, engine state, storage's id cache, with slack
 BYTES_PER_RUN = 4 * METADATA  # its record, config and tags as Python objects
 RSS_GROWTH_BOUND = 40 * 2**20 + SERIES * BYTES_PER_SERIES + RUNS * BYTES_PER_RUN
-METRICS_BYTES_PER_SERIES = 200  # one exposition line with its run and label values
+# Each series is exposed as three lines (its value, and the step and time it was measured),
+# each with its run and label values.
+METRICS_BYTES_PER_SERIES = 3 * 200
 METRICS_BOUND = 64 * 1024 + SERIES * METRICS_BYTES_PER_SERIES
 
 
