@@ -9,27 +9,11 @@ from pathlib import Path
 import grpc
 import torch
 from ports import free_port
+from toy_estimators import LossEstimator
 
 from raresignal.agent import Monitor, MonitorConfig
-from raresignal.agent.api import Measurement, StepContext
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
 from raresignal.server.process import ServerProcess
-
-
-class _Loss:
-    name = "loss_only"
-    default_interval = 1
-    expensive = False
-
-    def run(self, ctx: StepContext) -> list[Measurement]:
-        assert ctx.loss is not None
-        return [Measurement("loss", float(ctx.loss))]
-
-    def state_dict(self) -> dict[str, object]:
-        return {}
-
-    def load_state_dict(self, state: object) -> None:
-        return None
 
 
 def _push(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -41,7 +25,7 @@ def test_spool_push_delivers_a_left_behind_spool_and_closes_its_run(tmp_path: Pa
     spool_dir = tmp_path / "spool"
     server = ServerProcess(tmp_path / "rs.db", tmp_path, grpc_port=free_port())
     monitor = Monitor(torch.nn.Linear(2, 2), None, server=server.grpc_target,
-                      run_name="pushed", estimators=[_Loss()],
+                      run_name="pushed", estimators=[LossEstimator()],
                       config=MonitorConfig(spool_dir=str(spool_dir),
                                            report_interval_seconds=0.05,
                                            network_timeout_seconds=1.0,
@@ -73,7 +57,7 @@ def test_spool_push_keeps_a_spool_it_cannot_deliver(tmp_path: Path) -> None:
     spool_dir = tmp_path / "spool"
     server = ServerProcess(tmp_path / "rs.db", tmp_path, grpc_port=free_port())
     monitor = Monitor(torch.nn.Linear(2, 2), None, server=server.grpc_target,
-                      run_name="unreachable", estimators=[_Loss()],
+                      run_name="unreachable", estimators=[LossEstimator()],
                       config=MonitorConfig(spool_dir=str(spool_dir),
                                            report_interval_seconds=0.05,
                                            network_timeout_seconds=1.0,

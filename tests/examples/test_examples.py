@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ CASES = {
 }
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[object]:
-    handle = start_in_thread(ServerConfig(db_path=str(tmp_path / "raresignal.db"),
-                                          host="127.0.0.1", grpc_port=0, metrics_port=0,
-                                          health_port=0))
-    try:
-        yield handle
-    finally:
-        handle.stop()
 
 
 def run_example(script: str, tmp_path: Path, *args: str) -> str:

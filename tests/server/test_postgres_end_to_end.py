@@ -4,9 +4,7 @@ sequences carry on across the restart from what PostgreSQL committed."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -17,26 +15,9 @@ from raresignal.server.process import ServerProcess
 
 torch = pytest.importorskip("torch")
 
+from toy_estimators import LossEstimator  # noqa: E402
+
 from raresignal.agent import Monitor, MonitorConfig  # noqa: E402
-from raresignal.agent.api import Measurement, StepContext  # noqa: E402
-
-
-class LossEstimator:
-    """Reports the step's training loss, every step."""
-
-    name = "test_loss"
-    default_interval = 1
-    expensive = False
-
-    def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        assert ctx.loss is not None
-        return [Measurement("loss", float(ctx.loss))]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
 
 
 def _stored(target: str, run_id: str) -> dict[int, float]:

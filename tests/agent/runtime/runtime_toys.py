@@ -12,26 +12,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from toy_estimators import LossEstimator  # noqa: F401 - the runtime tests import it from here
 
 from raresignal.agent.api import Measurement, StepContext
-
-
-class LossEstimator:
-    """Reports the step's training loss, every step."""
-
-    name = "toy_loss"
-    default_interval = 1
-    expensive = False
-
-    def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        assert ctx.loss is not None
-        return [Measurement("loss", float(ctx.loss))]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
 
 
 class GradNormEstimator:
