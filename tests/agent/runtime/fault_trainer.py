@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from runtime_toys import LossEstimator
+sys.path.insert(0, str(Path(__file__).parents[2]))  # tests/, as pytest's pythonpath
+from toy_estimators import LossEstimator
 
 from raresignal.agent import Monitor, MonitorConfig
 
