@@ -114,3 +114,13 @@ def config(tmp_path: Path, **overrides: object) -> ServerConfig:
                                      health_port=0, clock_interval_seconds=0.1)
     values.update(overrides)
     return ServerConfig(**values)  # type: ignore[arg-type]
+
+
+class FakeClock:
+    """The server's wall clock in a test: it stands still until the test sets ``now``."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from server_support import batch, sample
+from server_support import FakeClock, batch, sample
 
 from raresignal.protos.v1 import ingest_pb2
 from raresignal.server.alerting.engine import AlertEngine
@@ -29,15 +29,7 @@ PRINCIPAL = TokenStore(None).principal(())
 TTL = 60.0
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def open_ledger(path: Path, clock: Clock) -> Ledger:
+def open_ledger(path: Path, clock: FakeClock) -> Ledger:
     return Ledger(SQLiteStorage(str(path)), AlertEngine(RULES), LiveState(), clock=clock,
                   finished_run_ttl_seconds=TTL)
 
@@ -50,13 +42,13 @@ def finished_run(ledger: Ledger, name: str) -> str:
     return run.run_id
 
 
-def held(ledger: Ledger, clock: Clock) -> set[str]:
+def held(ledger: Ledger, clock: FakeClock) -> set[str]:
     """The runs whose series the live state holds (whatever the TTL would show)."""
     return {run.run_id for run in ledger.live.snapshot(clock.now, math.inf).runs}
 
 
 def test_expired_runs_leave_memory_and_stay_out_after_a_restart(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     ledger = open_ledger(tmp_path / "rs.db", clock)
     old = finished_run(ledger, "old")
     clock.now += TTL / 2
@@ -81,7 +73,7 @@ def test_expired_runs_leave_memory_and_stay_out_after_a_restart(tmp_path: Path) 
 
 
 def test_a_resumed_expired_run_comes_back_with_its_values_and_state(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     ledger = open_ledger(tmp_path / "rs.db", clock)
     run_id = finished_run(ledger, "back")
     clock.now += TTL + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server_support import batch, sample
+from server_support import FakeClock, batch, sample
 
 from raresignal.protos.v1 import common_pb2, ingest_pb2
 from raresignal.server.alerting.engine import AlertEngine
@@ -24,19 +24,11 @@ PRINCIPAL = TokenStore(None).principal(())
 FIRING = common_pb2.ALERT_STATE_FIRING
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def open_ledger(path: Path, clock: Clock) -> Ledger:
+def open_ledger(path: Path, clock: FakeClock) -> Ledger:
     return Ledger(SQLiteStorage(str(path)), AlertEngine(RULES), LiveState(), clock=clock)
 
 
-def start_run(ledger: Ledger, clock: Clock) -> str:
+def start_run(ledger: Ledger, clock: FakeClock) -> str:
     run, _ = ledger.open_run(ingest_pb2.OpenRunRequest(run_name="r", world_size=1,
                                                        report_interval_seconds=1.0), PRINCIPAL)
     for step in range(1, 4):
@@ -51,7 +43,7 @@ def beat(ledger: Ledger, run_id: str, step: int) -> list[object]:
 
 
 def test_heartbeats_keep_a_paused_run_heard_and_a_frozen_one_stalls(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     ledger = open_ledger(tmp_path / "rs.db", clock)
     run_id = start_run(ledger, clock)
     for _ in range(3):  # 30 s without a step, heard every 10 s: up to the floor
@@ -67,7 +59,7 @@ def test_heartbeats_keep_a_paused_run_heard_and_a_frozen_one_stalls(tmp_path: Pa
 
 
 def test_a_restarted_server_counts_silence_from_its_start(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     ledger = open_ledger(tmp_path / "rs.db", clock)
     run_id = start_run(ledger, clock)
     ledger.close()
