@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The raresignal server image: gRPC ingest and alert APIs, health port, Prometheus /metrics.
-# It carries the server extra only: no torch, no training code paths.
+# It carries the server and postgres extras only (psycopg's binary wheel brings its own
+# libpq, so the chart's PostgreSQL replicas need nothing more): no torch, no training code.
 #
 #   docker build -t raresignal:0.1.0 .
 #   docker run --rm -p 50051:50051 -p 9464:9464 -v raresignal-data:/data raresignal:0.1.0
@@ -23,7 +24,7 @@ COPY demo/ demo/
 COPY protos/ protos/
 RUN python -m build --wheel --outdir /wheels .
 
-# --- runtime: the wheel with its server extra, pinned by the constraints file ----------------
+# --- runtime: the wheel with its server and postgres extras, pinned by the constraints file ----------------
 FROM ${PYTHON_IMAGE} AS runtime
 ARG UID=10001
 LABEL org.opencontainers.image.title="raresignal" \
@@ -40,7 +41,7 @@ COPY constraints.txt /tmp/constraints.txt
 # The wheel's file name carries the version, so the install names it through a glob.
 RUN set -eu; \
     wheel="$(ls /wheels/raresignal-*.whl)"; \
-    pip install --constraint /tmp/constraints.txt "${wheel}[server]"; \
+    pip install --constraint /tmp/constraints.txt "${wheel}[server,postgres]"; \
     rm -rf /wheels /tmp/constraints.txt; \
     groupadd --system --gid "${UID}" raresignal; \
     useradd --system --uid "${UID}" --gid "${UID}" --home-dir /data --no-create-home \

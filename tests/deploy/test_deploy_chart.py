@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def _tokens_secret(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_ci_values_cover_the_required_cases() -> None:
     assert {_case_id(p) for p in CI_VALUES} >= {"defaults", "tls", "monitoring",
-                                                 "existing-secret"}
+                                                 "existing-secret", "postgresql"}
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=_case_id)
@@ -127,11 +128,19 @@ def test_pod_meets_the_restricted_pod_security_standard(values_file: Path) -> No
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=_case_id)
-def test_single_writer_deployment_with_grpc_probes_and_named_ports(values_file: Path) -> None:
+def test_deployment_writers_grpc_probes_and_named_ports(values_file: Path) -> None:
+    values = load_values(values_file)
     objects = _render_case(values_file)
     (deployment,) = by_kind(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    if values.get("database", {}).get("backend") == "postgresql":
+        # Replicas share the database: the new pod joins before an old one leaves.
+        assert deployment["spec"]["replicas"] == values["replicaCount"] > 1
+        assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    else:
+        # One writer: SQLite allows a single process on the volume.
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     container = _server_container(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": 50051, "health": 8081, "metrics": 9464}
@@ -218,7 +227,9 @@ def test_existing_secret_and_claim_are_used_and_nothing_is_generated() -> None:
 def test_values_schema_rejects_typos_and_wrong_types() -> None:
     with helm_python.Chart.load(CHART_DIR) as chart:
         chart.validate_schema(chart.merge_values({}))
-        for bad in ({"replicaCount": 2},  # not a key of this chart: top level is closed
+        for bad in ({"replicas": 2},  # not a key of this chart: top level is closed
+                    {"replicaCount": 0},
+                    {"database": {"backend": "mysql"}},
                     {"persistence": {"enabeld": False}},
                     {"service": {"ports": {"grpc": "50051"}}},
                     {"server": {"logLevel": "verbose"}},
@@ -397,3 +408,52 @@ def test_readme_job_example_matches_the_chart() -> None:
     ref = env["RARESIGNAL_TOKEN"]["valueFrom"]["secretKeyRef"]
     secret = _tokens_secret(manifests(render_chart(name="raresignal", namespace="ml")))
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["data"]
+
+
+POSTGRES_VALUES = {"replicaCount": 3,
+                   "database": {"backend": "postgresql",
+                                "postgresql": {"existingSecret": "team-db"}}}
+
+
+def test_more_than_one_replica_on_sqlite_fails_with_a_clear_message() -> None:
+    with pytest.raises(helm_python.HelmRenderError,
+                       match=re.escape("replicaCount=2 needs database.backend=postgresql")):
+        render_chart({"replicaCount": 2})
+
+
+def test_postgresql_without_a_secret_fails_with_a_clear_message() -> None:
+    with pytest.raises(helm_python.HelmRenderError,
+                       match=re.escape("needs database.postgresql.existingSecret")):
+        render_chart({"database": {"backend": "postgresql"}})
+
+
+def test_postgresql_replicas_read_url_and_password_from_the_secret() -> None:
+    objects = manifests(render_chart(POSTGRES_VALUES))
+    container = _server_container(objects)
+    assert "--db=$(RARESIGNAL_DB_URL)" in container["args"]
+    assert not any("raresignal.db" in arg for arg in container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RARESIGNAL_DB_URL"]["valueFrom"]["secretKeyRef"] == {"name": "team-db",
+                                                                      "key": "url"}
+    # The password is a file the server reads (RARESIGNAL_DB_PASSWORD_FILE), never an
+    # argument or a plain environment value.
+    assert env["RARESIGNAL_DB_PASSWORD_FILE"]["value"] == "/etc/raresignal/db/password"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["db-password"]["mountPath"] == "/etc/raresignal/db"
+    volumes = {v["name"]: v for v in _pod_spec(objects)["volumes"]}
+    assert volumes["db-password"]["secret"] == {
+        "secretName": "team-db", "items": [{"key": "password", "path": "password"}]}
+    # No claim: the database is elsewhere, and a ReadWriteOnce claim would pin every
+    # replica to one node.
+    assert by_kind(objects, "PersistentVolumeClaim") == []
+    assert "emptyDir" in volumes["data"]
+
+
+def test_disruption_budget_only_with_replicas() -> None:
+    (budget,) = by_kind(manifests(render_chart(POSTGRES_VALUES)), "PodDisruptionBudget")
+    (deployment,) = by_kind(manifests(render_chart(POSTGRES_VALUES)), "Deployment")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == (
+        deployment["spec"]["selector"]["matchLabels"])
+    kubernetes_validate.validate(budget, KUBE_VERSION, strict=True)
+    assert by_kind(manifests(render_chart()), "PodDisruptionBudget") == []

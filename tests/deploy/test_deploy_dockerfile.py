@@ -87,11 +87,12 @@ def test_two_stages_on_the_slim_python_base(commands: tuple[Any, ...]) -> None:
     assert [c.value[0] for c in copies_from_builder] == ["/wheels"]
 
 
-def test_runtime_installs_the_server_extra_under_the_constraints(
+def test_runtime_installs_the_server_extras_under_the_constraints(
         commands: tuple[Any, ...]) -> None:
     runtime = _stages(commands)[-1]
     runs = " ".join(" ".join(c.value) for c in runtime if c.cmd == "RUN")
-    assert "[server]" in runs
+    # postgres: the chart's replicas store on PostgreSQL through the same image.
+    assert "[server,postgres]" in runs
     assert "--constraint /tmp/constraints.txt" in runs
     instructions = [line for line in DOCKERFILE.read_text().lower().splitlines()
                     if not line.lstrip().startswith("#")]
@@ -99,11 +100,13 @@ def test_runtime_installs_the_server_extra_under_the_constraints(
 
 
 def test_the_server_extra_pulls_in_no_torch() -> None:
-    """What `pip install raresignal[server]` resolves to, from the package's metadata."""
+    """What `pip install raresignal[server,postgres]` resolves to, from the package's
+    metadata."""
     requirements = [Requirement(text) for text in metadata.requires("raresignal") or []]
-    server = [r.name for r in requirements
-              if r.marker is None or r.marker.evaluate({"extra": "server"})]
+    server = [r.name for r in requirements if r.marker is None
+              or any(r.marker.evaluate({"extra": extra}) for extra in ("server", "postgres"))]
     assert "grpcio-health-checking" in server and "prometheus-client" in server
+    assert "psycopg" in server
     assert not [name for name in server if name.lower() in {"torch", "lightning",
                                                              "pytorch-lightning",
                                                              "transformers"}]

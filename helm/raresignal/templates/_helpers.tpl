@@ -92,3 +92,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "raresignal.metricsTokenSecretKey" -}}
 {{- if .Values.metrics.auth.existingSecret }}{{ .Values.metrics.auth.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
+
+{{/* Non-empty when the server stores on an external PostgreSQL. */}}
+{{- define "raresignal.postgres" -}}
+{{- if eq .Values.database.backend "postgresql" }}true{{ end }}
+{{- end }}
+
+{{/* Fails the rendering on a database setup that cannot work. */}}
+{{- define "raresignal.checkDatabase" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not (include "raresignal.postgres" .)) }}
+{{- fail (printf "replicaCount=%d needs database.backend=postgresql: SQLite allows a single writer, so more than one replica cannot share its file" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if and (include "raresignal.postgres" .) (not .Values.database.postgresql.existingSecret) }}
+{{- fail "database.backend=postgresql needs database.postgresql.existingSecret: a Secret holding the URL (key database.postgresql.urlKey) and the password (key database.postgresql.passwordKey)" }}
+{{- end }}
+{{- end }}
