@@ -68,6 +68,7 @@ class SeriesState:
     hold_left: int = 0
     started_at: float = 0.0
     fired_at: float = 0.0
+    best: float | None = None  # the running best of a rule relative to it
 
     @property
     def baseline_ready(self) -> bool:
@@ -81,11 +82,23 @@ class SeriesState:
                 "last_value": self.last_value, "consecutive": self.consecutive,
                 "episodes": self.episodes, "alert_id": self.alert_id,
                 "evaluated": self.evaluated, "hold_left": self.hold_left,
-                "started_at": self.started_at, "fired_at": self.fired_at}
+                "started_at": self.started_at, "fired_at": self.fired_at, "best": self.best}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
         return cls(**data)
+
+    def feed_best(self, warmup: int, value: float, lower_is_better: bool) -> bool:
+        """Counts one evaluation towards the warm-up, then keeps the best value seen
+        (this one included); True once there is a best to compare with."""
+        if self.seen < warmup:
+            self.seen += 1
+            return False
+        if self.best is None:
+            self.best = value
+        else:
+            self.best = min(self.best, value) if lower_is_better else max(self.best, value)
+        return True
 
     def feed_baseline(self, spec: BaselineSpec, value: float) -> None:
         """Learns the baseline from the evaluations after the warm-up, then freezes it."""
@@ -165,7 +178,7 @@ class AlertEngine:
                 assert condition is not None
                 self._plans.setdefault(metric, []).append(
                     (rule, role == _FIRE, f"{rule.alert}/{role}/{metric}/",
-                     condition.relative_to is not Relative.ABSOLUTE))
+                     condition.relative_to))
         self._stall_rules = [rule for rule in self.rules if rule.is_stall]
         self._gap_history = max((r.stall.history for r in self._stall_rules if r.stall),
                                 default=1)
@@ -227,7 +240,7 @@ class AlertEngine:
             step = sample.step
             if step > last_step:
                 last_step = step
-            for rule, is_fire, prefix, learns_baseline in plans[sample.metric]:
+            for rule, is_fire, prefix, relative in plans[sample.metric]:
                 if rule.ignore_labels and self._ignores(rule, sample.labels_key):
                     continue
                 key = prefix + sample.labels_key
@@ -245,7 +258,16 @@ class AlertEngine:
                         value = (rule.smoothing * value
                                  + (1.0 - rule.smoothing) * state.evaluated)
                     state.evaluated = value
-                if learns_baseline and state.median is None:
+                if relative is Relative.ABSOLUTE:
+                    pass
+                elif relative is Relative.RUNNING_BEST:
+                    # The compared value (smoothed, for a smoothing rule) sets the best.
+                    condition = rule.condition if is_fire else rule.while_condition
+                    assert condition is not None
+                    if not state.feed_best(rule.baseline.warmup, value,
+                                           lower_is_better=not condition.points_down):
+                        continue
+                elif state.median is None:
                     # Not ready before this value: it only feeds the baseline.
                     state.feed_baseline(rule.baseline, sample.value)
                     continue
@@ -276,10 +298,12 @@ class AlertEngine:
         assert condition is not None
         if condition.relative_to is Relative.ABSOLUTE:
             return condition.threshold, rule.resolve_threshold
+        if condition.relative_to is Relative.RUNNING_BEST and state.best is None:
+            return None
         if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
             return None  # a ratio of a non-positive baseline means nothing
-        return (rule.boundary(condition.threshold, state.median, state.mad),
-                rule.boundary(rule.resolve_threshold, state.median, state.mad))
+        return (rule.boundary(condition.threshold, state.median, state.mad, state.best),
+                rule.boundary(rule.resolve_threshold, state.median, state.mad, state.best))
 
     def _labels(self, key: str) -> dict[str, str]:
         """The label mapping of a canonical label key (decoded once per key)."""
@@ -523,11 +547,14 @@ def _end_episode(state: SeriesState) -> None:
 
 
 def _holds(condition: Condition, state: SeriesState, threshold: float) -> bool:
-    if condition.relative_to is not Relative.ABSOLUTE:
+    if condition.relative_to is Relative.RUNNING_BEST:
+        if state.best is None:
+            return False
+    elif condition.relative_to is not Relative.ABSOLUTE:
         if not state.baseline_ready:
             return False
         if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
             return False
     assert state.last_value is not None
     return condition.holds(state.last_value,
-                           boundary(condition, threshold, state.median, state.mad))
+                           boundary(condition, threshold, state.median, state.mad, state.best))

@@ -82,6 +82,10 @@ class Relative(str, Enum):
     ABSOLUTE = "absolute"
     BASELINE_RATIO = "baseline_ratio"  # boundary = threshold x baseline median
     BASELINE_MAD = "baseline_mad"  # boundary = median -/+ threshold x MAD
+    # boundary = the best value seen since the warm-up +/- threshold, in the metric's own
+    # units: the lowest for a rule on a rise (op > or >=), the highest for one on a fall.
+    # A loss that must not climb back from where training brought it.
+    RUNNING_BEST = "running_best"
 
 
 @dataclass(frozen=True)
@@ -168,16 +172,20 @@ class Rule:
     def is_stall(self) -> bool:
         return self.condition is None
 
-    def boundary(self, threshold: float, median: float | None, mad: float | None) -> float:
+    def boundary(self, threshold: float, median: float | None, mad: float | None,
+                 best: float | None = None) -> float:
         """The value the metric is compared with, for a fire or a resolve threshold."""
         assert self.condition is not None
-        return boundary(self.condition, threshold, median, mad)
+        return boundary(self.condition, threshold, median, mad, best)
 
 
 def boundary(condition: Condition, threshold: float, median: float | None,
-             mad: float | None) -> float:
+             mad: float | None, best: float | None = None) -> float:
     if condition.relative_to is Relative.ABSOLUTE:
         return threshold
+    if condition.relative_to is Relative.RUNNING_BEST:
+        assert best is not None
+        return best - threshold if condition.points_down else best + threshold
     assert median is not None and mad is not None
     if condition.relative_to is Relative.BASELINE_RATIO:
         return threshold * median
@@ -246,6 +254,9 @@ def _condition(where: _Where, entry: Any, field: str) -> Condition:
                           f"of {', '.join(r.value for r in Relative)})") from None
     if relative is Relative.BASELINE_MAD and threshold < 0:
         raise where.error(f"{field}.threshold is a number of MADs and must be >= 0")
+    if relative is Relative.RUNNING_BEST and threshold < 0:
+        raise where.error(f"{field}.threshold is a distance from the best value and must "
+                          "be >= 0")
     return Condition(metric, op, threshold, relative)
 
 
@@ -324,8 +335,8 @@ def _ignore_labels(where: _Where, entry: Any, metric: str
 def _check_resolve(where: _Where, condition: Condition, fire: float, resolve: float) -> None:
     """The resolve boundary must lie on the healthy side of the fire boundary (or equal it),
     so an alert resolves only once the value has moved back past the fire boundary."""
-    if condition.relative_to is Relative.BASELINE_MAD:
-        # Both thresholds count MADs away from the median, towards the unhealthy side.
+    if condition.relative_to in (Relative.BASELINE_MAD, Relative.RUNNING_BEST):
+        # Both thresholds count away from the reference, towards the unhealthy side.
         if resolve > fire:
             raise where.error(f"resolve_threshold {resolve:g} must be at most threshold "
                               f"{fire:g} MADs (hysteresis)")

@@ -517,3 +517,58 @@ def test_state_written_before_holds_existed_still_loads() -> None:
     fresh.restore([(run_id, key, data)], [])
     changes = feed(fresh, "probe_retention", [0.1], start_step=2, probe="rare")
     assert states(changes) == [(UNSPECIFIED, FIRING)]
+
+
+PROBE_LOSS_RISE = """
+rules:
+  - alert: ProbeLossRise
+    metric: probe_loss
+    op: ">"
+    threshold: 0.5
+    relative_to: running_best
+    resolve_threshold: 0.25
+    for: 1
+    hold: 0
+    baseline: {warmup: 2}
+    severity: critical
+    summary: "probe {probe}: {value:.2f} above {threshold:.2f}"
+"""
+
+
+def test_running_best_follows_the_loss_down_and_fires_on_a_climb_back() -> None:
+    engine = engine_for(PROBE_LOSS_RISE)
+    # The warm-up's values (3.0, 2.9) set nothing; the best follows the loss as it learns,
+    # so a loss still far above where it started never fires.
+    assert feed(engine, "probe_loss", [3.0, 2.9, 2.0, 1.2, 0.6, 0.3, 0.2, 0.5],
+                probe="rare") == []
+    assert engine.state("r1", 'ProbeLossRise/fire/probe_loss/{"probe":"rare"}').best == 0.2
+    changes = feed(engine, "probe_loss", [0.75], start_step=9, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    assert changes[0].alert.summary == "probe rare: 0.75 above 0.70"
+    # Hysteresis: still firing above best + 0.25, resolved at or below it.
+    assert feed(engine, "probe_loss", [0.5], start_step=10, probe="rare") == []
+    assert states(feed(engine, "probe_loss", [0.45], start_step=11, probe="rare")) == [
+        (FIRING, RESOLVED)]
+
+
+def test_running_best_of_a_falling_metric_is_its_highest_value() -> None:
+    engine = engine_for(PROBE_LOSS_RISE.replace('op: ">"', 'op: "<"')
+                        .replace("metric: probe_loss", "metric: probe_accuracy")
+                        .replace("resolve_threshold: 0.25", "resolve_threshold: 0.5"))
+    assert feed(engine, "probe_accuracy", [0.1, 0.2, 0.5, 0.9, 0.7], probe="rare") == []
+    changes = feed(engine, "probe_accuracy", [0.3], start_step=6, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+
+
+def test_running_best_survives_the_storage_round_trip() -> None:
+    from raresignal.server.alerting.engine import SeriesState
+
+    state = SeriesState(seen=2, best=0.25, last_step=7)
+    assert SeriesState.from_dict(state.to_dict()) == state
+
+
+def test_running_best_rejects_a_negative_distance() -> None:
+    from raresignal.server.alerting.rules import RulesError
+
+    with pytest.raises(RulesError, match="distance from the best value"):
+        parse_rules(PROBE_LOSS_RISE.replace("threshold: 0.5", "threshold: -0.5"))

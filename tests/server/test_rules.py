@@ -18,7 +18,7 @@ from raresignal.server.alerting.rules import (
 )
 
 DEFAULT_ALERTS = {
-    "RareSignalAbsorbed", "RareSignalRetentionLoss", "RareSignalInterference",
+    "RareProbeLossRise", "RareSignalAbsorbed", "RareSignalRetentionLoss", "RareSignalInterference",
     "SharpnessAboveStability", "SharpnessRising", "SubspaceDriftSpike",
     "FisherRankCollapse", "NonFiniteGradients", "RunStalled",
 }
@@ -47,12 +47,14 @@ def test_default_rules_are_the_shipped_set() -> None:
     assert rules["RunStalled"].stall == StallSpec(step_time_factor=20, step_time_quantile=0.95,
                                                   floor_seconds=300, history=64, learn_after=8)
     # The rare-signal rules watch the rare probes, not the common reference probe.
-    for name in ("RareSignalAbsorbed", "RareSignalRetentionLoss", "RareSignalInterference"):
+    for name in ("RareProbeLossRise", "RareSignalAbsorbed", "RareSignalRetentionLoss",
+                 "RareSignalInterference"):
         assert rules[name].ignores({"probe": "common"}), name
         assert not rules[name].ignores({"probe": "rare"}), name
     assert rules["SubspaceDriftSpike"].condition.relative_to is Relative.BASELINE_MAD
     for rule in rules.values():  # every rule has hysteresis on the safe side or none
-        if rule.condition and rule.condition.relative_to is not Relative.BASELINE_MAD:
+        if rule.condition and rule.condition.relative_to not in (Relative.BASELINE_MAD,
+                                                                 Relative.RUNNING_BEST):
             if rule.condition.points_down:
                 assert rule.resolve_threshold >= rule.condition.threshold
             else:
