@@ -28,6 +28,7 @@ from deploy_support import (
 )
 
 from raresignal.server.alerting.rules import parse_rules
+from raresignal.server.serving.app import SERVICE_NAMES
 from raresignal.server.serving.auth import parse_tokens
 
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -144,8 +145,11 @@ def test_deployment_writers_grpc_probes_and_named_ports(values_file: Path) -> No
     container = _server_container(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": 50051, "health": 8081, "metrics": 9464}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"] == {"port": 8081}
+    assert container["livenessProbe"]["grpc"] == {"port": 8081}
+    # Readiness asks for the ingest service, which the server marks NOT_SERVING while its
+    # database is unreachable.
+    assert container["readinessProbe"]["grpc"] == {"port": 8081,
+                                                   "service": SERVICE_NAMES[0]}
     assert "--health-port=8081" in container["args"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     (service,) = by_kind(objects, "Service")
