@@ -328,7 +328,8 @@ class BudgetScheduler:
 
     def floor_message(self) -> str:
         """Which signals cannot keep their floor within the budget, and what to change."""
-        costly = sorted((s for s in self.schedules.values() if s.cost_seconds),
+        costly = sorted((s for s in self.schedules.values()
+                         if s.cost_seconds and s.max_interval > 1),
                         key=lambda s: -(s.cost_seconds or 0.0) / s.interval)
         signals = ", ".join(
             f"{s.name} every {s.interval} steps at effort {s.effort:g}"
