@@ -192,3 +192,31 @@ def test_the_monitor_streams_the_floor_state_effort_and_floor_to_the_server(
     assert run_id is not None
     stored = stored_series(server.grpc_target, run_id, "agent_budget_floor_exceeded")
     assert stored and stored[max(stored)] == 1.0
+
+
+def test_ranks_with_different_costs_reach_the_same_efforts_and_intervals() -> None:
+    """Each rank decides from the timings max-reduced over the ranks, so the effort and
+    interval decisions agree although each rank measured its own costs."""
+    levels: list[Efforts] = [Efforts({"costly"}), Efforts({"costly"})]
+    ranks: list[BudgetScheduler] = []
+    for rank, efforts in enumerate(levels):
+        other = 1 - rank
+        scheduler = BudgetScheduler(
+            [("cheap", 1, False), ("costly", 10, True)], target_overhead=0.03,
+            total_steps=1000, apply_effort=efforts,
+            reduce_max=lambda local, other=other: torch.maximum(
+                local, torch.tensor(ranks[other]._timings(), dtype=torch.float64)))
+        efforts.scheduler = scheduler
+        ranks.append(scheduler)
+    full_costs = [{"cheap": 1e-5, "costly": 9e-3}, {"cheap": 3e-5, "costly": 16e-3}]
+    for step in range(200):
+        due = [scheduler.due(step) for scheduler in ranks]
+        assert due[0] == due[1], step
+        for scheduler, efforts, costs in zip(ranks, levels, full_costs, strict=True):
+            for name in due[0]:
+                scheduler.record_run(name, step, costs[name] * efforts.levels.get(name, 1.0))
+        for scheduler in ranks:
+            scheduler.end_step(step, 0.0, 0.0, STEP_SECONDS)
+        assert ranks[0].efforts == ranks[1].efforts and ranks[0].intervals == ranks[1].intervals
+    # The slower rank's costs decided for both: 16 ms at a quarter is 4 % at interval 10.
+    assert ranks[0].efforts["costly"] == 0.25 and ranks[0].intervals["costly"] == 20
