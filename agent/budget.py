@@ -10,7 +10,8 @@ of the largest contributor (expensive estimators first) that can do less work pe
 estimator's floor (``raresignal.agent.cadence``: the longest interval that still gives the
 signal enough measurements). When even minimal effort at every floor stays over the
 target, it says so once (a warning naming the signals, their cadence, the predicted
-overhead and the settings to change) and ``floor_exceeded`` is true until it fits again.
+overhead and the settings to change) and ``floor_exceeded`` is true until the prediction
+is back under 80 % of the target.
 With ample room it undoes this in reverse: intervals back towards their planned cadence
 (cheap estimators first), then effort back up to full.
 
@@ -36,6 +37,7 @@ import torch
 from raresignal.agent.api import ReduceFn
 from raresignal.agent.cadence import plan_cadence
 from raresignal.agent.config import MonitorConfig
+from raresignal.agent.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class BudgetScheduler:
                 lowest_effort=self.planning.min_effort if apply_effort else 1.0)
         self.plan(total_steps)
         self.floor_exceeded = False
+        self._log = RateLimitedLog(log)
         self.predicted: float | None = None  # the overhead predicted at the last decision
         self.step_seconds: float | None = None
         self.base_seconds: float | None = None
@@ -264,7 +267,12 @@ class BudgetScheduler:
         elif predicted < self.target * _RELAX_BELOW:
             self._relax(schedules, timings, index, rate, predict)
         self.predicted = predict()
-        self._note_floors(self.predicted > self.target)
+        # Hysteresis: a prediction hovering about the target would otherwise flip the state
+        # (and the warning) at every decision.
+        if self.floor_exceeded:
+            self._note_floors(self.predicted > self.target * _RELAX_TO)
+        else:
+            self._note_floors(self.predicted > self.target)
 
     def _relax(self, schedules: list[EstimatorSchedule], timings: list[float],
                index: dict[str, int], rate: Callable[[EstimatorSchedule], float],
@@ -320,7 +328,7 @@ class BudgetScheduler:
             return
         self.floor_exceeded = exceeded
         if exceeded:
-            log.warning("raresignal: %s", self.floor_message())
+            self._log.warning("floors", "raresignal: %s", self.floor_message())
         else:
             log.info("raresignal: the overhead budget holds every estimator's floor again "
                      "(predicted overhead %.1f%%, target %.1f%%)",

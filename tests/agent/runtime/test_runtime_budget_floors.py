@@ -102,9 +102,16 @@ def test_an_estimator_too_costly_for_its_floor_stays_at_it_and_the_budget_says_s
         assert "probes every 100 steps at effort 0.25" in warnings[0]
         assert "MonitorConfig(target_overhead=...)" in warnings[0]
         assert "predicted overhead 25" in warnings[0]  # 0.25 s / 100 / 10 ms
+        # Just under the target (2.7 % + 0.1 %) is not yet "fits again": no flip, no
+        # second line (20 runs: the smoothed cost has forgotten the old one).
+        _drive(scheduler, efforts, 2000, {"cheap": 1e-5, "probes": 0.108}, start=300)
+        assert scheduler.predicted == pytest.approx(0.028, rel=0.01)
+        assert scheduler.floor_exceeded
+        assert scheduler.intervals["probes"] == floor
         # The cost falls (a smaller probe set): the floors fit again, said once at INFO.
-        _drive(scheduler, efforts, 1000, {"cheap": 1e-5, "probes": 1e-3}, start=300)
+        _drive(scheduler, efforts, 1000, {"cheap": 1e-5, "probes": 1e-3}, start=2300)
     assert not scheduler.floor_exceeded
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(infos) == 1 and "holds every estimator's floor again" in infos[0]
 
