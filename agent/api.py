@@ -135,9 +135,9 @@ class Estimator(Protocol):
     ``expensive`` estimators are never run twice in one step and are the ones the
     scheduler stretches first.
 
-    ``first_step`` and ``needs_whole_parameters`` have defaults: a class that subclasses
-    ``Estimator`` inherits them, and the monitor also accepts an estimator that only has
-    the other members (see :func:`is_estimator`), reading the defaults for it.
+    ``first_step``, ``needs_whole_parameters`` and ``set_effort`` have defaults: a class
+    that subclasses ``Estimator`` inherits them, and the monitor also accepts an estimator
+    that only has the other members (see :func:`is_estimator`), reading the defaults for it.
     """
 
     name: str
@@ -153,6 +153,14 @@ class Estimator(Protocol):
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         """Measures at this step. May raise; the monitor logs, counts and goes on."""
         ...
+
+    def set_effort(self, level: float) -> float | None:
+        """Optional: do ``level`` (in (0, 1]; 1 = full) of a full run's work per run, for
+        proportionally less time, e.g. fewer examples or iterations, keeping the readings
+        comparable. The budget lowers it before it stretches the interval, and asks every
+        rank for the same level. Returns the level applied (None: as asked); the default
+        does full work always and returns 1.0."""
+        return 1.0
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (baselines, warm starts, sketches)."""

@@ -1,32 +1,45 @@
-"""The overhead budget: decides which estimators run at each step.
+"""The overhead budget: decides which estimators run at each step, and how much work each
+run does.
 
 The scheduler times every estimator run and the training step (the time between two
 ``step()`` calls, monitor excluded), keeps smoothed figures, and predicts the steady
-overhead as ``(base + Σ cost_e / interval_e) / step_time``. Every
-``adjust_every`` steps it doubles the interval of the largest contributor (expensive
-estimators first) until the prediction is under the target, or halves one interval (cheap
-estimators first) when there is ample room, never below an estimator's default cadence
-nor above ``max_interval_factor`` times it.
+overhead as ``(base + Σ cost_e / interval_e) / step_time``. Every ``adjust_every`` steps,
+while the prediction is over the target, it first makes runs cheaper: it halves the effort
+of the largest contributor (expensive estimators first) that can do less work per run
+(``set_effort``), down to ``min_effort``; only then does it double intervals, never past an
+estimator's floor (``raresignal.agent.cadence``: the longest interval that still gives the
+signal enough measurements). When even minimal effort at every floor stays over the
+target, it says so once (a warning naming the signals, their cadence, the predicted
+overhead and the settings to change) and ``floor_exceeded`` is true until the prediction
+is back under 80 % of the target.
+With ample room it undoes this in reverse: intervals back towards their planned cadence
+(cheap estimators first), then effort back up to full.
 
-Under torch.distributed every rank must run the same estimators at the same steps, since
-estimators issue collectives. So the decision is taken only at fixed step boundaries,
-from timings max-reduced over the ranks (max is exact in floating point, so every rank
-gets bit-identical inputs) by a deterministic rule: every rank reaches the same intervals.
-Due estimators are a function of the step and those intervals alone.
+Under torch.distributed every rank must run the same estimators at the same steps, with
+the same effort, since estimators issue collectives. So the decision is taken only at
+fixed step boundaries, from timings max-reduced over the ranks (max is exact in floating
+point, so every rank gets bit-identical inputs) by a deterministic rule: every rank
+reaches the same intervals and efforts. Due estimators are a function of the step and
+those intervals alone.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from raresignal.agent.api import ReduceFn
+from raresignal.agent.cadence import plan_cadence
 from raresignal.agent.config import MonitorConfig
+from raresignal.agent.ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
 
 _STEP_ALPHA = 0.1  # smoothing of the step time and the monitor's base cost
 _COST_ALPHA = 0.3  # smoothing of each estimator's run time
@@ -37,21 +50,28 @@ _RELAX_TO = 0.8  # ...and the tightened prediction stays under 80 % of it
 _PAUSE_FACTOR = 10.0
 _PAUSE_MIN_STEPS = 20
 
+# apply_effort(name, level) -> the level the estimator applied (None: as asked).
+EffortFn = Callable[[str, float], float | None]
+
 
 @dataclass
 class EstimatorSchedule:
-    """The cadence and measured cost of one estimator."""
+    """The cadence, effort and measured cost of one estimator."""
 
     name: str
     default_interval: int
     expensive: bool
     interval: int
-    max_interval: int
+    max_interval: int  # the floor cadence: the budget never stretches past it
     next_due: int
+    first_step: int = 0
+    planned_interval: int = 0  # where it starts and what relaxing returns to
     last_run: int | None = None
-    cost_seconds: float | None = None  # smoothed wall time of one run
+    cost_seconds: float | None = None  # smoothed wall time of one run at its effort
     last_seconds: float | None = None  # wall time of the last run
     runs: int = 0
+    effort: float = 1.0  # share of a full run's work (set_effort)
+    lowest_effort: float = 1.0  # the least effort it accepts (1.0: it cannot do less)
 
 
 def _ema(previous: float | None, value: float, alpha: float) -> float:
@@ -59,7 +79,8 @@ def _ema(previous: float | None, value: float, alpha: float) -> float:
 
 
 class BudgetScheduler:
-    """Holds every estimator's cadence and keeps the total overhead under a target."""
+    """Holds every estimator's cadence and effort and keeps the total overhead under a
+    target, never stretching an estimator past its floor."""
 
     def __init__(
         self,
@@ -69,6 +90,9 @@ class BudgetScheduler:
         adjust_every: int = MonitorConfig.budget_adjust_every_steps,
         window_steps: int = MonitorConfig.overhead_window_steps,
         reduce_max: ReduceFn | None = None,
+        total_steps: int | None = None,
+        apply_effort: EffortFn | None = None,
+        planning: MonitorConfig | None = None,
     ) -> None:
         names = [entry[0] for entry in estimators]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -77,6 +101,12 @@ class BudgetScheduler:
         self.target = target_overhead
         self.adjust_every = adjust_every
         self.reduce_max = reduce_max
+        # The cadence rule's settings and min_effort; the factor given here wins.
+        self.planning = replace(planning or MonitorConfig(),
+                                max_interval_factor=max_interval_factor)
+        # Without a way to apply it, effort stays full: cadence is the only lever.
+        self.apply_effort = apply_effort
+        self.total_steps: int | None = None
         self.schedules: dict[str, EstimatorSchedule] = {}
         expensive_rank = 0
         for name, default_interval, expensive, *start in estimators:
@@ -86,17 +116,35 @@ class BudgetScheduler:
             # Expensive estimators start one step apart so that they never pile up; one
             # with a warm-up (a first step) is not due before it, so that no empty run
             # is taken for its cost.
-            first = max(start[0] if start else 0, expensive_rank if expensive else 0)
+            warmup = start[0] if start else 0
+            first = max(warmup, expensive_rank if expensive else 0)
             expensive_rank += int(expensive)
             self.schedules[name] = EstimatorSchedule(
-                name, default_interval, expensive, default_interval,
-                default_interval * max_interval_factor, first)
+                name, default_interval, expensive, default_interval, default_interval, first,
+                first_step=warmup,
+                lowest_effort=self.planning.min_effort if apply_effort else 1.0)
+        self.plan(total_steps)
+        self.floor_exceeded = False
+        self._log = RateLimitedLog(log)
+        self.predicted: float | None = None  # the overhead predicted at the last decision
         self.step_seconds: float | None = None
         self.base_seconds: float | None = None
         self._steps_seen = 0
         self._window: deque[tuple[float, float]] = deque(maxlen=window_steps)
         self._window_monitor = 0.0
         self._window_train = 0.0
+
+    def plan(self, total_steps: int | None) -> None:
+        """Sets every cadence and floor from the run's planned length (None: the defaults),
+        by the rule of ``raresignal.agent.cadence``; the next decisions start from there."""
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = total_steps
+        for s in self.schedules.values():
+            cadence = plan_cadence(s.default_interval, s.expensive, total_steps, s.first_step,
+                                   self.planning)
+            s.planned_interval, s.max_interval = cadence.interval, cadence.floor
+            self._set_interval(s, cadence.interval)
 
     # -- which estimators run ------------------------------------------------------------
 
@@ -188,34 +236,118 @@ class BudgetScheduler:
         predicted = self.predicted_overhead(timings)
         if predicted is None:
             return
-        costs = dict(zip(self.schedules, timings[2:], strict=True))
+        index = {name: 2 + i for i, name in enumerate(self.schedules)}
         schedules = list(self.schedules.values())
 
         def rate(s: EstimatorSchedule) -> float:
-            return costs[s.name] / s.interval
+            return timings[index[s.name]] / s.interval
+
+        def predict() -> float:
+            return self.predicted_overhead(timings) or 0.0
 
         if predicted > self.target:
+            # Cheaper runs first: every signal keeps its cadence as long as it can.
             while predicted > self.target:
-                stretchable = [s for s in schedules
-                               if s.interval < s.max_interval and costs[s.name] > 0]
+                cheapenable = [s for s in schedules if s.effort > s.lowest_effort
+                               and timings[index[s.name]] > 0]
+                if not cheapenable:
+                    break
+                pick = max(cheapenable, key=lambda s: (s.expensive, rate(s)))
+                self._set_effort(pick, max(pick.lowest_effort, pick.effort / 2), timings,
+                                 index[pick.name])
+                predicted = predict()
+            while predicted > self.target:
+                stretchable = [s for s in schedules if s.interval < s.max_interval
+                               and timings[index[s.name]] > 0]
                 if not stretchable:
                     break
                 pick = max(stretchable, key=lambda s: (s.expensive, rate(s)))
                 self._set_interval(pick, min(pick.max_interval, pick.interval * 2))
-                predicted = self.predicted_overhead(timings) or 0.0
+                predicted = predict()
         elif predicted < self.target * _RELAX_BELOW:
-            tightenable = [s for s in schedules if s.interval > s.default_interval]
-            for pick in sorted(tightenable, key=lambda s: (s.expensive, rate(s))):
-                old = pick.interval
-                self._set_interval(pick, max(pick.default_interval, math.ceil(old / 2)))
-                if (self.predicted_overhead(timings) or 0.0) <= self.target * _RELAX_TO:
-                    break
-                self._set_interval(pick, old)
+            self._relax(schedules, timings, index, rate, predict)
+        self.predicted = predict()
+        # Hysteresis: a prediction hovering about the target would otherwise flip the state
+        # (and the warning) at every decision.
+        if self.floor_exceeded:
+            self._note_floors(self.predicted > self.target * _RELAX_TO)
+        else:
+            self._note_floors(self.predicted > self.target)
+
+    def _relax(self, schedules: list[EstimatorSchedule], timings: list[float],
+               index: dict[str, int], rate: Callable[[EstimatorSchedule], float],
+               predict: Callable[[], float]) -> None:
+        """With ample room: one interval back towards its planned cadence (cheap estimators
+        first) or, when every cadence is planned, one effort back up."""
+        tightenable = [s for s in schedules if s.interval > s.planned_interval]
+        for pick in sorted(tightenable, key=lambda s: (s.expensive, rate(s))):
+            old = pick.interval
+            self._set_interval(pick, max(pick.planned_interval, math.ceil(old / 2)))
+            if predict() <= self.target * _RELAX_TO:
+                return
+            self._set_interval(pick, old)
+        if tightenable:
+            return
+        for pick in sorted((s for s in schedules if s.effort < 1.0),
+                           key=lambda s: (s.expensive, rate(s))):
+            position = index[pick.name]
+            cost = timings[position]
+            timings[position] = cost * min(1.0, pick.effort * 2) / pick.effort
+            fits = predict() <= self.target * _RELAX_TO
+            timings[position] = cost
+            if fits:
+                self._set_effort(pick, min(1.0, pick.effort * 2), timings, position)
+                return
+
+    def _set_effort(self, schedule: EstimatorSchedule, level: float, timings: list[float],
+                    position: int) -> None:
+        """Asks the estimator for ``level``; the cost it is predicted at (in the agreed
+        timings and its own smoothed cost) follows in proportion."""
+        applied = self._apply(schedule.name, level)
+        if applied >= schedule.effort and level < schedule.effort:
+            schedule.lowest_effort = schedule.effort  # it cannot do less per run
+            return
+        ratio = applied / schedule.effort
+        timings[position] *= ratio
+        if schedule.cost_seconds is not None:
+            schedule.cost_seconds *= ratio
+        schedule.effort = applied
+
+    def _apply(self, name: str, level: float) -> float:
+        applied = self.apply_effort(name, level) if self.apply_effort else 1.0
+        return level if applied is None else float(applied)
 
     def _set_interval(self, schedule: EstimatorSchedule, interval: int) -> None:
         schedule.interval = interval
         if schedule.last_run is not None:
             schedule.next_due = schedule.last_run + interval
+
+    def _note_floors(self, exceeded: bool) -> None:
+        """Says once, at each change, whether the floors fit in the budget."""
+        if exceeded == self.floor_exceeded:
+            return
+        self.floor_exceeded = exceeded
+        if exceeded:
+            self._log.warning("floors", "raresignal: %s", self.floor_message())
+        else:
+            log.info("raresignal: the overhead budget holds every estimator's floor again "
+                     "(predicted overhead %.1f%%, target %.1f%%)",
+                     100 * (self.predicted or 0.0), 100 * self.target)
+
+    def floor_message(self) -> str:
+        """Which signals cannot keep their floor within the budget, and what to change."""
+        costly = sorted((s for s in self.schedules.values()
+                         if s.cost_seconds and s.max_interval > 1),
+                        key=lambda s: -(s.cost_seconds or 0.0) / s.interval)
+        signals = ", ".join(
+            f"{s.name} every {s.interval} steps at effort {s.effort:g}"
+            f" ({1000 * (s.cost_seconds or 0.0):.1f} ms a run)" for s in costly[:4])
+        return (f"the overhead budget cannot keep every signal's floor: predicted overhead "
+                f"{100 * (self.predicted or 0.0):.1f}% of step time against a target of "
+                f"{100 * self.target:.1f}% with {signals}; the floors are kept over "
+                f"target. Raise MonitorConfig(target_overhead=...) to accept the cost, or "
+                f"lower MonitorConfig(floor_measurements=...) or lengthen the estimator's "
+                f"EstimatorConfig interval to measure less often")
 
     # -- reading and checkpointing -------------------------------------------------------
 
@@ -223,15 +355,23 @@ class BudgetScheduler:
     def intervals(self) -> dict[str, int]:
         return {name: s.interval for name, s in self.schedules.items()}
 
+    @property
+    def efforts(self) -> dict[str, float]:
+        return {name: s.effort for name, s in self.schedules.items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "schedules": {name: asdict(s) for name, s in self.schedules.items()},
             "step_seconds": self.step_seconds,
             "base_seconds": self.base_seconds,
+            "total_steps": self.total_steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores cadences and timings of the estimators that still exist."""
+        """Restores cadences, efforts and timings of the estimators that still exist (and
+        the planned length, unless this run was given one)."""
+        if self.total_steps is None and state.get("total_steps") is not None:
+            self.plan(int(state["total_steps"]))
         for name, saved in state.get("schedules", {}).items():
             schedule = self.schedules.get(name)
             if schedule is None:
@@ -239,7 +379,10 @@ class BudgetScheduler:
             for key in ("interval", "next_due", "last_run", "cost_seconds", "last_seconds",
                         "runs"):
                 setattr(schedule, key, saved[key])
-            schedule.interval = min(max(schedule.interval, schedule.default_interval),
+            schedule.interval = min(max(schedule.interval, schedule.planned_interval),
                                     schedule.max_interval)
+            effort = float(saved.get("effort", 1.0))
+            if effort != schedule.effort:
+                schedule.effort = self._apply(name, effort)
         self.step_seconds = state.get("step_seconds")
         self.base_seconds = state.get("base_seconds")

@@ -29,8 +29,19 @@ class MonitorConfig:
     target_overhead: float = 0.03
     # Settings of the default estimators; None builds EstimatorConfig() when needed.
     estimator_config: EstimatorConfig | None = None
-    # The scheduler may stretch an estimator's interval up to this multiple of its default.
+    # The scheduler may stretch an estimator's interval up to this multiple of its default
+    # (its floor cadence when the run's planned length is unknown).
     max_interval_factor: int = 64
+    # Cadences from the planned length (see raresignal.agent.cadence): each estimator aims
+    # at planned_measurements runs over the planned steps, never more often than every
+    # min_planned_interval steps nor less often than its default; the budget may stretch
+    # it only while floor_measurements runs remain.
+    planned_measurements: int = 40
+    floor_measurements: int = 10
+    min_planned_interval: int = 10
+    # The budget lowers an estimator's effort (work per run) by halves down to this before
+    # it stretches any interval.
+    min_effort: float = 0.25
     # Steps between two budget decisions (a fixed cadence so every rank decides together).
     budget_adjust_every_steps: int = 10
     # Steps over which the reported overhead ratio is measured.
@@ -68,6 +79,10 @@ class MonitorConfig:
         checks = {
             "target_overhead": 0 < self.target_overhead < 1,
             "max_interval_factor": self.max_interval_factor >= 1,
+            "planned_measurements": self.planned_measurements >= 1,
+            "floor_measurements": 1 <= self.floor_measurements <= self.planned_measurements,
+            "min_planned_interval": self.min_planned_interval >= 1,
+            "min_effort": 0 < self.min_effort <= 1,
             "budget_adjust_every_steps": self.budget_adjust_every_steps >= 1,
             "overhead_window_steps": self.overhead_window_steps >= 1,
             "report_interval_seconds": self.report_interval_seconds > 0,

@@ -113,6 +113,10 @@ class Monitor:
     with no likelihood (contrastive, diffusion, custom) is passed as
     ``loss_fn(model, inputs, targets) -> scalar`` (task "custom"): the Fisher-based
     signals are then unavailable, and said so; see ``build_default_estimators``.
+
+    ``total_steps`` is the run's planned length in optimizer steps, when known: cadences
+    then follow it (``raresignal.agent.cadence``), so a short run gets every signal several
+    times. An integration that learns it later calls :meth:`plan`.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class Monitor:
         estimators: Sequence[Estimator] | None = None,
         announce: Callable[[str], None] | None = None,
         loss_fn: LossFn | None = None,
+        total_steps: int | None = None,
     ) -> None:
         self.config = config or MonitorConfig()
         self.model = model
@@ -152,7 +157,12 @@ class Monitor:
             max_interval_factor=self.config.max_interval_factor,
             adjust_every=self.config.budget_adjust_every_steps,
             window_steps=self.config.overhead_window_steps,
+            apply_effort=self._apply_effort,
+            planning=self.config,
         )
+        self.total_steps: int | None = None
+        if total_steps is not None:
+            self.plan(total_steps)
         self._step = 0
         self._latest: dict[str, float] = {}
         self._estimator_errors: dict[str, int] = {}
@@ -177,6 +187,32 @@ class Monitor:
         return build_default_estimators(
             self.model, self.optimizer, probes, common_probe, self.config.estimator_config,
             task=self.task, forward=self._forward, loss_fn=self.loss_fn)
+
+    def plan(self, total_steps: int) -> None:
+        """Tells the monitor the run's planned length in optimizer steps; cadences and the
+        budget's floors follow it (before or after the first step). Estimators with a
+        ``plan(total_steps)`` method (warm-ups that must end within the run) are told too.
+        """
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = int(total_steps)
+        self._budget.plan(self.total_steps)
+        self._plan_estimators(self.total_steps)
+
+    def _plan_estimators(self, total_steps: int) -> None:
+        for estimator in self.estimators.values():
+            plan = getattr(estimator, "plan", None)
+            if callable(plan):
+                plan(total_steps)
+
+    def _apply_effort(self, name: str, level: float) -> float | None:
+        """The budget's way to make one estimator's runs cheaper: its optional
+        ``set_effort``; one without it always does full work."""
+        set_effort = getattr(self.estimators[name], "set_effort", None)
+        if not callable(set_effort):
+            return 1.0
+        applied = set_effort(level)
+        return None if applied is None else float(applied)
 
     # -- the training loop's calls -------------------------------------------------------
 
@@ -323,9 +359,13 @@ class Monitor:
         overhead = self._budget.measured_overhead
         if overhead is not None:
             values["agent_overhead_ratio", ()] = overhead
+        values["agent_budget_floor_exceeded", ()] = float(self._budget.floor_exceeded)
         for name, schedule in self._budget.schedules.items():
             labels = (("estimator", name),)
             values["agent_estimator_interval_steps", labels] = float(schedule.interval)
+            values["agent_estimator_floor_interval_steps", labels] = float(
+                schedule.max_interval)
+            values["agent_estimator_effort_ratio", labels] = schedule.effort
             if schedule.last_seconds is not None:
                 values["agent_estimator_seconds", labels] = schedule.last_seconds
             if name in self._estimator_errors:
@@ -384,6 +424,11 @@ class Monitor:
         return self._budget.intervals
 
     @property
+    def efforts(self) -> dict[str, float]:
+        """Current effort of every estimator (1.0: full work per run)."""
+        return self._budget.efforts
+
+    @property
     def estimator_errors(self) -> dict[str, int]:
         return dict(self._estimator_errors)
 
@@ -432,6 +477,9 @@ class Monitor:
         self._resume = {key: state[key] for key in ("run_id", "sender_id", "next_sequence")
                         if state.get(key) is not None}
         self._budget.load_state_dict(state.get("budget", {}))
+        if self.total_steps is None and self._budget.total_steps is not None:
+            self.total_steps = self._budget.total_steps  # the saved run's planned length
+            self._plan_estimators(self.total_steps)
         for name, saved in state.get("estimators", {}).items():
             if name in self.estimators:
                 self.estimators[name].load_state_dict(saved)

@@ -121,6 +121,7 @@ class RaresignalTrainerCallback(TrainerCallback):
         self.monitor: Monitor | None = None  # the running one, then the last one closed
         self._running = False
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._total_steps: int | None = None  # the Trainer's max_steps, once it says
         self._measuring = False
         self._batch: tuple[Any, torch.Tensor] | None = None
         self._losses: list[torch.Tensor] = []
@@ -161,6 +162,9 @@ class RaresignalTrainerCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         if model is not None and self._hook is None:
             self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
+        self._total_steps = state.max_steps if state.max_steps > 0 else None
+        if self._running and self.monitor is not None and self._total_steps is not None:
+            self.monitor.plan(self._total_steps)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState,
                       control: TrainerControl, model: nn.Module | None = None,
@@ -184,6 +188,7 @@ class RaresignalTrainerCallback(TrainerCallback):
             token=self.token,
             estimators=self.estimators,
             announce=main_process_printer(state),
+            total_steps=self._total_steps,
         )
         self._running = True
         if state.global_step > 0:

@@ -9,6 +9,7 @@ into the ``Callback`` base of one package. ``raresignal.integrations.lightning``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,17 @@ from raresignal.integrations.torch import (
     to_probe,
     to_probes,
 )
+
+
+def planned_steps(trainer: Any) -> int | None:
+    """The optimizer steps the Trainer plans (``estimated_stepping_batches``), or None when
+    it cannot tell (an infinite or unknown length)."""
+    try:
+        estimate = float(trainer.estimated_stepping_batches)
+    except Exception:  # some loops cannot size themselves before they start
+        return None
+    return int(estimate) if math.isfinite(estimate) and estimate >= 1 else None
+
 
 # The series the callback also logs through the framework (its loggers, the metrics its
 # callbacks monitor): the ones a person reads first.
@@ -197,6 +209,7 @@ class LightningMonitorHooks:
             token=self.token,
             estimators=self.estimators,
             announce=type(self)._announce,
+            total_steps=planned_steps(trainer),
         )
         self._running = True
         if self._pending_state is not None:

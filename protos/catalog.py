@@ -108,6 +108,13 @@ _SPECS: tuple[MetricSpec, ...] = (
        LABEL_ESTIMATOR),
     _g("agent_estimator_interval_steps", "Current cadence of an estimator in steps, as set by "
        "the overhead budget.", LABEL_ESTIMATOR),
+    _g("agent_estimator_floor_interval_steps", "Longest interval the overhead budget may "
+       "stretch an estimator to (its floor cadence, from the run's planned length).",
+       LABEL_ESTIMATOR),
+    _g("agent_estimator_effort_ratio", "Share of a full run's work an estimator does per run, "
+       "as set by the overhead budget (1 = full work).", LABEL_ESTIMATOR),
+    _g("agent_budget_floor_exceeded", "1 while the overhead budget cannot keep every "
+       "estimator's floor cadence within its target (the floors are kept, over target)."),
     _c("agent_dropped_reports_total", "Reports the agent dropped (spool full or rejected)."),
     _g("agent_spool_bytes", "Bytes waiting in the agent's spool."),
     _g("agent_estimator_unavailable", "1 for each estimator the run's task cannot measure "

@@ -25,3 +25,12 @@ class LossEstimator:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
+
+
+class RareEstimator(LossEstimator):
+    """An expensive estimator with a long default cadence, like the probes: its interval
+    shows whether the monitor learned the run's planned length."""
+
+    name = "toy_rare"
+    default_interval = 200
+    expensive = True

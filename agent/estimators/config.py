@@ -53,6 +53,9 @@ class EstimatorConfig:
     per_example_chunk: int = 16
     per_example_method: str = "auto"  # or "vmap", "loop"
     retention_warmup_step: int = 1000
+    # A planned run shorter than the warm-up takes the retention reference at this
+    # fraction of its length instead.
+    retention_warmup_fraction: float = 0.2
     # Interference compares a probe's gradient with the net update over at least this many
     # steps after it (0: the update until the next probe measurement).
     probe_interference_horizon: int = 0
@@ -87,6 +90,7 @@ class EstimatorConfig:
             "per_example_method": self.per_example_method in ("auto", "vmap", "loop"),
             "noise_scale_ema": 0.0 <= self.noise_scale_ema < 1.0,
             "probe_interference_horizon": self.probe_interference_horizon >= 0,
+            "retention_warmup_fraction": 0.0 <= self.retention_warmup_fraction <= 1.0,
             **{name: value >= 1 for name, value in intervals.items()},
         }
         bad = [name for name, ok in checks.items() if not ok]

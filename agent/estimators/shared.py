@@ -103,12 +103,21 @@ class SharedState:
 
 
 class DefaultEstimator(Estimator):
-    """Base of the default estimators: the shared state and the cadence, and nothing to
-    checkpoint unless a subclass keeps state of its own."""
+    """Base of the default estimators: the shared state and the cadence, full work at
+    every effort and nothing to checkpoint unless a subclass says otherwise, and a
+    ``plan(total_steps)`` hook the monitor calls with the run's planned length."""
 
     def __init__(self, shared: SharedState, default_interval: int) -> None:
         self.shared = shared
         self.default_interval = default_interval
+
+    def set_effort(self, level: float) -> float | None:
+        """This estimator cannot do less per run: full work whatever the level."""
+        return 1.0
+
+    def plan(self, total_steps: int) -> None:
+        """Nothing of this estimator depends on the run's length."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

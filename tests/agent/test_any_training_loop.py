@@ -106,8 +106,9 @@ def _run(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], loss_of: Los
     inputs, targets = data
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor_args.setdefault("server", None)
+    # Cadences and efforts pinned: the values are compared with exact ones.
     monitor = Monitor(model, optimizer, probes={"rare": Probe(inputs[32:], targets[32:])},
-                      config=config or MonitorConfig(max_interval_factor=1,
+                      config=config or MonitorConfig(max_interval_factor=1, min_effort=1.0,
                                                      estimator_config=EVERY_STEP),
                       **monitor_args)
     probe_losses = []
@@ -200,8 +201,9 @@ def test_the_unavailable_gauge_reaches_prometheus_through_the_server(tmp_path: P
     with start_in_thread(ServerConfig(db_path=str(tmp_path / "rs.db"), host="127.0.0.1",
                                       grpc_port=0, metrics_port=0, health_port=0)) as server:
         torch.manual_seed(0)
-        config = MonitorConfig(max_interval_factor=1, estimator_config=EVERY_STEP,
-                               spool_dir=str(tmp_path / "spool"), report_interval_seconds=0.05)
+        config = MonitorConfig(max_interval_factor=1, min_effort=1.0,
+                               estimator_config=EVERY_STEP, spool_dir=str(tmp_path / "spool"),
+                               report_interval_seconds=0.05)
         monitor, _ = _run(Regressor(4), _contrastive_data(torch.Generator().manual_seed(2)),
                           _contrastive_loss, config=config, server=server.grpc_target,
                           run_name="contrastive", loss_fn=_contrastive_loss)

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import torch
 from storage_reads import get_series, list_runs
+from toy_estimators import RareEstimator
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from raresignal.agent import MonitorConfig
+from raresignal.agent.cadence import plan_cadence
 from raresignal.integrations.hf import RaresignalTrainerCallback
 from raresignal.protos.v1 import common_pb2
 
@@ -145,3 +147,21 @@ def test_headline_values_join_the_training_logs_at_logging_steps(server: Any,
     # Attached ahead of the reporter, the values reached what it logs too.
     assert [logs[key] for logs in reporter.logs if key in logs] == [
         entry[key] for entry in with_values]
+
+
+def test_the_trainers_planned_steps_set_the_cadences(tmp_path: Path) -> None:
+    callback = RaresignalTrainerCallback(server=None, run_name="hf-planned",
+                                         estimators=[RareEstimator()])
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=2,
+                             per_device_train_batch_size=8, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, learning_rate=1e-2)
+    trainer = Trainer(model=_model(), args=args, train_dataset=TokenDataset(0, 32))
+    trainer.add_callback(callback)
+    trainer.train()
+
+    assert callback.monitor is not None
+    assert callback.monitor.total_steps == trainer.state.max_steps == 8
+    expected = plan_cadence(RareEstimator.default_interval, True, 8)
+    assert callback.monitor.intervals == {"toy_rare": expected.interval}
+    assert callback.latest()["agent_estimator_floor_interval_steps{estimator=toy_rare}"] == (
+        expected.floor)

@@ -14,8 +14,10 @@ import torch
 from storage_reads import get_series, list_runs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from toy_estimators import RareEstimator
 
 from raresignal.agent import MonitorConfig
+from raresignal.agent.cadence import plan_cadence
 from raresignal.protos.v1 import common_pb2
 
 FLAVOURS = {
@@ -246,3 +248,22 @@ def test_a_trainer_without_loggers_still_gets_the_metrics_and_no_warnings(
                              csv_logger=False)
     assert "raresignal/probe_accuracy/rare" in trainer.callback_metrics
     assert not [w for w in caught if "raresignal/" in str(w.message)]
+
+
+def test_the_trainers_estimated_steps_set_the_cadences(tmp_path: Path) -> None:
+    flavour = importlib.import_module("lightning.pytorch")
+    callback = importlib.import_module(FLAVOURS["lightning.pytorch"]).RaresignalCallback(
+        server=None, run_name="planned", estimators=[RareEstimator()])
+    trainer = flavour.Trainer(max_epochs=3, callbacks=[callback], logger=False,
+                              accelerator="cpu", devices=1, enable_progress_bar=False,
+                              enable_model_summary=False, enable_checkpointing=False,
+                              default_root_dir=str(tmp_path))
+    loader = DataLoader(TensorDataset(*_data(0, 64)), batch_size=16)
+    trainer.fit(_module_class(flavour)(), train_dataloaders=loader)
+
+    assert callback.monitor is not None
+    assert callback.monitor.total_steps == trainer.estimated_stepping_batches == 12
+    expected = plan_cadence(RareEstimator.default_interval, True, 12)
+    assert callback.monitor.intervals == {"toy_rare": expected.interval}
+    assert callback.latest()["agent_estimator_floor_interval_steps{estimator=toy_rare}"] == (
+        expected.floor)

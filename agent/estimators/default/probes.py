@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,11 +11,17 @@ from typing import Any
 import torch
 
 from raresignal.agent.api import Measurement, Probe, StepContext
+from raresignal.agent.cadence import planned_warmup
 from raresignal.agent.estimators.fisher import sample_model_labels
 from raresignal.agent.estimators.gradient_stats import parameter_sketch
 from raresignal.agent.estimators.isolation import preserved_training_state
 from raresignal.agent.estimators.likelihood import mean_nll
-from raresignal.agent.estimators.objective import BatchObjective, TrainingLoss, to_fp32_inputs
+from raresignal.agent.estimators.objective import (
+    BatchObjective,
+    TrainingLoss,
+    take,
+    to_fp32_inputs,
+)
 from raresignal.agent.estimators.probes import (
     RetentionReference,
     absorption,
@@ -63,6 +70,12 @@ class ProbeEstimator(DefaultEstimator):
     over-regularising weight decay at all. The net update over a window also averages out
     the step-to-step noise around equilibrium (for SGD over one step the two definitions
     are the same).
+
+    Effort (``set_effort``): below 1, each measurement uses a rotating subsample of each
+    probe set, ``ceil(level * n)`` of its ``n`` examples, starting where the previous one
+    stopped, so that within ``ceil(1 / level)`` measurements every example has been used.
+    Every reading is a mean over the examples used (loss, accuracy, Fisher mass per token,
+    the mean gradient), so it estimates the full probe's value without bias, only noisier.
     """
 
     name = "probes"
@@ -76,6 +89,33 @@ class ProbeEstimator(DefaultEstimator):
         self.common = common
         self.references: dict[str, RetentionReference] = {}
         self.interference_starts: list[InterferenceStart] = []
+        self.retention_warmup_step = shared.config.retention_warmup_step
+        self.effort = 1.0
+        self._offsets: dict[str, int] = {}  # where each probe's next subsample starts
+
+    def set_effort(self, level: float) -> float | None:
+        """Measures a rotating ``level`` share of each probe set per run (class docstring)."""
+        if not level > 0:
+            raise ValueError(f"effort must be in (0, 1], got {level}")
+        self.effort = min(1.0, level)
+        return self.effort
+
+    def plan(self, total_steps: int) -> None:
+        """A run planned shorter than the retention warm-up takes its reference earlier."""
+        config = self.shared.config
+        self.retention_warmup_step = planned_warmup(
+            config.retention_warmup_step, total_steps, config.retention_warmup_fraction)
+
+    def _subsample(self, name: str, probe: Probe) -> Probe:
+        """The examples of ``probe`` this run measures: all of them at full effort."""
+        size = len(probe)
+        count = math.ceil(self.effort * size)
+        if count >= size:
+            return probe
+        start = self._offsets.get(name, 0)
+        index = (start + torch.arange(count)) % size
+        self._offsets[name] = (start + count) % size
+        return Probe(take(probe.inputs, index), probe.targets[index])
 
     def _label_seed(self, name: str) -> int:
         # Fixed per probe: the same uniforms every time (common random numbers), so the
@@ -134,7 +174,8 @@ class ProbeEstimator(DefaultEstimator):
             named = {config.common_probe_name: self.common, **named}
         with preserved_training_state(self.shared.model):
             common_mass = None
-            for name, probe in named.items():
+            for name, whole in named.items():
+                probe = self._subsample(name, whole)
                 measured, info = self._measure(name, probe)
                 out += measured
                 dataset_gradients[name] = self._dataset_gradient_sketch(probe)
@@ -152,7 +193,7 @@ class ProbeEstimator(DefaultEstimator):
                     out += [Measurement("probe_absorption", absorption(dominant, basis), labels),
                             Measurement("probe_bulk_residual", bulk_residual(g, dominant),
                                         labels)]
-                if name not in self.references and ctx.step >= config.retention_warmup_step:
+                if name not in self.references and ctx.step >= self.retention_warmup_step:
                     self.references[name] = RetentionReference.take(g, config.probe_rank,
                                                                     ctx.step)
                 if name in self.references:
@@ -180,7 +221,8 @@ class ProbeEstimator(DefaultEstimator):
 
     def state_dict(self) -> dict[str, Any]:
         return {"references": {n: r.state_dict() for n, r in self.references.items()},
-                "interference_starts": [s.state_dict() for s in self.interference_starts]}
+                "interference_starts": [s.state_dict() for s in self.interference_starts],
+                "offsets": dict(self._offsets)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.references = {n: RetentionReference.from_state(dict(r))
@@ -188,3 +230,4 @@ class ProbeEstimator(DefaultEstimator):
         device = self.shared.parameters.device
         self.interference_starts = [InterferenceStart.from_state(s, device)
                                     for s in state.get("interference_starts", [])]
+        self._offsets = {n: int(o) for n, o in state.get("offsets", {}).items()}

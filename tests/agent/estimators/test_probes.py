@@ -219,3 +219,46 @@ def test_retention_is_the_share_in_the_reference_directions_exact_svd() -> None:
     expected = (38.0 / (2 * float(sigma.pow(2).sum()))) / reference.share
     assert reference.retention(mixed) == pytest.approx(expected, rel=1e-5)
     assert expected == pytest.approx(0.5, rel=1e-5)
+
+
+def test_at_half_effort_two_measurements_cover_the_probe_and_average_to_the_full_one(
+) -> None:
+    model = _model()
+    with torch.no_grad():
+        model.weight.normal_(generator=torch.Generator().manual_seed(7))
+    probes = {"rare": Probe(*_data(30, rare=True, seed=8))}
+    common = Probe(*_data(40, rare=False, seed=9))
+    estimator = _by_name(build_default_estimators(model, None, probes, common, _config()),
+                         ProbeEstimator)
+    ctx = StepContext(0, model, None, lambda m, i: m(i))
+    full = list(estimator.run(ctx))
+    assert estimator.set_effort(0.5) == 0.5
+    halves = [list(estimator.run(ctx)) for _ in range(2)]
+    # The two halves are disjoint and of equal size, so the mean of their means is the
+    # whole probe's mean (no training between the measurements).
+    for metric in ("probe_loss", "probe_accuracy"):
+        whole = _values(full, metric)
+        parts = [_values(half, metric) for half in halves]
+        for probe in ("rare", "common"):
+            assert parts[0][probe] != pytest.approx(whole[probe], rel=1e-6)
+            assert (parts[0][probe] + parts[1][probe]) / 2 == pytest.approx(whole[probe],
+                                                                           rel=1e-5)
+    # The third measurement starts the rotation over: the first half again.
+    assert _values(list(estimator.run(ctx)), "probe_loss") == pytest.approx(
+        _values(halves[0], "probe_loss"), rel=1e-6)
+    assert estimator.set_effort(1.0) == 1.0
+    assert _values(list(estimator.run(ctx)), "probe_loss") == pytest.approx(
+        _values(full, "probe_loss"), rel=1e-6)
+
+
+def test_a_planned_run_shorter_than_the_retention_warm_up_takes_its_reference_early(
+) -> None:
+    model = _model()
+    probes = {"rare": Probe(*_data(16, rare=True, seed=10))}
+    estimator = _by_name(build_default_estimators(
+        model, None, probes, None, _config(retention_warmup_step=1000)), ProbeEstimator)
+    assert estimator.retention_warmup_step == 1000
+    estimator.plan(500)
+    assert estimator.retention_warmup_step == 100  # a fifth of the run
+    out = estimator.run(StepContext(100, model, None, lambda m, i: m(i)))
+    assert "rare" in _values(out, "probe_retention")
