@@ -135,9 +135,10 @@ class Estimator(Protocol):
     ``expensive`` estimators are never run twice in one step and are the ones the
     scheduler stretches first.
 
-    ``first_step``, ``needs_whole_parameters`` and ``set_effort`` have defaults: a class
-    that subclasses ``Estimator`` inherits them, and the monitor also accepts an estimator
-    that only has the other members (see :func:`is_estimator`), reading the defaults for it.
+    ``first_step``, ``needs_whole_parameters``, ``set_effort`` and ``plan`` have defaults:
+    a class that subclasses ``Estimator`` inherits them, and the monitor also accepts an
+    estimator that only has the other members (see :func:`is_estimator`), reading the
+    defaults for it.
     """
 
     name: str
@@ -161,6 +162,11 @@ class Estimator(Protocol):
         rank for the same level. Returns the level applied (None: as asked); the default
         does full work always and returns 1.0."""
         return 1.0
+
+    def plan(self, total_steps: int) -> None:
+        """Optional: the run's planned length in optimizer steps, for an estimator whose
+        warm-up or reference must fall within the run. The default ignores it."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (baselines, warm starts, sketches)."""
