@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from raresignal.agent import MonitorConfig
 from raresignal.agent.api import Probe, series_key
+from raresignal.agent.cadence import plan_cadence
 from raresignal.agent.estimators import EstimatorConfig
 from raresignal.client.alert_watch import AlertWatcher
 from raresignal.client.channels import open_channel
@@ -36,17 +37,12 @@ SIGNAL_METRICS = ("probe_accuracy", "probe_loss", "probe_fisher_mass_ratio",
                   "fisher_effective_rank", "nonfinite_values")
 PROBE_METRICS = frozenset(m for m in SIGNAL_METRICS if m.startswith("probe_"))
 
-# The demo's cadences, in optimizer steps. The default cadences fit runs of hundreds of
-# thousands of steps; the demo's few hundred steps need dense curves, so it measures far
-# more often and switches the overhead budget off. The alert rules stay the server's
-# defaults.
-DEMO_CADENCES = {"probes_interval": 5, "fisher_interval": 5, "sharpness_interval": 10,
-                 "drift_interval": 10, "noise_scale_interval": 10}
-DEMO_RETENTION_REFERENCE_STEP = 290
-# Interference over the net update of 20 steps. By default it spans the update until the
-# next probe measurement, which at the demo's cadence is a few steps whose updates are
-# still mostly the batches' noise.
-DEMO_INTERFERENCE_HORIZON = 20
+# The estimators whose cadence the demo announces, with the EstimatorConfig field of their
+# default interval and (where they wait for a warm-up) of their first step.
+ANNOUNCED_CADENCES = (("probes", "probes_interval", None),
+                      ("Fisher", "fisher_interval", None),
+                      ("sharpness", "sharpness_interval", "sharpness_warmup_steps"),
+                      ("drift", "drift_interval", None))
 
 
 @dataclass(frozen=True)
@@ -93,24 +89,20 @@ class DemoResult:
         return self.half_accuracy_step is None or first < self.half_accuracy_step
 
 
-def demo_monitor_config() -> MonitorConfig:
-    """The monitor settings of the demo: :data:`DEMO_CADENCES`, each estimator held at its
-    cadence (no budget stretching), and otherwise the defaults."""
-    estimators = EstimatorConfig(**DEMO_CADENCES,
-                                 retention_warmup_step=DEMO_RETENTION_REFERENCE_STEP,
-                                 probe_interference_horizon=DEMO_INTERFERENCE_HORIZON)
-    return MonitorConfig(estimator_config=estimators, target_overhead=0.95,
-                         max_interval_factor=1)
-
-
-def describe_cadences() -> str:
-    """One line saying how the demo's monitor differs from the default one."""
-    every = ", ".join(f"{name.removesuffix('_interval').replace('_', ' ')} every {steps}"
-                      for name, steps in DEMO_CADENCES.items())
-    return (f"demo cadences (steps): {every}; retention reference at step "
-            f"{DEMO_RETENTION_REFERENCE_STEP}; interference over {DEMO_INTERFERENCE_HORIZON} "
-            "steps' updates; overhead budget off. Alert rules: the "
-            "server defaults.")
+def describe_cadences(total_steps: int) -> str:
+    """One line saying how the monitor measures a run of ``total_steps``: the shipped
+    defaults, scaled by the cadence rule from the planned length the Lightning callback
+    passes (``trainer.estimated_stepping_batches``), with the overhead budget on."""
+    defaults, config = EstimatorConfig(), MonitorConfig()
+    intervals = []
+    for label, field_name, warmup in ANNOUNCED_CADENCES:
+        first = getattr(defaults, warmup) if warmup else 0
+        cadence = plan_cadence(getattr(defaults, field_name), True, total_steps, first, config)
+        intervals.append(f"{label} every {cadence.interval}")
+    every = ", ".join(intervals)
+    return (f"monitor at its defaults for a {total_steps}-step run: {every} steps (scaled "
+            f"from the planned length; raresignal.agent.cadence), overhead budget "
+            f"{config.target_overhead:.0%}. Alert rules: the server's defaults.")
 
 
 def probes(task: TaskConfig) -> tuple[Probe, Probe]:
@@ -189,14 +181,13 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> DemoResult:
     with ServerProcess(database, out).start() as server:
         print(f"raresignal server: gRPC {server.grpc_target}, Prometheus metrics "
               f"{server.metrics_url} (scrape it while the demo runs)")
-        print(describe_cadences())
+        print(describe_cadences(settings.steps))
         print(f"{kind} run, seed {settings.seed}: {settings.steps} steps"
               + ("" if settings.healthy else f", collapse induced at step "
                  f"{settings.collapse_step}"))
         monitor_callback = RaresignalCallback(
             server=server.grpc_target, run_name=f"demo-{kind}",
-            probes={RARE_PROBE: rare}, common_probe=common,
-            config=demo_monitor_config(), progress_bar=progress)
+            probes={RARE_PROBE: rare}, common_probe=common, progress_bar=progress)
         trainer = pl.Trainer(
             max_steps=settings.steps, callbacks=[*callbacks, monitor_callback],
             accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

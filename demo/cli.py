@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Scrape the live Prometheus metrics at the /metrics address printed at the "
-               "start; every series is raresignal_<metric>{run=...}. The demo measures "
-               "far more often than the defaults, because it trains for a few hundred "
-               "steps: " + describe_cadences())
+               "start; every series is raresignal_<metric>{run=...}. The monitor runs "
+               "with its defaults, its cadences scaled from the planned length, e.g. "
+               + describe_cadences(DemoSettings.steps))
     parser.add_argument("--healthy", action="store_true",
                         help="the control run: same training, no collapse, no alert expected")
     parser.add_argument("--steps", type=int, default=None,

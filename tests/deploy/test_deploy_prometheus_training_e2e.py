@@ -4,7 +4,7 @@ every second with the chart's rules loaded. Prometheus must see the server's col
 alert firing, and every dashboard query must return data for the run.
 
 The training is the demo's (a small transformer, a 3% rare compositional rule, the rare
-slice dropped and weight decay raised at step 300), with the demo's dense cadences."""
+slice dropped and weight decay raised at step 300), with the monitor at its defaults."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from deploy_support import PrometheusServer, dashboard_queries
 from test_deploy_prometheus_e2e import _poll, scraping_prometheus
 
-from raresignal.demo.app import RARE_PROBE, DemoSettings, demo_monitor_config, probes
+from raresignal.demo.app import RARE_PROBE, DemoSettings, probes
 from raresignal.demo.task import TaskConfig
 from raresignal.demo.training import CollapseInducer, DemoModule, TokenStream
 from raresignal.integrations.lightning import RaresignalCallback
@@ -44,8 +44,7 @@ def test_real_training_collapse_reaches_prometheus_and_the_dashboard(
         prometheus = scraping_prometheus(start_prometheus, server.metrics_url, tmp_path)
 
         callback = RaresignalCallback(server=server.grpc_target, run_name=RUN,
-                                      probes={RARE_PROBE: rare}, common_probe=common,
-                                      config=demo_monitor_config())
+                                      probes={RARE_PROBE: rare}, common_probe=common)
         trainer = pl.Trainer(
             max_steps=settings.steps, accelerator="cpu", devices=1, logger=False,
             enable_checkpointing=False, enable_progress_bar=False,
@@ -58,7 +57,8 @@ def test_real_training_collapse_reaches_prometheus_and_the_dashboard(
                                   f'probe="{RARE_PROBE}"}}[15m]) == 1')
         assert fired, "no rare-probe alert reached Prometheus"
         assert {s["metric"]["alert"] for s in fired} <= {
-            "RareSignalInterference", "RareSignalAbsorbed", "RareSignalRetentionLoss"}
+            "RareProbeLossRise", "RareSignalInterference", "RareSignalAbsorbed",
+            "RareSignalRetentionLoss"}
         # The chart's mirroring rule turned it into a Prometheus alert.
         mirrored = _poll(prometheus, f'max_over_time(ALERTS{{run="{RUN}", '
                                      'alertstate="firing"}[15m])')
