@@ -20,7 +20,7 @@ from raresignal.server.storage.migrate import (
 from raresignal.server.storage.postgres import PostgresStorage
 
 TABLES = {"runs", "series", "samples", "sender_sequences", "rule_states", "alerts",
-          "alert_history", "schema_version"}
+          "alert_history", "schema_version", "run_leases", "evaluation_queue"}
 
 
 def _connect(cluster: Cluster, dbname: str) -> psycopg.Connection:
