@@ -174,3 +174,29 @@ def test_the_owner_evaluates_reports_any_replica_applied_and_a_successor_carries
         history = conn.execute("SELECT previous_state, state FROM alert_history").fetchall()
     assert sorted(history) == [(0, common_pb2.ALERT_STATE_FIRING),
                                (common_pb2.ALERT_STATE_FIRING, common_pb2.ALERT_STATE_RESOLVED)]
+
+
+def test_a_batch_another_replica_applied_is_acknowledged_as_a_duplicate(
+        open_storage: Callable[[], PostgresStorage]) -> None:
+    clock = FakeClock()
+    first = _replica(open_storage(), "a", clock)
+    second = _replica(open_storage(), "b", clock)
+    run, _ = first.open_run(ingest_pb2.OpenRunRequest(run_name="job", world_size=1),
+                            EVERYONE)
+    # "b" learns the run and its sender at sequence 1, then "a" applies sequences 2 and 3.
+    assert second.apply(batch(run.run_id, 1, [sample("loss", 1, 1.0)]), EVERYONE).applied
+    for sequence in (2, 3):
+        assert first.apply(batch(run.run_id, sequence, [sample("loss", sequence, 1.0)]),
+                           EVERYONE).applied
+    # The sender, reconnected to "b", replays 2 and 3: "b" remembers 1, the database 3.
+    for sequence in (2, 3):
+        outcome = second.apply(batch(run.run_id, sequence, [sample("loss", sequence, 9.0)]),
+                               EVERYONE)
+        assert not outcome.applied
+    assert second.apply(batch(run.run_id, 4, [sample("loss", 4, 1.0)]), EVERYONE).applied
+    assert [point.value for point in second.get_series(run.run_id, "loss", {}, 0, EVERYONE)
+            ] == [1.0] * 4
+    # Reopened on "b", the run's senders stand where the database says.
+    reopened = ingest_pb2.OpenRunRequest(run_name="job", world_size=1,
+                                         resume_run_id=run.run_id)
+    assert second.open_run(reopened, EVERYONE)[1] == {"rank0-test": 4}
