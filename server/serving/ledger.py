@@ -372,6 +372,8 @@ class Ledger:
         new_sender = last_sequence == 0
         if batch.sequence <= last_sequence:
             return None
+        if run.finished_at and self.ownership is not None:
+            run = self._known_run(run.run_id, fresh=True) or run  # resumed elsewhere?
         if run.finished_at:
             state = common_pb2.RunState.Name(run.state)
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -491,7 +493,9 @@ class Ledger:
         ownership = self.ownership
         assert ownership is not None
         if ownership.renewal_due():
-            held = self.storage.hold_leases(ownership.replica_id, ownership.ttl_seconds)
+            # Finished runs keep an owner while /metrics shows them.
+            held = self.storage.hold_leases(ownership.replica_id, ownership.ttl_seconds,
+                                            self._finished_ttl)
             ownership.renewed()
             self._refresh_runs(now)
             self._release(ownership.owned - held)
@@ -650,6 +654,11 @@ class Ledger:
         return keys if limit is None else keys[:limit]
 
     def close(self) -> None:
+        if self.ownership is not None and self.ownership.owned:
+            try:
+                self.storage.release_leases(self.ownership.replica_id)
+            except Exception:  # the leases then expire after their TTL
+                log.exception("giving up this replica's leases failed")
         self.storage.close()
 
 

@@ -6,6 +6,10 @@ renewed for ``ttl_seconds`` (its replica died or lost the database) is taken by 
 replica that renews its own. Alerts of a dead replica's runs therefore flow again at most
 ``ttl_seconds + heartbeat_seconds`` after its last renewal, plus one clock interval for the
 new owner's first evaluation.
+
+Alertmanager hears each transition once, from the owner that stored it. After a
+takeover the new owner re-sends the alerts still firing at its next resend interval;
+Alertmanager deduplicates by labels, so that re-send is the same alert, not a new one.
 """
 
 from __future__ import annotations

@@ -142,10 +142,18 @@ class Storage(ABC):
 
     shared: bool = False
 
-    def hold_leases(self, owner: str, ttl_seconds: float) -> set[str]:
-        """Renews ``owner``'s leases and takes those of open runs no live replica holds;
-        returns the runs ``owner`` now owns. Unshared: every run not finished."""
+    def hold_leases(self, owner: str, ttl_seconds: float,
+                    keep_finished_seconds: float = 0.0) -> set[str]:
+        """Renews ``owner``'s leases and takes those no live replica holds, of the runs
+        open or finished within ``keep_finished_seconds`` (the server time they closed,
+        against the database's); returns the runs ``owner`` now owns. Unshared: every
+        run not finished."""
         return {run.run_id for run in self.list_runs(include_finished=False)}
+
+    def release_leases(self, owner: str) -> None:
+        """Gives up ``owner``'s leases (a replica shutting down), so others take its runs
+        at their next renewal rather than after the TTL. Unshared: nothing to give up."""
+        return None
 
     def enqueue(self, evaluations: Sequence[Evaluation]) -> None:
         """Queues evaluations for the runs' owners (a shared backend only)."""

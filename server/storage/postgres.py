@@ -114,8 +114,9 @@ _UPSERT_ALERT = (
 
 _ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, samples) "
             "VALUES (%s, %s, %s, %s, %s)")
-# Renews the owner's leases of runs still to evaluate (open, or with queued evaluations),
-# then takes every such run whose lease is missing or expired. The database's clock
+# Renews the owner's leases of runs still to evaluate or show (open, finished within the
+# finished-run TTL, or with queued evaluations), then takes every such run whose lease is
+# missing or expired. The database's clock
 # decides expiry, so the replicas' clocks need not agree.
 _RENEW_LEASES = (
     "UPDATE run_leases SET expires_at = clock_timestamp() + make_interval(secs => %s) "
@@ -123,14 +124,15 @@ _RENEW_LEASES = (
 _TAKE_LEASES = (
     "INSERT INTO run_leases (run_id, owner, expires_at) "
     "SELECT run_id, %s, clock_timestamp() + make_interval(secs => %s) FROM runs "
-    "WHERE finished_at = 0 OR run_id IN (SELECT run_id FROM evaluation_queue) "
+    "WHERE finished_at = 0 OR finished_at > extract(epoch FROM clock_timestamp()) - %s "
+    "OR run_id IN (SELECT run_id FROM evaluation_queue) "
     "ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, "
     "expires_at = excluded.expires_at "
     "WHERE run_leases.expires_at < clock_timestamp() OR run_leases.owner = excluded.owner")
-# A finished run with nothing left to evaluate needs no owner.
+# A run finished past the TTL with nothing left to evaluate needs no owner.
 _DROP_DONE_LEASES = (
     "DELETE FROM run_leases l USING runs r WHERE l.run_id = r.run_id AND l.owner = %s "
-    "AND r.finished_at <> 0 "
+    "AND r.finished_at <> 0 AND r.finished_at <= extract(epoch FROM clock_timestamp()) - %s "
     "AND NOT EXISTS (SELECT 1 FROM evaluation_queue q WHERE q.run_id = l.run_id)")
 _OWNED = "SELECT run_id FROM run_leases WHERE owner = %s AND expires_at > clock_timestamp()"
 # Locks the leases held, so a takeover waits for this transaction (and then finds what it
@@ -456,13 +458,18 @@ class PostgresStorage(Storage):
         with self._pool.connection() as conn, conn.cursor() as cur:
             cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in evaluations])
 
-    def hold_leases(self, owner: str, ttl_seconds: float) -> set[str]:
+    def hold_leases(self, owner: str, ttl_seconds: float,
+                    keep_finished_seconds: float = 0.0) -> set[str]:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute(_RENEW_LEASES, (ttl_seconds, owner))
-            cur.execute(_DROP_DONE_LEASES, (owner,))
-            cur.execute(_TAKE_LEASES, (owner, ttl_seconds))
+            cur.execute(_DROP_DONE_LEASES, (owner, keep_finished_seconds))
+            cur.execute(_TAKE_LEASES, (owner, ttl_seconds, keep_finished_seconds))
             cur.execute(_OWNED, (owner,))
             return {row[0] for row in cur.fetchall()}
+
+    def release_leases(self, owner: str) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("DELETE FROM run_leases WHERE owner = %s", (owner,))
 
     def evaluate_queued(self, owner: str, run_ids: Set[str], evaluate: EvaluateQueued,
                         limit: int) -> set[str]:

@@ -181,5 +181,6 @@ def test_a_replica_killed_mid_run_loses_and_doubles_nothing(
         states = _query(postgres_cluster, postgres_db,
                         "SELECT state FROM alerts WHERE run_id = %s", run_id)
         assert states == [(RESOLVED,), (RESOLVED,)]
-    assert _query(postgres_cluster, postgres_db, "SELECT count(*) FROM evaluation_queue") == [
-        (0,)]
+    # The closes are evaluated too, and nothing is left on the queue.
+    wait_for(lambda: _query(postgres_cluster, postgres_db,
+                            "SELECT count(*) FROM evaluation_queue") == [(0,)])

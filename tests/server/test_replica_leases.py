@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import psycopg
 import pytest
@@ -98,6 +99,25 @@ def test_a_live_lease_is_kept_and_an_expired_one_is_taken_at_the_next_renewal(
     _wait_until_expired(first, "a")
     assert second.hold_leases("b", TTL) == {"r1", "r2"}
     assert first.hold_leases("a", TTL) == set()
+
+
+def test_a_replica_shutting_down_hands_its_runs_over_at_once(
+        open_storage: Callable[[], PostgresStorage]) -> None:
+    first, second = open_storage(), open_storage()
+    first.create_run(_run("r1"))
+    assert first.hold_leases("a", TTL) == {"r1"}
+    first.release_leases("a")
+    assert second.hold_leases("b", TTL) == {"r1"}  # no TTL to wait out
+
+
+def test_a_finished_run_keeps_its_owner_while_metrics_show_it(
+        open_storage: Callable[[], PostgresStorage]) -> None:
+    store = open_storage()
+    store.create_run(_run("old"))
+    store.update_run(replace(_run("old"), finished_at=time.time() - 600, state=2))
+    store.create_run(_run("recent"))
+    store.update_run(replace(_run("recent"), finished_at=time.time(), state=2))
+    assert store.hold_leases("a", TTL, keep_finished_seconds=300) == {"recent"}
 
 
 def test_a_replica_that_lost_its_lease_takes_nothing_and_stores_nothing(
