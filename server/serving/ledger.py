@@ -140,6 +140,9 @@ class Ledger:
             else:
                 self._track(run, heard_at=max(run.updated_at, started))
         if self.ownership is not None:
+            log.info("replica %s: evaluates the runs whose lease it holds (lease TTL %g s, "
+                     "renewed every %g s)", self.ownership.replica_id,
+                     self.ownership.ttl_seconds, self.ownership.heartbeat_seconds)
             return  # each run's engine state is loaded when its lease is taken
         engine.restore([s for s in storage.rule_states() if s[0] in self._loaded],
                        storage.alerts(states=(PENDING, FIRING), limit=1 << 62))
@@ -546,7 +549,10 @@ class Ledger:
         return changes
 
     def _refresh_runs(self, now: float) -> None:
-        """Takes the runs as stored: other replicas open, advance and close them too."""
+        """Takes the runs as stored: other replicas open, advance and close them too, and
+        add senders and series, so the quota counts are taken from storage again."""
+        self._series_counts.clear()
+        self._sender_counts.clear()
         for run in self.storage.list_runs(include_finished=True):
             if self._expired(run, now):
                 self._runs[run.run_id] = run
