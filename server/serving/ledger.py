@@ -534,6 +534,8 @@ class Ledger:
     def _feed(self, evaluation: Evaluation, closed: set[str]) -> list[AlertChange]:
         """One queued evaluation into the engine of the run's owner."""
         run_id, at = evaluation.run_id, evaluation.received_at
+        if run_id not in self._loaded:
+            return []  # finished past the TTL: nothing evaluates it any more
         if evaluation.kind == CLOSE:
             closed.add(run_id)
             return self.engine.close_run(run_id, at)

@@ -22,6 +22,7 @@ from raresignal.server.serving.ledger import Ledger
 from raresignal.server.serving.live import LiveState
 from raresignal.server.serving.ownership import Ownership
 from raresignal.server.storage.records import (
+    HEARTBEAT,
     REPORT,
     CheckedSample,
     EngineWrites,
@@ -151,11 +152,11 @@ def test_a_replica_that_lost_its_lease_takes_nothing_and_stores_nothing(
 
 
 def _replica(store: PostgresStorage, name: str, clock: FakeClock,
-             renewals: FakeClock | None = None) -> Ledger:
+             renewals: FakeClock | None = None, finished_ttl: float = float("inf")) -> Ledger:
     """A replica's ledger; ``renewals`` is the clock its lease heartbeat reads."""
     ownership = Ownership(name, TTL, TTL / 3, clock=renewals or FakeClock(0.0))
     return Ledger(store, AlertEngine(parse_rules(LOSS_RULE)), LiveState(), clock=clock,
-                  ownership=ownership)
+                  ownership=ownership, finished_run_ttl_seconds=finished_ttl)
 
 
 def test_the_owner_evaluates_reports_any_replica_applied_and_a_successor_carries_on(
@@ -220,3 +221,22 @@ def test_a_batch_another_replica_applied_is_acknowledged_as_a_duplicate(
     reopened = ingest_pb2.OpenRunRequest(run_name="job", world_size=1,
                                          resume_run_id=run.run_id)
     assert second.open_run(reopened, EVERYONE)[1] == {"rank0-test": 4}
+
+
+def test_what_is_queued_for_a_run_finished_past_the_ttl_is_dropped(
+        open_storage: Callable[[], PostgresStorage]) -> None:
+    clock = FakeClock()
+    store = open_storage()
+    replica = _replica(store, "a", clock, finished_ttl=10.0)
+    run, _ = replica.open_run(ingest_pb2.OpenRunRequest(run_name="job", world_size=1),
+                              EVERYONE)
+    replica.tick()
+    replica.close_run(run.run_id, common_pb2.RUN_STATE_COMPLETED, EVERYONE)
+    replica.tick()
+    clock.now += 100.0
+    replica.tick()  # the run leaves memory
+    # A heartbeat its sender sent as the run closed, applied late by another replica.
+    store.enqueue([Evaluation(run.run_id, HEARTBEAT, clock.now, 5)])
+    assert replica.tick() == []
+    with psycopg.connect(store_conninfo(store)) as conn:
+        assert conn.execute("SELECT count(*) FROM evaluation_queue").fetchone() == (0,)
