@@ -23,6 +23,10 @@ CREATE TABLE evaluation_queue (
 CREATE INDEX evaluation_queue_by_run ON evaluation_queue (run_id, position);
 
 -- A transition is written once: a writer that replays one (a lost lease's last commit
--- racing its successor's) finds it there.
+-- racing its successor's) finds it there. One alert takes each (from, to) transition at
+-- most once per step, so rows that share all four are copies, and one of each is kept.
+DELETE FROM alert_history a USING alert_history b
+    WHERE a.ctid > b.ctid AND a.alert_id = b.alert_id
+    AND a.previous_state = b.previous_state AND a.state = b.state AND a.step = b.step;
 CREATE UNIQUE INDEX alert_history_once
     ON alert_history (alert_id, previous_state, state, step);
