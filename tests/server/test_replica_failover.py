@@ -60,7 +60,8 @@ def replicas(postgres_cluster: Cluster, postgres_db: str, password_file: Path,
         servers.append(ServerProcess(postgres_cluster.url(postgres_db),  # type: ignore[arg-type]
                                      tmp_path / name))
     try:
-        for server in servers:
+        for name, server in zip(("a", "b"), servers, strict=True):
+            monkeypatch.setenv("RARESIGNAL_REPLICA_ID", name)  # read when the child starts
             server.start()
         yield servers
     finally:
@@ -124,13 +125,12 @@ def test_a_replica_killed_mid_run_loses_and_doubles_nothing(
     owners = _owners(postgres_cluster, postgres_db)
     assert set(owners) == set(run_ids)
     # The victim: the replica owning the most runs, so the kill hands runs over.
-    by_pid = {server.process.pid: server for server in replicas}  # type: ignore[union-attr]
-    counts = {pid: sum(1 for owner in owners.values() if f"-{pid}-" in owner)
-              for pid in by_pid}
-    victim = by_pid[max(counts, key=counts.__getitem__)]
-    survivor = next(server for server in replicas if server is not victim)
-    victim_runs = [run for run, owner in owners.items()
-                   if f"-{victim.process.pid}-" in owner]  # type: ignore[union-attr]
+    names = {"a": replicas[0], "b": replicas[1]}
+    victim_name = max(names, key=lambda name: list(owners.values()).count(name))
+    victim = names[victim_name]
+    survivor_name = "b" if victim_name == "a" else "a"
+    survivor = names[survivor_name]
+    victim_runs = [run for run, owner in owners.items() if owner == victim_name]
     assert victim_runs
     before = _transitions(postgres_cluster, postgres_db, victim_runs)
 
@@ -152,10 +152,7 @@ def test_a_replica_killed_mid_run_loses_and_doubles_nothing(
     wait_for(all_transitions_written, timeout=180)
     print(f"takeover: the survivor wrote its first transition of the victim's runs "
           f"{taken_over[0]:.1f} s after the kill")
-    survivor_pid = f"-{survivor.process.pid}-"  # type: ignore[union-attr]
-    assert all(survivor_pid in owner
-               for owner in _owners(postgres_cluster, postgres_db).values())
-    assert set(_owners(postgres_cluster, postgres_db)) == set(run_ids)
+    assert _owners(postgres_cluster, postgres_db) == dict.fromkeys(run_ids, survivor_name)
     wait_for(lambda: _exported(survivor.metrics_url) == sorted(run_ids))  # type: ignore[arg-type]
 
     for sender in senders:
