@@ -122,6 +122,15 @@ _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
      "seconds a finished run stays in /metrics"),
     ("clock_interval", float, _DEFAULTS.clock_interval_seconds,
      "seconds between evaluations of the clock rules"),
+    ("lease_ttl", float, _DEFAULTS.lease_ttl_seconds,
+     "replicas on PostgreSQL: seconds a run's evaluation lease outlives its replica's "
+     "last renewal before another replica takes the run over"),
+    ("lease_heartbeat", float, _DEFAULTS.lease_heartbeat_seconds,
+     "replicas on PostgreSQL: seconds between renewals of this replica's leases "
+     "(shorter than --lease-ttl)"),
+    ("replica_id", str, _DEFAULTS.replica_id,
+     "replicas on PostgreSQL: this replica's name in the lease table (default: host, "
+     "process id and a random suffix)"),
     ("ready_file", str, None, "write endpoints as JSON here once listening"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -221,6 +230,9 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> S
         alertmanager_ca_file=settings["alertmanager_ca_file"],
         finished_run_ttl_seconds=settings["finished_run_ttl"],
         clock_interval_seconds=settings["clock_interval"], tls=tls,
+        lease_ttl_seconds=settings["lease_ttl"],
+        lease_heartbeat_seconds=settings["lease_heartbeat"],
+        replica_id=settings["replica_id"],
         metrics_token_file=settings["metrics_token_file"],
         metrics_tls=settings["metrics_tls"],
         metrics_omit_run_names=settings["metrics_omit_run_names"],

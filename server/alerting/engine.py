@@ -526,7 +526,9 @@ class AlertEngine:
                 self._active[alert.alert_id] = alert
 
     def forget_run(self, run_id: str) -> None:
-        """Drops a run's in-memory state (before reloading it from storage)."""
+        """Drops a run's in-memory state and clock (before reloading it from storage, or
+        when another replica takes it over)."""
+        self._runs.pop(run_id, None)
         self._states.pop(run_id, None)
         for alert_id in [a for a, alert in self._active.items() if alert.run_id == run_id]:
             del self._active[alert_id]

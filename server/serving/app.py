@@ -52,6 +52,7 @@ from raresignal.server.serving.metrics_endpoint import (
     start_metrics_server,
     tls_context,
 )
+from raresignal.server.serving.ownership import Ownership, new_replica_id
 from raresignal.server.serving.quotas import Quotas
 from raresignal.server.serving.service import (
     AlertHub,
@@ -112,6 +113,13 @@ class ServerConfig:
     max_health_watches: int = 100
     # What each token (with no tokens: all callers together) may make the server keep.
     quotas: Quotas = field(default_factory=Quotas)
+    # Replicas on one PostgreSQL database: each run's alerts are evaluated by the replica
+    # holding its lease, renewed every heartbeat and taken over by another replica once
+    # not renewed for the TTL. A dead replica's alerts flow again within TTL + heartbeat +
+    # one clock interval (13 s with these defaults). Unused on SQLite (one process).
+    lease_ttl_seconds: float = 10.0
+    lease_heartbeat_seconds: float = 2.0
+    replica_id: str = ""  # "": host, process id and a random suffix
 
     def open_storage(self) -> Storage:
         """The storage backend these settings name (the one place that picks it)."""
@@ -172,9 +180,13 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         resources.callback(executor.shutdown, wait=True)
         live = LiveState()
 
+        ownership = Ownership(config.replica_id or new_replica_id(), config.lease_ttl_seconds,
+                              config.lease_heartbeat_seconds)
+
         def open_ledger() -> Ledger:
             return Ledger(config.open_storage(), AlertEngine(rules), live, quotas=config.quotas,
-                          finished_run_ttl_seconds=config.finished_run_ttl_seconds)
+                          finished_run_ttl_seconds=config.finished_run_ttl_seconds,
+                          ownership=ownership)
 
         ledger = await loop.run_in_executor(executor, open_ledger)
 

@@ -6,6 +6,13 @@ together, and the engine sees batches in exactly the order storage applied them.
 duplicate check lives here, once, whatever the storage backend: a batch is applied only
 if its sequence is above the sender's last committed one (or the last one earlier in its
 group), and the storage commits each group's samples and sequences together.
+
+On a shared database (replicas) the ledger applies any run's batches the same way, but
+evaluates alerts only for the runs this replica owns (``serving.ownership``): every
+applied report, heartbeat and close is queued in the batch's transaction, and the owner
+feeds its engine from the queue, whichever replica received them, storing the engine's
+writes in the transaction that takes them off the queue. A replica that takes a run over
+restores its engine state (baselines, pending counts, open episodes) from the database.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from raresignal.protos.v1 import common_pb2, ingest_pb2
 from raresignal.server.alerting.engine import FIRING, PENDING, AlertEngine
 from raresignal.server.serving.auth import Principal
 from raresignal.server.serving.live import LiveState
+from raresignal.server.serving.ownership import Ownership
 from raresignal.server.serving.quotas import Quotas, exhausted, metadata_bytes
 from raresignal.server.serving.validation import (
     MAX_SAMPLES_PER_BATCH,
@@ -36,14 +44,18 @@ from raresignal.server.serving.validation import (
     check_samples,
     invalid,
 )
-from raresignal.server.storage.base import AlertPosition, Storage
+from raresignal.server.storage.base import AlertPosition, SequenceConflict, Storage
 from raresignal.server.storage.records import (
+    CLOSE,
+    HEARTBEAT,
+    REPORT,
     AlertChange,
     AlertRecord,
     BatchGroup,
     BatchWrite,
     CheckedSample,
     EngineWrites,
+    Evaluation,
     Newest,
     RunRecord,
     SeriesKey,
@@ -53,6 +65,9 @@ from raresignal.server.storage.records import (
 )
 
 log = logging.getLogger("raresignal.server")
+
+# Queued evaluations one clock tick takes at most (the rest wait for the next tick).
+EVALUATIONS_PER_TICK = 10_000
 
 RunPosition = tuple[float, str]  # (created_at, run_id) of the last run a page held
 SeriesPosition = tuple[str, str]  # (metric, labels key) of the last series a page held
@@ -94,7 +109,8 @@ class ReportRequest:
 class Ledger:
     def __init__(self, storage: Storage, engine: AlertEngine, live: LiveState,
                  clock: Callable[[], float] = time.time, quotas: Quotas | None = None,
-                 finished_run_ttl_seconds: float = float("inf")) -> None:
+                 finished_run_ttl_seconds: float = float("inf"),
+                 ownership: Ownership | None = None) -> None:
         self.storage = storage
         self.engine = engine
         self.live = live
@@ -109,6 +125,11 @@ class Ledger:
         # them.
         self._series_counts: dict[str, int] = {}
         self._sender_counts: dict[str, int] = {}
+        # Replicas: the engine holds only the runs this replica owns, adopted from storage.
+        # Without lease settings the ledger is the database's only server, as on SQLite.
+        self.ownership = ownership if storage.shared else None
+        if self.ownership is not None:
+            live.set_owned(())
         # While this server was down nobody listened: a run's silence counts from now, so a
         # restart does not raise RunStalled for every run before its next heartbeat.
         started = clock()
@@ -118,6 +139,11 @@ class Ledger:
                 live.expire_run(run)
             else:
                 self._track(run, heard_at=max(run.updated_at, started))
+        if self.ownership is not None:
+            log.info("replica %s: evaluates the runs whose lease it holds (lease TTL %g s, "
+                     "renewed every %g s)", self.ownership.replica_id,
+                     self.ownership.ttl_seconds, self.ownership.heartbeat_seconds)
+            return  # each run's engine state is loaded when its lease is taken
         engine.restore([s for s in storage.rule_states() if s[0] in self._loaded],
                        storage.alerts(states=(PENDING, FIRING), limit=1 << 62))
         live.load_values(v for v in storage.latest_values() if v.run_id in self._loaded)
@@ -127,9 +153,16 @@ class Ledger:
         """A finished run past the metrics TTL: nothing shows it, nothing evaluates it."""
         return bool(run.finished_at) and now - run.finished_at > self._finished_ttl
 
+    def _evaluates(self, run_id: str) -> bool:
+        """Whether this server's engine evaluates the run: always, unless a replica."""
+        return self.ownership is None or run_id in self.ownership.owned
+
     def _track(self, run: RunRecord, heard_at: float | None = None) -> None:
         self._runs[run.run_id] = run
         self._loaded.add(run.run_id)
+        if not self._evaluates(run.run_id):
+            self.live.set_run(run)
+            return
         self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
                               run.updated_at if heard_at is None else heard_at, run.last_step,
                               finished=bool(run.finished_at))
@@ -145,7 +178,8 @@ class Ledger:
     def _reload(self, run: RunRecord) -> None:
         """Brings an unloaded run's engine state and latest values back (it is resumed)."""
         self._track(run)
-        self._reload_engine(run)
+        if self._evaluates(run.run_id):
+            self._reload_engine(run)
         self.live.load_values(v for v in self.storage.latest_values() if v.run_id == run.run_id)
 
     # -- quotas ----------------------------------------------------------------------
@@ -212,7 +246,7 @@ class Ledger:
         now = self._clock()
         existing = None
         if request.resume_run_id:
-            existing = self._runs.get(request.resume_run_id)
+            existing = self._known_run(request.resume_run_id, fresh=True)
             if existing is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"resume_run_id {request.resume_run_id!r} is not a known run")
@@ -244,6 +278,17 @@ class Ledger:
         self._track(run)
         return run, self.storage.last_sequences(run.run_id)
 
+    def _known_run(self, run_id: str, fresh: bool = False) -> RunRecord | None:
+        """The run from memory, or (replicas) from storage when another replica opened it
+        or ``fresh`` asks for the stored record."""
+        run = self._runs.get(run_id)
+        if self.ownership is None or (run is not None and not fresh):
+            return run
+        stored = self.storage.run(run_id)
+        if stored is not None and stored.run_id not in self._runs:
+            self._track(stored, heard_at=max(stored.updated_at, self._clock()))
+        return stored or run
+
     def apply(self, batch: ingest_pb2.ReportBatch, principal: Principal) -> BatchOutcome:
         """Applies a batch exactly once; RequestError for anything it cannot accept."""
         result = self.apply_many([ReportRequest.check(batch, principal)])[0]
@@ -251,13 +296,16 @@ class Ledger:
             raise result
         return result
 
-    def apply_many(self, requests: Sequence[ReportRequest]) -> list[BatchOutcome | RequestError]:
+    def apply_many(self, requests: Sequence[ReportRequest],
+                   conflict_retry: bool = True) -> list[BatchOutcome | RequestError]:
         """Applies batches exactly once, in order, committed together (group commit).
 
         Each batch gets the outcome it would get alone, after the ones before it: its own
         RequestError when it cannot be accepted, which leaves the others unaffected. If
         storing the group fails, the batches are tried again one transaction each, so a
-        batch that breaks storage fails alone.
+        batch that breaks storage fails alone. A sequence another replica committed
+        meanwhile (``SequenceConflict``) is decided again once against the committed
+        sequences, which then acknowledge it as a duplicate.
         """
         group = BatchGroup()
         results: list[BatchOutcome | RequestError] = []
@@ -281,7 +329,10 @@ class Ledger:
             self.storage.apply_group(group)
         except Exception as exc:
             for run_id in group.runs:
-                self._reload_engine(self._runs[run_id])
+                if self._evaluates(run_id):
+                    self._reload_engine(self._runs[run_id])
+            if isinstance(exc, SequenceConflict) and conflict_retry:
+                return self.apply_many(requests, conflict_retry=False)
             if len(requests) == 1:
                 log.exception("storing a batch of run %r failed",
                               requests[0].batch.run_id[:64])
@@ -313,7 +364,7 @@ class Ledger:
         a duplicate (a sequence not above the sender's last, committed or in the group)."""
         batch, principal = request.batch, request.principal
         check_batch_envelope(batch)
-        run = group.runs.get(batch.run_id) or self._runs.get(batch.run_id)
+        run = group.runs.get(batch.run_id) or self._known_run(batch.run_id)
         if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
                                f"run_id {batch.run_id!r} is not a known run; call OpenRun")
@@ -324,6 +375,8 @@ class Ledger:
         new_sender = last_sequence == 0
         if batch.sequence <= last_sequence:
             return None
+        if run.finished_at and self.ownership is not None:
+            run = self._known_run(run.run_id, fresh=True) or run  # resumed elsewhere?
         if run.finished_at:
             state = common_pb2.RunState.Name(run.state)
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -344,11 +397,16 @@ class Ledger:
         if new_sender:
             self._check_sender_quota(principal, group)
         now = self._clock()
-        changes = self.engine.observe(run.run_id, samples, now)
         last_step = max((step for step, _, _ in newest.values()), default=run.last_step)
         updated = replace(run, updated_at=now, last_step=max(run.last_step, last_step))
-        write = BatchWrite(updated, batch.sender_id, batch.sequence, samples,
-                           self.engine.take_writes(), newest)
+        if self.ownership is not None:
+            # The run's owner evaluates it, from the queue, whichever replica it is.
+            group.evaluations.append(Evaluation(run.run_id, REPORT, now, last_step, samples))
+            changes, writes = [], EngineWrites()
+        else:
+            changes = self.engine.observe(run.run_id, samples, now)
+            writes = self.engine.take_writes()
+        write = BatchWrite(updated, batch.sender_id, batch.sequence, samples, writes, newest)
         group.add(write, new_series, new_sender)
         return write, changes
 
@@ -365,14 +423,20 @@ class Ledger:
                   principal: Principal) -> tuple[RunRecord, list[AlertChange]]:
         check_run_id("run_id", run_id)
         final_state = check_close_state(state)
-        run = self._runs.get(run_id)
+        run = self._known_run(run_id, fresh=True)
         if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"run_id {run_id!r} is not a known run")
         principal.authorize(run.run_name)
         if run.finished_at:
             return run, []  # closing twice is harmless
         now = self._clock()
-        changes = self.engine.close_run(run_id, now)
+        if self.ownership is not None:
+            # Queued before the run is stored closed: a crash between the two leaves the
+            # run open, so the agent's retry closes it (a second close resolves nothing).
+            self.storage.enqueue([Evaluation(run_id, CLOSE, now, run.last_step)])
+            changes: list[AlertChange] = []
+        else:
+            changes = self.engine.close_run(run_id, now)
         closed = replace(run, state=final_state, finished_at=now, updated_at=now)
         self.storage.update_run(closed, self.engine.take_writes())
         self._runs[run_id] = closed
@@ -390,7 +454,7 @@ class Ledger:
         check_name("sender_id", request.sender_id)
         if request.step < 0:
             raise invalid("step must be >= 0")
-        run = self._runs.get(request.run_id)
+        run = self._known_run(request.run_id)
         if run is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
                                f"run_id {request.run_id!r} is not a known run; call OpenRun")
@@ -398,13 +462,22 @@ class Ledger:
         if run.finished_at:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"run_id {run.run_id!r} ({run.run_name}) is closed")
+        if self.ownership is not None:
+            self.storage.enqueue([Evaluation(run.run_id, HEARTBEAT, self._clock(),
+                                             request.step)])
+            return []
         changes = self.engine.heartbeat(run.run_id, request.step, self._clock())
         self._store_clock_changes(changes)
         return changes
 
     def tick(self) -> list[AlertChange]:
-        """Runs the clock rules (RunStalled) and stores what they changed."""
+        """Runs the clock rules (RunStalled) and stores what they changed; a replica first
+        renews its leases when due and evaluates what its runs have queued."""
         now = self._clock()
+        if self.ownership is not None:
+            changes = self._evaluate_owned(now)
+            self._unload_expired(now)
+            return changes
         changes = self.engine.tick(now)
         self._store_clock_changes(changes)
         self._unload_expired(now)
@@ -416,6 +489,112 @@ class Ledger:
             for run_id in {c.alert.run_id for c in changes}:
                 self.storage.update_run(self._runs[run_id], _only_run(writes, run_id))
             self.live.apply_changes(changes)
+
+    # -- replicas ----------------------------------------------------------------------
+
+    def _evaluate_owned(self, now: float) -> list[AlertChange]:
+        ownership = self.ownership
+        assert ownership is not None
+        if ownership.renewal_due():
+            # Finished runs keep an owner while /metrics shows them.
+            held = self.storage.hold_leases(ownership.replica_id, ownership.ttl_seconds,
+                                            self._finished_ttl)
+            ownership.renewed()
+            self._refresh_runs(now)
+            self._release(ownership.owned - held)
+            for run_id in sorted(held - ownership.owned):
+                self._adopt(run_id, now)
+        changes: list[AlertChange] = []
+        closed: set[str] = set()
+
+        def evaluate(evaluations: list[Evaluation], held: set[str]) -> EngineWrites:
+            self._release(ownership.owned - held)
+            for evaluation in evaluations:
+                changes.extend(self._feed(evaluation, closed))
+            changes.extend(self.engine.tick(now))
+            return self.engine.take_writes()
+
+        try:
+            lost = self.storage.evaluate_queued(ownership.replica_id, set(ownership.owned),
+                                                evaluate, EVALUATIONS_PER_TICK)
+        except Exception:
+            # Nothing was taken off the queue: the engine goes back to what is stored.
+            for run_id in ownership.owned:
+                self._reload_engine(self._runs[run_id])
+            raise
+        self._release(lost)
+        for run_id in closed:
+            stored = self.storage.run(run_id)
+            if stored is not None:
+                self._runs[run_id] = stored
+                self.live.set_run(stored)
+        self.live.apply_changes(changes)
+        return changes
+
+    def _feed(self, evaluation: Evaluation, closed: set[str]) -> list[AlertChange]:
+        """One queued evaluation into the engine of the run's owner."""
+        run_id, at = evaluation.run_id, evaluation.received_at
+        if run_id not in self._loaded:
+            return []  # finished past the TTL: nothing evaluates it any more
+        if evaluation.kind == CLOSE:
+            closed.add(run_id)
+            return self.engine.close_run(run_id, at)
+        if evaluation.kind == HEARTBEAT:
+            return self.engine.heartbeat(run_id, evaluation.step, at)
+        changes = self.engine.observe(run_id, evaluation.samples, at)
+        run = self._runs[run_id]
+        updated = replace(run, updated_at=max(run.updated_at, at),
+                          last_step=max(run.last_step, evaluation.step))
+        self._runs[run_id] = updated
+        self.live.set_run(updated)
+        self.live.record_newest(run_id, newest_by_series(evaluation.samples))
+        return changes
+
+    def _refresh_runs(self, now: float) -> None:
+        """Takes the runs as stored: other replicas open, advance and close them too, and
+        add senders and series, so the quota counts are taken from storage again."""
+        self._series_counts.clear()
+        self._sender_counts.clear()
+        for run in self.storage.list_runs(include_finished=True):
+            if self._expired(run, now):
+                self._runs[run.run_id] = run
+                if run.run_id in self._loaded:
+                    self._loaded.discard(run.run_id)
+                    self.live.expire_run(run)
+            elif not self._evaluates(run.run_id):  # an owned run's copy here is the newest
+                self._runs[run.run_id] = run
+                self._loaded.add(run.run_id)
+                self.live.set_run(run)
+
+    def _adopt(self, run_id: str, now: float) -> None:
+        """Takes a run over: its engine state, open alerts and latest values from storage."""
+        assert self.ownership is not None
+        run = self.storage.run(run_id)
+        if run is None:
+            return
+        self.ownership.owned.add(run_id)
+        self.live.forget_alerts(run_id)
+        self.engine.forget_run(run_id)
+        # As after a restart, the run's silence counts from the takeover, not from its
+        # last report: the failover itself is not a stall.
+        self._track(run, heard_at=max(run.updated_at, now))
+        self.engine.restore(
+            [s for s in self.storage.rule_states() if s[0] == run_id],
+            self.storage.alerts(run_id=run_id, states=(PENDING, FIRING), limit=1 << 62))
+        self.live.load_values(v for v in self.storage.latest_values() if v.run_id == run_id)
+        self.live.load_firing(a for a in self.engine.active_alerts() if a.run_id == run_id)
+        self.live.set_owned(self.ownership.owned)
+        log.info("run taken over for alert evaluation: %r (%s)", run.run_name, run_id)
+
+    def _release(self, run_ids: set[str]) -> None:
+        """Stops evaluating runs whose lease another replica holds now."""
+        assert self.ownership is not None
+        for run_id in run_ids & self.ownership.owned:
+            self.ownership.owned.discard(run_id)
+            self.engine.forget_run(run_id)
+            self.live.forget_alerts(run_id)
+            log.info("run's alert evaluation handed over: %s", run_id)
+        self.live.set_owned(self.ownership.owned)
 
     # -- reads -----------------------------------------------------------------------
 
@@ -483,6 +662,11 @@ class Ledger:
         return keys if limit is None else keys[:limit]
 
     def close(self) -> None:
+        if self.ownership is not None and self.ownership.owned:
+            try:
+                self.storage.release_leases(self.ownership.replica_id)
+            except Exception:  # the leases then expire after their TTL
+                log.exception("giving up this replica's leases failed")
         self.storage.close()
 
 

@@ -3,6 +3,9 @@
 The storage thread updates it after each committed batch; a scrape copies it under a lock
 and never reads storage, so a scrape cannot slow the write path (and works for an
 in-memory database, which only its own connection can see).
+
+A replica on a shared database shows only the runs it owns (``set_owned``), so Prometheus
+scraping every replica sees each run's series once.
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ class LiveState:
         self._firing: dict[str, AlertRecord] = {}
         # Finished runs past the TTL: counted among the finished runs, their series not held.
         self._expired: set[str] = set()
+        # The runs this replica owns (None: it owns every run, a single server).
+        self._owned: frozenset[str] | None = None
+
+    def set_owned(self, run_ids: Iterable[str]) -> None:
+        """Shows only these runs from now on: those whose lease this replica holds."""
+        with self._lock:
+            self._owned = frozenset(run_ids)
+
+    def forget_alerts(self, run_id: str) -> None:
+        """Drops a run's firing alerts, before its owner's engine state is loaded again."""
+        with self._lock:
+            for alert_id in [a for a, alert in self._firing.items() if alert.run_id == run_id]:
+                del self._firing[alert_id]
 
     def set_run(self, run: RunRecord) -> None:
         """Takes a run as it stands: opened, after an applied batch, or closed."""
@@ -120,8 +136,11 @@ class LiveState:
         """The exposed state; finished runs older than the TTL are left out."""
         snap = Snapshot()
         with self._lock:
-            snap.finished_runs = len(self._expired)
+            owned = self._owned
+            snap.finished_runs = len(self._expired if owned is None else self._expired & owned)
             for run in self._runs.values():
+                if owned is not None and run.run_id not in owned:
+                    continue
                 if run.finished_at:
                     snap.finished_runs += 1
                     if now - run.finished_at > finished_ttl_seconds:

@@ -29,6 +29,13 @@ run.
 Finished runs. ``raresignal_run_finished_timestamp_seconds`` is the server time a run
 closed; its series, companions and alerts leave /metrics once the scrape's clock is more
 than ``ServerConfig.finished_run_ttl_seconds`` past it.
+
+Replicas. Several servers on one PostgreSQL database each export only the runs whose
+lease they hold (``serving.ownership``), so Prometheus scraping every replica sees each
+run's series, companions and alerts once; ``raresignal_runs`` counts the runs the
+replica owns. For the few seconds of a takeover a dead replica's runs are absent, then
+the new owner exports them with the same labels. The server's own counters (batches,
+samples, notifications) are each replica's, to be summed across replicas.
 """
 
 from __future__ import annotations

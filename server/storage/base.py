@@ -10,7 +10,7 @@ default.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from raresignal.server.storage.records import (
     AlertRecord,
     BatchGroup,
     EngineWrites,
+    Evaluation,
     LatestValue,
     RunRecord,
     SeriesKey,
@@ -63,6 +64,11 @@ class RetentionPolicy:
 class SequenceConflict(RuntimeError):
     """A sender sequence the group meant to advance is already committed (another writer
     applied the batch); the group was rolled back and nothing of it stored."""
+
+
+# Feeds a replica's alert engine what it took from the queue, given the runs whose leases it
+# still holds; returns the engine's writes.
+EvaluateQueued = Callable[[list[Evaluation], set[str]], EngineWrites]
 
 
 class Storage(ABC):
@@ -123,6 +129,45 @@ class Storage(ABC):
 
         A backend answers from an index on the order or on the runs, so a caller scoped
         to a few runs reads those runs' alerts only, however many others are stored."""
+
+    @abstractmethod
+    def run(self, run_id: str) -> RunRecord | None:
+        """The run as stored (None: unknown), whichever writer stored it last."""
+
+    # -- replicas ----------------------------------------------------------------------
+    # A backend that several server processes may share says so with ``shared``; the
+    # ledger then evaluates alerts only for the runs whose lease it holds, from the queue
+    # every replica writes. A backend only one process opens (SQLite) keeps the direct
+    # path: the process owns every run and evaluates each batch as it applies it.
+
+    shared: bool = False
+
+    def hold_leases(self, owner: str, ttl_seconds: float,
+                    keep_finished_seconds: float = 0.0) -> set[str]:
+        """Renews ``owner``'s leases and takes those no live replica holds, of the runs
+        open or finished within ``keep_finished_seconds`` (the server time they closed,
+        against the database's); returns the runs ``owner`` now owns. Unshared: every
+        run not finished."""
+        return {run.run_id for run in self.list_runs(include_finished=False)}
+
+    def release_leases(self, owner: str) -> None:
+        """Gives up ``owner``'s leases (a replica shutting down), so others take its runs
+        at their next renewal rather than after the TTL. Unshared: nothing to give up."""
+        return None
+
+    def enqueue(self, evaluations: Sequence[Evaluation]) -> None:
+        """Queues evaluations for the runs' owners (a shared backend only)."""
+        raise NotImplementedError("only a shared backend queues evaluations")
+
+    def evaluate_queued(self, owner: str, run_ids: Set[str], evaluate: EvaluateQueued,
+                        limit: int) -> set[str]:
+        """In one transaction: checks ``owner`` still holds the runs' leases, takes (and
+        deletes) up to ``limit`` of their queued evaluations in queue order, passes them
+        and the runs still held to ``evaluate`` (even with none, so the clock rules run)
+        and stores the writes it returns. Returns the runs whose lease ``owner`` no longer
+        holds (nothing of them is taken). On an error nothing is taken or stored, and it
+        is raised."""
+        raise NotImplementedError("only a shared backend queues evaluations")
 
     @abstractmethod
     def close(self) -> None:

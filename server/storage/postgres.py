@@ -6,6 +6,20 @@ transaction: its samples go in by ``COPY`` into a staging table and one upsert, 
 sender sequences by an upsert that only ever advances, so a second writer that tries to
 apply a batch already committed makes the whole group roll back instead of storing it
 twice.
+
+Replicas (several servers on one database) share it through two tables of migration 0003.
+``run_leases`` says which replica evaluates each run's alerts: a row per run with its owner
+and an expiry on the database's clock, renewed by the owner's heartbeat and taken over by
+another replica once expired. Lease rows rather than advisory locks: an advisory lock
+lives and dies with one session, so a dropped pooled connection would silently hand a
+run over while its owner goes on evaluating, and nobody else can read who holds it; a row
+expires on a stated TTL, can be read by any replica (and by operators), and is locked in
+the very transaction that stores the engine's writes, which fences a replica that lost it.
+``evaluation_queue`` carries each applied report, heartbeat and close to the run's owner,
+written in the transaction that applied it; the owner deletes what it evaluates in the
+transaction that stores the results. Deleting, rather than advancing a watermark over an
+identity column, matters: identities are handed out at insert and committed in another
+order, so a watermark could pass a row that commits later and never evaluate it.
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Sequence, Set
+from collections.abc import Iterable, Sequence, Set
 from typing import Any
 
 import psycopg
@@ -23,6 +37,7 @@ from psycopg_pool import ConnectionPool
 from raresignal.protos.v1.common_pb2 import ALERT_STATE_RESOLVED
 from raresignal.server.storage.base import (
     AlertPosition,
+    EvaluateQueued,
     RetentionPolicy,
     SequenceConflict,
     Storage,
@@ -31,7 +46,9 @@ from raresignal.server.storage.migrate import migrate
 from raresignal.server.storage.records import (
     AlertRecord,
     BatchGroup,
+    CheckedSample,
     EngineWrites,
+    Evaluation,
     LatestValue,
     RunRecord,
     SeriesKey,
@@ -78,8 +95,10 @@ _UPSERT_RUN = (
     "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
     "ON CONFLICT (run_id) DO UPDATE "
     "SET run_name = excluded.run_name, state = excluded.state, "
-    "world_size = excluded.world_size, updated_at = excluded.updated_at, "
-    "last_step = excluded.last_step, "
+    # Replicas write one run from their own copies: its position only ever advances.
+    "world_size = excluded.world_size, "
+    "updated_at = greatest(runs.updated_at, excluded.updated_at), "
+    "last_step = greatest(runs.last_step, excluded.last_step), "
     "report_interval_seconds = excluded.report_interval_seconds, "
     "config = excluded.config, tags = excluded.tags, "
     "agent_version = excluded.agent_version, finished_at = excluded.finished_at")
@@ -91,6 +110,57 @@ _UPSERT_ALERT = (
     "summary = excluded.summary, value = excluded.value, threshold = excluded.threshold, "
     "step = excluded.step, started_at = excluded.started_at, fired_at = excluded.fired_at, "
     "resolved_at = excluded.resolved_at")
+
+
+_ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, samples) "
+            "VALUES (%s, %s, %s, %s, %s)")
+# Renews the owner's leases of runs still to evaluate or show (open, finished within the
+# finished-run TTL, or with queued evaluations), then takes every such run whose lease is
+# missing or expired. The database's clock
+# decides expiry, so the replicas' clocks need not agree.
+_RENEW_LEASES = (
+    "UPDATE run_leases SET expires_at = clock_timestamp() + make_interval(secs => %s) "
+    "WHERE owner = %s")
+_TAKE_LEASES = (
+    "INSERT INTO run_leases (run_id, owner, expires_at) "
+    "SELECT run_id, %s, clock_timestamp() + make_interval(secs => %s) FROM runs "
+    "WHERE finished_at = 0 OR finished_at > extract(epoch FROM clock_timestamp()) - %s "
+    "OR run_id IN (SELECT run_id FROM evaluation_queue) "
+    "ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, "
+    "expires_at = excluded.expires_at "
+    "WHERE run_leases.expires_at < clock_timestamp() OR run_leases.owner = excluded.owner")
+# A run finished past the TTL with nothing left to evaluate needs no owner.
+_DROP_DONE_LEASES = (
+    "DELETE FROM run_leases l USING runs r WHERE l.run_id = r.run_id AND l.owner = %s "
+    "AND r.finished_at <> 0 AND r.finished_at <= extract(epoch FROM clock_timestamp()) - %s "
+    "AND NOT EXISTS (SELECT 1 FROM evaluation_queue q WHERE q.run_id = l.run_id)")
+_OWNED = "SELECT run_id FROM run_leases WHERE owner = %s AND expires_at > clock_timestamp()"
+# Locks the leases held, so a takeover waits for this transaction (and then finds what it
+# stored) rather than restoring the engine's state from before it.
+_LOCK_HELD = ("SELECT run_id FROM run_leases WHERE run_id = ANY(%s) AND owner = %s "
+              "AND expires_at > clock_timestamp() FOR UPDATE")
+_TAKE_QUEUED = (
+    "DELETE FROM evaluation_queue WHERE position IN ("
+    "SELECT position FROM evaluation_queue WHERE run_id = ANY(%s) ORDER BY position "
+    "LIMIT %s) RETURNING position, run_id, kind, received_at, step, samples")
+
+
+def _encode_samples(samples: Iterable[CheckedSample]) -> str:
+    return json.dumps([list(sample) for sample in samples], separators=(",", ":"))
+
+
+def _evaluation_row(evaluation: Evaluation) -> tuple[str, int, float, int, str]:
+    return (evaluation.run_id, evaluation.kind, evaluation.received_at, evaluation.step,
+            _encode_samples(evaluation.samples))
+
+
+def _only_runs(writes: EngineWrites, run_ids: Set[str]) -> EngineWrites:
+    """The writes of the runs whose lease is held: a replica that lost one stores nothing
+    of it, whatever its engine still believes."""
+    return EngineWrites(
+        rule_states=[s for s in writes.rule_states if s[0] in run_ids],
+        alerts=[a for a in writes.alerts if a.run_id in run_ids],
+        changes=[c for c in writes.changes if c.alert.run_id in run_ids])
 
 
 def alerts_query(run_id: str, states: Sequence[int], rule: str, limit: int,
@@ -134,6 +204,8 @@ class PostgresStorage(Storage):
     ``conninfo`` is a libpq connection string or URL; ``password``, when given, is passed
     beside it rather than in it. The schema is migrated on start.
     """
+
+    shared = True
 
     def __init__(self, conninfo: str, retention: RetentionPolicy | None = None,
                  password: str | None = None) -> None:
@@ -183,13 +255,25 @@ class PostgresStorage(Storage):
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             return [run_from_row(row) for row in cur.execute(query + " ORDER BY created_at")]
 
+    def run(self, run_id: str) -> RunRecord | None:
+        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute("SELECT * FROM runs WHERE run_id = %s", (run_id,)).fetchone()
+            return run_from_row(row) if row is not None else None
+
     # -- sequences and series ------------------------------------------------------------
 
     def last_sequence(self, run_id: str, sender_id: str) -> int:
         return self._sequences.get((run_id, sender_id), 0)
 
     def last_sequences(self, run_id: str) -> dict[str, int]:
-        return {sender: seq for (run, sender), seq in self._sequences.items() if run == run_id}
+        """Read from the database (another replica may have advanced them), and kept."""
+        with self._pool.connection() as conn:
+            rows = conn.execute("SELECT sender_id, last_sequence FROM sender_sequences "
+                                "WHERE run_id = %s", (run_id,)).fetchall()
+        for sender, sequence in rows:
+            key = (run_id, sender)
+            self._sequences[key] = max(self._sequences.get(key, 0), sequence)
+        return {sender: self._sequences[(run_id, sender)] for sender, _ in rows}
 
     def _series_of(self, cur: psycopg.Cursor[Any], run_id: str) -> dict[SeriesKey, int]:
         ids = self._series_ids.get(run_id)
@@ -247,6 +331,8 @@ class PostgresStorage(Storage):
                 list(latest), [v[0] for v in latest.values()],
                 [v[1] for v in latest.values()], [v[2] for v in latest.values()]))
         cur.executemany(_UPSERT_RUN, [run_row(run) for run in group.runs.values()])
+        if group.evaluations:
+            cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in group.evaluations])
         self._write_engine(cur, group.engine_writes)
         self._apply_retention(cur, rows)
 
@@ -355,7 +441,7 @@ class PostgresStorage(Storage):
             cur.executemany(_UPSERT_ALERT, [alert_row(alert) for alert in writes.alerts])
         if writes.changes:
             cur.executemany(
-                "INSERT INTO alert_history VALUES (%s,%s,%s,%s,%s,%s)",
+                "INSERT INTO alert_history VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
                 [(c.alert.alert_id, c.previous_state, c.alert.state, c.at, c.alert.value,
                   c.alert.step) for c in writes.changes])
         for run_id in self.retention.runs_to_prune(writes.alerts):
@@ -365,6 +451,39 @@ class PostgresStorage(Storage):
                 (run_id, ALERT_STATE_RESOLVED, self.retention.alerts_per_run)).fetchall()
             cur.executemany("DELETE FROM alert_history WHERE alert_id = %s", stale)
             cur.executemany("DELETE FROM alerts WHERE alert_id = %s", stale)
+
+    # -- replicas --------------------------------------------------------------------
+
+    def enqueue(self, evaluations: Sequence[Evaluation]) -> None:
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in evaluations])
+
+    def hold_leases(self, owner: str, ttl_seconds: float,
+                    keep_finished_seconds: float = 0.0) -> set[str]:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(_RENEW_LEASES, (ttl_seconds, owner))
+            cur.execute(_DROP_DONE_LEASES, (owner, keep_finished_seconds))
+            cur.execute(_TAKE_LEASES, (owner, ttl_seconds, keep_finished_seconds))
+            cur.execute(_OWNED, (owner,))
+            return {row[0] for row in cur.fetchall()}
+
+    def release_leases(self, owner: str) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("DELETE FROM run_leases WHERE owner = %s", (owner,))
+
+    def evaluate_queued(self, owner: str, run_ids: Set[str], evaluate: EvaluateQueued,
+                        limit: int) -> set[str]:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(_LOCK_HELD, (list(run_ids), owner))
+            held = [row[0] for row in cur.fetchall()]
+            cur.execute(_TAKE_QUEUED, (held, limit))
+            taken = sorted(cur.fetchall())  # RETURNING keeps no order: the queue's order
+            evaluations = [
+                Evaluation(run_id, kind, received_at, step,
+                           [CheckedSample(*sample) for sample in json.loads(samples)])
+                for _, run_id, kind, received_at, step, samples in taken]
+            self._write_engine(cur, _only_runs(evaluate(evaluations, set(held)), set(held)))
+        return set(run_ids) - set(held)
 
     # -- reads -----------------------------------------------------------------------
 

@@ -124,6 +124,23 @@ class EngineWrites:
         self.changes += other.changes
 
 
+REPORT = 1
+HEARTBEAT = 2
+CLOSE = 3
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Something a run's alert engine must see: a report's samples, a heartbeat at a step,
+    or the run's close. Replicas queue them in the database for the run's owner."""
+
+    run_id: str
+    kind: int  # REPORT, HEARTBEAT or CLOSE
+    received_at: float  # server time the receiving replica applied it
+    step: int
+    samples: Sequence[CheckedSample] = ()
+
+
 @dataclass(frozen=True)
 class BatchWrite:
     """One accepted report batch, ready to store."""
@@ -151,6 +168,8 @@ class BatchGroup:
     new_series: dict[str, set[SeriesKey]] = field(default_factory=dict)  # per run
     new_senders: dict[str, set[str]] = field(default_factory=dict)  # per run, first batch
     engine_writes: EngineWrites = field(default_factory=EngineWrites)
+    # Left for the runs' owners to evaluate (replicas on a shared database only).
+    evaluations: list[Evaluation] = field(default_factory=list)
 
     def add(self, write: BatchWrite, new_series: Iterable[SeriesKey],
             new_sender: bool = False) -> None:

@@ -202,6 +202,10 @@ class SQLiteStorage(Storage):
             query += " WHERE finished_at = 0"
         return [run_from_row(row) for row in self._db.execute(query + " ORDER BY created_at")]
 
+    def run(self, run_id: str) -> RunRecord | None:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return run_from_row(row) if row is not None else None
+
     # -- sequences and series ------------------------------------------------------------
 
     def last_sequence(self, run_id: str, sender_id: str) -> int:

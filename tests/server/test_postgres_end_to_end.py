@@ -75,8 +75,8 @@ def test_a_run_is_stored_once_across_a_server_restart(
             rows = conn.execute("SELECT sender_id, last_sequence FROM sender_sequences "
                                 "WHERE run_id = %s", (run_id,)).fetchall()
         assert rows == [(sender.sender_id, batches)]
-        scraped = scrape(server.metrics_url)
-        assert any(name == "raresignal_loss" and ("run_id", run_id) in labels
-                   for name, labels in scraped)
+        # The restarted server exports the run once the killed one's lease has expired.
+        wait_for(lambda: any(name == "raresignal_loss" and ("run_id", run_id) in labels
+                             for name, labels in scrape(server.metrics_url)), timeout=60)
     finally:
         server.stop()

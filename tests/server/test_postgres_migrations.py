@@ -20,7 +20,7 @@ from raresignal.server.storage.migrate import (
 from raresignal.server.storage.postgres import PostgresStorage
 
 TABLES = {"runs", "series", "samples", "sender_sequences", "rule_states", "alerts",
-          "alert_history", "schema_version"}
+          "alert_history", "schema_version", "run_leases", "evaluation_queue"}
 
 
 def _connect(cluster: Cluster, dbname: str) -> psycopg.Connection:
@@ -128,3 +128,23 @@ def test_a_schema_newer_than_the_server_is_refused(postgres_cluster: Cluster,
         conn.execute("INSERT INTO schema_version (version, name) VALUES (999, 'future')")
         with pytest.raises(RuntimeError, match="newer than this server knows"):
             migrate(conn)
+
+
+def test_the_replica_tables_are_added_to_a_database_of_the_previous_version(
+        postgres_cluster: Cluster, postgres_db: str) -> None:
+    previous = [m for m in shipped_migrations() if m.version < 3]
+    with _connect(postgres_cluster, postgres_db) as conn:
+        assert migrate(conn, previous) == [1, 2]
+        conn.execute("INSERT INTO runs VALUES ('r1', 'job', 1, 1, 1.0, 1.0, 5, 0.0, '{}', "
+                     "'{}', '', 0.0)")
+        for _ in range(2):  # a copy, as two writers could leave before this version
+            conn.execute("INSERT INTO alert_history VALUES ('al1', 0, 2, 1.0, 500.0, 5)")
+        conn.execute("INSERT INTO alert_history VALUES ('al1', 2, 3, 2.0, 1.0, 9)")
+        assert 3 in migrate(conn)
+        assert {"run_leases", "evaluation_queue"} <= _tables(conn)
+        assert conn.execute("SELECT run_id, last_step FROM runs").fetchall() == [("r1", 5)]
+        # One of the copies stays, and a transition cannot be written a second time.
+        assert conn.execute("SELECT state, step FROM alert_history ORDER BY state"
+                            ).fetchall() == [(2, 5), (3, 9)]
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO alert_history VALUES ('al1', 0, 2, 2.0, 500.0, 5)")
