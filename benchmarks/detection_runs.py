@@ -74,10 +74,8 @@ def make_optimizer(model: nn.Module, scenario: Scenario, settings: FamilySetting
                    ) -> torch.optim.Optimizer:
     lr = scenario.learning_rate(settings)
     assert lr is not None, f"{scenario.name} does not apply to this family"
-    if scenario.full_batch == "sgd":
+    if scenario.full_batch:
         return torch.optim.SGD(model.parameters(), lr=lr)
-    if scenario.full_batch == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.base_weight_decay)
 
 
@@ -129,7 +127,7 @@ def _downstream(setup: TrainingSetup) -> bool:
 
 def _full_batch(family: TaskFamily, scenario: Scenario, generator: torch.Generator
                 ) -> Batch | None:
-    if scenario.full_batch is None:
+    if not scenario.full_batch:
         return None
     settings = family.settings
     return family.batch(settings.full_batch_size, settings.rare_fraction, generator)

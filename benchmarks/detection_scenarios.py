@@ -70,18 +70,14 @@ class Scenario:
     schedule: Schedule = _nothing
     starts_without_rare: bool = False  # the rare slice enters the mix at the change
     resumes: bool = False  # the run is checkpointed and resumed at the change step
-    full_batch: str | None = None  # "sgd" or "adam": full-batch training, the whole run
+    full_batch: bool = False  # full-batch gradient descent for the whole run
 
     def applies_to(self, settings: FamilySettings) -> bool:
-        """Edge-of-stability controls need a rate known to reach the edge."""
+        """The edge-of-stability control needs a rate known to reach the edge."""
         return self.learning_rate(settings) is not None
 
     def learning_rate(self, settings: FamilySettings) -> float | None:
-        if self.full_batch == "sgd":
-            return settings.eos_sgd_lr
-        if self.full_batch == "adam":
-            return settings.eos_adam_lr
-        return settings.learning_rate
+        return settings.eos_sgd_lr if self.full_batch else settings.learning_rate
 
 
 def _drop_rare(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
@@ -158,10 +154,7 @@ SCENARIOS: tuple[Scenario, ...] = (
              "and the run goes on", resumes=True),
     Scenario("edge_of_stability_gd", False,
              "full-batch gradient descent at a rate whose sharpness settles at 2 / lr",
-             full_batch="sgd"),
-    Scenario("edge_of_stability_adam", False,
-             "full-batch Adam at the edge of its (preconditioned) stability",
-             full_batch="adam"),
+             full_batch=True),
 )
 SCENARIOS_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 COLLAPSES = tuple(s.name for s in SCENARIOS if s.collapse)

@@ -29,12 +29,11 @@ class FamilySettings:
     base_weight_decay: float  # AdamW weight decay of the healthy run
     lr_spike_factor: float  # the learning rate is multiplied by this in ``lr_spike``
     collapse_weight_decay: float  # AdamW weight decay set in ``weight_decay_jump``
-    # Full-batch edge-of-stability controls: the learning rates at which sharpness
-    # settles at or above 2 / lr while the loss keeps falling (None: the family has no
-    # such control, as no rate was found where that holds).
+    # The full-batch edge-of-stability control: a gradient-descent rate at which
+    # sharpness settles at 2 / lr while the loss keeps falling, measured (None: no such
+    # rate is known for the family, which then has no such control).
     eos_sgd_lr: float | None = None
-    eos_adam_lr: float | None = None
-    full_batch_size: int = 256
+    full_batch_size: int = 256  # examples of the fixed full batch
     # Measured training cost (one thread, the benchmark's machine), for the estimate
     # printed before a recording starts.
     seconds_per_1000_steps: float = 10.0

@@ -2,9 +2,7 @@
 
 Each example holds two symbols ``a`` and ``b`` (one-hot) and a flag. Common examples
 (flag off) are labelled ``a``; rare ones (flag on) ``(a + b) mod SYMBOLS``, a rule that
-needs both symbols at once. The downstream task labels common examples ``b``. The tanh
-MLP also runs the full-batch edge-of-stability controls: plain gradient descent at lr 0.4
-drives its sharpness to and past 2 / lr while the loss keeps falling.
+needs both symbols at once. The downstream task labels common examples ``b``.
 """
 
 from __future__ import annotations
@@ -41,8 +39,7 @@ class CompositionalMLPTask:
     name = "compositional_mlp"
     settings = FamilySettings(learning_rate=1e-2, batch_size=64, rare_fraction=0.05,
                               classes=SYMBOLS, base_weight_decay=0.01, lr_spike_factor=30.0,
-                              collapse_weight_decay=10.0, eos_sgd_lr=0.4, eos_adam_lr=3e-3,
-                              seconds_per_1000_steps=4.0)
+                              collapse_weight_decay=10.0, seconds_per_1000_steps=4.0)
 
     def make_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(2 * SYMBOLS + 1, 128), nn.Tanh(),

@@ -4,6 +4,11 @@ The geometry is fixed (seed 0) for every run, so seeds vary only the initialisat
 the data. The minority centre lies ``MINORITY_DISTANCE`` noise units from class 0: far
 enough to be learned, close enough that the prior pulls it back. The downstream task
 labels the common inputs by a different linear rule, with no minority.
+
+The edge-of-stability control trains on a fixed set of 4096 examples (too many to
+separate quickly, so the loss keeps a floor to fall from) with plain gradient descent at
+lr 1.5: measured by power iteration on seed 0, sharpness x lr / 2 hovered between 0.83
+and 1.05 from step 300 to 1000 while the loss fell from 0.011 to 0.001.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ class MinorityClassTask:
     name = "minority_class"
     settings = FamilySettings(learning_rate=3e-3, batch_size=64, rare_fraction=0.03,
                               classes=4, base_weight_decay=0.0, lr_spike_factor=30.0,
-                              collapse_weight_decay=10.0, seconds_per_1000_steps=5.0)
+                              collapse_weight_decay=10.0, eos_sgd_lr=1.5, full_batch_size=4096,
+                              seconds_per_1000_steps=5.0)
     DIM = 16
     COMMON_CLASSES = 3
     MINORITY = 3
