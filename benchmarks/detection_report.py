@@ -128,13 +128,16 @@ def false_alarm_sources(outcomes: Sequence[Outcome], traces: Sequence[RunTrace],
 def paired_leads(outcomes: Sequence[Outcome], detector: str, reference: str
                  ) -> tuple[float | None, float | None, int]:
     """Median leads of ``detector`` and ``reference`` over the runs both detected."""
-    mine = {o.run: o.lead for o in outcomes if o.detector == detector and o.detected}
-    theirs = {o.run: o.lead for o in outcomes if o.detector == reference and o.detected}
+    def leads(name: str) -> dict[str, int]:
+        return {o.run: o.lead for o in outcomes
+                if o.detector == name and o.detected and o.lead is not None}
+
+    mine, theirs = leads(detector), leads(reference)
     both = sorted(set(mine) & set(theirs))
     if not both:
         return None, None, 0
-    return (statistics.median(mine[r] for r in both),  # type: ignore[type-var]
-            statistics.median(theirs[r] for r in both), len(both))  # type: ignore[type-var]
+    return (statistics.median(mine[r] for r in both),
+            statistics.median(theirs[r] for r in both), len(both))
 
 
 def verdicts(outcomes: Sequence[Outcome], detector: str) -> list[str]:

@@ -114,7 +114,7 @@ COSINE_FLOOR = 0.1  # the cosine decays the learning rate to this share of its p
 
 def _warmup_cosine(setup: TrainingSetup, settings: FamilySettings, done: float) -> None:
     if done < WARMUP_SHARE:
-        factor = (done + 1e-3) / WARMUP_SHARE
+        factor = (done + 1e-3) / WARMUP_SHARE  # the offset keeps step 0 from a zero rate
     else:
         phase = (done - WARMUP_SHARE) / (1.0 - WARMUP_SHARE)
         factor = COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * phase))

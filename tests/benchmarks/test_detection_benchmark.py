@@ -310,3 +310,34 @@ def test_leave_one_family_out_never_tunes_on_the_family_it_reports(
     # Every run is reported once per detector: under the one fold that held it out.
     per_detector = [o for o in report["outcomes"] if o.detector == detection_report.TUNED]
     assert sorted(o.run for o in per_detector) == sorted(t.name for t in traces)
+
+
+def _outcome(run: str, detector: str, collapse: bool, lead: int | None = None,
+             false_alarms: int = 0) -> detection_report.Outcome:
+    truth = 300 if collapse else None
+    return detection_report.Outcome(
+        run=run, family="f", scenario="s", collapse=collapse, seed=0, detector=detector,
+        change_step=200, healthy_steps=200 if collapse else 1000, ground_truth=truth,
+        false_alarms=false_alarms,
+        first_alarm=None if lead is None else 300 - lead,
+        first_source=None if lead is None else "r", lead=lead)
+
+
+def test_the_targets_are_stated_and_checked() -> None:
+    rare, probe = detection_report.SHIPPED, detection_report.PROBE_LOSS
+    controls = [_outcome(f"c{i}", d, False) for i in range(40) for d in (rare, probe)]
+    # Nine of ten collapses warned early (lead 40); the probe-loss alarm led by 20 in the
+    # same runs: 40 >= 2 x 20.
+    collapses = [_outcome(f"x{i}", rare, True, 40 if i < 9 else -5) for i in range(10)]
+    collapses += [_outcome(f"x{i}", probe, True, 20) for i in range(10)]
+    lines = detection_report.verdicts(controls + collapses, rare)
+    assert [line.split("]")[0].strip() for line in lines] == ["[met"] * 3
+    assert "9/10" in lines[1] and "+40" in lines[2] and "+20" in lines[2]
+    # One alarmed control, or too few controls, misses the first target; a lead under
+    # twice the reference's misses the third.
+    noisy = [*controls[:-2], _outcome("c39", rare, False, false_alarms=1)]
+    assert detection_report.verdicts(noisy + collapses, rare)[0].startswith("  [MISSED]")
+    assert detection_report.verdicts(controls[:60] + collapses, rare)[0].startswith(
+        "  [MISSED]")
+    slow = [o if o.detector == rare else _outcome(o.run, probe, True, 25) for o in collapses]
+    assert detection_report.verdicts(controls + slow, rare)[2].startswith("  [MISSED]")
