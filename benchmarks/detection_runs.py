@@ -1,116 +1,35 @@
-"""Trains one benchmark run with the real raresignal agent and records everything measured.
+"""Trains one benchmark run with the real raresignal agent at its shipped defaults.
 
-A run trains a fresh model of one task family for ``steps`` optimizer steps, ramps its
-scenario's change in from ``switch_step`` over ``ramp_steps``, and records four things:
+A run trains a fresh model of one task family for ``plan.steps`` optimizer steps, applies
+its scenario (a change ramped in from the plan's change step, a schedule, a resume, or
+full-batch training) and records:
 
-* every Measurement the agent's default estimators produced (through a recording wrapper
-  around each estimator: the Monitor, its budget scheduler and the estimators are the
-  real ones, only their output is also kept),
-* the training loss and pre-clip gradient norm of every step (what users log today),
-* the rare probe's accuracy and loss, evaluated exactly every ``eval_every`` steps by the
-  benchmark itself, independent of the monitor's cadence: the ground truth.
-
-Detectors are then replayed on the recorded trace, so one training run serves every
-threshold the tuning tries.
+* every Measurement the agent's default estimators produced (a recording wrapper around
+  each estimator of the Monitor: the Monitor, its budget scheduler, cadences and
+  estimators are the shipped ones; only their output is also kept),
+* the training loss and pre-clip gradient norm of every step,
+* the held-out rare set's accuracy and the rare probe's loss, evaluated exactly every
+  ``plan.eval_every`` steps by the benchmark itself: the ground truth and the labelled
+  reference alarm.
 """
 
 from __future__ import annotations
 
+import inspect
+import io
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from detection_scenarios import Scenario, TrainingSetup, progress
-from detection_tasks import RARE_FRACTION, TaskFamily
+from detection_families import FAMILIES, Batch, FamilySettings, TaskFamily
+from detection_scenarios import SCENARIOS_BY_NAME, Scenario, TrainingSetup, ramp
+from detection_traces import RecordedSample, RunPlan, RunTrace, TraceWriter
 from torch import nn
 
-from raresignal.agent import Measurement, Monitor, MonitorConfig, StepContext
-from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
-
-Labels = tuple[tuple[str, str], ...]
-RecordedSample = tuple[int, str, Labels, float]  # (step, metric, labels, value)
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Length of a run and the cadences it is measured at."""
-
-    steps: int = 600
-    switch_step: int = 400
-    ramp_steps: int = 60  # the change ramps in over this many steps (0: all at once)
-    eval_every: int = 5  # ground-truth evaluation of the rare probe
-    probe_size: int = 128
-    # Agent cadences, in steps: the agent's defaults scaled to runs of a few hundred
-    # steps. With probes every 5 steps, the shipped rules' longest baseline (a warm-up of
-    # 50 evaluations and a window of 16) is learned by step 330, before the switch.
-    probes_interval: int = 5
-    fisher_interval: int = 5
-    drift_interval: int = 5
-    sharpness_interval: int = 10
-    retention_warmup_step: int = 250
-    # Interference over the net update of 20 steps (by default it spans the steps
-    # between two probe runs): one step's update mostly carries the batch's noise.
-    probe_interference_horizon: int = 20
-    # The agent's default: sketched cosines (interference, overlaps) carry a JL noise of
-    # about 1/sqrt(d), 0.044 at d = 512, as large as a healthy interference.
-    sketch_dim: int = EstimatorConfig.sketch_dim
-
-    def __post_init__(self) -> None:
-        if not 0 < self.switch_step < self.steps:
-            raise ValueError(f"need 0 < switch_step < steps, got {self.switch_step} and "
-                             f"{self.steps}")
-        if self.ramp_steps < 0:
-            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
-        if self.eval_every < 1 or self.probe_size < 1:
-            raise ValueError("eval_every and probe_size must be >= 1")
-
-    def estimator_config(self, seed: int) -> EstimatorConfig:
-        return EstimatorConfig(
-            sketch_dim=self.sketch_dim, seed=seed, probes_interval=self.probes_interval,
-            fisher_interval=self.fisher_interval, drift_interval=self.drift_interval,
-            sharpness_interval=self.sharpness_interval,
-            retention_warmup_step=self.retention_warmup_step,
-            probe_interference_horizon=self.probe_interference_horizon)
-
-
-@dataclass
-class RunTrace:
-    """Everything one run produced; detectors and the ground truth read only this."""
-
-    family: str
-    scenario: str
-    collapse: bool
-    seed: int
-    switch_step: int
-    steps: int
-    samples: list[RecordedSample] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    rare_accuracy: list[float] = field(default_factory=list)
-    rare_loss: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    estimator_errors: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"{self.family}/{self.scenario}/seed{self.seed}"
-
-    def to_json(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
-        data["samples"] = [[s, m, [list(p) for p in labels], v]
-                           for s, m, labels, v in self.samples]
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RunTrace:
-        values = dict(data)
-        values["samples"] = [(int(s), str(m), tuple((str(k), str(v)) for k, v in labels),
-                              float(v)) for s, m, labels, v in data["samples"]]
-        return cls(**values)
+from raresignal.agent import Measurement, Monitor, Probe, StepContext
 
 
 class RecordingEstimator:
@@ -135,9 +54,58 @@ class RecordingEstimator:
         self.inner.load_state_dict(state)
 
 
-def _evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-              ) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the whole probe, in eval mode, without grad."""
+def build_monitor(model: nn.Module, optimizer: torch.optim.Optimizer, rare: Probe,
+                  common: Probe, plan: RunPlan, sink: list[RecordedSample]) -> Monitor:
+    """The one place the benchmark builds a Monitor: shipped defaults, the run's planned
+    length, and a recorder around each of its estimators."""
+    planned: dict[str, int] = {}
+    # Until Monitor(total_steps=...) lands, a Monitor without it runs at its defaults;
+    # this check goes when it lands.
+    if "total_steps" in inspect.signature(Monitor).parameters:
+        planned["total_steps"] = plan.steps
+    monitor = Monitor(model, optimizer, server=None, run_name=plan.name,
+                      probes={"rare": rare}, common_probe=common, **planned)
+    for name, estimator in list(monitor.estimators.items()):
+        monitor.estimators[name] = RecordingEstimator(estimator, sink)
+    return monitor
+
+
+def make_optimizer(model: nn.Module, scenario: Scenario, settings: FamilySettings
+                   ) -> torch.optim.Optimizer:
+    lr = scenario.learning_rate(settings)
+    assert lr is not None, f"{scenario.name} does not apply to this family"
+    if scenario.full_batch:
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.base_weight_decay)
+
+
+def checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, monitor: Monitor
+               ) -> bytes:
+    """What a training script saves: model, optimizer and the Monitor's state."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "monitor": monitor.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+def resume(blob: bytes, family: TaskFamily, scenario: Scenario, probes: tuple[Probe, Probe],
+           plan: RunPlan, sink: list[RecordedSample]
+           ) -> tuple[nn.Module, torch.optim.Optimizer, Monitor]:
+    """A new process's start: fresh model, optimizer and Monitor, each loaded from
+    ``blob``."""
+    state = torch.load(io.BytesIO(blob), weights_only=False)
+    model = family.make_model()
+    model.load_state_dict(state["model"])
+    optimizer = make_optimizer(model, scenario, family.settings)
+    optimizer.load_state_dict(state["optimizer"])
+    monitor = build_monitor(model, optimizer, *probes, plan, sink)
+    monitor.load_state_dict(state["monitor"])
+    return model, optimizer, monitor
+
+
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+             ) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a whole eval set, in eval mode, without grad."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -150,54 +118,83 @@ def _evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 def _downstream(setup: TrainingSetup) -> bool:
     """Whether this step's batch comes from the downstream task (a coin only mid-ramp, so
-    runs that never fine-tune draw the same data stream as before)."""
+    runs that never fine-tune draw the same data stream)."""
     fraction = setup.downstream_fraction
     if fraction <= 0.0 or fraction >= 1.0:
         return fraction >= 1.0
     return bool(torch.rand(1, generator=setup.generator) < fraction)
 
 
-def train_run(family: TaskFamily, scenario: Scenario, seed: int, plan: RunPlan) -> RunTrace:
-    """One monitored training run of ``family`` with ``scenario`` applied at the switch."""
-    started = time.perf_counter()
-    torch.manual_seed(seed)
+def _full_batch(family: TaskFamily, scenario: Scenario, generator: torch.Generator
+                ) -> Batch | None:
+    if not scenario.full_batch:
+        return None
     settings = family.settings
+    return family.batch(settings.full_batch_size, settings.rare_fraction, generator)
+
+
+def train_run(plan: RunPlan, traces_dir: Path | None = None,
+              family: TaskFamily | None = None) -> RunTrace:
+    """One monitored run of ``plan``; streamed to ``traces_dir`` when given."""
+    started = time.perf_counter()
+    family = family or FAMILIES[plan.family]()
+    scenario = SCENARIOS_BY_NAME[plan.scenario]
+    settings = family.settings
+    torch.manual_seed(plan.seed)
     model = family.make_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
-                                  weight_decay=settings.base_weight_decay)
-    rare, common = family.probes(seed, plan.probe_size)
-    trace = RunTrace(family.name, scenario.name, scenario.collapse, seed, plan.switch_step,
-                     plan.steps)
-    estimators = [RecordingEstimator(e, trace.samples) for e in build_default_estimators(
-        model, optimizer, {"rare": rare}, common, plan.estimator_config(seed))]
-    # max_interval_factor=1 pins every cadence to the plan: the budget scheduler would
-    # otherwise stretch them on these tiny models (whose steps cost almost nothing), and
-    # the benchmark measures detection at known cadences.
-    monitor = Monitor(model, optimizer, server=None, run_name=trace.name,
-                      estimators=estimators, config=MonitorConfig(max_interval_factor=1))
-    setup = TrainingSetup(optimizer, torch.Generator().manual_seed(seed), RARE_FRACTION)
-    for step in range(plan.steps):
-        if step == plan.switch_step:
-            setup.capture()
-        ramp = progress(step, plan.switch_step, plan.ramp_steps)
-        if ramp is not None:
-            scenario.change(setup, settings, ramp)
-        inputs, targets = family.batch(settings.batch_size, setup.rare_fraction,
-                                       setup.generator, _downstream(setup))
-        loss = nn.functional.cross_entropy(model(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
-        monitor.step(loss=loss, batch=(inputs, targets))
-        optimizer.step()
-        trace.loss.append(float(loss.detach()))
-        trace.grad_norm.append(float(grad_norm))
-        if step % plan.eval_every == 0 or step == plan.steps - 1:
-            accuracy, probe_loss = _evaluate(model, rare.inputs, rare.targets)
-            trace.eval_steps.append(step)
-            trace.rare_accuracy.append(accuracy)
-            trace.rare_loss.append(probe_loss)
-    monitor.close()
-    trace.estimator_errors = monitor.estimator_errors
-    trace.seconds = time.perf_counter() - started
+    optimizer = make_optimizer(model, scenario, settings)
+    probes = family.probes(plan.seed, plan.probe_size)
+    heldout = family.heldout(plan.seed, plan.heldout_size)
+    trace = RunTrace(plan)
+    writer = TraceWriter(traces_dir, plan) if traces_dir is not None else None
+    monitor = build_monitor(model, optimizer, *probes, plan, trace.samples)
+    setup = TrainingSetup(optimizer, torch.Generator().manual_seed(plan.seed),
+                          0.0 if scenario.starts_without_rare else settings.rare_fraction,
+                          settings.batch_size)
+    full = _full_batch(family, scenario, setup.generator)
+    try:
+        for step in range(plan.steps):
+            if step == plan.change_step:
+                if scenario.resumes:
+                    blob = checkpoint(model, optimizer, monitor)
+                    monitor.close()
+                    model, optimizer, monitor = resume(blob, family, scenario, probes, plan,
+                                                       trace.samples)
+                    setup.optimizer = optimizer
+                setup.capture()
+            scenario.schedule(setup, settings, step / plan.steps)
+            progress = ramp(step, plan.change_step, plan.ramp_steps)
+            if progress is not None:
+                scenario.change(setup, settings, progress)
+            inputs, targets = full if full is not None else family.batch(
+                setup.batch_size, setup.rare_fraction, setup.generator, _downstream(setup))
+            measured = len(trace.samples)
+            loss = nn.functional.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+            monitor.step(loss=loss, batch=(inputs, targets))
+            optimizer.step()
+            trace.loss.append(float(loss.detach()))
+            trace.grad_norm.append(grad_norm)
+            if writer is not None:
+                writer.step(step, trace.loss[-1], grad_norm, trace.samples[measured:])
+            if step % plan.eval_every == 0 or step == plan.steps - 1:
+                accuracy, _ = evaluate(model, *heldout)
+                _, probe_loss = evaluate(model, probes[0].inputs, probes[0].targets)
+                trace.eval_steps.append(step)
+                trace.heldout_accuracy.append(accuracy)
+                trace.probe_loss.append(probe_loss)
+                if writer is not None:
+                    writer.evaluation(step, accuracy, probe_loss)
+        trace.monitor_steps = monitor.step_count
+        monitor.close()
+        trace.estimator_errors = monitor.estimator_errors
+        trace.seconds = time.perf_counter() - started
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    if writer is not None:
+        writer.end(trace)
     return trace

@@ -1,122 +1,171 @@
-"""What happens to a run at its switch step: four collapse mechanisms, three healthy changes.
+"""What happens to a run: four collapse mechanisms and the healthy controls.
 
-A scenario is a change to the training setup that starts at the switch step and ramps in
-over ``ramp_steps`` steps (0: all at once). Real failures are usually gradual: a data
-mixture drifts away from a slice, a schedule climbs past stability, a fine-tuning mix
-shifts. Collapse scenarios are expected to destroy the rare slice; healthy ones change the
-run as real runs change (a learning-rate decay, a new data order) but keep the rare slice,
-so any alarm on them is a false alarm.
+A collapse scenario changes the training setup from the run's change step, ramped in over
+``ramp_steps`` (real failures are usually gradual: a data mix drifts away from a slice, a
+schedule climbs past stability, a fine-tuning mix shifts); it is expected to destroy the
+rare skill. A control changes a run as healthy runs change (a schedule, a batch size, a
+resume, a skill learned late, full-batch training at the edge of stability) and keeps the
+rare skill, so any rare-signal alert on it is a false alarm. Every control runs the full
+length of the plan.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from detection_tasks import FamilySettings
+from detection_families import FamilySettings
 
 
 @dataclass
 class TrainingSetup:
     """The knobs a scenario may turn while the run is going, and their values at the
-    switch (every change is a function of those and of its progress, so it can ramp)."""
+    change step (every change is a function of those and of its ramp, so it can ramp)."""
 
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     rare_fraction: float
+    batch_size: int
     downstream_fraction: float = 0.0  # share of batches drawn from the downstream task
-    reshuffled: bool = False
     _base: dict[str, list[float]] = field(default_factory=dict)
 
     def capture(self) -> None:
-        """Remember the values at the switch; the ramp moves away from these."""
+        """Remember the values at the change step; the ramp moves away from these."""
         groups = self.optimizer.param_groups
         self._base = {"lr": [float(g["lr"]) for g in groups],
-                      "weight_decay": [float(g.get("weight_decay", 0.0)) for g in groups],
-                      "rare_fraction": [self.rare_fraction]}
+                      "weight_decay": [float(g.get("weight_decay", 0.0)) for g in groups]}
+
+    def set_learning_rate(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
 
     def scale_learning_rate(self, factor: float) -> None:
         for group, base in zip(self.optimizer.param_groups, self._base["lr"], strict=True):
             group["lr"] = base * factor
 
-    def move_weight_decay(self, target: float, progress: float) -> None:
+    def move_weight_decay(self, target: float, ramp: float) -> None:
         for group, base in zip(self.optimizer.param_groups, self._base["weight_decay"],
                                strict=True):
-            group["weight_decay"] = base + progress * (target - base)
-
-    def scale_rare_fraction(self, factor: float) -> None:
-        self.rare_fraction = self._base["rare_fraction"][0] * factor
+            group["weight_decay"] = base + ramp * (target - base)
 
 
-# (setup, family settings, progress in (0, 1]) -> None; progress 1 is the full change.
+# (setup, family settings, ramp in (0, 1]) -> None, from the change step on.
 Change = Callable[[TrainingSetup, FamilySettings, float], None]
+# (setup, family settings, share of the run done in [0, 1)) -> None, at every step.
+Schedule = Callable[[TrainingSetup, FamilySettings, float], None]
+
+
+def _nothing(setup: TrainingSetup, settings: FamilySettings, value: float) -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    collapse: bool  # True: the rare slice is expected to collapse after the switch
-    change: Change
+    collapse: bool  # True: the rare skill is expected to collapse after the change
     description: str
+    change: Change = _nothing
+    schedule: Schedule = _nothing
+    starts_without_rare: bool = False  # the rare slice enters the mix at the change
+    resumes: bool = False  # the run is checkpointed and resumed at the change step
+    full_batch: bool = False  # full-batch gradient descent for the whole run
+
+    def applies_to(self, settings: FamilySettings) -> bool:
+        """The edge-of-stability control needs a rate known to reach the edge."""
+        return self.learning_rate(settings) is not None
+
+    def learning_rate(self, settings: FamilySettings) -> float | None:
+        return settings.eos_sgd_lr if self.full_batch else settings.learning_rate
 
 
-def _drop_rare(setup: TrainingSetup, settings: FamilySettings, progress: float) -> None:
-    setup.scale_rare_fraction(1.0 - progress)
+def _drop_rare(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
+    setup.rare_fraction = settings.rare_fraction * (1.0 - ramp)
 
 
-def _lr_spike(setup: TrainingSetup, settings: FamilySettings, progress: float) -> None:
-    setup.scale_learning_rate(settings.lr_spike_factor ** progress)  # geometric climb
+def _lr_spike(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
+    setup.scale_learning_rate(settings.lr_spike_factor ** ramp)  # a geometric climb
 
 
-def _weight_decay_jump(setup: TrainingSetup, settings: FamilySettings,
-                       progress: float) -> None:
-    setup.move_weight_decay(settings.collapse_weight_decay, progress)
+def _weight_decay_jump(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
+    setup.move_weight_decay(settings.collapse_weight_decay, ramp)
 
 
 def _finetune_other_task(setup: TrainingSetup, settings: FamilySettings,
-                         progress: float) -> None:
-    setup.downstream_fraction = progress
+                         ramp: float) -> None:
+    setup.downstream_fraction = ramp
 
 
-def _unchanged(setup: TrainingSetup, settings: FamilySettings, progress: float) -> None:
-    return None
+def _rare_enters(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
+    setup.rare_fraction = settings.rare_fraction * ramp
 
 
-def _lr_decay(setup: TrainingSetup, settings: FamilySettings, progress: float) -> None:
-    setup.scale_learning_rate(0.3 ** progress)
+THINNED_TO = 0.4  # share of the rare slice left in the thinning control
 
 
-def _reshuffle(setup: TrainingSetup, settings: FamilySettings, progress: float) -> None:
-    # A new data order from a new stream, and a mix with half as much again of the rare
-    # slice (as when a dataset is re-balanced): the rare slice stays.
-    if not setup.reshuffled:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=setup.generator))
-        setup.generator.manual_seed(seed)
-        setup.reshuffled = True
-    setup.scale_rare_fraction(1.0 + 0.5 * progress)
+def _thin_rare(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
+    setup.rare_fraction = settings.rare_fraction * (1.0 - (1.0 - THINNED_TO) * ramp)
+
+
+WARMUP_SHARE = 0.05  # of the run, in the warm-up + cosine control
+COSINE_FLOOR = 0.1  # the cosine decays the learning rate to this share of its peak
+
+
+def _warmup_cosine(setup: TrainingSetup, settings: FamilySettings, done: float) -> None:
+    if done < WARMUP_SHARE:
+        factor = (done + 1e-3) / WARMUP_SHARE  # the offset keeps step 0 from a zero rate
+    else:
+        phase = (done - WARMUP_SHARE) / (1.0 - WARMUP_SHARE)
+        factor = COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * phase))
+    setup.set_learning_rate(settings.learning_rate * factor)
+
+
+BATCH_GROWTH = 4  # the batch-size control grows the batch this many times
+
+
+def _grow_batch(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
+    setup.batch_size = round(settings.batch_size * (1 + (BATCH_GROWTH - 1) * ramp))
 
 
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("drop_rare", True, _drop_rare, "rare slice phased out of the data mix"),
-    Scenario("lr_spike", True, _lr_spike, "learning rate climbing past stability"),
-    Scenario("weight_decay_jump", True, _weight_decay_jump,
-             "AdamW weight decay raised far above the run's (over-regularisation)"),
-    Scenario("finetune_other_task", True, _finetune_other_task,
-             "fine-tuning mix shifting to a task without the rare rule"),
-    Scenario("continued", False, _unchanged, "plain continued training"),
-    Scenario("lr_decay", False, _lr_decay, "learning rate decayed to 0.3x"),
-    Scenario("reshuffle", False, _reshuffle,
-             "new data order and 1.5x the rare fraction"),
+    Scenario("drop_rare", True, "rare slice phased out of the data mix", change=_drop_rare),
+    Scenario("lr_spike", True, "learning rate climbing past stability", change=_lr_spike),
+    Scenario("weight_decay_jump", True,
+             "AdamW weight decay raised far above the run's (over-regularisation)",
+             change=_weight_decay_jump),
+    Scenario("finetune_other_task", True,
+             "fine-tuning mix shifting to a task without the rare rule",
+             change=_finetune_other_task),
+    Scenario("continued", False, "plain continued training"),
+    Scenario("rare_learned_late", False,
+             "the rare slice enters the mix at the change step: the skill is learned, "
+             "not lost", change=_rare_enters, starts_without_rare=True),
+    Scenario("rare_thinning", False,
+             f"the rare slice thins to {THINNED_TO:.0%} of its share; the skill survives",
+             change=_thin_rare),
+    Scenario("warmup_cosine", False,
+             f"linear learning-rate warm-up over {WARMUP_SHARE:.0%} of the run, then "
+             f"cosine decay to {COSINE_FLOOR:g}x", schedule=_warmup_cosine),
+    Scenario("batch_size_change", False, f"the batch grows {BATCH_GROWTH}x",
+             change=_grow_batch),
+    Scenario("checkpoint_resume", False,
+             "checkpointed at the change step; a new model, optimizer and Monitor load it "
+             "and the run goes on", resumes=True),
+    Scenario("edge_of_stability_gd", False,
+             "full-batch gradient descent at a rate whose sharpness settles at 2 / lr",
+             full_batch=True),
 )
 SCENARIOS_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
+COLLAPSES = tuple(s.name for s in SCENARIOS if s.collapse)
+CONTROLS = tuple(s.name for s in SCENARIOS if not s.collapse)
 
 
-def progress(step: int, switch_step: int, ramp_steps: int) -> float | None:
-    """How far the change has ramped in at ``step``: None before the switch, then
-    (step - switch + 1) / ramp_steps up to 1 (1 at the switch when ramp_steps is 0)."""
-    if step < switch_step:
+def ramp(step: int, change_step: int, ramp_steps: int) -> float | None:
+    """How far the change has ramped in at ``step``: None before the change step, then
+    (step - change + 1) / ramp_steps up to 1 (1 at once when ramp_steps is 0)."""
+    if step < change_step:
         return None
     if ramp_steps <= 0:
         return 1.0
-    return min(1.0, (step - switch_step + 1) / ramp_steps)
+    return min(1.0, (step - change_step + 1) / ramp_steps)

@@ -1,14 +1,16 @@
-"""Threshold choice on the tuning seeds, the same discipline for every detector.
+"""Threshold choice on the tuning families, and leave-one-family-out.
 
-For each detector (and for raresignal, each alert rule on its own) every threshold of a
-grid is scored on the tuning runs with :func:`detection_scoring.merit`: a threshold with a
-false alarm never beats one without; among quiet ones the most early detections win, then
-detections, then median lead time; ties go to the less sensitive threshold. A threshold is
+The rare-signal rules (those reading a probe's signal) are tuned, each on its own: every
+threshold of a grid is scored on the tuning runs with :func:`detection_scoring.merit`: a
+threshold with a false alarm never beats one without; among quiet ones the most early
+detections win, then detections, then median lead time; ties go to the less sensitive
+threshold. A threshold is
 taken only with a notch of margin: the next more sensitive one must be quiet too.
 Grids run from least to most sensitive. A rule's grid pairs each threshold with a `for`
 (evaluations in a row) from its shipped value down to 1 and an evaluation smoothing from
 its shipped value down to 0.3. The chosen settings are then reported on the held-out
-seeds, which the choice never saw.
+families, whose runs the choice never saw: a family of another kind, not a new seed of a
+family it tuned on.
 """
 
 from __future__ import annotations
@@ -17,17 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import yaml
-from detection_detectors import (
-    Alarm,
-    RiseAlarm,
-    SpikeAlarm,
-    grad_spike_alarms,
-    loss_rise_alarms,
-    probe_loss_alarms,
-    raresignal_alarms,
-)
-from detection_runs import RunTrace
+from detection_detectors import Alarm, is_rare_signal, raresignal_alarms
 from detection_scoring import Outcome, merit, score
+from detection_traces import RunTrace
 
 from raresignal.server.alerting.rules import Relative, Rule
 
@@ -59,15 +53,6 @@ def grid_for(rule: Rule) -> tuple[float, ...] | None:
         return RATIO_GRID if condition.points_down else RISE_RATIO_GRID
     return ABSOLUTE_GRIDS.get(condition.metric)
 
-
-LOSS_FACTORS = (50.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.5)
-GRAD_KS = (200.0, 100.0, 50.0, 20.0, 10.0, 5.0)
-PROBE_LOSS_FACTORS = (50.0, 20.0, 10.0, 5.0, 3.0, 2.0, 1.5)
-BASELINE_GRIDS: dict[str, tuple[float, ...]] = {
-    "loss_rise": LOSS_FACTORS,
-    "grad_norm_spike": GRAD_KS,
-    "probe_loss_rise": PROBE_LOSS_FACTORS,
-}
 
 DetectFn = Callable[[RunTrace], list[Alarm]]
 
@@ -116,14 +101,14 @@ class Choice:
     value: float | None  # None: no threshold of the grid was free of false alarms
     quiet: bool
     tried: tuple[tuple[float, tuple[float, ...]], ...]  # (threshold, merit) per grid point
-    for_evaluations: int | None = None  # a rule's chosen `for` (None: baselines)
-    smoothing: float | None = None  # a rule's chosen evaluation smoothing (None: baselines)
+    for_evaluations: int | None = None  # a rule's chosen `for`
+    smoothing: float | None = None  # a rule's chosen evaluation smoothing
 
 
 def choose(name: str, grid: Sequence[float], traces: Sequence[RunTrace],
            detector_for: Callable[[float], DetectFn]) -> Choice:
     """The best grid point by merit, with a notch of margin: a point counts only if the
-    next more sensitive one was quiet too (the tuning seeds are few, and the most
+    next more sensitive one was quiet too (the tuning runs are few, and the most
     sensitive quiet point is quiet by luck as often as by design). With no such point,
     every point counts."""
     scored = [(value, merit(evaluate(traces, name, detector_for(value)))) for value in grid]
@@ -163,10 +148,10 @@ def rules_detector(rules: Sequence[Rule]) -> DetectFn:
 
 
 def tune_rules(rules: Sequence[Rule], traces: Sequence[RunTrace]) -> dict[str, Choice]:
-    """Each tunable rule on its own, on the tuning runs."""
+    """Each tunable rare-signal rule on its own, on the tuning runs."""
     choices: dict[str, Choice] = {}
     for rule in rules:
-        grid = grid_for(rule)
+        grid = grid_for(rule) if is_rare_signal(rule) else None
         if grid is None:
             continue
         choices[rule.alert] = choose_rule(rule, grid, traces)
@@ -185,31 +170,6 @@ def tuned_rules(rules: Sequence[Rule], choices: dict[str, Choice]) -> list[Rule]
             out.append(with_threshold(rule, choice.value, choice.for_evaluations,
                                       choice.smoothing))
     return out
-
-
-def baseline_detector(name: str, value: float) -> DetectFn:
-    """The detector of a baseline at one threshold (tuning and reporting use this)."""
-    if name == "loss_rise":
-        return lambda trace: loss_rise_alarms(trace, RiseAlarm(value, consecutive=5))
-    if name == "grad_norm_spike":
-        return lambda trace: grad_spike_alarms(trace, SpikeAlarm(value, consecutive=3))
-    if name == "probe_loss_rise":
-        # The probe is evaluated every few steps, so fewer points and less smoothing.
-        return lambda trace: probe_loss_alarms(trace, RiseAlarm(value, consecutive=2,
-                                                                smoothing=0.5, warmup=3))
-    raise KeyError(f"unknown baseline {name!r}")
-
-
-def tune_baselines(traces: Sequence[RunTrace]) -> dict[str, Choice]:
-    return {name: choose(name, grid, traces,
-                         lambda value, name=name: baseline_detector(name, value))
-            for name, grid in BASELINE_GRIDS.items()}
-
-
-def baseline_value(name: str, choice: Choice) -> float:
-    """The threshold a baseline is reported at: its quiet choice, else its least
-    sensitive grid point (it then shows its false alarms rather than nothing)."""
-    return choice.value if choice.value is not None else BASELINE_GRIDS[name][0]
 
 
 def candidate_rules_yaml(shipped_text: str, choices: dict[str, Choice]) -> str:
@@ -234,7 +194,31 @@ def candidate_rules_yaml(shipped_text: str, choices: dict[str, Choice]) -> str:
             entry["for"] = choice.for_evaluations
         if choice.smoothing is not None and choice.smoothing < 1.0:
             entry["smoothing"] = choice.smoothing
-    header = ("# Candidate rules chosen by benchmarks/detection.py on its tuning seeds.\n"
+    header = ("# Candidate rules chosen by benchmarks/detection.py on its tuning "
+              "families.\n"
               + (f"# No quiet threshold in the grid for: {', '.join(unquiet)}.\n"
                  if unquiet else ""))
     return header + yaml.safe_dump(document, sort_keys=False, width=100)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One split of the families: tune on ``tuning``, report on ``held_out``."""
+
+    tuning: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+
+def folds(families: Sequence[str], tune_families: Sequence[str] | None) -> list[Fold]:
+    """The given split, or (by default) every family held out in turn and tuned on the
+    others. A fold never holds out a family it tunes on."""
+    names = tuple(dict.fromkeys(families))
+    if tune_families:
+        tuning = tuple(dict.fromkeys(tune_families))
+        held_out = tuple(f for f in names if f not in tuning)
+        if not held_out:
+            raise ValueError("every family is tuned on: none is left to report on")
+        return [Fold(tuning, held_out)]
+    if len(names) < 2:
+        raise ValueError("leave-one-family-out needs at least two families")
+    return [Fold(tuple(f for f in names if f != held), (held,)) for held in names]

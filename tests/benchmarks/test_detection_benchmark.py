@@ -1,11 +1,11 @@
-"""The detection benchmark's core at tiny size: ground truth, lead time, false alarms,
-baseline alarms and the alert engine it scores raresignal with."""
+"""The detection benchmark's scoring at tiny size: ground truth, lead time, false alarms,
+the reference alarm, the alert engine it scores raresignal with, and the tuning."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,18 +14,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import detection
+import detection_report
 import detection_tuning
-from detection_detectors import (
-    Alarm,
-    RiseAlarm,
-    SpikeAlarm,
-    raresignal_alarms,
-)
-from detection_runs import RunPlan, RunTrace, train_run
-from detection_scenarios import SCENARIOS_BY_NAME, TrainingSetup, progress
+from detection_detectors import Alarm, MarginAlarm, probe_loss_alarms, raresignal_alarms
+from detection_families import SETTINGS
+from detection_scenarios import SCENARIOS_BY_NAME, TrainingSetup, ramp
 from detection_scoring import ground_truth_step, score, summarize
-from detection_tasks import MinorityClassTask
-from detection_tuning import candidate_rules_yaml, choose_rule, settings_grid, with_threshold
+from detection_traces import RunPlan, RunTrace
+from detection_tuning import (
+    Fold,
+    candidate_rules_yaml,
+    choose_rule,
+    folds,
+    settings_grid,
+    with_threshold,
+)
 from rule_snippets import FISHER_MASS_RULE, SHORT_BASELINE_DEFAULTS
 
 from raresignal.server.alerting.rules import load_rules, parse_rules
@@ -42,22 +45,34 @@ def _ratio_rule():
     return parse_rules(RATIO_RULES)[0]
 
 
+# A family whose chance accuracy is 1/4: halfway from a 0.9 peak to chance is 0.575.
+FAMILY = "minority_class"
+
+
 def _trace(collapse: bool = True, switch: int = 100, accuracy: list[float] | None = None,
-           samples: list | None = None) -> RunTrace:
+           samples: list | None = None, family: str = FAMILY, seed: int = 0,
+           probe_loss: list[float] | None = None) -> RunTrace:
     accuracy = accuracy if accuracy is not None else [0.9] * 40
-    return RunTrace(family="f", scenario="s", collapse=collapse, seed=0, switch_step=switch,
-                    steps=200, samples=samples or [],
-                    eval_steps=[5 * i for i in range(len(accuracy))], rare_accuracy=accuracy,
-                    rare_loss=[0.1] * len(accuracy))
+    plan = RunPlan(family=family, scenario="s" if collapse else "c", collapse=collapse,
+                   seed=seed, steps=200, change_step=switch, ramp_steps=0, eval_every=5,
+                   probe_size=8, heldout_size=8)
+    return RunTrace(plan, samples=samples or [],
+                    eval_steps=[5 * i for i in range(len(accuracy))],
+                    heldout_accuracy=accuracy,
+                    probe_loss=probe_loss if probe_loss is not None else [0.1] * len(accuracy))
 
 
-def test_ground_truth_is_first_step_below_half_the_running_peak() -> None:
+def test_ground_truth_is_first_step_after_the_change_halfway_from_peak_to_chance() -> None:
     steps = [0, 5, 10, 15, 20, 25, 30]
-    # Peak 0.9 at step 15; 0.45 is exactly half (not below); 0.44 at step 25 is below.
-    assert ground_truth_step(steps, [0.1, 0.3, 0.8, 0.9, 0.45, 0.44, 0.3]) == 25
-    # A rule never learned (peak 0.4 < 0.5) cannot collapse, however low it goes.
-    assert ground_truth_step(steps[:3], [0.1, 0.4, 0.05]) is None
-    assert ground_truth_step(steps[:3], [0.9, 0.8, 0.7]) is None
+    # Chance 0.1, peak 0.9 at step 15: halfway is 0.5; 0.5 is not below, 0.49 is.
+    accuracy = [0.1, 0.3, 0.8, 0.9, 0.5, 0.49, 0.3]
+    assert ground_truth_step(steps, accuracy, 0, 0.1) == 25
+    # A fall before the change step is not the collapse; the first one after is.
+    assert ground_truth_step(steps, accuracy, 30, 0.1) == 30
+    # A skill never learned (peak below halfway from chance to 1) cannot collapse.
+    assert ground_truth_step(steps[:3], [0.1, 0.5, 0.05], 0, 0.1) is None
+    assert ground_truth_step(steps[:3], [0.9, 0.8, 0.7], 0, 0.1) is None
+    assert SETTINGS[FAMILY].chance == 0.25
 
 
 def test_score_counts_pre_switch_alarms_as_false_and_measures_lead_time() -> None:
@@ -68,34 +83,37 @@ def test_score_counts_pre_switch_alarms_as_false_and_measures_lead_time() -> Non
     assert outcome.false_alarms == 1  # the alarm at step 40 came before anything happened
     assert (outcome.first_alarm, outcome.first_source, outcome.lead) == (120, "b", 30)
     assert outcome.detected and outcome.early
+    assert outcome.lead_share == pytest.approx(30 / 50)  # the collapse took 50 steps
     late = score(trace, "d", [Alarm(170, "c")])
     assert late.lead == -20 and late.detected and not late.early
     healthy = score(_trace(collapse=False), "d", [Alarm(150, "a"), Alarm(180, "b")])
     assert healthy.false_alarms == 2 and not healthy.detected
-    summary = summarize([outcome, late, healthy])
+    survived = score(_trace(switch=100), "d", [Alarm(120, "a")])
+    assert survived.no_collapse and not survived.scorable and survived.false_alarms == 0
+    summary = summarize([outcome, late, healthy, survived])
     assert (summary.scorable, summary.detected, summary.early) == (2, 2, 1)
+    assert summary.no_collapse == 1
     assert summary.median_lead == 5  # median of +30 and -20
     assert summary.false_alarm_runs == 2
+    # Healthy steps: 100 before each change of the three collapse runs, and 200 of the
+    # control; three false alarms in 500 healthy steps are 60 per 10,000.
+    assert summary.healthy_steps == 500
+    assert summary.false_alarms_per_unit == pytest.approx(60.0)
 
 
-def test_loss_rise_alarm_fires_at_the_computed_step() -> None:
-    # With smoothing 1 the EWMA is the loss itself: the minimum is 1.0, the loss jumps to
-    # 4.0 at step 20, and the third consecutive point above 3 x 1.0 is step 22.
-    values = [2.0] * 10 + [1.0] * 10 + [4.0] * 5
-    alarm = RiseAlarm(3.0, consecutive=3, smoothing=1.0, warmup=2)
-    assert alarm.alarms(range(len(values)), values) == [22]
-    assert RiseAlarm(5.0, consecutive=3, smoothing=1.0, warmup=2).alarms(
-        range(len(values)), values) == []
-    assert RiseAlarm(3.0, consecutive=1).alarms(range(3), [1.0, math.nan, 1.0]) == [1]
-
-
-def test_grad_spike_alarm_fires_on_a_spike_only() -> None:
-    values = [1.0 + 0.1 * (i % 3) for i in range(80)] + [5.0] + [1.0] * 5
-    # History median 1.1, MAD 0.1: 5.0 is 39 MADs out, the wiggle is at most 1.
-    alarm = SpikeAlarm(10.0, consecutive=1, window=50, warmup=20)
-    assert alarm.alarms(range(len(values)), values) == [80]
-    assert SpikeAlarm(50.0, consecutive=1, window=50, warmup=20).alarms(
-        range(len(values)), values) == []
+def test_probe_loss_alarm_fires_half_a_nat_above_the_running_minimum() -> None:
+    # Minimum 0.2 (after the warm-up); 0.69 is within 0.5 of it, 0.8 is not; the second
+    # point in a row above is the alarm; it re-arms once back within the margin.
+    values = [2.0, 0.2, 0.5, 0.69, 0.8, 0.8, 0.8, 0.3, 0.9, 0.9]
+    steps = [10 * i for i in range(len(values))]
+    assert MarginAlarm(0.5, consecutive=2, warmup=1).alarms(steps, values) == [50, 90]
+    assert MarginAlarm(0.8, consecutive=2, warmup=1).alarms(steps, values) == []
+    # The warm-up point (2.0, the untrained model) never sets the minimum.
+    assert MarginAlarm(0.5, consecutive=1, warmup=1).alarms(steps[:2], values[:2]) == []
+    assert MarginAlarm(0.5, consecutive=1, warmup=0).alarms([0, 1], [1.0, math.nan]) == [1]
+    losses = [0.1] * 20 + [0.7] * 5
+    alarms = probe_loss_alarms(_trace(accuracy=[0.9] * 25, probe_loss=losses))
+    assert alarms == [Alarm(5 * 21, "probe_loss_rise")]
 
 
 def test_raresignal_detector_is_the_servers_alert_engine_with_shipped_rules() -> None:
@@ -123,13 +141,14 @@ def test_raresignal_detector_is_the_servers_alert_engine_with_shipped_rules() ->
     assert raresignal_alarms(nan_trace, shipped) == [Alarm(5, "NonFiniteGradients")]
 
 
-def test_changes_ramp_in_from_the_switch() -> None:
-    assert [progress(s, 10, 4) for s in (9, 10, 11, 13, 20)] == [None, 0.25, 0.5, 1.0, 1.0]
-    assert progress(10, 10, 0) == 1.0  # no ramp: all at once
-    settings = MinorityClassTask.settings
+def test_changes_ramp_in_from_the_change_step() -> None:
+    assert [ramp(s, 10, 4) for s in (9, 10, 11, 13, 20)] == [None, 0.25, 0.5, 1.0, 1.0]
+    assert ramp(10, 10, 0) == 1.0  # no ramp: all at once
+    settings = replace(SETTINGS[FAMILY], rare_fraction=0.04)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.01,
                                   weight_decay=0.1)
-    setup = TrainingSetup(optimizer, torch.Generator().manual_seed(0), rare_fraction=0.04)
+    setup = TrainingSetup(optimizer, torch.Generator().manual_seed(0), rare_fraction=0.04,
+                          batch_size=settings.batch_size)
     setup.capture()
     group = optimizer.param_groups[0]
     # Every change is a function of the values at the switch and the progress, so calling
@@ -144,8 +163,15 @@ def test_changes_ramp_in_from_the_switch() -> None:
     assert setup.rare_fraction == pytest.approx(0.01)
     SCENARIOS_BY_NAME["finetune_other_task"].change(setup, settings, 0.4)
     assert setup.downstream_fraction == 0.4
-    SCENARIOS_BY_NAME["lr_decay"].change(setup, settings, 1.0)
-    assert group["lr"] == pytest.approx(0.003)
+    SCENARIOS_BY_NAME["rare_learned_late"].change(setup, settings, 0.5)
+    assert setup.rare_fraction == pytest.approx(0.02)
+    SCENARIOS_BY_NAME["batch_size_change"].change(setup, settings, 1.0)
+    assert setup.batch_size == 4 * settings.batch_size
+    cosine = SCENARIOS_BY_NAME["warmup_cosine"].schedule
+    cosine(setup, settings, 0.05)
+    assert group["lr"] == pytest.approx(settings.learning_rate)  # the warm-up's peak
+    cosine(setup, settings, 0.999)
+    assert group["lr"] == pytest.approx(0.1 * settings.learning_rate, rel=1e-3)
 
 
 def test_tuning_chooses_the_for_that_warns_earliest_without_a_false_alarm() -> None:
@@ -214,7 +240,7 @@ def test_a_threshold_is_chosen_only_with_a_notch_of_margin() -> None:
 
     def detector_for(value: float):
         at, false = alarms[value]
-        return lambda trace: ([Alarm(at, "x")] if trace.collapse
+        return lambda trace: ([Alarm(at, "x")] if trace.plan.collapse
                               else [Alarm(false, "x")] if false else [])
 
     choice = detection_tuning.choose("x", [3.0, 2.0, 1.0], [collapse, healthy],
@@ -226,68 +252,16 @@ def test_a_threshold_is_chosen_only_with_a_notch_of_margin() -> None:
                                    detector_for).value == 2.0
 
 
-@pytest.fixture(scope="module")
-def tiny_traces() -> list[RunTrace]:
-    plan = RunPlan(steps=60, switch_step=40, ramp_steps=10, eval_every=5, probe_size=32,
-                   probes_interval=5,
-                   fisher_interval=5, drift_interval=5, sharpness_interval=20,
-                   retention_warmup_step=20, sketch_dim=128)
-    family = MinorityClassTask()
-    return [train_run(family, SCENARIOS_BY_NAME[name], seed, plan)
-            for name in ("drop_rare", "continued") for seed in (0, 1)]
-
-
-def test_a_run_records_the_agents_measurements_and_exact_probe_evaluations(
-        tiny_traces: list[RunTrace]) -> None:
-    trace = tiny_traces[0]
-    assert len(trace.loss) == len(trace.grad_norm) == 60
-    assert trace.eval_steps == [*range(0, 60, 5), 59]
-    assert not trace.estimator_errors
-    by_metric: dict[str, dict[int, float]] = {}
-    for step, metric, labels, value in trace.samples:
-        if not labels:
-            by_metric.setdefault(metric, {})[step] = value
-    # The agent's loss and pre-clip gradient norm are those the loop saw at the same step:
-    # the same float32 tensors, so they agree to float32 rounding (relative 1e-5).
-    for step in (0, 30, 59):
-        assert by_metric["loss"][step] == pytest.approx(trace.loss[step], rel=1e-5)
-        assert by_metric["grad_norm"][step] == pytest.approx(trace.grad_norm[step], rel=1e-5)
-    probe_steps = sorted(s for s, m, labels, _ in trace.samples
-                         if m == "probe_fisher_mass_ratio" and labels == (("probe", "rare"),))
-    # A fixed cadence (the scheduler may offset it, never stretch it): every 5 steps.
-    assert len(probe_steps) == 12
-    assert {b - a for a, b in itertools.pairwise(probe_steps)} == {5}
-    restored = RunTrace.from_json(trace.to_json())
-    assert restored.samples == trace.samples
-
-
-def test_the_report_scores_every_detector_on_held_out_seeds(
-        tiny_traces: list[RunTrace], capsys: pytest.CaptureFixture[str]) -> None:
-    shipped = load_rules(None)
-    report = detection.run_benchmark(tiny_traces, [0], shipped)
-    assert report["held_out_seeds"] == [1]
-    detectors = {o.detector for o in report["held_out"]}
-    assert detectors == {detection.SHIPPED, detection.TUNED, "loss rise", "grad-norm spike",
-                         "probe-loss rise"}
-    assert {o.seed for o in report["held_out"]} == {1}
-    assert len(report["held_out"]) == 5 * 2  # five detectors, two held-out runs
-    for o in report["held_out"]:
-        expected = score(next(t for t in tiny_traces if t.name == o.run), o.detector, [])
-        assert o.ground_truth == expected.ground_truth
-    detection.print_report(report, shipped)
-    printed = capsys.readouterr().out
-    assert "RareSignalInterference" in printed and "held-out seeds [1]" in printed
-
-
 def test_help_teaches_and_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         detection.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for word in ("--quick", "--seeds", "--json", "ground truth", "held-out", "drop_rare"):
+    for word in ("--quick", "--save-traces", "--load-traces", "--tune-families", "--jobs",
+                 "ground truth", "held out", "drop_rare", "checkpoint_resume", "Examples"):
         assert word in text
-    with pytest.raises(SystemExit, match="--tuning-seeds"):
-        detection.main(["--seeds", "0", "--tuning-seeds", "3"])
+    with pytest.raises(SystemExit):
+        detection.main(["--families", "no_such_family"])
 
 
 def test_the_settings_tried_do_not_depend_on_the_shipped_ones() -> None:
@@ -303,3 +277,67 @@ def test_the_settings_tried_do_not_depend_on_the_shipped_ones() -> None:
     # A `for` outside the grid adds its own pairs and takes none away.
     assert set(grids[0]) < set(grids[2])
     assert {n for n, _ in set(grids[2]) - set(grids[0])} == {6}
+
+
+def test_leave_one_family_out_never_tunes_on_the_family_it_reports(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    families = ["a", "b", "c"]
+    default = folds(families, None)
+    assert [f.held_out for f in default] == [("a",), ("b",), ("c",)]
+    for fold in default:
+        assert not set(fold.tuning) & set(fold.held_out)
+        assert set(fold.tuning) | set(fold.held_out) == set(families)
+    assert folds(families, ["a", "b"]) == [Fold(("a", "b"), ("c",))]
+    with pytest.raises(ValueError, match="none is left"):
+        folds(families, families)
+    # The scoring of a fold hands the tuning only the tuning families' runs, and reports
+    # only the held-out family's.
+    traces = [_trace(family=f, seed=s, collapse=s == 0) for f in SETTINGS for s in (0, 1)]
+    tuned_on: list[set[str]] = []
+    real_tune = detection_report.tune_rules
+
+    def spy(rules, tuning_traces):
+        tuned_on.append({t.plan.family for t in tuning_traces})
+        return real_tune(rules, tuning_traces)
+
+    monkeypatch.setattr(detection_report, "tune_rules", spy)
+    report = detection_report.run_report(traces, load_rules(None), folds(list(SETTINGS), None))
+    assert len(tuned_on) == len(SETTINGS)
+    for fold, seen in zip(report["folds"], tuned_on, strict=True):
+        assert seen == set(fold["tuning"]) and not seen & set(fold["held_out"])
+    reported = {(o.family, o.detector) for o in report["outcomes"]}
+    assert {f for f, _ in reported} == set(SETTINGS)
+    # Every run is reported once per detector: under the one fold that held it out.
+    per_detector = [o for o in report["outcomes"] if o.detector == detection_report.TUNED]
+    assert sorted(o.run for o in per_detector) == sorted(t.name for t in traces)
+
+
+def _outcome(run: str, detector: str, collapse: bool, lead: int | None = None,
+             false_alarms: int = 0) -> detection_report.Outcome:
+    truth = 300 if collapse else None
+    return detection_report.Outcome(
+        run=run, family="f", scenario="s", collapse=collapse, seed=0, detector=detector,
+        change_step=200, healthy_steps=200 if collapse else 1000, ground_truth=truth,
+        false_alarms=false_alarms,
+        first_alarm=None if lead is None else 300 - lead,
+        first_source=None if lead is None else "r", lead=lead)
+
+
+def test_the_targets_are_stated_and_checked() -> None:
+    rare, probe = detection_report.SHIPPED, detection_report.PROBE_LOSS
+    controls = [_outcome(f"c{i}", d, False) for i in range(40) for d in (rare, probe)]
+    # Nine of ten collapses warned early (lead 40); the probe-loss alarm led by 20 in the
+    # same runs: 40 >= 2 x 20.
+    collapses = [_outcome(f"x{i}", rare, True, 40 if i < 9 else -5) for i in range(10)]
+    collapses += [_outcome(f"x{i}", probe, True, 20) for i in range(10)]
+    lines = detection_report.verdicts(controls + collapses, rare)
+    assert [line.split("]")[0].strip() for line in lines] == ["[met"] * 3
+    assert "9/10" in lines[1] and "+40" in lines[2] and "+20" in lines[2]
+    # One alarmed control, or too few controls, misses the first target; a lead under
+    # twice the reference's misses the third.
+    noisy = [*controls[:-2], _outcome("c39", rare, False, false_alarms=1)]
+    assert detection_report.verdicts(noisy + collapses, rare)[0].startswith("  [MISSED]")
+    assert detection_report.verdicts(controls[:60] + collapses, rare)[0].startswith(
+        "  [MISSED]")
+    slow = [o if o.detector == rare else _outcome(o.run, probe, True, 25) for o in collapses]
+    assert detection_report.verdicts(controls + slow, rare)[2].startswith("  [MISSED]")

@@ -1,0 +1,175 @@
+"""The detection benchmark's runs at tiny size: change steps, controls, checkpoint-resume,
+trace files, resumed recordings, and each family's rare skill learned and lost."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from detection_detectors import probe_loss_alarms, raresignal_alarms
+from detection_families import FAMILIES, SETTINGS
+from detection_recording import RecordingConfig, plan_runs, record
+from detection_runs import build_monitor, checkpoint, make_optimizer, resume, train_run
+from detection_scenarios import CONTROLS, SCENARIOS_BY_NAME
+from detection_scoring import LEARNED_SHARE, score, trace_ground_truth
+from detection_traces import CHANGE_WINDOW, RunPlan, draw_change_step, read_trace, recorded
+
+from raresignal.server.alerting.rules import load_rules
+
+torch.set_num_threads(1)
+
+# The quickest family to train, and one with every control (edge of stability too).
+QUICK_FAMILY = "minority_class"
+
+
+def _plan(scenario: str, steps: int = 40, change_step: int = 20, seed: int = 0,
+          family: str = QUICK_FAMILY, eval_every: int = 5) -> RunPlan:
+    return RunPlan(family=family, scenario=scenario,
+                   collapse=SCENARIOS_BY_NAME[scenario].collapse, seed=seed, steps=steps,
+                   change_step=change_step, ramp_steps=steps // 20, eval_every=eval_every,
+                   probe_size=32, heldout_size=64)
+
+
+def test_the_change_step_is_drawn_in_30_to_70_percent_and_varies_with_the_seed() -> None:
+    steps = 5000
+    drawn = [draw_change_step("digits", "drop_rare", seed, steps) for seed in range(40)]
+    assert all(CHANGE_WINDOW[0] * steps <= s <= CHANGE_WINDOW[1] * steps for s in drawn)
+    assert len(set(drawn)) > 30
+    assert drawn == [draw_change_step("digits", "drop_rare", seed, steps)
+                     for seed in range(40)]  # a function of the seed: re-recordable
+    plans = plan_runs(list(FAMILIES), ["drop_rare", "continued"],
+                      RecordingConfig(steps=1000, seeds=(0, 1, 2)))
+    assert all(300 <= p.change_step <= 700 for p in plans)
+    assert len({p.change_step for p in plans}) > len(plans) // 2
+    # Edge-of-stability controls only where a family has a rate for them.
+    eos = plan_runs(list(FAMILIES), ["edge_of_stability_gd"], RecordingConfig(seeds=(0,)))
+    assert {p.family for p in eos} == {f for f, s in SETTINGS.items() if s.eos_sgd_lr}
+
+
+def test_the_default_recording_reports_at_least_40_controls_held_out() -> None:
+    plans = plan_runs(list(FAMILIES), list(SCENARIOS_BY_NAME), RecordingConfig())
+    # Every family is held out in turn, so every control run is reported held out.
+    assert sum(not p.collapse for p in plans) >= 40
+    assert all(p.steps >= 5000 for p in plans)
+
+
+@pytest.mark.parametrize("scenario", CONTROLS)
+def test_every_control_runs_the_full_length(scenario: str) -> None:
+    plan = _plan(scenario)
+    trace = train_run(plan)
+    assert len(trace.loss) == len(trace.grad_norm) == plan.steps
+    assert trace.monitor_steps == plan.steps
+    assert trace.eval_steps[-1] == plan.steps - 1
+    assert not trace.estimator_errors
+    assert trace_ground_truth(trace) is None  # a control has no collapse to find
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and a.keys() == b.keys() and all(
+            _same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_checkpoint_resume_continues_with_the_same_monitor_state() -> None:
+    plan = _plan("checkpoint_resume")
+    family = FAMILIES[QUICK_FAMILY]()
+    scenario = SCENARIOS_BY_NAME[plan.scenario]
+    torch.manual_seed(0)
+    model = family.make_model()
+    optimizer = make_optimizer(model, scenario, family.settings)
+    probes = family.probes(0, 32)
+    sink: list = []
+    monitor = build_monitor(model, optimizer, *probes, plan, sink)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        inputs, targets = family.batch(16, family.settings.rare_fraction, generator)
+        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        monitor.step(loss=loss, batch=(inputs, targets))
+        optimizer.step()
+    saved = monitor.state_dict()
+    blob = checkpoint(model, optimizer, monitor)
+    monitor.close()
+    new_model, new_optimizer, new_monitor = resume(blob, family, scenario, probes, plan, sink)
+    assert new_model is not model and new_monitor is not monitor
+    assert new_monitor.step_count == 30
+    assert _same(new_monitor.state_dict(), saved)
+    assert new_monitor.intervals == monitor.intervals
+    assert _same(new_model.state_dict(), model.state_dict())
+    assert _same(new_optimizer.state_dict(), optimizer.state_dict())
+    # The recorder wraps the resumed Monitor's estimators too.
+    assert all(type(e).__name__ == "RecordingEstimator"
+               for e in new_monitor.estimators.values())
+    new_monitor.close()
+
+
+def test_the_trace_file_round_trips_and_rescoring_it_gives_the_same_outcome(
+        tmp_path: Path) -> None:
+    plan = _plan("lr_spike", steps=60, change_step=30)
+    trace = train_run(plan, tmp_path)
+    assert recorded(tmp_path) == {plan.file_name}
+    loaded = read_trace(tmp_path / plan.file_name)
+    assert loaded.plan == plan
+    assert loaded.samples == trace.samples and loaded.samples
+    assert (loaded.loss, loaded.grad_norm) == (trace.loss, trace.grad_norm)
+    assert (loaded.eval_steps, loaded.heldout_accuracy, loaded.probe_loss) == (
+        trace.eval_steps, trace.heldout_accuracy, trace.probe_loss)
+    assert loaded.monitor_steps == trace.monitor_steps == plan.steps
+    rules = load_rules(None)
+    for detect in (lambda t: raresignal_alarms(t, rules), probe_loss_alarms):
+        assert score(loaded, "d", detect(loaded)) == score(trace, "d", detect(trace))
+
+
+def test_a_killed_recording_resumes_by_skipping_the_runs_recorded(tmp_path: Path) -> None:
+    done, todo = _plan("continued", steps=20, change_step=10), _plan("rare_thinning",
+                                                                      steps=20, change_step=10)
+    train_run(done, tmp_path)
+    before = (tmp_path / done.file_name).stat().st_mtime_ns
+    # A run killed mid-way leaves only a partial file: it is recorded again.
+    (tmp_path / todo.file_name).with_suffix(".partial").write_text('{"kind": "plan"}\n')
+    lines: list[str] = []
+    ran = record([done, todo], tmp_path, jobs=1, report=lines.append)
+    assert ran == [todo]
+    assert "1 of 2 runs already recorded" in lines[0] and "estimated" in lines[0]
+    assert "1/1 runs" in lines[-1]
+    assert recorded(tmp_path) == {done.file_name, todo.file_name}
+    assert (tmp_path / done.file_name).stat().st_mtime_ns == before
+    assert not list(tmp_path.glob("*.partial"))
+    assert record([done, todo], tmp_path, jobs=1, report=lines.append) == []
+
+
+# (steps, change step, collapse scenario) per family: short runs in which the rare skill
+# is learned before the change and lost after it.
+SHORT_COLLAPSES = {
+    "minority_class": (400, 200, "finetune_other_task"),
+    "token_rule": (400, 200, "finetune_other_task"),
+    "digits": (400, 200, "finetune_other_task"),
+    "char_lm": (400, 200, "finetune_other_task"),
+    "compositional_mlp": (800, 500, "finetune_other_task"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SHORT_COLLAPSES))
+def test_each_family_learns_its_rare_skill_and_loses_it_in_a_collapse(family: str) -> None:
+    steps, change, scenario = SHORT_COLLAPSES[family]
+    plan = _plan(scenario, steps=steps, change_step=change, family=family, eval_every=10)
+    trace = train_run(plan)
+    chance = SETTINGS[family].chance
+    before = [a for s, a in zip(trace.eval_steps, trace.heldout_accuracy, strict=True)
+              if s < change]
+    assert max(before) >= chance + LEARNED_SHARE * (1 - chance)  # learned
+    truth = trace_ground_truth(trace)
+    assert truth is not None and change <= truth < steps  # and lost after the change
