@@ -15,7 +15,6 @@ full-batch training) and records:
 
 from __future__ import annotations
 
-import inspect
 import io
 import math
 import time
@@ -42,6 +41,11 @@ class RecordingEstimator:
         self.default_interval: int = inner.default_interval
         self.expensive: bool = inner.expensive
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else of the estimator (first_step, set_effort, plan, ...) is its own,
+        # so the budget treats the wrapped estimator exactly as the bare one.
+        return getattr(self.inner, name)
+
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         measured = list(self.inner.run(ctx))
         self.sink.extend((ctx.step, m.metric, m.labels, float(m.value)) for m in measured)
@@ -58,13 +62,8 @@ def build_monitor(model: nn.Module, optimizer: torch.optim.Optimizer, rare: Prob
                   common: Probe, plan: RunPlan, sink: list[RecordedSample]) -> Monitor:
     """The one place the benchmark builds a Monitor: shipped defaults, the run's planned
     length, and a recorder around each of its estimators."""
-    planned: dict[str, int] = {}
-    # Until Monitor(total_steps=...) lands, a Monitor without it runs at its defaults;
-    # this check goes when it lands.
-    if "total_steps" in inspect.signature(Monitor).parameters:
-        planned["total_steps"] = plan.steps
     monitor = Monitor(model, optimizer, server=None, run_name=plan.name,
-                      probes={"rare": rare}, common_probe=common, **planned)
+                      probes={"rare": rare}, common_probe=common, total_steps=plan.steps)
     for name, estimator in list(monitor.estimators.items()):
         monitor.estimators[name] = RecordingEstimator(estimator, sink)
     return monitor
