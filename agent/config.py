@@ -35,9 +35,12 @@ class MonitorConfig:
     # Cadences from the planned length (see raresignal.agent.cadence): each estimator aims
     # at planned_measurements runs over the planned steps, never more often than every
     # min_planned_interval steps nor less often than its default; the budget may stretch
-    # it only while floor_measurements runs remain.
-    planned_measurements: int = 40
-    floor_measurements: int = 10
+    # it only while floor_measurements runs remain. The floor is what an alert needs: a
+    # rule warms up over a few evaluations and confirms over two or three more, so a
+    # signal measured fewer than ~40 times in a run cannot warn ahead of a change that
+    # unfolds over a tenth of it.
+    planned_measurements: int = 80
+    floor_measurements: int = 40
     min_planned_interval: int = 10
     # The budget lowers an estimator's effort (work per run) by halves down to this before
     # it stretches any interval.

@@ -2,7 +2,9 @@
 
 ``FISHER_MASS_RULE`` is the opt-in rule default_rules.yaml describes, in the form tests need: a
 baseline learned from the short default warm-up (3 + 10 evaluations of the defaults
-block), so that a scripted series reaches it in a few reports."""
+block), so that a scripted series reaches it in a few reports. ``RETENTION_RULE`` is the
+opt-in retention rule as default_rules.yaml describes it: an absolute threshold, so a
+scripted series fires and resolves it with one value each."""
 
 FISHER_MASS_RULE = """
   - alert: RareSignalFisherCollapse
@@ -12,6 +14,17 @@ FISHER_MASS_RULE = """
     relative_to: baseline_ratio
     resolve_threshold: 0.3
     for: 3
+    severity: critical
+"""
+
+RETENTION_RULE = """
+  - alert: RareSignalRetentionLoss
+    metric: probe_retention
+    op: "<"
+    threshold: 0.2
+    resolve_threshold: 0.266667
+    for: 1
+    ignore_labels: {probe: [common]}
     severity: critical
 """
 

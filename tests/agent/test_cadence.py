@@ -15,22 +15,22 @@ from raresignal.agent.cadence import Cadence, plan_cadence, planned_warmup
     # The loss and gradient statistics: every step, never stretched, whatever the length.
     (1, False, None, 0, Cadence(1, 1)),
     (1, False, 500, 0, Cadence(1, 1)),
-    # A 500-step run: 40 runs aimed at (12 steps), at least 10 kept (floor 50).
-    (200, True, 500, 0, Cadence(12, 50)),
-    (500, False, 500, 0, Cadence(12, 50)),
+    # A 500-step run: 80 runs aimed at (every 10 steps at most), at least 40 kept.
+    (200, True, 500, 0, Cadence(10, 12)),
+    (500, False, 500, 0, Cadence(10, 12)),
     # Sharpness waits 100 steps: the rule counts the 400 after them.
-    (500, True, 500, 100, Cadence(10, 40)),
+    (500, True, 500, 100, Cadence(10, 10)),
     # A cadence already frequent enough stays; its floor still follows the length.
-    (4, False, 500, 0, Cadence(4, 50)),
-    (10, True, 300, 0, Cadence(10, 30)),
+    (4, False, 500, 0, Cadence(4, 12)),
+    (10, True, 1200, 0, Cadence(10, 30)),
     # Never more often than every 10 steps, however short the run.
     (200, True, 50, 0, Cadence(10, 10)),
     (500, True, 80, 100, Cadence(10, 10)),
-    # The 4000-step run whose rare signals ran once: 40 probe runs aimed at, 10 kept.
-    (200, True, 4000, 0, Cadence(100, 400)),
-    (100, True, 4000, 0, Cadence(100, 400)),
+    # The 4000-step run whose rare signals ran once: 80 probe runs aimed at, 40 kept.
+    (200, True, 4000, 0, Cadence(50, 100)),
+    (100, True, 4000, 0, Cadence(50, 100)),
     # A long run keeps the defaults, and the floor never passes 64x the default.
-    (200, True, 100_000, 0, Cadence(200, 10_000)),
+    (200, True, 100_000, 0, Cadence(200, 2_500)),
     (200, True, 10_000_000, 0, Cadence(200, 12_800)),
 ])
 def test_cadence_table(default: int, expensive: bool, total: int | None, first: int,

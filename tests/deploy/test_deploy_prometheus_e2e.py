@@ -20,7 +20,7 @@ from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 RUN = "e2e-collapse"
 HEALTHY_STEPS = 16
-COLLAPSED_STEPS = 8  # RareSignalRetentionLoss fires at the first retention below 0.2
+COLLAPSED_STEPS = 8  # RareProbeLossRise fires on the second collapsed step (its `for`)
 DEADLINE_SECONDS = 90.0
 
 
@@ -124,12 +124,12 @@ def test_collapse_reaches_prometheus_alerts_and_the_dashboard(
 
         # The server's alert, as Prometheus scraped it.
         firing = _poll(prometheus, f'raresignal_alert_firing{{run="{RUN}", '
-                                   'alert="RareSignalRetentionLoss"} == 1')
+                                   'alert="RareProbeLossRise"} == 1')
         assert [s["metric"]["probe"] for s in firing] == ["rare"]
         assert firing[0]["metric"]["severity"] == "critical"
 
         # The chart's mirroring rule turns it into a Prometheus alert.
-        alerts = _poll(prometheus, 'ALERTS{alertname="RareSignalRetentionLoss", '
+        alerts = _poll(prometheus, 'ALERTS{alertname="RareProbeLossRise", '
                                    f'alertstate="firing", run="{RUN}"}}')
         assert [a["metric"]["probe"] for a in alerts] == ["rare"]
 

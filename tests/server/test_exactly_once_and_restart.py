@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from rule_snippets import FISHER_MASS_RULE
+from rule_snippets import FISHER_MASS_RULE, RETENTION_RULE
 from server_support import Client, batch, config, find, sample, scrape
 
 from raresignal.protos.v1 import alerts_pb2, common_pb2, ingest_pb2
@@ -45,7 +45,7 @@ def alert_view(client: Client, run_id: str) -> list[tuple[str, str, int, float]]
 
 def test_replaying_a_series_changes_nothing(tmp_path: Path) -> None:
     db = tmp_path / "raresignal.db"
-    with start_in_thread(config(tmp_path)) as server:
+    with start_in_thread(config(tmp_path, rules_path=rules_with_opt_ins(tmp_path))) as server:
         client = Client(server.grpc_target)
         run_id = client.open_run("replay").run_id
         first = client.report(scripted(run_id))
@@ -79,18 +79,20 @@ def test_replaying_a_series_changes_nothing(tmp_path: Path) -> None:
         client.close()
 
 
-# The shipped rules plus a baseline-relative rule with a short warm-up (the opt-in Fisher
-# mass rule, as default_rules.yaml describes it, learning its baseline from 3 + 10 evaluations).
-def rules_with_fisher(tmp_path: Path) -> str:
+# The shipped rules plus two opt-in rules as default_rules.yaml describes them: retention
+# (an absolute threshold) and a baseline-relative rule with a short warm-up (the Fisher
+# mass rule, learning its baseline from 3 + 10 evaluations).
+def rules_with_opt_ins(tmp_path: Path) -> str:
     path = tmp_path / "rules.yaml"
-    path.write_text(default_rules_text().rstrip() + "\n" + FISHER_MASS_RULE)
-    assert "RareSignalFisherCollapse" in {rule.alert for rule in load_rules(path)}
+    path.write_text(default_rules_text().rstrip() + "\n" + FISHER_MASS_RULE + RETENTION_RULE)
+    assert {"RareSignalFisherCollapse", "RareSignalRetentionLoss"} <= {
+        rule.alert for rule in load_rules(path)}
     return str(path)
 
 
 def test_restart_on_the_same_file_resumes_everything(tmp_path: Path) -> None:
     db = tmp_path / "raresignal.db"
-    settings = config(tmp_path, rules_path=rules_with_fisher(tmp_path))
+    settings = config(tmp_path, rules_path=rules_with_opt_ins(tmp_path))
     with start_in_thread(settings) as server:
         client = Client(server.grpc_target)
         opened = client.open_run("durable", interval=3600.0)
