@@ -11,6 +11,8 @@ still keeps each team to its own runs.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -348,6 +350,18 @@ def test_reflection(fuzzed: Fuzzed, stream: list[Request],
         assert len(outcome.responses) == len(stream)
         for response in outcome.responses:
             reflection_pb2.ServerReflectionResponse.FromString(response)
+
+
+def test_forged_tokens_are_the_tokens_the_server_issues(fuzzed: Fuzzed) -> None:
+    """Else every forged token would be refused for its digest and the positions inside
+    them would go unfuzzed."""
+    client = Client(fuzzed.handle.grpc_target, token=ADMIN)
+    request = alerts_pb2.ListRunsRequest(include_finished=True, page_size=1)
+    issued = client.runs.ListRuns(request, metadata=client.metadata,
+                                  timeout=30).next_page_token
+    client.close()
+    _, _, *position = json.loads(base64.urlsafe_b64decode(issued + "=" * (-len(issued) % 4)))
+    assert forged_token(request, PATTERNS[ADMIN], tuple(position)) == issued
 
 
 def _all_runs(client: Client) -> list[common_pb2.RunInfo]:
