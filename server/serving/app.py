@@ -229,7 +229,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
             grpc_port = server.add_secure_port(address, config.tls.server_credentials())
         else:
             grpc_port = server.add_insecure_port(address)
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(interceptors=[DecodingInterceptor()])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_port = health_server.add_insecure_port(f"{config.host}:{config.health_port}")
 

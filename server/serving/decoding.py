@@ -2,21 +2,20 @@
 
 grpc.aio decodes a request before the service sees it, and a decoding error would reach
 the caller as UNKNOWN with a Python class name in its details. The interceptor here wraps
-the project's handlers: their deserializer turns a decoding error into a marker, and the
+every handler of the server it is installed on (the project's services, health and
+reflection alike): their deserializer turns a decoding error into a marker, and the
 handler answers a marker with INVALID_ARGUMENT, so a malformed message reads like any
 other bad request (drop it, do not retry).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-
-# Only these services are wrapped; health and reflection keep grpc's own handling.
-WRAPPED_PREFIX = "/raresignal."
 
 
 class MalformedRequest:
@@ -76,6 +75,15 @@ def _wrapped(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
         return grpc.stream_unary_rpc_method_handler(stream_to_unary, **kwargs)
     if handler.response_streaming:
         unary_stream = handler.unary_stream
+        if inspect.iscoroutinefunction(unary_stream):
+            # A servicer that answers with context.write (health's Watch) stays one, so
+            # grpc drives it as such rather than as a generator.
+            async def unary_to_writes(request: Any, context: grpc.aio.ServicerContext) -> None:
+                if request is _MALFORMED:
+                    await reject(context)
+                await unary_stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_to_writes, **kwargs)
 
         async def unary_to_stream(request: Any,
                                   context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -96,7 +104,7 @@ def _wrapped(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
 
 
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
-    """Answers undecodable requests to the project's services with INVALID_ARGUMENT."""
+    """Answers undecodable requests to any service with INVALID_ARGUMENT."""
 
     async def intercept_service(
         self,
@@ -104,7 +112,6 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or not method.startswith(WRAPPED_PREFIX):
+        if handler is None:
             return handler
-        return _wrapped(handler, method)
+        return _wrapped(handler, handler_call_details.method or "")

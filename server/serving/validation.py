@@ -313,6 +313,17 @@ def encode_page_token(query: tuple[object, ...], position: tuple[object, ...]) -
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
+def _issuable(value: object) -> bool:
+    """Whether a position value is one a page of this server can end at: times are finite
+    and steps (the only integers) in 0..MAX_STEP. The digest in a token is no secret, so a
+    caller can write a token by hand, and storage must never see, say, a step past 2**63."""
+    if type(value) is float:
+        return math.isfinite(value)
+    if type(value) is int:
+        return 0 <= value <= MAX_STEP
+    return True
+
+
 def decode_page_token(token: str, query: tuple[object, ...],
                       position_types: tuple[type, ...]) -> tuple[object, ...] | None:
     """The position a token resumes after (None for an empty token: the first page), or
@@ -327,7 +338,7 @@ def decode_page_token(token: str, query: tuple[object, ...],
         raise invalid("page_token is not a page token this server issued") from None
     if (not isinstance(decoded, list) or len(decoded) != 2 + len(position_types)
             or decoded[0] != _TOKEN_VERSION
-            or not all(type(value) is kind
+            or not all(type(value) is kind and _issuable(value)
                        for value, kind in zip(decoded[2:], position_types, strict=True))):
         raise invalid("page_token is not a page token this server issued")
     if decoded[1] != _query_digest(query):

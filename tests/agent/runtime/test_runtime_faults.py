@@ -1,6 +1,8 @@
 """Faults injected around a real training process and a real server: the trainer killed
-with SIGKILL at random steps and resumed from its last checkpoint, the spool folder
-unusable, the disk full. Afterwards every measured step is stored exactly once."""
+with SIGKILL at random steps and resumed from its last checkpoint, the spool it left
+corrupted, the server killed mid-run, the spool folder unusable or read-only, the disk
+full. Afterwards every measured step is stored exactly once. ``benchmarks/faults.py``
+draws the same faults at random by the dozen and counts them."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from ports import free_port
 from runtime_server import stored_series
 from runtime_toys import LossEstimator
 
 from raresignal.agent import Monitor, MonitorConfig
 from raresignal.protos.v1 import alerts_pb2, alerts_pb2_grpc, common_pb2
+from raresignal.server.process import ServerProcess
 from raresignal.server.serving.app import ServerConfig, ServerHandle, start_in_thread
 
 TRAINER = Path(__file__).with_name("fault_trainer.py")
@@ -31,16 +35,21 @@ def _server(tmp_path: Path) -> ServerHandle:
                                         metrics_port=0, health_port=0))
 
 
-def _train(server: ServerHandle, tmp_path: Path, die_at: int = -1
-           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(TRAINER), "--server", server.grpc_target,
-         "--spool-dir", str(tmp_path / "spool"), "--checkpoint", str(tmp_path / "ckpt.pt"),
-         "--steps", str(STEPS), "--die-at", str(die_at)],
-        capture_output=True, text=True, timeout=120)
+def _trainer_command(server: ServerHandle | ServerProcess, tmp_path: Path,
+                     *options: str) -> list[str]:
+    return [sys.executable, str(TRAINER), "--server", server.grpc_target,
+            "--spool-dir", str(tmp_path / "spool"), "--checkpoint", str(tmp_path / "ckpt.pt"),
+            "--steps", str(STEPS), *options]
 
 
-def _runs(server: ServerHandle) -> list[common_pb2.RunInfo]:
+def _train(server: ServerHandle | ServerProcess, tmp_path: Path, die_at: int = -1,
+           *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_trainer_command(server, tmp_path, "--die-at", str(die_at),
+                                           *options),
+                          capture_output=True, text=True, timeout=120)
+
+
+def _runs(server: ServerHandle | ServerProcess) -> list[common_pb2.RunInfo]:
     with grpc.insecure_channel(server.grpc_target) as channel:
         return list(alerts_pb2_grpc.RunsStub(channel).ListRuns(
             alerts_pb2.ListRunsRequest(include_finished=True), timeout=10).runs)
@@ -104,3 +113,52 @@ def test_a_full_disk_still_delivers_every_step(tmp_path: Path,
         assert monitor.run_id is not None
         assert stored_series(server.grpc_target, monitor.run_id) == {
             step: step / 4 for step in range(40)}
+
+
+def test_a_corrupted_spool_and_a_server_killed_mid_run_lose_and_double_nothing(
+        tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "rs.db", tmp_path, grpc_port=free_port())
+    server.start()
+    try:
+        killed = _train(server, tmp_path, 25, "--step-seconds", "0.02")
+        assert killed.returncode == -9, killed.stderr
+        # What a torn write and a stray block leave: junk before and after the records.
+        (spool,) = (tmp_path / "spool").glob("*.spool")
+        spool.write_bytes(b"\x00junk\xff" * 7 + spool.read_bytes() + b"\xde\xad\xbe")
+        cue = tmp_path / "server-restarted"
+        trainer = subprocess.Popen(
+            _trainer_command(server, tmp_path, "--hold-at", "40", "--hold-file", str(cue)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # Killed while the trainer is mid-run: it waits at step 40, its stream open,
+            # until the server is back; what it measured up to there is delivered first.
+            run_id = _runs(server)[0].run_id
+            deadline = time.monotonic() + 60
+            while len(stored_series(server.grpc_target, run_id)) < 40:
+                assert trainer.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            server.kill()
+            server.start()
+            cue.touch()
+            stdout, stderr = trainer.communicate(timeout=120)
+        finally:
+            trainer.kill()
+        assert trainer.returncode == 0 and "delivered" in stdout, stderr
+        (run,) = _runs(server)
+        assert stored_series(server.grpc_target, run.run_id) == {
+            step: step / 4 for step in range(STEPS)}
+        assert run.state == common_pb2.RUN_STATE_COMPLETED
+    finally:
+        server.stop()
+
+
+def test_a_read_only_spool_folder_still_delivers_every_step(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    with _server(tmp_path) as server:
+        finished = _train(server, tmp_path, -1, "--read-only-spool")
+        assert finished.returncode == 0 and "delivered" in finished.stdout, finished.stderr
+        assert "fault: read-only-spool" in finished.stdout
+        (run,) = _runs(server)
+        assert stored_series(server.grpc_target, run.run_id) == {
+            step: step / 4 for step in range(STEPS)}
+    assert not any((tmp_path / "spool").iterdir())
