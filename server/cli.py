@@ -131,6 +131,9 @@ _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
     ("replica_id", str, _DEFAULTS.replica_id,
      "replicas on PostgreSQL: this replica's name in the lease table (default: host, "
      "process id and a random suffix)"),
+    ("database_check", float, _DEFAULTS.database_check_seconds,
+     "seconds between readiness pings of the database; while one fails the API services "
+     "report NOT_SERVING on the health port"),
     ("ready_file", str, None, "write endpoints as JSON here once listening"),
     ("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -233,6 +236,7 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> S
         lease_ttl_seconds=settings["lease_ttl"],
         lease_heartbeat_seconds=settings["lease_heartbeat"],
         replica_id=settings["replica_id"],
+        database_check_seconds=settings["database_check"],
         metrics_token_file=settings["metrics_token_file"],
         metrics_tls=settings["metrics_tls"],
         metrics_omit_run_names=settings["metrics_omit_run_names"],

@@ -41,6 +41,7 @@ from raresignal.server.serving.alertmanager_access import (
     ssl_context,
 )
 from raresignal.server.serving.auth import AuthInterceptor, TokenStore
+from raresignal.server.serving.database_readiness import DatabaseReadiness
 from raresignal.server.serving.decoding import DecodingInterceptor
 from raresignal.server.serving.health_watch import BoundedHealthServicer
 from raresignal.server.serving.ledger import Ledger
@@ -120,6 +121,9 @@ class ServerConfig:
     lease_ttl_seconds: float = 10.0
     lease_heartbeat_seconds: float = 2.0
     replica_id: str = ""  # "": host, process id and a random suffix
+    # Seconds between two readiness pings of the database: while one fails, the API
+    # services report NOT_SERVING on the health port (the process itself stays SERVING).
+    database_check_seconds: float = 2.0
 
     def open_storage(self) -> Storage:
         """The storage backend these settings name (the one place that picks it)."""
@@ -249,18 +253,21 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
                  config.db_path, len(rules), config.alertmanager_url or "off",
                  "open" if tokens.is_open else "tokens",
                  "token" if metrics_token else "open")
-        clock_task = asyncio.create_task(_run_clock(backend, config))
-
-        async def stop_clock() -> None:
-            clock_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await clock_task
-
-        resources.push_async_callback(stop_clock)
+        readiness = DatabaseReadiness(ledger.storage.ping, health_servicer, SERVICE_NAMES,
+                                      config.database_check_seconds)
+        for task in (asyncio.create_task(_run_clock(backend, config)),
+                     asyncio.create_task(readiness.run())):
+            resources.push_async_callback(_cancel, task)
         if ready is not None:
             ready(endpoints)
         await stop.wait()
     log.info("raresignal server stopped")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _run_clock(backend: Backend, config: ServerConfig) -> None:

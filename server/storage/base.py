@@ -169,6 +169,11 @@ class Storage(ABC):
         is raised."""
         raise NotImplementedError("only a shared backend queues evaluations")
 
+    def ping(self) -> None:
+        """Raises when the database cannot be reached. May be called from any thread. An
+        embedded file database is always reachable: the default does nothing."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Releases the database; closing it again does nothing."""

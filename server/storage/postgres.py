@@ -60,6 +60,8 @@ from raresignal.server.storage.rows import alert_from_row, alert_row, run_from_r
 # being replaced after a dropped connection.
 POOL_SIZE = 2
 CONNECT_TIMEOUT_SECONDS = 30.0
+# A readiness ping that waits longer than this for a connection counts as unreachable.
+PING_TIMEOUT_SECONDS = 5.0
 
 SampleRow = tuple[int, int, float, float]  # (series_id, step, value, wall_time)
 
@@ -234,6 +236,11 @@ class PostgresStorage(Storage):
         except BaseException:
             self._pool.close()
             raise
+
+    def ping(self) -> None:
+        """One round trip on a pooled connection, bounded by PING_TIMEOUT_SECONDS."""
+        with self._pool.connection(timeout=PING_TIMEOUT_SECONDS) as conn:
+            conn.execute("SELECT 1")
 
     # -- runs ------------------------------------------------------------------------
 

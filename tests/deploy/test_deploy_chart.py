@@ -435,8 +435,10 @@ def test_postgresql_replicas_read_url_and_password_from_the_secret() -> None:
     objects = manifests(render_chart(POSTGRES_VALUES))
     container = _server_container(objects)
     assert "--db=$(RARESIGNAL_DB_URL)" in container["args"]
+    assert "--replica-id=$(POD_NAME)" in container["args"]
     assert not any("raresignal.db" in arg for arg in container["args"])
     env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["RARESIGNAL_DB_URL"]["valueFrom"]["secretKeyRef"] == {"name": "team-db",
                                                                       "key": "url"}
     # The password is a file the server reads (RARESIGNAL_DB_PASSWORD_FILE), never an
