@@ -572,3 +572,26 @@ def test_running_best_rejects_a_negative_distance() -> None:
 
     with pytest.raises(RulesError, match="distance from the best value"):
         parse_rules(PROBE_LOSS_RISE.replace("threshold: 0.5", "threshold: -0.5"))
+
+
+def _shipped_rule_changes(metric: str, values: list[float]) -> list[AlertChange]:
+    from raresignal.server.alerting.rules import load_rules
+
+    engine = AlertEngine(load_rules())
+    engine.track_run("r1", "run-one", 0.0, last_report_at=0.0)
+    return feed(engine, metric, values)
+
+
+def test_the_edge_of_stability_raises_no_sharpness_alert() -> None:
+    # A tanh MLP under full-batch GD at lr 0.4, its loss falling 0.77 -> 0.07: the ratio
+    # rises to the edge and oscillates about it (the measured 1.57, 1.22, 1.08 among them).
+    edge = [0.4, 0.7, 0.9, 1.0, 1.57, 1.22, 1.08, 0.97, 1.3, 1.1, 0.95, 1.45, 1.0, 1.05]
+    changes = _shipped_rule_changes("sharpness_ratio", edge)
+    assert [c for c in changes if c.alert.rule == "SharpnessAboveStability"] == []
+
+
+def test_sharpness_held_far_past_the_edge_raises_a_warning() -> None:
+    changes = _shipped_rule_changes("sharpness_ratio", [0.9, 1.0, 1.1, 2.5, 3.0, 3.5, 4.0, 4.5])
+    fired = [c.alert for c in changes if c.alert.rule == "SharpnessAboveStability"
+             and c.alert.state == FIRING]
+    assert len(fired) == 1 and fired[0].severity == "warning"
