@@ -68,7 +68,10 @@ class SeriesState:
     hold_left: int = 0
     started_at: float = 0.0
     fired_at: float = 0.0
-    best: float | None = None  # the running best of a rule relative to it
+    # A rule relative to its running best: the series' first value, and the best since
+    # the warm-up.
+    start: float | None = None
+    best: float | None = None
 
     @property
     def baseline_ready(self) -> bool:
@@ -82,15 +85,19 @@ class SeriesState:
                 "last_value": self.last_value, "consecutive": self.consecutive,
                 "episodes": self.episodes, "alert_id": self.alert_id,
                 "evaluated": self.evaluated, "hold_left": self.hold_left,
-                "started_at": self.started_at, "fired_at": self.fired_at, "best": self.best}
+                "started_at": self.started_at, "fired_at": self.fired_at, "start": self.start,
+                "best": self.best}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
         return cls(**data)
 
     def feed_best(self, warmup: int, value: float, lower_is_better: bool) -> bool:
-        """Counts one evaluation towards the warm-up, then keeps the best value seen
-        (this one included); True once there is a best to compare with."""
+        """Keeps the first value (where the series started), counts one evaluation
+        towards the warm-up, then keeps the best value seen (this one included); True
+        once there is a best to compare with."""
+        if self.start is None:
+            self.start = value
         if self.seen < warmup:
             self.seen += 1
             return False
@@ -99,6 +106,14 @@ class SeriesState:
         else:
             self.best = min(self.best, value) if lower_is_better else max(self.best, value)
         return True
+
+    def improved_by(self, margin: float, lower_is_better: bool) -> bool:
+        """Whether the best lies at least ``margin`` past the start: a value can only be
+        losing ground it gained, so a rule relative to its best waits for that."""
+        if self.start is None or self.best is None:
+            return False
+        gained = self.start - self.best if lower_is_better else self.best - self.start
+        return gained >= margin
 
     def feed_baseline(self, spec: BaselineSpec, value: float) -> None:
         """Learns the baseline from the evaluations after the warm-up, then freezes it."""
@@ -298,7 +313,8 @@ class AlertEngine:
         assert condition is not None
         if condition.relative_to is Relative.ABSOLUTE:
             return condition.threshold, rule.resolve_threshold
-        if condition.relative_to is Relative.RUNNING_BEST and state.best is None:
+        if condition.relative_to is Relative.RUNNING_BEST and not state.improved_by(
+                condition.threshold, lower_is_better=not condition.points_down):
             return None
         if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
             return None  # a ratio of a non-positive baseline means nothing

@@ -84,7 +84,9 @@ class Relative(str, Enum):
     BASELINE_MAD = "baseline_mad"  # boundary = median -/+ threshold x MAD
     # boundary = the best value seen since the warm-up +/- threshold, in the metric's own
     # units: the lowest for a rule on a rise (op > or >=), the highest for one on a fall.
-    # A loss that must not climb back from where training brought it.
+    # A loss that must not climb back from where training brought it. Evaluated only once
+    # the best lies at least threshold past the series' first value: a value
+    # can only lose ground it gained (a skill not yet learned is not being lost).
     RUNNING_BEST = "running_best"
 
 

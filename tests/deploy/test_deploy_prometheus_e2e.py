@@ -20,7 +20,7 @@ from raresignal.server.serving.app import ServerConfig, start_in_thread
 
 RUN = "e2e-collapse"
 HEALTHY_STEPS = 16
-COLLAPSED_STEPS = 8  # RareProbeLossRise fires on the second collapsed step (its `for`)
+COLLAPSED_STEPS = 8  # RareProbeLossRise fires within the first collapsed steps
 DEADLINE_SECONDS = 90.0
 
 
@@ -52,7 +52,8 @@ def _values_at(step: int) -> list[tuple[str, dict[str, str], float]]:
         ("probe_interference", rare, -0.05),
         ("probe_accuracy", rare, 0.4 if collapsed else 0.95),
         ("probe_accuracy", common, 0.99),
-        ("probe_loss", rare, 1.4 if collapsed else 0.2),
+        # Learned (from 2.0 down to 0.2), then lost.
+        ("probe_loss", rare, 1.4 if collapsed else max(0.2, 2.0 - 0.3 * step)),
     ]
 
 

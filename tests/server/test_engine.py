@@ -555,7 +555,7 @@ def test_running_best_of_a_falling_metric_is_its_highest_value() -> None:
     engine = engine_for(PROBE_LOSS_RISE.replace('op: ">"', 'op: "<"')
                         .replace("metric: probe_loss", "metric: probe_accuracy")
                         .replace("resolve_threshold: 0.25", "resolve_threshold: 0.5"))
-    assert feed(engine, "probe_accuracy", [0.1, 0.2, 0.5, 0.9, 0.7], probe="rare") == []
+    assert feed(engine, "probe_accuracy", [0.1, 0.2, 0.3, 0.9, 0.7], probe="rare") == []
     changes = feed(engine, "probe_accuracy", [0.3], start_step=6, probe="rare")
     assert states(changes) == [(UNSPECIFIED, FIRING)]
 
@@ -595,3 +595,13 @@ def test_sharpness_held_far_past_the_edge_raises_a_warning() -> None:
     fired = [c.alert for c in changes if c.alert.rule == "SharpnessAboveStability"
              and c.alert.state == FIRING]
     assert len(fired) == 1 and fired[0].severity == "warning"
+
+
+def test_running_best_waits_until_the_value_gained_the_margin() -> None:
+    # A skill not yet learned: its loss drifts up from where it started (the model grows
+    # sure of the other classes) and has never gained 0.5 nats, so nothing is being lost.
+    engine = engine_for(PROBE_LOSS_RISE)
+    assert feed(engine, "probe_loss", [2.0, 2.0, 2.0, 2.1, 2.4, 2.8, 3.2], probe="rare") == []
+    # Once learned (the best 0.5 nats below the start), a climb back fires.
+    changes = feed(engine, "probe_loss", [1.0, 0.4, 1.2], start_step=8, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
