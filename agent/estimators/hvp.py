@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import grad, jvp
 
+from raresignal.agent.api import Units, run_units
 from raresignal.agent.estimators.objective import Params
 from raresignal.agent.estimators.parameters import ParameterSet
 
@@ -160,6 +161,14 @@ def auto_hvp(objective: Objective, parameters: ParameterSet, point: Params | Non
     smooth loss agree to ~1e-4. Returns the operator (trial products not counted) and why
     each earlier backend was rejected.
     """
+    return run_units(auto_hvp_units(objective, parameters, point, order, seed, cross_check))
+
+
+def auto_hvp_units(objective: Objective, parameters: ParameterSet, point: Params | None = None,
+                   order: tuple[str, ...] = BACKENDS, seed: int = 0, cross_check: float = 0.1,
+                   ) -> Units[tuple[HessianVectorProduct, dict[str, str]]]:
+    """:func:`auto_hvp` in units: each backend's construction, its trial product and the
+    finite-difference reference are one unit each."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     trial = torch.randn(parameters.numel, generator=generator).to(parameters.device)
     reference: torch.Tensor | None = None
@@ -167,13 +176,16 @@ def auto_hvp(objective: Objective, parameters: ParameterSet, point: Params | Non
     for backend in order:
         try:
             operator = make_hvp(backend, objective, parameters, point)
+            yield
             product = operator._product(trial)
+            yield
             if not bool(torch.isfinite(product).all()):
                 rejected[backend] = "non-finite Hessian-vector product"
                 continue
             if backend != FINITE_DIFFERENCE and cross_check > 0:
                 if reference is None:
                     reference = FiniteDifferenceHVP(objective, parameters, point)._product(trial)
+                    yield
                 scale = max(float(reference.norm()), float(product.norm()), 1e-30)
                 disagreement = float((product - reference).norm()) / scale
                 if disagreement > cross_check:
