@@ -140,6 +140,37 @@ _CLASSES: dict[str, type[HessianVectorProduct]] = {
 }
 
 
+class ChunkedHVP:
+    """H v of a batch's mean loss split over chunks of the batch, one chunk per unit.
+
+    The loss is the weighted mean of its chunks' losses, sum_k s_k loss_k with s_k the
+    chunk's share of what the loss averages over (scored tokens), so H v = sum_k s_k H_k v
+    exactly, and one unit costs about a chunk's share of a whole product.
+    """
+
+    def __init__(self, operators: Sequence[HessianVectorProduct],
+                 shares: Sequence[float]) -> None:
+        if len(operators) != len(shares) or not operators:
+            raise ValueError("need one share per operator, and at least one operator")
+        self.operators = list(operators)
+        self.shares = list(shares)
+
+    @property
+    def backend(self) -> str:
+        return self.operators[0].backend
+
+    def units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
+        """H v, one chunk's product per unit."""
+        total = torch.zeros_like(vector)
+        for operator, share in zip(self.operators, self.shares, strict=True):
+            total += share * operator(vector)
+            yield
+        return total
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        return run_units(self.units(vector))
+
+
 def make_hvp(backend: str, objective: Objective, parameters: ParameterSet,
              point: Params | None = None) -> HessianVectorProduct:
     """The named backend at ``point``."""

@@ -20,9 +20,11 @@ from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.spectral import (
     Eigenpair,
     MatVec,
+    UnitMatVec,
     hutchinson_trace_units,
     hutchpp_trace_units,
     lanczos_top_units,
+    one_unit,
 )
 
 
@@ -95,6 +97,16 @@ def preconditioned(matvec: MatVec, preconditioner: torch.Tensor) -> MatVec:
     return lambda x: scale * matvec(scale * x)
 
 
+def preconditioned_units(matvec: UnitMatVec, preconditioner: torch.Tensor) -> UnitMatVec:
+    """:func:`preconditioned` for an operator whose products are units."""
+    scale = preconditioner.rsqrt()
+
+    def product(vector: torch.Tensor) -> Units[torch.Tensor]:
+        return scale * (yield from matvec(scale * vector))
+
+    return product
+
+
 @dataclass
 class SharpnessTracker:
     """Top eigenpair estimates warm-started from the previous call's eigenvector.
@@ -114,12 +126,12 @@ class SharpnessTracker:
 
     def estimate(self, matvec: MatVec, device: torch.device) -> Eigenpair:
         """The top eigenpair, remembered as the next call's warm start."""
-        pair = run_units(self.estimate_units(matvec, device))
+        pair = run_units(self.estimate_units(one_unit(matvec), device))
         self.remember(pair)
         return pair
 
-    def estimate_units(self, matvec: MatVec, device: torch.device) -> Units[Eigenpair]:
-        """:meth:`estimate` one product per unit, without remembering the result: the
+    def estimate_units(self, matvec: UnitMatVec, device: torch.device) -> Units[Eigenpair]:
+        """:meth:`estimate` in units, without remembering the result: the
         caller calls :meth:`remember` once the whole measurement is complete, so one
         dropped half-way leaves the warm start as it was."""
         if self.previous is not None and self.previous.numel() == self.dim:
@@ -141,17 +153,15 @@ class SharpnessTracker:
 def curvature_trace(hvp: HessianVectorProduct, samples: int, method: str,
                     generator: torch.Generator) -> float:
     """Trace of the Hessian by Hutchinson or Hutch++ with ``samples`` products."""
-    return run_units(curvature_trace_units(hvp, samples, method, generator))
+    return run_units(curvature_trace_units(one_unit(hvp), hvp.parameters.numel,
+                                           hvp.parameters.device, samples, method, generator))
 
 
-def curvature_trace_units(hvp: HessianVectorProduct, samples: int, method: str,
-                          generator: torch.Generator) -> Units[float]:
-    """:func:`curvature_trace`, one product per unit."""
-    device = hvp.parameters.device
+def curvature_trace_units(hvp: UnitMatVec, dim: int, device: torch.device, samples: int,
+                          method: str, generator: torch.Generator) -> Units[float]:
+    """:func:`curvature_trace` in units, for an operator on vectors of ``dim``."""
     if method == "hutchinson":
-        return (yield from hutchinson_trace_units(hvp, hvp.parameters.numel, samples,
-                                                  generator, device))
+        return (yield from hutchinson_trace_units(hvp, dim, samples, generator, device))
     if method == "hutchpp":
-        return (yield from hutchpp_trace_units(hvp, hvp.parameters.numel, samples,
-                                               generator, device))
+        return (yield from hutchpp_trace_units(hvp, dim, samples, generator, device))
     raise ValueError(f"unknown trace method {method!r}; expected 'hutchinson' or 'hutchpp'")

@@ -3,9 +3,11 @@
 Lanczos finds the top eigenpair in few products, fewer still when started from the last
 estimate's eigenvector; Hutchinson and Hutch++ estimate the trace.
 
-Each has a ``*_units`` form, a generator that stops after every product (the expensive
-part) and finally returns the estimate, so a caller can spread one estimate over several
-training steps; the plain functions run it at once.
+Each has a ``*_units`` form, a generator that finally returns the estimate, so a caller
+can spread one estimate over several training steps. It takes the operator as a
+``UnitMatVec``, whose products are themselves units (one unit each, by :func:`one_unit`,
+or several when a product is split, e.g. over chunks of a batch); the plain functions
+take a plain ``MatVec`` and run everything at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ import torch
 from raresignal.agent.api import Units, run_units
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+# v -> A v in units: a generator whose return value is the product.
+UnitMatVec = Callable[[torch.Tensor], Units[torch.Tensor]]
+
+
+def one_unit(matvec: MatVec) -> UnitMatVec:
+    """``matvec`` with each product as one unit."""
+
+    def product(vector: torch.Tensor) -> Units[torch.Tensor]:
+        result = matvec(vector)
+        yield
+        return result
+
+    return product
 
 
 @dataclass(frozen=True)
@@ -35,10 +50,11 @@ class Eigenpair:
 def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: float,
                 relative_gap: float | None = None, value_rtol: float = 0.01) -> Eigenpair:
     """Largest (algebraic) eigenpair by Lanczos; see :func:`lanczos_top_units`."""
-    return run_units(lanczos_top_units(matvec, start, max_iter, tol, relative_gap, value_rtol))
+    return run_units(lanczos_top_units(one_unit(matvec), start, max_iter, tol, relative_gap,
+                                       value_rtol))
 
 
-def lanczos_top_units(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: float,
+def lanczos_top_units(matvec: UnitMatVec, start: torch.Tensor, max_iter: int, tol: float,
                       relative_gap: float | None = None, value_rtol: float = 0.01,
                       ) -> Units[Eigenpair]:
     """Largest (algebraic) eigenpair by Lanczos with full reorthogonalisation.
@@ -59,8 +75,7 @@ def lanczos_top_units(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: f
     betas: list[float] = []
     theta, ritz, residual = 0.0, start.new_ones(1), math.inf
     for _ in range(max_iter):
-        w = matvec(basis[-1])
-        yield
+        w = yield from matvec(basis[-1])
         alphas.append(float(w @ basis[-1]))
         stacked = torch.stack(basis)
         for _ in range(2):  # twice is enough (Kahan-Parlett) for full reorthogonalisation
@@ -105,19 +120,18 @@ def rademacher(shape: tuple[int, ...], generator: torch.Generator,
 def hutchinson_trace(matvec: MatVec, dim: int, samples: int, generator: torch.Generator,
                      device: torch.device) -> float:
     """mean z^T A z over Rademacher z; variance 2(|A|_F^2 - sum A_ii^2) / samples."""
-    return run_units(hutchinson_trace_units(matvec, dim, samples, generator, device))
+    return run_units(hutchinson_trace_units(one_unit(matvec), dim, samples, generator, device))
 
 
-def hutchinson_trace_units(matvec: MatVec, dim: int, samples: int,
+def hutchinson_trace_units(matvec: UnitMatVec, dim: int, samples: int,
                            generator: torch.Generator, device: torch.device) -> Units[float]:
-    """:func:`hutchinson_trace`, one product per unit."""
+    """:func:`hutchinson_trace` in units."""
     if samples < 1:
         raise ValueError(f"need at least one sample, got {samples}")
     total = 0.0
     for _ in range(samples):
         z = rademacher((dim,), generator, device)
-        total += float(z @ matvec(z))
-        yield
+        total += float(z @ (yield from matvec(z)))
     return total / samples
 
 
@@ -127,28 +141,25 @@ def hutchpp_trace(matvec: MatVec, dim: int, matvecs: int, generator: torch.Gener
     on the rest. Uses ``matvecs`` products (rounded down to a multiple of 3, at least 3);
     its variance is that of Hutchinson on the deflated operator, at most 2|A|_F^2 / (m/3).
     """
-    return run_units(hutchpp_trace_units(matvec, dim, matvecs, generator, device))
+    return run_units(hutchpp_trace_units(one_unit(matvec), dim, matvecs, generator, device))
 
 
-def hutchpp_trace_units(matvec: MatVec, dim: int, matvecs: int, generator: torch.Generator,
+def hutchpp_trace_units(matvec: UnitMatVec, dim: int, matvecs: int, generator: torch.Generator,
                         device: torch.device) -> Units[float]:
-    """:func:`hutchpp_trace`, one product per unit."""
+    """:func:`hutchpp_trace` in units."""
     third = max(matvecs // 3, 1)
     columns = []
     for _ in range(third):
-        columns.append(matvec(rademacher((dim,), generator, device)))
-        yield
+        columns.append((yield from matvec(rademacher((dim,), generator, device))))
     q = torch.linalg.qr(torch.stack(columns, dim=1)).Q
     products = []
     for i in range(q.shape[1]):
-        products.append(matvec(q[:, i]))
-        yield
+        products.append((yield from matvec(q[:, i])))
     top = float((q * torch.stack(products, dim=1)).sum())
     rest = 0.0
     for _ in range(third):
         z = rademacher((dim,), generator, device)
         z = z - q @ (q.T @ z)
-        az = matvec(z)
+        az = yield from matvec(z)
         rest += float(z @ (az - q @ (q.T @ az)))
-        yield
     return top + rest / third

@@ -1,10 +1,12 @@
 """The sharpness estimator: top Hessian eigenvalue against its stability threshold.
 
-Its measurement runs in units (one Hessian-vector product each) that the monitor may
-spread over several training steps. The parameters and buffers are copied when it starts,
-so every product is taken at that step's point and the result is exactly the one-shot
-measurement of that step, however many steps it spans; the copy (one fp32 copy of the
-parameters) lives only while the measurement does.
+Its measurement runs in units that the monitor may spread over several training steps:
+the operator's construction, then each Hessian-vector product split over chunks of the
+curvature batch (``EstimatorConfig.curvature_chunk_size``), one chunk per unit. The
+parameters and buffers are copied when it starts, so every product is taken at that
+step's point and the result is exactly the one-shot measurement of that step, however
+many steps it spans; the copy (one fp32 copy of the parameters) lives only while the
+measurement does.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from typing import Any
 import torch
 
 from raresignal.agent.api import Measurement, MeasurementUnits, StepContext, Units, run_units
-from raresignal.agent.estimators.hvp import HessianVectorProduct, auto_hvp_units, make_hvp
+from raresignal.agent.estimators.hvp import ChunkedHVP, auto_hvp_units, make_hvp
 from raresignal.agent.estimators.isolation import isolated_units
-from raresignal.agent.estimators.objective import BatchObjective, Params
+from raresignal.agent.estimators.likelihood import Likelihood
+from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel, Params, take
 from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
 from raresignal.agent.estimators.sharpness import (
     SharpnessTracker,
     adam_preconditioner,
     curvature_trace_units,
     optimizer_profile,
-    preconditioned,
+    preconditioned_units,
 )
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,27 @@ def scaled_count(full: int, level: float, minimum: int) -> int:
     """``full`` scaled by ``level`` (rounded up), never under ``minimum`` unless ``full``
     itself is."""
     return max(min(full, minimum), math.ceil(level * full))
+
+
+def curvature_chunks(functional: FunctionalModel, likelihood: Likelihood | None,
+                     batch: tuple[Any, torch.Tensor], size: int
+                     ) -> list[tuple[BatchObjective, float]]:
+    """The batch's loss as chunks of ``size`` examples, each with its share of the loss
+    (its scored tokens over the batch's), so that the shares' sum of the chunks' losses is
+    the batch's loss. A loss_fn (no likelihood) need not be a mean: it stays whole."""
+    inputs, targets = batch
+    whole = [(BatchObjective(functional, likelihood, inputs, targets), 1.0)]
+    if likelihood is None or int(targets.shape[0]) <= size:
+        return whole
+    total = float(likelihood.counts(targets).sum())
+    chunks = []
+    for start in range(0, int(targets.shape[0]), size):
+        index = slice(start, start + size)
+        scored = float(likelihood.counts(targets[index]).sum())
+        if scored > 0:
+            chunks.append((BatchObjective(functional, likelihood, take(inputs, index),
+                                          targets[index]), scored / total))
+    return chunks or whole
 
 
 class SharpnessEstimator(DefaultEstimator):
@@ -82,20 +106,25 @@ class SharpnessEstimator(DefaultEstimator):
         self.trace_products = scaled_count(config.hutchinson_samples, level,
                                            MIN_TRACE_PRODUCTS)
 
-    def _hvp_units(self, objective: BatchObjective, point: Params
-                   ) -> Units[HessianVectorProduct]:
+    def _hvp_units(self, chunks: list[tuple[BatchObjective, float]], point: Params
+                   ) -> Units[ChunkedHVP]:
         params = self.shared.parameters
+        (first, _), *rest = chunks
         if self.backend is None:
-            operator, rejected = yield from auto_hvp_units(objective, params, point,
+            operator, rejected = yield from auto_hvp_units(first, params, point,
                                                            seed=self.shared.config.seed)
             self.backend = operator.backend
             self.shared.notes["hvp_backend"] = operator.backend
             log.info("sharpness uses the %s HVP backend (rejected: %s)", operator.backend,
                      rejected or "none")
-            return operator
-        operator = make_hvp(self.backend, objective, params, point)
-        yield
-        return operator
+        else:
+            operator = make_hvp(self.backend, first, params, point)
+            yield
+        operators = [operator]
+        for objective, _ in rest:
+            operators.append(make_hvp(self.backend, objective, params, point))
+            yield
+        return ChunkedHVP(operators, [share for _, share in chunks])
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         return run_units(self.run_in_units(ctx))
@@ -119,17 +148,18 @@ class SharpnessEstimator(DefaultEstimator):
         profile = optimizer_profile(optimizer)
         diagonal = (adam_preconditioner(optimizer, params)
                     if profile.preconditioned and optimizer is not None else None)
-        objective = BatchObjective(self.shared.functional.with_frozen_buffers(),
-                                   self.shared.likelihood, *batch)
-        hvp = yield from self._hvp_units(objective, point)
-        top = yield from self.plain.estimate_units(hvp, device)
+        chunks = curvature_chunks(self.shared.functional.with_frozen_buffers(),
+                                  self.shared.likelihood, batch, config.curvature_chunk_size)
+        hvp = yield from self._hvp_units(chunks, point)
+        top = yield from self.plain.estimate_units(hvp.units, device)
         pre = None
         if diagonal is not None:
-            pre = yield from self.adam.estimate_units(preconditioned(hvp, diagonal), device)
+            pre = yield from self.adam.estimate_units(
+                preconditioned_units(hvp.units, diagonal), device)
         trace = None
         if self.trace_products > 0:
-            trace = yield from curvature_trace_units(hvp, self.trace_products,
-                                                     config.trace_method,
+            trace = yield from curvature_trace_units(hvp.units, params.numel, device,
+                                                     self.trace_products, config.trace_method,
                                                      self.shared.generator(ctx.step, 7))
         # Complete: only now do the warm starts move.
         self.plain.remember(top)
