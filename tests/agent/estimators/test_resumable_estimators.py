@@ -1,10 +1,12 @@
-"""The sharpness measurement in units: spread over training steps it gives exactly the
-one-shot result of the step it started at; dropped half-way it changes nothing; its
-effort level scales its work; and in a Monitor no step runs more than its slice of it."""
+"""Sharpness and Fisher measurements in units: spread over training steps they give
+exactly the one-shot result of the step they started at; dropped half-way they change
+nothing; the sharpness effort level scales its work; and in a Monitor no step runs more
+than its slice."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -48,11 +50,17 @@ CONFIG = EstimatorConfig(sketch_dim=64, fd_rows=4, subspace_rank=2, probe_rank=2
                          hutchinson_samples=6, hvp_backend="auto")
 
 
-def _sharpness(model: nn.Module, optimizer: torch.optim.Optimizer,
-               config: EstimatorConfig = CONFIG) -> SharpnessEstimator:
+def _estimator(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+               config: EstimatorConfig = CONFIG) -> Any:
     estimators = build_default_estimators(model, optimizer, {}, Probe(*_data(1)), config,
                                           task="classification", forward=lambda m, x: m(x))
-    (sharpness,) = [e for e in estimators if e.name == "sharpness"]
+    (estimator,) = [e for e in estimators if e.name == name]
+    return estimator
+
+
+def _sharpness(model: nn.Module, optimizer: torch.optim.Optimizer,
+               config: EstimatorConfig = CONFIG) -> SharpnessEstimator:
+    sharpness = _estimator("sharpness", model, optimizer, config)
     assert isinstance(sharpness, SharpnessEstimator)
     return sharpness
 
@@ -121,6 +129,30 @@ def test_units_spread_over_training_steps_equal_the_one_shot_measurement(trained
                                ClassificationLikelihood(), *_data(1))
     exact = float(torch.linalg.eigvalsh(exact_hessian(objective, params))[-1])
     assert spread["sharpness"] == pytest.approx(exact, rel=0.02)
+
+
+def test_fisher_units_spread_over_training_steps_equal_the_one_shot_measurement(trained
+                                                                             ) -> None:
+    model, optimizer = trained
+    config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4})
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    one_shot = _values(list(_estimator("fisher", model, optimizer, config).run(ctx)))
+    units = _estimator("fisher", model, optimizer, config).run_in_units(ctx)
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            spread = _values(list(done.value))
+            break
+        _train_step(model, optimizer, 400 + steps)
+        optimizer.step()
+        steps += 1
+    # Labels drawn, then 32 examples in chunks of 4, for the true and empirical Fisher.
+    assert steps == 1 + 8 + 8
+    assert set(spread) == set(one_shot) and "fisher_top_eigenvalue" in spread
+    for key, value in one_shot.items():
+        assert spread[key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_a_measurement_dropped_half_way_leaves_the_estimator_as_it_was(trained) -> None:
