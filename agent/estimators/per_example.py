@@ -71,10 +71,12 @@ class PerExampleGradients:
         self._group_index = [group_names.index(g) for g in self.parameters.groups]
         self._frozen_point: Params | None = None
 
-    def frozen(self) -> PerExampleGradients:
-        """A copy that computes at the parameters and buffers as they are now (copied): a
-        measurement spread over training steps sees the step it started at."""
+    def frozen(self, chunk_size: int | None = None) -> PerExampleGradients:
+        """A copy that computes at the parameters and buffers as they are now (copied),
+        ``chunk_size`` examples at a time: a measurement spread over training steps sees
+        the step it started at."""
         frozen = copy.copy(self)
+        frozen.chunk_size = max(1, chunk_size or self.chunk_size)
         frozen.functional = self.functional.with_frozen_buffers()
         frozen._frozen_point = {name: p.detach().to(torch.float32, copy=True)
                                 for name, p in self.parameters}

@@ -2,7 +2,8 @@
 
 Its measurement runs in units that the monitor may spread over several training steps:
 drawing the labels (one forward pass), then each chunk of per-example gradients
-(``EstimatorConfig.per_example_chunk`` examples). The parameters and buffers are copied
+(``EstimatorConfig.per_example_chunk`` examples, at most ``unit_batch_fraction`` of the
+training batch). The parameters and buffers are copied
 when it starts, so the result is exactly the one-shot measurement of that step.
 """
 
@@ -50,7 +51,8 @@ class FisherEstimator(DefaultEstimator):
         config = self.shared.config
         inputs, targets = batch
         shared_engine = self.shared.per_example
-        engine = shared_engine.frozen()
+        engine = shared_engine.frozen(
+            self.shared.unit_examples(ctx, config.per_example_chunk))
         drawn_inputs, labels = sample_model_labels(
             engine, inputs, targets, self.shared.generator(ctx.step, 11),
             config.fisher_label_draws)

@@ -2,7 +2,8 @@
 
 Its measurement runs in units that the monitor may spread over several training steps:
 the operator's construction, then each Hessian-vector product split over chunks of the
-curvature batch (``EstimatorConfig.curvature_chunk_size``), one chunk per unit. The
+curvature batch (``EstimatorConfig.curvature_chunk_size``, ``unit_batch_fraction``), one
+chunk per unit. The
 parameters and buffers are copied when it starts, so every product is taken at that
 step's point and the result is exactly the one-shot measurement of that step, however
 many steps it spans; the copy (one fp32 copy of the parameters) lives only while the
@@ -149,7 +150,8 @@ class SharpnessEstimator(DefaultEstimator):
         diagonal = (adam_preconditioner(optimizer, params)
                     if profile.preconditioned and optimizer is not None else None)
         chunks = curvature_chunks(self.shared.functional.with_frozen_buffers(),
-                                  self.shared.likelihood, batch, config.curvature_chunk_size)
+                                  self.shared.likelihood, batch,
+                                  self.shared.unit_examples(ctx, config.curvature_chunk_size))
         hvp = yield from self._hvp_units(chunks, point)
         top = yield from self.plain.estimate_units(hvp.units, device)
         pre = None
