@@ -271,22 +271,25 @@ class Monitor:
         spent = 0.0
         # One slice of resumable work per step, and no other expensive run beside it.
         busy = self._in_flight is not None
-        if busy:
-            seconds, finished = self._advance_in_flight(step)
-            spent += seconds
+        starting: Estimator | None = None
         for name in self._budget.due(step):
             estimator = self.estimators[name]
-            if estimator.expensive and busy:
+            if estimator.expensive and (busy or is_resumable(estimator)):
+                starting = None if busy else estimator
                 continue
             started = time.perf_counter()
-            if is_resumable(estimator):
-                finished = self._start_in_flight(estimator, ctx)
-                spent += time.perf_counter() - started
-                continue
             measurements.extend(self._run_estimator(estimator, ctx))
             seconds = time.perf_counter() - started
             spent += seconds
             self._budget.record_run(name, step, seconds)
+        # Last, in what the other estimators left of the step's slice.
+        if busy or starting is not None:
+            started = time.perf_counter()
+            if starting is not None:
+                finished = self._start_in_flight(starting, ctx, spent)
+            else:
+                finished = self._advance_in_flight(step, spent)
+            spent += time.perf_counter() - started
         ctx.cache.clear()
         self._publish(step, measurements, finished)
         return spent
@@ -333,7 +336,7 @@ class Monitor:
         return max(self.config.resumable_slice_fraction * step_seconds,
                    self.config.resumable_slice_min_seconds)
 
-    def _start_in_flight(self, estimator: Estimator, ctx: StepContext
+    def _start_in_flight(self, estimator: Estimator, ctx: StepContext, spent: float
                          ) -> StampedMeasurements:
         try:
             units = estimator.run_in_units(ctx)  # type: ignore[attr-defined]
@@ -342,25 +345,27 @@ class Monitor:
             self._budget.record_run(estimator.name, ctx.step, 0.0)
             return []
         self._in_flight = InFlight(estimator.name, ctx.step, units)
-        return self._advance_in_flight(ctx.step)[1]
+        return self._advance_in_flight(ctx.step, spent)
 
-    def _advance_in_flight(self, step: int) -> tuple[float, StampedMeasurements]:
-        """Runs this step's slice; once the measurement is complete on every rank, records
-        its cost and returns its values stamped with its starting step."""
+    def _advance_in_flight(self, step: int, spent: float) -> StampedMeasurements:
+        """Runs this step's slice (``spent`` of it already taken by the other estimators);
+        once the measurement is complete on every rank, records its cost and returns its
+        values stamped with its starting step."""
         flight = self._in_flight
         assert flight is not None
-        progress = flight.advance(self._slice_seconds(), self._budget.reduce_max)
+        progress = flight.advance(self._slice_seconds(), self._budget.reduce_max,
+                                  spent=spent)
         if progress.error is not None:
             try:  # raised again so that the log carries its traceback
                 raise progress.error
             except Exception as error:
                 self._count_error(flight.name, flight.step, error)
         if not progress.done:
-            return progress.seconds, []
+            return []
         self._in_flight = None
         self._budget.record_run(flight.name, step, flight.seconds)
         values = self._checked(flight.name, flight.result)
-        return progress.seconds, [(flight.step, m) for m in values]
+        return [(flight.step, m) for m in values]
 
     def _drop_in_flight(self) -> None:
         """Abandons the measurement in flight; the estimator's state stays as it was."""

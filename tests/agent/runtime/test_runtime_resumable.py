@@ -57,6 +57,17 @@ def test_a_unit_longer_than_the_slice_still_advances_one_unit_per_step() -> None
     assert flight.advance(0.05, clock=clock).done
 
 
+def test_the_step_s_other_work_counts_against_the_slice() -> None:
+    clock, log = FakeClock(), []
+    flight = InFlight("sharpness", 0, costly_units(clock, [1 / 16] * 10, log))
+    # Three of the slice's five units were taken by other estimators: two units run.
+    assert flight.advance(5 / 16, clock=clock, spent=3 / 16).units == 2
+    # Other work filled the slice: no unit this step, and the measurement waits.
+    progress = flight.advance(5 / 16, clock=clock, spent=6 / 16)
+    assert progress.units == 0 and not progress.done
+    assert log == [0, 1]
+
+
 def test_a_failing_unit_ends_the_measurement_with_its_error() -> None:
     def failing() -> MeasurementUnits:
         yield
