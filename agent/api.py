@@ -195,7 +195,9 @@ class ResumableEstimator(Estimator, Protocol):
     so each unit must leave the training state as it found it (modes, grads, RNG), and
     the estimator's own state (warm starts) changes only when the last unit completes: a
     measurement dropped half-way (``close()``) leaves it as it was. ``run(ctx)`` must equal
-    running every unit at once.
+    running every unit at once. Under torch.distributed the ranks run their units in
+    lockstep (see ``raresignal.agent.resumable``): units that issue collectives must be as
+    many on every rank.
     """
 
     def run_in_units(self, ctx: StepContext) -> MeasurementUnits: ...

@@ -89,6 +89,9 @@ def lanczos_top_units(matvec: UnitMatVec, start: torch.Tensor, max_iter: int, to
         values, vectors = torch.linalg.eigh(tri)
         theta, ritz = float(values[-1]), vectors[:, -1]
         residual = beta * abs(float(ritz[-1]))
+        # A unit of its own: on a large model the reorthogonalisation against every
+        # earlier vector costs about as much as a product.
+        yield
         if (residual <= tol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-30)
                 or _temple_accepts(residual, theta, relative_gap, value_rtol)):
             break
@@ -96,6 +99,7 @@ def lanczos_top_units(matvec: UnitMatVec, start: torch.Tensor, max_iter: int, to
         basis.append(w / beta)
     coeffs = ritz.to(start.dtype).to(start.device)
     vector = torch.stack(basis[: coeffs.numel()]).T @ coeffs
+    yield
     gap = (float(values[-1] - values[-2]) / abs(theta)
            if values.numel() >= 3 and theta != 0.0 else None)
     return Eigenpair(theta, vector / vector.norm(), len(alphas), residual, gap)
@@ -152,6 +156,7 @@ def hutchpp_trace_units(matvec: UnitMatVec, dim: int, matvecs: int, generator: t
     for _ in range(third):
         columns.append((yield from matvec(rademacher((dim,), generator, device))))
     q = torch.linalg.qr(torch.stack(columns, dim=1)).Q
+    yield
     products = []
     for i in range(q.shape[1]):
         products.append((yield from matvec(q[:, i])))
