@@ -321,11 +321,12 @@ class Monitor:
     #
     # A resumable estimator's measurement starts at the step the budget says it is due,
     # then takes one slice of each step until it completes (see raresignal.agent.resumable).
-    # Its values are stamped with the step it started at. The sharpness estimator copies
-    # the parameters when it starts, so its values are exactly those of that step; one
-    # that reads the live parameters sees them move over the few steps it spans, which
-    # its cadence (hundreds of steps) dwarfs. The budget sees its whole cost (the sum of
-    # its slices) when it completes, and starts no other expensive estimator meanwhile.
+    # Its values are stamped with the step it started at. The sharpness and Fisher
+    # estimators copy the parameters and buffers when they start, so their values are
+    # exactly those of that step; one that reads the live parameters sees them move over
+    # the steps it spans, which its cadence (hundreds of steps) dwarfs. The budget sees
+    # its whole cost (the sum of its slices) when it completes, and starts no other
+    # expensive estimator meanwhile.
     # Its run is recorded at the step it completes: its next one is due a cadence after
     # that, so the estimators it held back, overdue by then, go first.
 
@@ -374,7 +375,7 @@ class Monitor:
             self._in_flight = None
 
     def _publish(self, step: int, measurements: list[Measurement],
-                 earlier: StampedMeasurements = ()) -> None:
+                 earlier: Sequence[tuple[int, Measurement]] = ()) -> None:
         """Updates latest() and queues the samples (finite values only: the server
         rejects a batch holding a NaN, and the non-finite count is its own metric).
         ``earlier`` holds values measured from an earlier step on (resumable ones)."""
