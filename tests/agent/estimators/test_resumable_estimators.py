@@ -137,7 +137,7 @@ def test_fisher_units_spread_over_training_steps_equal_the_one_shot_measurement(
     config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4})
     ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
     one_shot = _values(list(_estimator("fisher", model, optimizer, config).run(ctx)))
-    units = _estimator("fisher", model, optimizer, config).run_in_units(ctx)
+    units = _estimator("fisher", model, optimizer, config).measure_in_units(ctx)
     steps = 0
     while True:
         try:
