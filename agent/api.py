@@ -6,9 +6,9 @@ either side can change without the other. Nothing in this module touches the net
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -19,6 +19,11 @@ from raresignal.protos.catalog import spec as catalog_spec
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
 # all_reduce_sum(tensor) -> tensor summed over ranks (identity in one process).
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+T = TypeVar("T")
+# Work cut into bounded units: each next() does one unit (e.g. one Hessian-vector
+# product) and the generator finally returns its result (StopIteration.value).
+Units = Generator[None, None, T]
 
 
 def default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -55,6 +60,10 @@ class Measurement:
     @property
     def key(self) -> str:
         return series_key(self.metric, dict(self.labels))
+
+
+# A resumable estimator's measurement in units (see ResumableEstimator).
+MeasurementUnits = Generator[None, None, Sequence[Measurement]]
 
 
 def series_key(metric: str, labels: Mapping[str, str] | None = None) -> str:
@@ -188,6 +197,38 @@ def is_estimator(candidate: object) -> bool:
     """
     return (all(hasattr(candidate, name) for name in _REQUIRED_ATTRIBUTES)
             and all(callable(getattr(candidate, name, None)) for name in _REQUIRED_METHODS))
+
+
+@runtime_checkable
+class ResumableEstimator(Estimator, Protocol):
+    """An expensive estimator whose measurement can be spread over several steps.
+
+    ``run_in_units(ctx)`` starts a measurement at ``ctx.step`` and returns a generator that
+    does one bounded unit of work per ``next()`` and finally returns the measurements,
+    which the monitor stamps with that starting step. Between two units training goes on,
+    so each unit must leave the training state as it found it (modes, grads, RNG), and
+    the estimator's own state (warm starts) changes only when the last unit completes: a
+    measurement dropped half-way (``close()``) leaves it as it was. ``run(ctx)`` must equal
+    running every unit at once. Under torch.distributed the ranks run their units in
+    lockstep (see ``raresignal.agent.resumable``): units that issue collectives must be as
+    many on every rank.
+    """
+
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits: ...
+
+
+def is_resumable(estimator: object) -> bool:
+    """Whether ``estimator`` offers ``run_in_units`` (see :class:`ResumableEstimator`)."""
+    return callable(getattr(estimator, "run_in_units", None))
+
+
+def run_units(units: Units[T]) -> T:
+    """Runs every unit at once and returns the result."""
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            return done.value
 
 
 def first_step(estimator: Estimator) -> int:

@@ -49,6 +49,12 @@ class MonitorConfig:
     budget_adjust_every_steps: int = 10
     # Steps over which the reported overhead ratio is measured.
     overhead_window_steps: int = 500
+    # An expensive estimator that can be resumed (sharpness) runs over several steps, each
+    # step giving it a slice of this fraction of the smoothed training step time, at
+    # least resumable_slice_min_seconds: no step should be delayed by more than twice the
+    # median step time or 50 ms, whichever is larger, and a slice may overrun by one unit.
+    resumable_slice_fraction: float = 0.5
+    resumable_slice_min_seconds: float = 0.05
     # Reporting: samples go out in batches at least this often, and at most batch_size
     # samples to a batch.
     report_interval_seconds: float = 1.0
@@ -88,6 +94,8 @@ class MonitorConfig:
             "min_effort": 0 < self.min_effort <= 1,
             "budget_adjust_every_steps": self.budget_adjust_every_steps >= 1,
             "overhead_window_steps": self.overhead_window_steps >= 1,
+            "resumable_slice_fraction": self.resumable_slice_fraction > 0,
+            "resumable_slice_min_seconds": self.resumable_slice_min_seconds > 0,
             "report_interval_seconds": self.report_interval_seconds > 0,
             "batch_size": self.batch_size >= 1,
             "heartbeat_interval_seconds": self.heartbeat_interval_seconds > 0,

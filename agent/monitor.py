@@ -40,11 +40,13 @@ from raresignal.agent.api import (
     default_forward,
     first_step,
     is_estimator,
+    is_resumable,
     series_key,
 )
 from raresignal.agent.budget import BudgetScheduler
 from raresignal.agent.config import MonitorConfig, default_spool_dir
 from raresignal.agent.ratelimit import RateLimitedLog
+from raresignal.agent.resumable import InFlight
 from raresignal.agent.sender import RUN_STATES, SampleTuple, Sender
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 _STATE_FORMAT = 1
 
 Labels = tuple[tuple[str, str], ...]
+# Measurements with the step each was measured at (a resumable one: the step it began).
+StampedMeasurements = list[tuple[int, Measurement]]
 
 
 def _agent_version() -> str:
@@ -179,6 +183,8 @@ class Monitor:
         self._announce = announce or log.info
         self._announced_start = False
         self._announced_run_id = False
+        # The resumable measurement spread over the steps now, if any (at most one).
+        self._in_flight: InFlight | None = None
 
     def _default_estimators(self, probes: dict[str, Probe], common_probe: Probe | None
                             ) -> list[Estimator]:
@@ -297,39 +303,120 @@ class Monitor:
                           forward=self._forward, loss=loss, batch=batch,
                           batch_size=batch_size, distributed=self._dist)
         measurements: list[Measurement] = []
+        finished: StampedMeasurements = []
         spent = 0.0
+        # One slice of resumable work per step, and no other expensive run beside it.
+        busy = self._in_flight is not None
+        starting: Estimator | None = None
         for name in self._budget.due(step):
+            estimator = self.estimators[name]
+            if estimator.expensive and (busy or is_resumable(estimator)):
+                starting = None if busy else estimator
+                continue
             started = time.perf_counter()
-            measurements.extend(self._run_estimator(self.estimators[name], ctx))
+            measurements.extend(self._run_estimator(estimator, ctx))
             seconds = time.perf_counter() - started
             spent += seconds
             self._budget.record_run(name, step, seconds)
+        # Last, in what the other estimators left of the step's slice.
+        if busy or starting is not None:
+            started = time.perf_counter()
+            if starting is not None:
+                finished = self._start_in_flight(starting, ctx, spent)
+            else:
+                finished = self._advance_in_flight(step, spent)
+            spent += time.perf_counter() - started
         ctx.cache.clear()
-        self._publish(step, measurements)
+        self._publish(step, measurements, finished)
         return spent
 
     def _run_estimator(self, estimator: Estimator, ctx: StepContext) -> list[Measurement]:
         try:
             result = list(estimator.run(ctx))
         except Exception as error:
-            self._estimator_errors[estimator.name] = (
-                self._estimator_errors.get(estimator.name, 0) + 1)
-            self._log.warning(f"estimator:{estimator.name}:{type(error).__name__}",
-                              "raresignal: estimator %r failed at step %d (%s: %s); "
-                              "training goes on", estimator.name, ctx.step,
-                              type(error).__name__, error, exc_info=True)
+            self._count_error(estimator.name, ctx.step, error)
             return []
+        return self._checked(estimator.name, result)
+
+    def _count_error(self, name: str, step: int, error: Exception) -> None:
+        """Counts and logs a failed run; called while handling the error (the traceback)."""
+        self._estimator_errors[name] = self._estimator_errors.get(name, 0) + 1
+        self._log.warning(f"estimator:{name}:{type(error).__name__}",
+                          "raresignal: estimator %r failed at step %d (%s: %s); "
+                          "training goes on", name, step, type(error).__name__, error,
+                          exc_info=True)
+
+    def _checked(self, name: str, result: Sequence[Any]) -> list[Measurement]:
         good = [m for m in result if isinstance(m, Measurement)]
         if len(good) < len(result):
-            self._log.warning(f"estimator:{estimator.name}:type", "raresignal: estimator %r "
-                              "returned values that are not Measurements; ignored",
-                              estimator.name)
+            self._log.warning(f"estimator:{name}:type", "raresignal: estimator %r "
+                              "returned values that are not Measurements; ignored", name)
         return good
 
-    def _publish(self, step: int, measurements: list[Measurement]) -> None:
+    # -- resumable measurements ----------------------------------------------------------
+    #
+    # A resumable estimator's measurement starts at the step the budget says it is due,
+    # then takes one slice of each step until it completes (see raresignal.agent.resumable).
+    # Its values are stamped with the step it started at. The sharpness and Fisher
+    # estimators copy the parameters and buffers when they start, so their values are
+    # exactly those of that step; one that reads the live parameters sees them move over
+    # the steps it spans, which its cadence (hundreds of steps) dwarfs. The budget sees
+    # its whole cost (the sum of its slices) when it completes, and starts no other
+    # expensive estimator meanwhile.
+    # Its run is recorded at the step it completes: its next one is due a cadence after
+    # that, so the estimators it held back, overdue by then, go first.
+
+    def _slice_seconds(self) -> float:
+        """This step's time for resumable work: a fraction of the smoothed step time,
+        with a floor (the floor alone until a step time is known)."""
+        step_seconds = self._budget.step_seconds or 0.0
+        return max(self.config.resumable_slice_fraction * step_seconds,
+                   self.config.resumable_slice_min_seconds)
+
+    def _start_in_flight(self, estimator: Estimator, ctx: StepContext, spent: float
+                         ) -> StampedMeasurements:
+        try:
+            units = estimator.run_in_units(ctx)  # type: ignore[attr-defined]
+        except Exception as error:
+            self._count_error(estimator.name, ctx.step, error)
+            self._budget.record_run(estimator.name, ctx.step, 0.0)
+            return []
+        self._in_flight = InFlight(estimator.name, ctx.step, units)
+        return self._advance_in_flight(ctx.step, spent)
+
+    def _advance_in_flight(self, step: int, spent: float) -> StampedMeasurements:
+        """Runs this step's slice (``spent`` of it already taken by the other estimators);
+        once the measurement is complete on every rank, records its cost and returns its
+        values stamped with its starting step."""
+        flight = self._in_flight
+        assert flight is not None
+        progress = flight.advance(self._slice_seconds(), self._budget.reduce_max,
+                                  spent=spent)
+        if progress.error is not None:
+            try:  # raised again so that the log carries its traceback
+                raise progress.error
+            except Exception as error:
+                self._count_error(flight.name, flight.step, error)
+        if not progress.done:
+            return []
+        self._in_flight = None
+        self._budget.record_run(flight.name, step, flight.seconds)
+        values = self._checked(flight.name, flight.result)
+        return [(flight.step, m) for m in values]
+
+    def _drop_in_flight(self) -> None:
+        """Abandons the measurement in flight; the estimator's state stays as it was."""
+        if self._in_flight is not None:
+            self._in_flight.close()
+            self._in_flight = None
+
+    def _publish(self, step: int, measurements: list[Measurement],
+                 earlier: Sequence[tuple[int, Measurement]] = ()) -> None:
         """Updates latest() and queues the samples (finite values only: the server
-        rejects a batch holding a NaN, and the non-finite count is its own metric)."""
-        for m in measurements:
+        rejects a batch holding a NaN, and the non-finite count is its own metric).
+        ``earlier`` holds values measured from an earlier step on (resumable ones)."""
+        stamped = [*earlier, *((step, m) for m in measurements)]
+        for _, m in stamped:
             self._latest[m.key] = m.value
         if self._sender is None and self._sends:
             self._sender = self._make_sender()
@@ -343,8 +430,8 @@ class Monitor:
             agent = self._agent_values(step)
         wall_time = time.time()
         samples: list[SampleTuple] = [
-            (m.metric, m.labels, step, float(m.value), wall_time)
-            for m in measurements if math.isfinite(m.value)]
+            (m.metric, m.labels, measured_at, float(m.value), wall_time)
+            for measured_at, m in stamped if math.isfinite(m.value)]
         if report_agent:
             samples.extend((metric, labels, step, value, wall_time)
                            for (metric, labels), value in agent.items()
@@ -446,6 +533,10 @@ class Monitor:
         it (resuming from that one opens a new run). Every step measured so far is sealed
         into the spool first, so the sequence numbering saved here covers it and a
         process resumed from this state replays whatever the server has not acknowledged.
+
+        A resumable measurement in flight is not saved (this process goes on with it): its
+        estimator's saved state is that of before it began, and it is still due in the
+        saved schedule, so a process resumed from this state starts it again.
         """
         sender = self._sender
         # After close() the sender has sealed or sent everything: there is nothing to flush.
@@ -494,6 +585,7 @@ class Monitor:
         if self._closed:
             return True
         self._closed = True
+        self._drop_in_flight()
         delivered = True
         if self._sender is not None:
             if self._step > 0:

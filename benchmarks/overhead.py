@@ -269,10 +269,11 @@ def print_table(results: list[Result], target: float) -> None:
               f"{d.p99 * 1e3:>9.1f}{d.maximum * 1e3:>9.1f}{d.bound * 1e3:>9.1f}"
               f"{f'{d.over_bound} of {d.steps}':>18}{d.warmup_maximum * 1e3:>16.1f}")
     for r in results:
-        print(f"\n{r.name}: estimator (cadence in steps, last run in ms)")
+        print(f"\n{r.name}: estimator (cadence in steps, last complete run in ms: the sum "
+              "of its slices for one spread over steps)")
         for name, interval in r.intervals.items():
             seconds = r.estimator_seconds.get(name)
-            last = "not run" if seconds is None else f"{seconds * 1e3:.1f} ms"
+            last = "no complete run" if seconds is None else f"{seconds * 1e3:.1f} ms"
             print(f"  {name:<20}{interval:>7}  {last}")
 
 
@@ -290,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-steps", type=int, default=120,
                         help="steps before measuring, bare then monitored (default: 120, "
                              "past the sharpness warm-up of 100 steps, so the one-off cold "
-                             "runs of the estimators fall before the blocks; their time is "
-                             "printed with the cadences)")
+                             "runs of the estimators start before the blocks; one spread "
+                             "over steps may go on into them; their time is printed with "
+                             "the cadences)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default: 8 sequences / 64 images)")
     parser.add_argument("--threads", type=int, default=None,

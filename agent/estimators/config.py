@@ -36,6 +36,16 @@ class EstimatorConfig:
     representation_interval: int = 1000
     # Curvature: the fixed probe batch, Lanczos and the trace.
     curvature_batch_size: int = 64
+    # A curvature measurement runs in units the monitor spreads over training steps; a
+    # Hessian-vector product on the curvature batch is split into chunks of at most this
+    # many examples (exactly: the loss is their weighted mean), one chunk per unit. Not
+    # split for a loss_fn, which need not be a mean.
+    curvature_chunk_size: int = 16
+    # ...and of at most this fraction of the training batch (when the monitor is given
+    # the batch), as are the chunks of per-example gradients of the Fisher: a product on
+    # a quarter of a batch costs about half a training step (two passes), so a unit fits
+    # the monitor's slice of a step.
+    unit_batch_fraction: float = 0.25
     hvp_backend: str = "auto"  # or double_backward, forward_over_reverse, finite_difference
     # No sharpness in the first steps: Adam's second-moment estimate is then a handful of
     # squared gradients, and P^-1/2 H P^-1/2 (so the stability ratio) is meaningless: it
@@ -78,6 +88,8 @@ class EstimatorConfig:
             "probe_rank": self.probe_rank >= 1,
             "fd_decay": 0.0 < self.fd_decay <= 1.0,
             "curvature_batch_size": self.curvature_batch_size >= 1,
+            "curvature_chunk_size": self.curvature_chunk_size >= 1,
+            "unit_batch_fraction": 0 < self.unit_batch_fraction <= 1,
             "sharpness_tol": self.sharpness_tol > 0,
             "sharpness_cold_iterations": self.sharpness_cold_iterations >= 1,
             "sharpness_warm_iterations": self.sharpness_warm_iterations >= 1,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import grad, jvp
 
+from raresignal.agent.api import Units, run_units
 from raresignal.agent.estimators.objective import Params
 from raresignal.agent.estimators.parameters import ParameterSet
 
@@ -139,6 +140,37 @@ _CLASSES: dict[str, type[HessianVectorProduct]] = {
 }
 
 
+class ChunkedHVP:
+    """H v of a batch's mean loss split over chunks of the batch, one chunk per unit.
+
+    The loss is the weighted mean of its chunks' losses, sum_k s_k loss_k with s_k the
+    chunk's share of what the loss averages over (scored tokens), so H v = sum_k s_k H_k v
+    exactly, and one unit costs about a chunk's share of a whole product.
+    """
+
+    def __init__(self, operators: Sequence[HessianVectorProduct],
+                 shares: Sequence[float]) -> None:
+        if len(operators) != len(shares) or not operators:
+            raise ValueError("need one share per operator, and at least one operator")
+        self.operators = list(operators)
+        self.shares = list(shares)
+
+    @property
+    def backend(self) -> str:
+        return self.operators[0].backend
+
+    def units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
+        """H v, one chunk's product per unit."""
+        total = torch.zeros_like(vector)
+        for operator, share in zip(self.operators, self.shares, strict=True):
+            total += share * operator(vector)
+            yield
+        return total
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        return run_units(self.units(vector))
+
+
 def make_hvp(backend: str, objective: Objective, parameters: ParameterSet,
              point: Params | None = None) -> HessianVectorProduct:
     """The named backend at ``point``."""
@@ -160,6 +192,14 @@ def auto_hvp(objective: Objective, parameters: ParameterSet, point: Params | Non
     smooth loss agree to ~1e-4. Returns the operator (trial products not counted) and why
     each earlier backend was rejected.
     """
+    return run_units(auto_hvp_units(objective, parameters, point, order, seed, cross_check))
+
+
+def auto_hvp_units(objective: Objective, parameters: ParameterSet, point: Params | None = None,
+                   order: tuple[str, ...] = BACKENDS, seed: int = 0, cross_check: float = 0.1,
+                   ) -> Units[tuple[HessianVectorProduct, dict[str, str]]]:
+    """:func:`auto_hvp` in units: each backend's construction, its trial product and the
+    finite-difference reference are one unit each."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     trial = torch.randn(parameters.numel, generator=generator).to(parameters.device)
     reference: torch.Tensor | None = None
@@ -167,13 +207,16 @@ def auto_hvp(objective: Objective, parameters: ParameterSet, point: Params | Non
     for backend in order:
         try:
             operator = make_hvp(backend, objective, parameters, point)
+            yield
             product = operator._product(trial)
+            yield
             if not bool(torch.isfinite(product).all()):
                 rejected[backend] = "non-finite Hessian-vector product"
                 continue
             if backend != FINITE_DIFFERENCE and cross_check > 0:
                 if reference is None:
                     reference = FiniteDifferenceHVP(objective, parameters, point)._product(trial)
+                    yield
                 scale = max(float(reference.norm()), float(product.norm()), 1e-30)
                 disagreement = float((product - reference).norm()) / scale
                 if disagreement > cross_check:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from raresignal.agent.api import T, Units
+
 
 @contextlib.contextmanager
 def preserved_training_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
@@ -32,3 +34,18 @@ def preserved_training_state(model: nn.Module, eval_mode: bool = True) -> Iterat
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def isolated_units(model: nn.Module, units: Units[T], eval_mode: bool = True) -> Units[T]:
+    """Runs each unit of ``units`` inside :func:`preserved_training_state`, so training,
+    which goes on between two units, sees its own modes, gradients and RNG."""
+    try:
+        while True:
+            with preserved_training_state(model, eval_mode):
+                try:
+                    next(units)
+                except StopIteration as done:
+                    return done.value
+            yield
+    finally:
+        units.close()

@@ -9,6 +9,7 @@ touching the model's own parameters or gradients.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -88,6 +89,15 @@ class FunctionalModel:
         if self._needs_cast:
             buffers = {n: b.float() if b.is_floating_point() else b for n, b in buffers.items()}
         return buffers
+
+    def with_frozen_buffers(self) -> FunctionalModel:
+        """A copy that uses the buffers as they are now (cloned). A measurement spread over
+        several training steps needs it: training updates buffers in place (batch-norm
+        statistics), which would change its function and break a retained graph."""
+        frozen = copy.copy(self)
+        snapshot = {n: b.detach().clone() for n, b in self._buffers().items()}
+        frozen._buffers = lambda: snapshot  # type: ignore[method-assign]
+        return frozen
 
     def _state(self, params: Mapping[str, torch.Tensor]) -> Params:
         state = {f"model.{n}": t for n, t in params.items()}

@@ -11,6 +11,7 @@ and the sketched Fisher spectrum and the probe statistics need per-example gradi
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
+from raresignal.agent.api import Units, run_units
 from raresignal.agent.estimators.likelihood import Likelihood
 from raresignal.agent.estimators.objective import FunctionalModel, Params, take, to_fp32_inputs
 from raresignal.agent.estimators.sketch import GradientSketcher
@@ -67,25 +69,48 @@ class PerExampleGradients:
         self.parameters = functional.parameters
         group_names = self.parameters.group_names
         self._group_index = [group_names.index(g) for g in self.parameters.groups]
+        self._frozen_point: Params | None = None
+
+    def frozen(self, chunk_size: int | None = None) -> PerExampleGradients:
+        """A copy that computes at the parameters and buffers as they are now (copied),
+        ``chunk_size`` examples at a time: a measurement spread over training steps sees
+        the step it started at."""
+        frozen = copy.copy(self)
+        frozen.chunk_size = max(1, chunk_size or self.chunk_size)
+        frozen.functional = self.functional.with_frozen_buffers()
+        frozen._frozen_point = {name: p.detach().to(torch.float32, copy=True)
+                                for name, p in self.parameters}
+        return frozen
+
+    def _point(self) -> Params:
+        if self._frozen_point is not None:
+            return self._frozen_point
+        return self.parameters.fp32_detached()
 
     def logits(self, inputs: Any) -> torch.Tensor:
         with torch.no_grad():
-            return self.functional.logits(self.parameters.fp32_detached(),
+            return self.functional.logits(self._point(),
                                           to_fp32_inputs(inputs, self.parameters.device))
 
     def summarize(self, inputs: Any, labels: torch.Tensor) -> PerExampleSummary:
         """Per-example gradients of -log p(labels_i | inputs_i), reduced."""
+        return run_units(self.summarize_units(inputs, labels))
+
+    def summarize_units(self, inputs: Any, labels: torch.Tensor
+                        ) -> Units[PerExampleSummary]:
+        """:meth:`summarize`, one chunk of examples per unit."""
         device = self.parameters.device
         inputs = to_fp32_inputs(inputs, device)
         labels = labels.to(device)
         n = int(labels.shape[0])
-        point = self.parameters.fp32_detached()
+        point = self._point()
         norms, sketches = [], []
         for start in range(0, n, self.chunk_size):
             index = slice(start, min(start + self.chunk_size, n))
             grads = self._chunk_grads(point, take(inputs, index), labels[index])
             norms.append(self._group_norms(grads))
             sketches.append(self.sketcher.sketch_batched(grads))
+            yield
         return PerExampleSummary(
             group_sq_norms=torch.cat(norms), sketches=torch.cat(sketches),
             counts=self.likelihood.counts(labels).float(), groups=self.parameters.group_names,

@@ -92,6 +92,13 @@ class SharedState:
             seed = (seed * 1_000_003 + value) % (2**63 - 1)
         return torch.Generator().manual_seed(seed)
 
+    def unit_examples(self, ctx: StepContext, cap: int) -> int:
+        """Examples per unit of a measurement spread over steps: at most ``cap``, and at
+        most ``unit_batch_fraction`` of the training batch when its size is known."""
+        if not ctx.batch_size:
+            return cap
+        return min(cap, max(1, math.ceil(self.config.unit_batch_fraction * ctx.batch_size)))
+
     def step_gradient_sketch(self, ctx: StepContext) -> torch.Tensor | None:
         """S g of this step's gradient, computed once per step and cached in ``ctx.cache``."""
         if GRAD_SKETCH_KEY not in ctx.cache:

@@ -13,15 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
+from raresignal.agent.api import Units, run_units
 from raresignal.agent.estimators.config import EstimatorConfig
 from raresignal.agent.estimators.hvp import HessianVectorProduct
 from raresignal.agent.estimators.parameters import ParameterSet
 from raresignal.agent.estimators.spectral import (
     Eigenpair,
     MatVec,
-    hutchinson_trace,
-    hutchpp_trace,
-    lanczos_top,
+    UnitMatVec,
+    hutchinson_trace_units,
+    hutchpp_trace_units,
+    lanczos_top_units,
+    one_unit,
 )
 
 
@@ -94,6 +97,16 @@ def preconditioned(matvec: MatVec, preconditioner: torch.Tensor) -> MatVec:
     return lambda x: scale * matvec(scale * x)
 
 
+def preconditioned_units(matvec: UnitMatVec, preconditioner: torch.Tensor) -> UnitMatVec:
+    """:func:`preconditioned` for an operator whose products are units."""
+    scale = preconditioner.rsqrt()
+
+    def product(vector: torch.Tensor) -> Units[torch.Tensor]:
+        return scale * (yield from matvec(scale * vector))
+
+    return product
+
+
 @dataclass
 class SharpnessTracker:
     """Top eigenpair estimates warm-started from the previous call's eigenvector.
@@ -112,6 +125,15 @@ class SharpnessTracker:
     relative_gap: float | None = None
 
     def estimate(self, matvec: MatVec, device: torch.device) -> Eigenpair:
+        """The top eigenpair, remembered as the next call's warm start."""
+        pair = run_units(self.estimate_units(one_unit(matvec), device))
+        self.remember(pair)
+        return pair
+
+    def estimate_units(self, matvec: UnitMatVec, device: torch.device) -> Units[Eigenpair]:
+        """:meth:`estimate` in units, without remembering the result: the
+        caller calls :meth:`remember` once the whole measurement is complete, so one
+        dropped half-way leaves the warm start as it was."""
         if self.previous is not None and self.previous.numel() == self.dim:
             start, iterations = self.previous.to(device), self.warm_iterations
             gap = None if self.relative_gap is None else self.gap_safety * self.relative_gap
@@ -119,19 +141,27 @@ class SharpnessTracker:
             generator = torch.Generator().manual_seed(self.seed)
             start = torch.randn(self.dim, generator=generator).to(device)
             iterations, gap = self.cold_iterations, None
-        pair = lanczos_top(matvec, start, iterations, self.tol, gap)
+        return (yield from lanczos_top_units(matvec, start, iterations, self.tol, gap))
+
+    def remember(self, pair: Eigenpair) -> None:
+        """Keeps ``pair`` as the warm start of the next estimate."""
         self.previous = pair.vector.detach()
         if pair.relative_gap is not None:
             self.relative_gap = pair.relative_gap
-        return pair
 
 
 def curvature_trace(hvp: HessianVectorProduct, samples: int, method: str,
                     generator: torch.Generator) -> float:
     """Trace of the Hessian by Hutchinson or Hutch++ with ``samples`` products."""
-    device = hvp.parameters.device
+    return run_units(curvature_trace_units(one_unit(hvp), hvp.parameters.numel,
+                                           hvp.parameters.device, samples, method, generator))
+
+
+def curvature_trace_units(hvp: UnitMatVec, dim: int, device: torch.device, samples: int,
+                          method: str, generator: torch.Generator) -> Units[float]:
+    """:func:`curvature_trace` in units, for an operator on vectors of ``dim``."""
     if method == "hutchinson":
-        return hutchinson_trace(hvp, hvp.parameters.numel, samples, generator, device)
+        return (yield from hutchinson_trace_units(hvp, dim, samples, generator, device))
     if method == "hutchpp":
-        return hutchpp_trace(hvp, hvp.parameters.numel, samples, generator, device)
+        return (yield from hutchpp_trace_units(hvp, dim, samples, generator, device))
     raise ValueError(f"unknown trace method {method!r}; expected 'hutchinson' or 'hutchpp'")

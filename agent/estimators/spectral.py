@@ -2,6 +2,12 @@
 
 Lanczos finds the top eigenpair in few products, fewer still when started from the last
 estimate's eigenvector; Hutchinson and Hutch++ estimate the trace.
+
+Each has a ``*_units`` form, a generator that finally returns the estimate, so a caller
+can spread one estimate over several training steps. It takes the operator as a
+``UnitMatVec``, whose products are themselves units (one unit each, by :func:`one_unit`,
+or several when a product is split, e.g. over chunks of a batch); the plain functions
+take a plain ``MatVec`` and run everything at once.
 """
 
 from __future__ import annotations
@@ -12,7 +18,22 @@ from dataclasses import dataclass
 
 import torch
 
+from raresignal.agent.api import Units, run_units
+
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+# v -> A v in units: a generator whose return value is the product.
+UnitMatVec = Callable[[torch.Tensor], Units[torch.Tensor]]
+
+
+def one_unit(matvec: MatVec) -> UnitMatVec:
+    """``matvec`` with each product as one unit."""
+
+    def product(vector: torch.Tensor) -> Units[torch.Tensor]:
+        result = matvec(vector)
+        yield
+        return result
+
+    return product
 
 
 @dataclass(frozen=True)
@@ -28,6 +49,14 @@ class Eigenpair:
 
 def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: float,
                 relative_gap: float | None = None, value_rtol: float = 0.01) -> Eigenpair:
+    """Largest (algebraic) eigenpair by Lanczos; see :func:`lanczos_top_units`."""
+    return run_units(lanczos_top_units(one_unit(matvec), start, max_iter, tol, relative_gap,
+                                       value_rtol))
+
+
+def lanczos_top_units(matvec: UnitMatVec, start: torch.Tensor, max_iter: int, tol: float,
+                      relative_gap: float | None = None, value_rtol: float = 0.01,
+                      ) -> Units[Eigenpair]:
     """Largest (algebraic) eigenpair by Lanczos with full reorthogonalisation.
 
     Stops once the Ritz residual |A x - theta x| is below ``tol * |theta|``. By the
@@ -46,7 +75,7 @@ def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: float,
     betas: list[float] = []
     theta, ritz, residual = 0.0, start.new_ones(1), math.inf
     for _ in range(max_iter):
-        w = matvec(basis[-1])
+        w = yield from matvec(basis[-1])
         alphas.append(float(w @ basis[-1]))
         stacked = torch.stack(basis)
         for _ in range(2):  # twice is enough (Kahan-Parlett) for full reorthogonalisation
@@ -60,6 +89,9 @@ def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: float,
         values, vectors = torch.linalg.eigh(tri)
         theta, ritz = float(values[-1]), vectors[:, -1]
         residual = beta * abs(float(ritz[-1]))
+        # A unit of its own: on a large model the reorthogonalisation against every
+        # earlier vector costs about as much as a product.
+        yield
         if (residual <= tol * abs(theta) or beta <= 1e-12 * max(abs(theta), 1e-30)
                 or _temple_accepts(residual, theta, relative_gap, value_rtol)):
             break
@@ -67,6 +99,7 @@ def lanczos_top(matvec: MatVec, start: torch.Tensor, max_iter: int, tol: float,
         basis.append(w / beta)
     coeffs = ritz.to(start.dtype).to(start.device)
     vector = torch.stack(basis[: coeffs.numel()]).T @ coeffs
+    yield
     gap = (float(values[-1] - values[-2]) / abs(theta)
            if values.numel() >= 3 and theta != 0.0 else None)
     return Eigenpair(theta, vector / vector.norm(), len(alphas), residual, gap)
@@ -91,12 +124,18 @@ def rademacher(shape: tuple[int, ...], generator: torch.Generator,
 def hutchinson_trace(matvec: MatVec, dim: int, samples: int, generator: torch.Generator,
                      device: torch.device) -> float:
     """mean z^T A z over Rademacher z; variance 2(|A|_F^2 - sum A_ii^2) / samples."""
+    return run_units(hutchinson_trace_units(one_unit(matvec), dim, samples, generator, device))
+
+
+def hutchinson_trace_units(matvec: UnitMatVec, dim: int, samples: int,
+                           generator: torch.Generator, device: torch.device) -> Units[float]:
+    """:func:`hutchinson_trace` in units."""
     if samples < 1:
         raise ValueError(f"need at least one sample, got {samples}")
     total = 0.0
     for _ in range(samples):
         z = rademacher((dim,), generator, device)
-        total += float(z @ matvec(z))
+        total += float(z @ (yield from matvec(z)))
     return total / samples
 
 
@@ -106,16 +145,26 @@ def hutchpp_trace(matvec: MatVec, dim: int, matvecs: int, generator: torch.Gener
     on the rest. Uses ``matvecs`` products (rounded down to a multiple of 3, at least 3);
     its variance is that of Hutchinson on the deflated operator, at most 2|A|_F^2 / (m/3).
     """
+    return run_units(hutchpp_trace_units(one_unit(matvec), dim, matvecs, generator, device))
+
+
+def hutchpp_trace_units(matvec: UnitMatVec, dim: int, matvecs: int, generator: torch.Generator,
+                        device: torch.device) -> Units[float]:
+    """:func:`hutchpp_trace` in units."""
     third = max(matvecs // 3, 1)
-    sketch = torch.stack([matvec(rademacher((dim,), generator, device))
-                          for _ in range(third)], dim=1)
-    q = torch.linalg.qr(sketch).Q
-    aq = torch.stack([matvec(q[:, i]) for i in range(q.shape[1])], dim=1)
-    top = float((q * aq).sum())
+    columns = []
+    for _ in range(third):
+        columns.append((yield from matvec(rademacher((dim,), generator, device))))
+    q = torch.linalg.qr(torch.stack(columns, dim=1)).Q
+    yield
+    products = []
+    for i in range(q.shape[1]):
+        products.append((yield from matvec(q[:, i])))
+    top = float((q * torch.stack(products, dim=1)).sum())
     rest = 0.0
     for _ in range(third):
         z = rademacher((dim,), generator, device)
         z = z - q @ (q.T @ z)
-        az = matvec(z)
+        az = yield from matvec(z)
         rest += float(z @ (az - q @ (q.T @ az)))
     return top + rest / third

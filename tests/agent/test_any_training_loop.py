@@ -27,6 +27,9 @@ LossOf = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 
 # Every estimator due at every step; the scheduler runs one expensive estimator a step,
 # so a dozen steps run each of them (the probes twice, for interference) at least twice.
+# (Sharpness in one step: a slice no run fills, so how many steps it spans does not
+# depend on the machine's speed.)
+WHOLE_RUNS = dict(resumable_slice_min_seconds=3600.0)
 EVERY_STEP = EstimatorConfig(
     noise_scale_interval=1, subspace_interval=1, drift_interval=1, sharpness_interval=1,
     fisher_interval=1, probes_interval=1, sharpness_warmup_steps=0, retention_warmup_step=0,
@@ -109,6 +112,7 @@ def _run(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], loss_of: Los
     # Cadences and efforts pinned: the values are compared with exact ones.
     monitor = Monitor(model, optimizer, probes={"rare": Probe(inputs[32:], targets[32:])},
                       config=config or MonitorConfig(max_interval_factor=1, min_effort=1.0,
+                                                     **WHOLE_RUNS,
                                                      estimator_config=EVERY_STEP),
                       **monitor_args)
     probe_losses = []
@@ -202,8 +206,8 @@ def test_the_unavailable_gauge_reaches_prometheus_through_the_server(tmp_path: P
                                       grpc_port=0, metrics_port=0, health_port=0)) as server:
         torch.manual_seed(0)
         config = MonitorConfig(max_interval_factor=1, min_effort=1.0,
-                               estimator_config=EVERY_STEP, spool_dir=str(tmp_path / "spool"),
-                               report_interval_seconds=0.05)
+                               estimator_config=EVERY_STEP, **WHOLE_RUNS,
+                               spool_dir=str(tmp_path / "spool"), report_interval_seconds=0.05)
         monitor, _ = _run(Regressor(4), _contrastive_data(torch.Generator().manual_seed(2)),
                           _contrastive_loss, config=config, server=server.grpc_target,
                           run_name="contrastive", loss_fn=_contrastive_loss)

@@ -1,16 +1,26 @@
-"""The Fisher estimator: per-group traces and the sketched spectrum of the true Fisher."""
+"""The Fisher estimator: per-group traces and the sketched spectrum of the true Fisher.
+
+Its measurement runs in units that the monitor may spread over several training steps:
+drawing the labels (one forward pass), then each chunk of per-example gradients
+(``EstimatorConfig.per_example_chunk`` examples, at most ``unit_batch_fraction`` of the
+training batch). The parameters and buffers are copied
+when it starts, so the result is exactly the one-shot measurement of that step.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from raresignal.agent.api import Measurement, StepContext
+import torch
+
+from raresignal.agent.api import Measurement, MeasurementUnits, StepContext, run_units
 from raresignal.agent.estimators.fisher import (
     group_traces,
     sample_model_labels,
     sketched_spectrum,
 )
-from raresignal.agent.estimators.isolation import preserved_training_state
+from raresignal.agent.estimators.isolation import isolated_units
 from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
 
 
@@ -27,25 +37,37 @@ class FisherEstimator(DefaultEstimator):
         super().__init__(shared, shared.config.fisher_interval)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        config = self.shared.config
+        return run_units(self.measure_in_units(ctx))
+
+    def measure_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        """The measurement at ``ctx.step``, one chunk of per-example gradients per unit."""
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None:
             return []
+        return (yield from isolated_units(self.shared.model, self._measure_units(ctx, batch)))
+
+    def _measure_units(self, ctx: StepContext, batch: tuple[Any, torch.Tensor]
+                       ) -> MeasurementUnits:
+        config = self.shared.config
         inputs, targets = batch
-        engine = self.shared.per_example
-        with preserved_training_state(self.shared.model):
-            drawn_inputs, labels = sample_model_labels(
-                engine, inputs, targets, self.shared.generator(ctx.step, 11),
-                config.fisher_label_draws)
-            summary = engine.summarize(drawn_inputs, labels)
-            out = [Measurement("fisher_trace", value, (("group", group),))
-                   for group, value in group_traces(summary).items()]
-            spectrum = sketched_spectrum(summary, config.fisher_top_k)
-            if spectrum.eigenvalues.numel():
-                out.append(Measurement("fisher_top_eigenvalue", float(spectrum.eigenvalues[0])))
-            out.append(Measurement("fisher_effective_rank", spectrum.effective_rank))
-            if config.empirical_fisher:
-                empirical = engine.summarize(inputs, targets)
-                out += [Measurement("empirical_fisher_trace", value, (("group", group),))
-                        for group, value in group_traces(empirical).items()]
+        shared_engine = self.shared.per_example
+        engine = shared_engine.frozen(
+            self.shared.unit_examples(ctx, config.per_example_chunk))
+        drawn_inputs, labels = sample_model_labels(
+            engine, inputs, targets, self.shared.generator(ctx.step, 11),
+            config.fisher_label_draws)
+        yield
+        summary = yield from engine.summarize_units(drawn_inputs, labels)
+        out = [Measurement("fisher_trace", value, (("group", group),))
+               for group, value in group_traces(summary).items()]
+        spectrum = sketched_spectrum(summary, config.fisher_top_k)
+        if spectrum.eigenvalues.numel():
+            out.append(Measurement("fisher_top_eigenvalue", float(spectrum.eigenvalues[0])))
+        out.append(Measurement("fisher_effective_rank", spectrum.effective_rank))
+        if config.empirical_fisher:
+            empirical = yield from engine.summarize_units(inputs, targets)
+            out += [Measurement("empirical_fisher_trace", value, (("group", group),))
+                    for group, value in group_traces(empirical).items()]
+        # The copy learned which per-example method works on this model.
+        shared_engine.method = engine.method
         return finite(out)

@@ -1,4 +1,14 @@
-"""The sharpness estimator: top Hessian eigenvalue against its stability threshold."""
+"""The sharpness estimator: top Hessian eigenvalue against its stability threshold.
+
+Its measurement runs in units that the monitor may spread over several training steps:
+the operator's construction, then each Hessian-vector product split over chunks of the
+curvature batch (``EstimatorConfig.curvature_chunk_size``, ``unit_batch_fraction``), one
+chunk per unit. The
+parameters and buffers are copied when it starts, so every product is taken at that
+step's point and the result is exactly the one-shot measurement of that step, however
+many steps it spans; the copy (one fp32 copy of the parameters) lives only while the
+measurement does.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +17,55 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raresignal.agent.api import Measurement, StepContext
-from raresignal.agent.estimators.hvp import HessianVectorProduct, auto_hvp, make_hvp
-from raresignal.agent.estimators.isolation import preserved_training_state
-from raresignal.agent.estimators.objective import BatchObjective
+import torch
+
+from raresignal.agent.api import Measurement, MeasurementUnits, StepContext, Units, run_units
+from raresignal.agent.estimators.hvp import ChunkedHVP, auto_hvp_units, make_hvp
+from raresignal.agent.estimators.isolation import isolated_units
+from raresignal.agent.estimators.likelihood import Likelihood
+from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel, Params, take
 from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
 from raresignal.agent.estimators.sharpness import (
     SharpnessTracker,
     adam_preconditioner,
-    curvature_trace,
+    curvature_trace_units,
     optimizer_profile,
-    preconditioned,
+    preconditioned_units,
 )
 
 log = logging.getLogger(__name__)
+
+# The least work a lowered effort leaves: three Ritz values are the fewest that say
+# anything about the eigen-gap, and Hutch++ needs three products.
+MIN_LANCZOS_ITERATIONS = 3
+MIN_TRACE_PRODUCTS = 3
+
+
+def scaled_count(full: int, level: float, minimum: int) -> int:
+    """``full`` scaled by ``level`` (rounded up), never under ``minimum`` unless ``full``
+    itself is."""
+    return max(min(full, minimum), math.ceil(level * full))
+
+
+def curvature_chunks(functional: FunctionalModel, likelihood: Likelihood | None,
+                     batch: tuple[Any, torch.Tensor], size: int
+                     ) -> list[tuple[BatchObjective, float]]:
+    """The batch's loss as chunks of ``size`` examples, each with its share of the loss
+    (its scored tokens over the batch's), so that the shares' sum of the chunks' losses is
+    the batch's loss. A loss_fn (no likelihood) need not be a mean: it stays whole."""
+    inputs, targets = batch
+    whole = [(BatchObjective(functional, likelihood, inputs, targets), 1.0)]
+    if likelihood is None or int(targets.shape[0]) <= size:
+        return whole
+    total = float(likelihood.counts(targets).sum())
+    chunks = []
+    for start in range(0, int(targets.shape[0]), size):
+        index = slice(start, start + size)
+        scored = float(likelihood.counts(targets[index]).sum())
+        if scored > 0:
+            chunks.append((BatchObjective(functional, likelihood, take(inputs, index),
+                                          targets[index]), scored / total))
+    return chunks or whole
 
 
 class SharpnessEstimator(DefaultEstimator):
@@ -43,50 +88,99 @@ class SharpnessEstimator(DefaultEstimator):
         self.adam = SharpnessTracker(dim, config.seed + 1, config.sharpness_cold_iterations,
                                      config.sharpness_warm_iterations, config.sharpness_tol)
         self.backend: str | None = None if config.hvp_backend == "auto" else config.hvp_backend
+        self.trace_products = config.hutchinson_samples
 
-    def _hvp(self, objective: BatchObjective) -> HessianVectorProduct:
+    def set_effort(self, level: float) -> None:
+        """Scales the work of the measurements that start from now on: 1.0 runs the
+        configured Lanczos iterations and trace products, a lower level proportionally
+        fewer (at least MIN_LANCZOS_ITERATIONS and MIN_TRACE_PRODUCTS; a trace configured
+        off stays off). Levels outside [0, 1] are clipped."""
+        if not math.isfinite(level):
+            raise ValueError(f"effort level must be finite, got {level!r}")
+        level = min(max(level, 0.0), 1.0)
+        config = self.shared.config
+        for tracker in (self.plain, self.adam):
+            tracker.cold_iterations = scaled_count(config.sharpness_cold_iterations, level,
+                                                   MIN_LANCZOS_ITERATIONS)
+            tracker.warm_iterations = scaled_count(config.sharpness_warm_iterations, level,
+                                                   MIN_LANCZOS_ITERATIONS)
+        self.trace_products = scaled_count(config.hutchinson_samples, level,
+                                           MIN_TRACE_PRODUCTS)
+
+    def _hvp_units(self, chunks: list[tuple[BatchObjective, float]], point: Params
+                   ) -> Units[ChunkedHVP]:
         params = self.shared.parameters
+        (first, _), *rest = chunks
         if self.backend is None:
-            operator, rejected = auto_hvp(objective, params, seed=self.shared.config.seed)
+            operator, rejected = yield from auto_hvp_units(first, params, point,
+                                                           seed=self.shared.config.seed)
             self.backend = operator.backend
             self.shared.notes["hvp_backend"] = operator.backend
             log.info("sharpness uses the %s HVP backend (rejected: %s)", operator.backend,
                      rejected or "none")
-            return operator
-        return make_hvp(self.backend, objective, params)
+        else:
+            operator = make_hvp(self.backend, first, params, point)
+            yield
+        operators = [operator]
+        for objective, _ in rest:
+            operators.append(make_hvp(self.backend, objective, params, point))
+            yield
+        return ChunkedHVP(operators, [share for _, share in chunks])
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        return run_units(self.run_in_units(ctx))
+
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        """The measurement at ``ctx.step``, one Hessian-vector product per unit."""
         config = self.shared.config
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None or ctx.step < config.sharpness_warmup_steps:
             return []
-        device = self.shared.parameters.device
-        with preserved_training_state(self.shared.model):
-            objective = BatchObjective(self.shared.functional, self.shared.likelihood, *batch)
-            hvp = self._hvp(objective)
-            top = self.plain.estimate(hvp, device)
-            out = [Measurement("sharpness", top.value),
-                   Measurement("hessian_vector_products", float(top.matvecs))]
-            profile = optimizer_profile(ctx.optimizer or self.shared.optimizer)
-            threshold = profile.stability_threshold()
-            compared = top.value
-            if profile.preconditioned:
-                optimizer = ctx.optimizer or self.shared.optimizer
-                diagonal = (adam_preconditioner(optimizer, self.shared.parameters)
-                            if optimizer is not None else None)
-                if diagonal is None:
-                    compared = math.nan  # before Adam's first step there is no P yet
-                else:
-                    pre = self.adam.estimate(preconditioned(hvp, diagonal), device)
-                    compared = pre.value
-                    out.append(Measurement("preconditioned_sharpness", pre.value))
-            if threshold is not None:
-                out += [Measurement("sharpness_threshold", threshold),
-                        Measurement("sharpness_ratio", compared / threshold)]
-            if config.hutchinson_samples > 0:
-                trace = curvature_trace(hvp, config.hutchinson_samples, config.trace_method,
-                                        self.shared.generator(ctx.step, 7))
-                out.append(Measurement("hessian_trace", trace))
+        return (yield from isolated_units(self.shared.model, self._measure_units(ctx, batch)))
+
+    def _measure_units(self, ctx: StepContext, batch: tuple[Any, torch.Tensor]
+                       ) -> MeasurementUnits:
+        config = self.shared.config
+        params = self.shared.parameters
+        device = params.device
+        # Copies, not views: the optimizer steps in place between units.
+        point = {name: p.detach().to(torch.float32, copy=True) for name, p in params}
+        optimizer = ctx.optimizer or self.shared.optimizer
+        profile = optimizer_profile(optimizer)
+        diagonal = (adam_preconditioner(optimizer, params)
+                    if profile.preconditioned and optimizer is not None else None)
+        chunks = curvature_chunks(self.shared.functional.with_frozen_buffers(),
+                                  self.shared.likelihood, batch,
+                                  self.shared.unit_examples(ctx, config.curvature_chunk_size))
+        hvp = yield from self._hvp_units(chunks, point)
+        top = yield from self.plain.estimate_units(hvp.units, device)
+        pre = None
+        if diagonal is not None:
+            pre = yield from self.adam.estimate_units(
+                preconditioned_units(hvp.units, diagonal), device)
+        trace = None
+        if self.trace_products > 0:
+            trace = yield from curvature_trace_units(hvp.units, params.numel, device,
+                                                     self.trace_products, config.trace_method,
+                                                     self.shared.generator(ctx.step, 7))
+        # Complete: only now do the warm starts move.
+        self.plain.remember(top)
+        if pre is not None:
+            self.adam.remember(pre)
+        out = [Measurement("sharpness", top.value),
+               Measurement("hessian_vector_products", float(top.matvecs))]
+        threshold = profile.stability_threshold()
+        compared = top.value
+        if profile.preconditioned:
+            # Before Adam's first step there is no preconditioner yet.
+            compared = math.nan if pre is None else pre.value
+            if pre is not None:
+                out.append(Measurement("preconditioned_sharpness", pre.value))
+        if threshold is not None:
+            out += [Measurement("sharpness_threshold", threshold),
+                    Measurement("sharpness_ratio", compared / threshold)]
+        if trace is not None:
+            out.append(Measurement("hessian_trace", trace))
         return finite(out)
 
     def state_dict(self) -> dict[str, Any]:

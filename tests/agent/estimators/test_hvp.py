@@ -112,3 +112,25 @@ def test_auto_falls_back_on_fused_cpu_attention(model_class, lm_batch) -> None:
     hessian = exact_hessian(objective, params)
     v = torch.randn(params.numel, generator=torch.Generator().manual_seed(3))
     assert _relative_error(operator(v), hessian.float() @ v) <= TOLERANCE["finite_difference"]
+
+
+def test_chunks_of_a_causal_lm_batch_sum_to_its_exact_hessian(transformer, lm_batch) -> None:
+    """Chunks with different numbers of scored tokens (ignored positions) weigh by them:
+    the chunked product is the whole batch's H v."""
+    from raresignal.agent.estimators.default.sharpness import curvature_chunks
+    from raresignal.agent.estimators.hvp import ChunkedHVP
+
+    tokens, targets = lm_batch
+    targets = targets.clone()
+    targets[:3, 2:] = -100  # the first chunk scores far fewer tokens than the others
+    objective, params = _objective(transformer, CausalLMLikelihood(), tokens, targets)
+    hessian = exact_hessian(objective, params)
+    chunks = curvature_chunks(objective.functional, CausalLMLikelihood(), (tokens, targets), 3)
+    assert len(chunks) == 3 and sum(share for _, share in chunks) == pytest.approx(1.0)
+    assert chunks[0][1] < chunks[1][1]
+    v = torch.randn(params.numel, generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
+        chunked = ChunkedHVP([make_hvp("double_backward", o, params) for o, _ in chunks],
+                             [share for _, share in chunks])
+        product = chunked(v)
+    assert _relative_error(product, hessian.float() @ v) <= 1e-5

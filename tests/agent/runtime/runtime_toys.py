@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from toy_estimators import LossEstimator  # noqa: F401 - the runtime tests import it from here
 
-from raresignal.agent.api import Measurement, StepContext
+from raresignal.agent.api import Measurement, MeasurementUnits, StepContext
 
 
 class GradNormEstimator:
@@ -92,6 +92,41 @@ class CollectiveEstimator:
         total = ctx.distributed.all_reduce_sum(torch.tensor([ctx.distributed.rank + 1.0]))
         self.runs.append(ctx.step)
         return [Measurement("hessian_trace", float(total))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class ResumableCollectiveEstimator:
+    """A resumable measurement of ``units`` units, each one all-reduce of rank + 1 after
+    ``unit_seconds`` of sleep; reports the sum of the reductions. Under torch.distributed a
+    unit run on one rank and not the other pairs the all-reduces wrongly: the sum is then
+    off, or the ranks hang."""
+
+    expensive = True
+    default_interval = 1000
+
+    def __init__(self, name: str, units: int, unit_seconds: float) -> None:
+        self.name = name
+        self.units = units
+        self.unit_seconds = unit_seconds
+        self.units_done = 0
+
+    def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        raise AssertionError("the monitor runs a resumable estimator in units")
+
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        total = 0.0
+        for _ in range(self.units):
+            time.sleep(self.unit_seconds)
+            total += float(ctx.distributed.all_reduce_sum(
+                torch.tensor([ctx.distributed.rank + 1.0])))
+            self.units_done += 1
+            yield
+        return [Measurement("sharpness", total)]
 
     def state_dict(self) -> dict[str, Any]:
         return {}

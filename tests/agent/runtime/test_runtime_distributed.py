@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from runtime_toys import (
     CollectiveEstimator,
+    ResumableCollectiveEstimator,
     SleepyEstimator,
     classification_data,
     small_classifier,
@@ -94,6 +95,20 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         results["intervals"] = monitor.intervals
         results["reduced"] = monitor.latest()["hessian_trace"]
         monitor.close()
+
+        # 5. A resumable measurement whose units all-reduce, slower on rank 1: the ranks
+        # agree after each unit whether to go on, so they run the same units each step.
+        resumable = ResumableCollectiveEstimator("toy_resumable", units=12,
+                                                 unit_seconds=0.002 * (1 + 4 * rank))
+        monitor = Monitor(model, None, estimators=[resumable],
+                          config=MonitorConfig(resumable_slice_min_seconds=0.02))
+        units_after_step = []
+        for _ in range(40):
+            monitor.step(loss=torch.tensor(1.0))
+            units_after_step.append(resumable.units_done)
+        results["units_after_step"] = units_after_step
+        results["resumed_total"] = monitor.latest()["sharpness"]
+        monitor.close()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -132,3 +147,8 @@ def test_two_gloo_ranks_merge_sketches_and_agree_on_the_schedule(tmp_path: Path)
     expensive = ("toy_collective_a", "toy_collective_b", "toy_uneven")
     steps = [step for name in expensive for step in runs[name]]
     assert len(steps) == len(set(steps))  # never two expensive estimators in one step
+    # The resumable measurement: the same units at the same steps on both ranks, every
+    # all-reduce paired (12 units of 1 + 2), and all of them run.
+    assert ranks[0]["units_after_step"] == ranks[1]["units_after_step"]
+    assert ranks[0]["units_after_step"][-1] == 12
+    assert ranks[0]["resumed_total"] == ranks[1]["resumed_total"] == 36.0

@@ -1,0 +1,302 @@
+"""Sharpness and Fisher measurements in units: spread over training steps they give
+exactly the one-shot result of the step they started at; dropped half-way they change
+nothing; the sharpness effort level scales its work; and in a Monitor no step runs more
+than its slice."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from estimator_models import exact_hessian
+from torch import nn
+
+from raresignal.agent import Monitor, MonitorConfig
+from raresignal.agent.api import Measurement, Probe, StepContext, run_units
+from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
+from raresignal.agent.estimators import hvp as hvp_module
+from raresignal.agent.estimators.default.sharpness import (
+    MIN_LANCZOS_ITERATIONS,
+    MIN_TRACE_PRODUCTS,
+    SharpnessEstimator,
+)
+from raresignal.agent.estimators.likelihood import ClassificationLikelihood
+from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
+from raresignal.agent.estimators.parameters import ParameterSet
+
+
+class NormedMLP(nn.Module):
+    """10 -> 16 -> 4 with batch norm: training moves its buffers as well as its weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.Tanh(),
+                                    nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _data(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=generator), torch.randint(0, 4, (n,),
+                                                                  generator=generator)
+
+
+CONFIG = EstimatorConfig(sketch_dim=64, fd_rows=4, subspace_rank=2, probe_rank=2,
+                         curvature_batch_size=32, sharpness_warmup_steps=0,
+                         hutchinson_samples=6, hvp_backend="auto")
+
+
+def _estimator(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+               config: EstimatorConfig = CONFIG) -> Any:
+    estimators = build_default_estimators(model, optimizer, {}, Probe(*_data(1)), config,
+                                          task="classification", forward=lambda m, x: m(x))
+    (estimator,) = [e for e in estimators if e.name == name]
+    return estimator
+
+
+def _sharpness(model: nn.Module, optimizer: torch.optim.Optimizer,
+               config: EstimatorConfig = CONFIG) -> SharpnessEstimator:
+    sharpness = _estimator("sharpness", model, optimizer, config)
+    assert isinstance(sharpness, SharpnessEstimator)
+    return sharpness
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int
+                ) -> torch.Tensor:
+    inputs, targets = _data(seed)
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    return loss
+
+
+def _ctx(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         loss: torch.Tensor) -> StepContext:
+    return StepContext(step=step, model=model, optimizer=optimizer,
+                       forward=lambda m, x: m(x), loss=loss.detach(), batch=_data(step),
+                       batch_size=32)
+
+
+def _values(measurements: list[Measurement]) -> dict[str, float]:
+    return {m.key: m.value for m in measurements}
+
+
+@pytest.fixture
+def trained() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = NormedMLP()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for seed in range(5):
+        _train_step(model, optimizer, 100 + seed)
+        optimizer.step()
+    return model, optimizer
+
+
+def test_units_spread_over_training_steps_equal_the_one_shot_measurement(trained) -> None:
+    model, optimizer = trained
+    loss = _train_step(model, optimizer, 7)
+    ctx = _ctx(5, model, optimizer, loss)
+    one_shot = _values(list(_sharpness(model, optimizer).run(ctx)))
+    frozen = copy.deepcopy(model).eval()
+
+    resumed = _sharpness(model, optimizer)
+    units = resumed.run_in_units(ctx)
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            spread = _values(list(done.value))
+            break
+        assert model.training, "a unit left the model in eval mode"
+        # Training goes on between two units: weights and batch-norm statistics move.
+        _train_step(model, optimizer, 200 + steps)
+        optimizer.step()
+        steps += 1
+    assert steps > 20
+    assert not torch.equal(frozen.layers[1].running_mean, model.layers[1].running_mean)
+    assert set(spread) == set(one_shot) >= {"sharpness", "preconditioned_sharpness",
+                                            "hessian_trace", "sharpness_ratio"}
+    for key, value in one_shot.items():
+        assert spread[key] == pytest.approx(value, rel=1e-5), key
+    # And both are the top eigenvalue of the Hessian at the starting step, within 2 %.
+    params = ParameterSet.from_model(frozen)
+    objective = BatchObjective(FunctionalModel(frozen, lambda m, x: m(x), params),
+                               ClassificationLikelihood(), *_data(1))
+    exact = float(torch.linalg.eigvalsh(exact_hessian(objective, params))[-1])
+    assert spread["sharpness"] == pytest.approx(exact, rel=0.02)
+
+
+def test_fisher_units_spread_over_training_steps_equal_the_one_shot_measurement(trained
+                                                                             ) -> None:
+    model, optimizer = trained
+    config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4})
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    one_shot = _values(list(_estimator("fisher", model, optimizer, config).run(ctx)))
+    units = _estimator("fisher", model, optimizer, config).measure_in_units(ctx)
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            spread = _values(list(done.value))
+            break
+        _train_step(model, optimizer, 400 + steps)
+        optimizer.step()
+        steps += 1
+    # Labels drawn, then 32 examples in chunks of 4, for the true and empirical Fisher.
+    assert steps == 1 + 8 + 8
+    assert set(spread) == set(one_shot) and "fisher_top_eigenvalue" in spread
+    for key, value in one_shot.items():
+        assert spread[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_measurement_dropped_half_way_leaves_the_estimator_as_it_was(trained) -> None:
+    model, optimizer = trained
+    sharpness = _sharpness(model, optimizer)
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    before = copy.deepcopy(sharpness.state_dict())
+    units = sharpness.run_in_units(ctx)
+    for _ in range(10):
+        next(units)
+    units.close()
+    after = sharpness.state_dict()
+    assert after["previous"] is None and after["previous_adam"] is None
+    assert after["relative_gap"] == before["relative_gap"]
+    # A complete one moves the warm start.
+    run_units(sharpness.run_in_units(ctx))
+    assert sharpness.state_dict()["previous"] is not None
+
+
+def test_effort_scales_lanczos_iterations_and_trace_products_down_to_a_minimum(
+        trained) -> None:
+    model, optimizer = trained
+    config = EstimatorConfig(**{**CONFIG.__dict__, "sharpness_tol": 1e-12,
+                                "hutchinson_samples": 12, "sharpness_cold_iterations": 20})
+    sharpness = _sharpness(model, optimizer, config)
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+
+    def units_of_one_run() -> int:
+        units = sharpness.run_in_units(ctx)
+        count = 0
+        while True:
+            try:
+                next(units)
+            except StopIteration:
+                return count
+            count += 1
+
+    full = units_of_one_run()
+    sharpness.plain.previous = sharpness.adam.previous = None  # cold again
+    sharpness.set_effort(0.5)
+    assert sharpness.plain.cold_iterations == 10 and sharpness.trace_products == 6
+    half = units_of_one_run()
+    assert half < full
+    sharpness.set_effort(0.0)
+    assert sharpness.plain.cold_iterations == MIN_LANCZOS_ITERATIONS
+    assert sharpness.adam.warm_iterations == MIN_LANCZOS_ITERATIONS
+    assert sharpness.trace_products == MIN_TRACE_PRODUCTS
+    sharpness.set_effort(1.0)
+    assert (sharpness.plain.cold_iterations, sharpness.trace_products) == (20, 12)
+    with pytest.raises(ValueError):
+        sharpness.set_effort(float("nan"))
+
+
+class BlockedExpensive:
+    """An expensive estimator due at every step: it must wait while sharpness is in flight."""
+
+    name = "toy_expensive"
+    default_interval = 1
+    expensive = True
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def run(self, ctx: StepContext) -> list[Measurement]:
+        self.steps.append(ctx.step)
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monkeypatch
+                                                                   ) -> None:
+    """A deliberately expensive configuration (60 Lanczos iterations that never stop
+    early, 30 trace products) under a slice no unit fits in: each step runs one unit,
+    so at most one Hessian-vector product (or one operator construction)."""
+    model, optimizer = trained
+    products: list[int] = []
+    for cls in (hvp_module.DoubleBackwardHVP, hvp_module.ForwardOverReverseHVP,
+                hvp_module.FiniteDifferenceHVP):
+        original = cls._product
+
+        def counted(self, vector, _original=original):
+            products.append(1)
+            return _original(self, vector)
+
+        monkeypatch.setattr(cls, "_product", counted)
+    original_init = hvp_module.DoubleBackwardHVP.__init__
+
+    def counted_init(self, *args, **kwargs):
+        products.append(1)  # building the gradient graph costs about one product
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(hvp_module.DoubleBackwardHVP, "__init__", counted_init)
+
+    expensive = EstimatorConfig(**{**CONFIG.__dict__, "sharpness_tol": 1e-12,
+                                   "sharpness_cold_iterations": 60, "hutchinson_samples": 30,
+                                   "sharpness_interval": 1000})
+    sharpness = _sharpness(model, optimizer, expensive)
+    blocked = BlockedExpensive()
+    config = MonitorConfig(resumable_slice_fraction=1e-9, resumable_slice_min_seconds=1e-9,
+                           max_interval_factor=1)
+    monitor = Monitor(model, optimizer, estimators=[sharpness, blocked], config=config)
+    recorded: list[tuple[str, int, float]] = []
+    record_run = monitor._budget.record_run
+    monkeypatch.setattr(monitor._budget, "record_run",
+                        lambda name, step, seconds: (recorded.append((name, step, seconds)),
+                                                     record_run(name, step, seconds)))
+    published: list[tuple[int, list]] = []
+    publish = monitor._publish
+    monkeypatch.setattr(monitor, "_publish", lambda step, measurements, earlier=():
+                        (published.extend(earlier), publish(step, measurements, earlier)))
+
+    per_step, flight, checkpoint = [], None, None
+    for step in range(400):
+        before = len(products)
+        loss = _train_step(model, optimizer, 300 + step)
+        monitor.step(loss=loss, batch=_data(step))
+        optimizer.step()
+        per_step.append(len(products) - before)
+        flight = monitor._in_flight or flight
+        if step == 50:
+            checkpoint = monitor.state_dict()  # mid-flight: must not crash or save half
+        if monitor._in_flight is None and published:
+            break
+    loss = _train_step(model, optimizer, 1)
+    monitor.step(loss=loss, batch=_data(1))  # the step after it completed
+    assert flight is not None and flight.name == "sharpness" and flight.step == 0
+    spanned = flight.steps
+    assert spanned > 60 and flight.units_run == spanned
+    assert max(per_step) == 1
+    # No other expensive estimator ran meanwhile; it ran the step after.
+    assert blocked.steps == [spanned]
+    # The budget saw the whole cost once, at the step the measurement completed, and
+    # the values carry the step the measurement started at.
+    assert recorded[0] == ("sharpness", spanned - 1, flight.seconds)
+    assert {step for step, _ in published} == {0}
+    assert {m.metric for _, m in published} >= {"sharpness", "hessian_trace"}
+    assert "sharpness" in monitor.latest()
+    # The checkpoint taken in flight holds the estimator as it was before it began, and
+    # a monitor resumed from it starts the measurement again.
+    assert checkpoint is not None and checkpoint["estimators"]["sharpness"]["previous"] is None
+    assert checkpoint["budget"]["schedules"]["sharpness"]["runs"] == 0
+    monitor.close()
