@@ -75,7 +75,7 @@ def test_a_scoped_query_searches_its_runs_by_index(storm_db: tuple[Path, str]) -
     path, own = storm_db
     plan, steps, rows = _executed(path, [own], limit=11)
     assert rows == 11
-    assert "SEARCH alerts USING INDEX alerts_by_run (run_id=?)" in plan
+    assert "SEARCH alerts USING COVERING INDEX alerts_page_by_run (run_id=?)" in plan
     assert "SCAN alerts" not in plan
     # Visiting every other alert would take at least one step each.
     assert steps < OTHER_ALERTS
@@ -89,8 +89,37 @@ def test_a_deep_page_starts_at_its_position(storm_db: tuple[Path, str]) -> None:
             "LIMIT 1 OFFSET ?", (OTHER_ALERTS,)).fetchone()
     plan, steps, rows = _executed(path, None, limit=20, after=(started_at, alert_id))
     assert rows == 20
-    assert "alerts_by_start" in plan
+    assert "COVERING INDEX alerts_page_by_start" in plan
     assert steps < OTHER_ALERTS  # an OFFSET would step over every alert before it
+
+
+def test_a_scope_of_many_runs_reads_a_page_from_each_not_all_their_alerts(
+        storm_db: tuple[Path, str]) -> None:
+    path, _ = storm_db
+    team_b = [f"{index:016x}" for index in range(1, OTHER_RUNS + 1)]
+    plan, steps, rows = _executed(path, team_b, limit=11)
+    assert rows == 11
+    assert "SEARCH alerts USING COVERING INDEX alerts_page_by_run (run_id=?)" in plan
+    # The index gives each run's alerts in page order, so each run's walk stops once the
+    # page is full; sorting all of team B's alerts took ten steps per alert.
+    assert steps < OTHER_ALERTS
+
+
+@pytest.mark.parametrize(("states", "rule"), [((), "NoSuchRule"), ((2,), ""),
+                                             ((1, 2), "NoSuchRule")])
+def test_filters_are_checked_on_the_index_not_the_table(
+        storm_db: tuple[Path, str], states: tuple[int, ...], rule: str) -> None:
+    path, own = storm_db
+    for run_ids in (None, [own]):
+        query, params = alerts_query("", states, rule, 11, run_ids, None)
+        with sqlite3.connect(path) as conn:
+            steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)]
+            assert conn.execute(query, params).fetchall() == []
+        # Alerts that fail the filter are passed over on the index; the table is read
+        # only by alert_id, for the page's own rows.
+        reads = [step for step in steps if step.startswith(("SCAN alerts", "SEARCH alerts"))]
+        assert any("COVERING INDEX alerts_page_by_" in step for step in reads), steps
+        assert all("COVERING INDEX" in step or "(alert_id=?)" in step for step in reads), steps
 
 
 class RecordingStorage(SQLiteStorage):
@@ -188,3 +217,22 @@ def test_postgres_reads_only_the_callers_alerts(postgres_cluster: Cluster,
             assert row is not None
             plan = row[0][0]["Plan"]
             assert 0 < _alert_rows_read(plan) <= bound, plan
+
+
+def test_a_file_with_the_earlier_alert_indexes_gets_the_page_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "earlier.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE alerts (alert_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, "
+                     "run_name TEXT NOT NULL, rule TEXT NOT NULL, labels TEXT NOT NULL, "
+                     "state INTEGER NOT NULL, severity TEXT NOT NULL, summary TEXT NOT NULL, "
+                     "value REAL NOT NULL, threshold REAL NOT NULL, step INTEGER NOT NULL, "
+                     "started_at REAL NOT NULL, fired_at REAL NOT NULL, "
+                     "resolved_at REAL NOT NULL)")
+        conn.execute("CREATE INDEX alerts_by_run ON alerts (run_id, started_at)")
+        conn.execute("CREATE INDEX alerts_by_start ON alerts (started_at DESC, alert_id)")
+    SQLiteStorage(str(path)).close()
+    with sqlite3.connect(path) as conn:
+        indexes = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'alerts' "
+            "AND name NOT LIKE 'sqlite_autoindex%'")}
+    assert indexes == {"alerts_page_by_run", "alerts_page_by_start"}
