@@ -16,14 +16,14 @@ from postgres_cluster import Cluster
 from server_support import Client, config
 from stored_alerts import store_alerts
 
-from raresignal.protos.v1 import alerts_pb2
+from raresignal.protos.v1 import alerts_pb2, common_pb2
 from raresignal.server.alerting.engine import AlertEngine
 from raresignal.server.serving.app import start_in_thread
 from raresignal.server.serving.auth import Principal
 from raresignal.server.serving.ledger import Ledger
 from raresignal.server.serving.live import LiveState
 from raresignal.server.storage.base import AlertPosition
-from raresignal.server.storage.records import AlertRecord
+from raresignal.server.storage.records import AlertRecord, EngineWrites, RunRecord
 from raresignal.server.storage.sqlite import SQLiteStorage, alerts_query
 
 OTHER_RUNS = 200
@@ -103,6 +103,65 @@ def test_a_scope_of_many_runs_reads_a_page_from_each_not_all_their_alerts(
     # The index gives each run's alerts in page order, so each run's walk stops once the
     # page is full; sorting all of team B's alerts took ten steps per alert.
     assert steps < OTHER_ALERTS
+
+
+TEAM_RUNS = 100
+ALERTS_PER_TEAM_RUN = 100
+
+
+@pytest.fixture(scope="module")
+def team_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One team's runs, one after another in time, and their ids oldest first (the order
+    a scope is gathered in)."""
+    path = tmp_path_factory.mktemp("team") / "raresignal.db"
+    store = SQLiteStorage(str(path))
+    run_ids = []
+    for index in range(TEAM_RUNS):
+        run_id = f"{index:016x}"
+        run = RunRecord(run_id=run_id, run_name=f"team-{index}",
+                        state=common_pb2.RUN_STATE_COMPLETED, world_size=1,
+                        created_at=1000.0 * index, updated_at=1000.0 * index, last_step=0,
+                        report_interval_seconds=0.0, finished_at=1000.0 * index + 999)
+        store.create_run(run)
+        store.update_run(run, EngineWrites(alerts=[
+            AlertRecord(alert_id=f"{index:08x}{i:08x}", run_id=run_id,
+                        run_name=run.run_name, rule="R", labels={},
+                        state=common_pb2.ALERT_STATE_RESOLVED, severity="warning",
+                        summary="s", value=1.0, threshold=0.5, step=i,
+                        started_at=1000.0 * index + i)
+            for i in range(ALERTS_PER_TEAM_RUN)]))
+        run_ids.append(run_id)
+    store.close()
+    return path, run_ids
+
+
+@pytest.mark.parametrize("limit", [11, 1001])
+def test_a_page_of_a_long_lived_team_stops_at_each_older_run(
+        team_db: tuple[Path, list[str]], limit: int) -> None:
+    path, run_ids = team_db
+    store = SQLiteStorage(str(path))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        store._db.set_progress_handler(count, 1)
+        listed = [a.alert_id for a in store.alerts(run_ids=run_ids, limit=limit)]
+        walked_newest_first, steps = steps, 0
+        # The same page walking the runs in the order the scope came in: oldest first.
+        store._db.execute(*alerts_query("", (), "", limit, run_ids, None)).fetchall()
+        walked_as_given = steps
+    finally:
+        store.close()
+    # Newest first, a full page ends every older run's walk at its first alert; oldest
+    # first, every alert of the team goes through the sort.
+    assert walked_newest_first < walked_as_given / 2, (walked_newest_first, walked_as_given)
+    newest = [f"{index:08x}{i:08x}" for index in reversed(range(TEAM_RUNS))
+              for i in reversed(range(ALERTS_PER_TEAM_RUN))]
+    assert listed == newest[:limit]
 
 
 @pytest.mark.parametrize(("states", "rule"), [((), "NoSuchRule"), ((2,), ""),
