@@ -214,9 +214,9 @@ class IngestService(ingest_pb2_grpc.IngestServicer):
 
     def _refuse_oversized_metadata(self, request: ingest_pb2.OpenRunRequest) -> None:
         """Refuses, on the event loop and before anything is copied out of the request,
-        metadata that cannot fit the quota: copying the 2 MiB a request may carry into
-        strings and dicts on the storage thread left most of it in the allocator's arenas
-        after the refusal. The ledger checks the exact size of what passes."""
+        metadata that cannot fit the quota, so the one storage thread, which every batch
+        waits for, never copies the 2 MiB such a request may carry into strings and
+        dicts. The ledger checks the exact size of what passes."""
         check_metadata_entries(request)
         limit = self._b.ledger.quotas.max_run_metadata_bytes
         size = metadata_bytes_at_least(request)
