@@ -9,6 +9,13 @@ process, each one long-lived ``Ingest.Report`` stream, as an agent keeps one), p
 advancing steps. Beside them a reader pages through ``ListRuns`` and ``ListAlerts`` every
 ``--read-interval`` seconds, as a dashboard or the CLI would.
 
+With ``--churn-per-minute N`` runs come and go as jobs do: N times a minute, spread over
+the senders, a sender closes one of its runs (completed) and opens a new one in its place,
+between two batches. The server then runs with ``--finished-run-ttl`` (short), so finished
+runs leave /metrics, the live state and the alert engine during the soak; each row also
+counts the runs /metrics shows, which stays near ``--runs`` plus the runs finished within
+the TTL if expiry works, and grows with every churned run if it does not.
+
 Every ``--window`` seconds it prints one row: the server's RSS, the samples per second
 delivered, and the p50/p99 latency of ReportBatch (from when the batch was due, so a
 server that falls behind cannot hide it), ListRuns and ListAlerts in that window. At
@@ -27,17 +34,21 @@ or any batch was acknowledged as a duplicate.
     python benchmarks/soak.py                                  # 3 minutes, 16 senders
     python benchmarks/soak.py --seconds 600 --senders 32 --runs 64 --rate 40000
     python benchmarks/soak.py --seconds 60 --window 5 --warmup 10          # a quick look
+    python benchmarks/soak.py --rate 10000 --churn-per-minute 60 --finished-run-ttl 20
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import queue
+import re
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +74,7 @@ SERIES: tuple[tuple[str, dict[str, str]], ...] = (
 )
 APPLIED = ingest_pb2.ReportAck.OUTCOME_APPLIED
 CALL_TIMEOUT_SECONDS = 60.0
+RUN_ID_LABEL = re.compile(r'run_id="([0-9a-f]+)"')
 SETTLE_SECONDS = 1.0
 # Below this share of the offered rate delivered, the server is behind, not steady.
 KEPT_UP = 0.95
@@ -91,6 +103,7 @@ class Recorder:
         self.windows: dict[int, Window] = {}
         self.failures: dict[str, int] = {}
         self.duplicates = 0
+        self.churned = 0
 
     def _window(self, at: float) -> Window:
         index = int((at - self.started) // self.window_seconds)
@@ -123,22 +136,43 @@ def make_batch(run_id: str, sender_id: str, sequence: int, first_step: int,
                                   samples=samples)
 
 
+def churn(ingest: ingest_pb2_grpc.IngestStub, runs: list[str], turn: int) -> None:
+    """Closes one of ``runs`` (completed) and puts a newly opened run in its place."""
+    slot = turn % len(runs)
+    ingest.CloseRun(ingest_pb2.CloseRunRequest(run_id=runs[slot],
+                                               state=common_pb2.RUN_STATE_COMPLETED),
+                    timeout=CALL_TIMEOUT_SECONDS)
+    runs[slot] = ingest.OpenRun(ingest_pb2.OpenRunRequest(
+        run_name=f"soak-churned-{runs[slot]}", world_size=1),
+        timeout=CALL_TIMEOUT_SECONDS).run_id
+
+
 def sender(target: str, runs: list[str], name: str, interval: float, steps: int,
-           until: float, recorder: Recorder) -> None:
+           until: float, recorder: Recorder, churn_interval: float = float("inf"),
+           churn_offset: float = 0.0) -> None:
     """One agent-like client: one Report stream, a batch every ``interval`` seconds,
-    cycling over its runs; latency counts from when each batch was due."""
+    cycling over its runs, and every ``churn_interval`` seconds one run replaced by a new
+    one; latency counts from when each batch was due."""
     channel = grpc.insecure_channel(target, client_channel_options())
+    ingest = ingest_pb2_grpc.IngestStub(channel)
     outgoing: queue.Queue[ingest_pb2.ReportBatch | None] = queue.Queue()
-    acks: Iterator[ingest_pb2.ReportAck] = ingest_pb2_grpc.IngestStub(channel).Report(
+    acks: Iterator[ingest_pb2.ReportAck] = ingest.Report(
         iter(outgoing.get, None), timeout=until - time.monotonic() + CALL_TIMEOUT_SECONDS)
-    sequences = dict.fromkeys(runs, 0)
+    runs = list(runs)
+    sequences: dict[str, int] = {}
     due = time.monotonic()
+    churn_due = due + churn_offset
     turn = 0
     try:
         while due < until:
             time.sleep(max(0.0, due - time.monotonic()))
+            if time.monotonic() >= churn_due:
+                churn(ingest, runs, turn)
+                with recorder.lock:
+                    recorder.churned += 1
+                churn_due += churn_interval
             run_id = runs[turn % len(runs)]
-            sequences[run_id] += 1
+            sequences[run_id] = sequences.get(run_id, 0) + 1
             sequence = sequences[run_id]
             outgoing.put(make_batch(run_id, name, sequence, (sequence - 1) * steps, steps))
             ack = next(acks)
@@ -185,6 +219,12 @@ def reader(target: str, interval: float, until: float, recorder: Recorder) -> No
             recorder.failed("read", error)
         due += interval
     channel.close()
+
+
+def runs_on_metrics(url: str) -> int:
+    """How many runs one /metrics scrape shows series of."""
+    with urllib.request.urlopen(url, timeout=CALL_TIMEOUT_SECONDS) as response:
+        return len(set(RUN_ID_LABEL.findall(response.read().decode())))
 
 
 def rss_mib(server: ServerProcess) -> float:
@@ -240,6 +280,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default %(default)s)")
     parser.add_argument("--read-interval", type=float, default=0.5,
                         help="seconds between ListRuns/ListAlerts rounds (default %(default)s)")
+    parser.add_argument("--churn-per-minute", type=float, default=0.0,
+                        help="runs closed and replaced by new ones per minute, all senders "
+                             "together (default %(default)s: none)")
+    parser.add_argument("--finished-run-ttl", type=float, default=20.0,
+                        help="the server's finished-run TTL in seconds, with churn "
+                             "(default %(default)s)")
     parser.add_argument("--window", type=float, default=15.0,
                         help="seconds per row of the table (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=30.0,
@@ -261,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     batch_samples = args.steps_per_batch * len(SERIES)
     interval = args.senders * batch_samples / args.rate  # each sender's pace
+    churn_interval = (args.senders * 60.0 / args.churn_per_minute if args.churn_per_minute
+                      else float("inf"))  # each sender's, staggered below
+    if args.churn_per_minute:
+        os.environ["RARESIGNAL_FINISHED_RUN_TTL"] = str(args.finished_run_ttl)
     with (tempfile.TemporaryDirectory() as work,
           ServerProcess(Path(work) / "soak.db", Path(work)) as server):
         server.start()
@@ -270,16 +320,20 @@ def main(argv: list[str] | None = None) -> int:
         recorder = Recorder(args.window, started)
         threads = [threading.Thread(target=sender, args=(
             server.grpc_target, run_ids[index::args.senders], f"soak-sender-{index}",
-            interval, args.steps_per_batch, until, recorder)) for index in range(args.senders)]
+            interval, args.steps_per_batch, until, recorder, churn_interval,
+            churn_interval * (index + 1) / args.senders)) for index in range(args.senders)]
         threads.append(threading.Thread(target=reader, args=(
             server.grpc_target, args.read_interval, until, recorder)))
         for thread in threads:
             thread.start()
         print(f"soak: {args.seconds:.0f} s, {args.senders} senders, {args.runs} runs, "
               f"{args.rate:,.0f} samples/s offered in batches of {batch_samples}, "
-              f"reads every {args.read_interval} s", flush=True)
+              f"reads every {args.read_interval} s"
+              + (f", {args.churn_per_minute:g} runs replaced a minute (finished-run TTL "
+                 f"{args.finished_run_ttl:g} s)" if args.churn_per_minute else ""), flush=True)
         print(f"{'t (s)':>6} {'RSS MiB':>8} {'samples/s':>10} {'report p50/p99 ms':>18} "
-              f"{'ListRuns p50/p99':>17} {'ListAlerts p50/p99':>19}", flush=True)
+              f"{'ListRuns p50/p99':>17} {'ListAlerts p50/p99':>19} "
+              f"{'runs on /metrics':>16}", flush=True)
         rss: list[tuple[float, float]] = []
         rows: list[Row] = []
         for index in range(int(args.seconds // args.window)):
@@ -289,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                            - time.monotonic()))
             at = (index + 1) * args.window
             rss.append((at, rss_mib(server)))
+            shown = runs_on_metrics(server.metrics_url)
             with recorder.lock:
                 window = recorder.windows.get(index, Window())
                 row = (at, quantiles(window.report), quantiles(window.list_runs),
@@ -298,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             _, report, runs, alerts = row
             print(f"{at:>6.0f} {rss[-1][1]:>8.1f} {samples / args.window:>10,.0f} "
                   f"{report[0]:>8.1f} / {report[1]:>7.1f} {runs[0]:>7.1f} / {runs[1]:>7.1f} "
-                  f"{alerts[0]:>8.1f} / {alerts[1]:>7.1f}", flush=True)
+                  f"{alerts[0]:>8.1f} / {alerts[1]:>7.1f} {shown:>16}", flush=True)
         for thread in threads:
             thread.join()
     return verdict(args, rss, rows, recorder)
@@ -319,7 +374,7 @@ def verdict(args: argparse.Namespace, rss: list[tuple[float, float]], rows: list
         worst = max(worst, p99)
         print(f"  {name} latency drift, last/first window: p50 x{p50:.2f}, p99 x{p99:.2f}")
     print(f"  failed calls: {recorder.failures or 'none'}; duplicate acks: "
-          f"{recorder.duplicates}")
+          f"{recorder.duplicates}; runs replaced: {recorder.churned}")
     with recorder.lock:
         delivered = sum(recorder.windows.get(index, Window()).samples for index in steady)
     kept_up = delivered / (len(steady) * args.window) / args.rate

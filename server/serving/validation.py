@@ -150,6 +150,30 @@ def _check_map(field: str, entries: dict[str, str]) -> None:
                           f"{MAX_MAP_VALUE_CHARS}")
 
 
+# The most bytes a map entry adds beyond its key and value: the entry's tag and length, and
+# the key's and the value's (one-byte tags, lengths of at most five bytes each).
+_MAP_ENTRY_FRAMING_BYTES = 18
+
+
+def check_metadata_entries(request: ingest_pb2.OpenRunRequest) -> None:
+    """Refuses too many config or tag entries by the decoder's count, before any is copied."""
+    for field, entries in (("config", request.config), ("tags", request.tags)):
+        if len(entries) > MAX_MAP_ENTRIES:
+            raise invalid(f"{field} has {len(entries)} entries, more than {MAX_MAP_ENTRIES}")
+
+
+def metadata_bytes_at_least(request: ingest_pb2.OpenRunRequest) -> int:
+    """A lower bound of the UTF-8 bytes of the request's config and tags (every key and
+    value), from sizes the decoder already holds: no key or value becomes a Python string,
+    so a request far over the quota is refused before it is copied."""
+    rest = ingest_pb2.OpenRunRequest()
+    for field, value in request.ListFields():
+        if field.name not in ("config", "tags"):
+            setattr(rest, field.name, value)
+    entries = len(request.config) + len(request.tags)
+    return request.ByteSize() - rest.ByteSize() - _MAP_ENTRY_FRAMING_BYTES * entries
+
+
 def check_open_run(request: ingest_pb2.OpenRunRequest) -> None:
     check_name("run_name", request.run_name)
     if request.resume_run_id:

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from server_support import Client, batch, config, sample
 
 from raresignal.protos.v1 import ingest_pb2
 from raresignal.server.process import ServerProcess
 from raresignal.server.serving.app import ServerHandle, start_in_thread
-from raresignal.server.serving.quotas import Quotas
+from raresignal.server.serving.quotas import Quotas, metadata_bytes
+from raresignal.server.serving.validation import MAX_MAP_ENTRIES, metadata_bytes_at_least
 
 TOKENS = {"tok-a": ["a-*"], "tok-b": ["b-*"]}
 SMALL = Quotas(max_runs_per_token=3, max_open_runs_per_token=2, max_series_per_token=50,
@@ -106,9 +109,47 @@ def test_run_metadata_bytes(a: Client) -> None:
                                         config={"lr": "x" * 600}, tags={"team": "y" * 600})
     details = refused(a.ingest.OpenRun, request, metadata=a.metadata, timeout=10)
     assert names_quota(details, "max_run_metadata_bytes", 1000), details
-    assert "take 1206 bytes" in details
+    # Refused on arrival, by the decoder's sizes, before the ledger copies a string.
+    assert "take at least 1186 bytes" in details
     request.tags["team"] = "y" * 300
     a.ingest.OpenRun(request, metadata=a.metadata, timeout=10)
+
+
+def test_run_metadata_bytes_of_many_small_entries(a: Client) -> None:
+    # Framing makes the lower bound fit; the ledger's exact count refuses.
+    request = ingest_pb2.OpenRunRequest(
+        run_name="a-many", world_size=1, config={f"{i:03d}": "v" * 8 for i in range(100)})
+    details = refused(a.ingest.OpenRun, request, metadata=a.metadata, timeout=10)
+    assert names_quota(details, "max_run_metadata_bytes", 1000), details
+    assert "take 1100 bytes" in details
+
+
+def test_too_many_entries_are_refused_on_arrival(a: Client) -> None:
+    request = ingest_pb2.OpenRunRequest(
+        run_name="a-wide", world_size=1, tags={str(i): "" for i in range(MAX_MAP_ENTRIES + 1)})
+    with pytest.raises(grpc.RpcError) as raised:
+        a.ingest.OpenRun(request, metadata=a.metadata, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"tags has {MAX_MAP_ENTRIES + 1} entries" in raised.value.details()
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=300)
+
+
+@given(config=st.dictionaries(_TEXT, _TEXT, max_size=20),
+       tags=st.dictionaries(_TEXT, _TEXT, max_size=20),
+       run_name=_TEXT, agent_version=_TEXT, resume_run_id=_TEXT,
+       world_size=st.integers(-2**31, 2**31 - 1), interval=st.floats())
+def test_the_lower_bound_never_exceeds_the_exact_metadata_size(
+        config: dict[str, str], tags: dict[str, str], run_name: str, agent_version: str,
+        resume_run_id: str, world_size: int, interval: float) -> None:
+    request = ingest_pb2.OpenRunRequest(
+        run_name=run_name, resume_run_id=resume_run_id, config=config, tags=tags,
+        world_size=world_size, report_interval_seconds=interval, agent_version=agent_version)
+    exact = metadata_bytes(config, tags)
+    assert metadata_bytes_at_least(request) <= exact
+    # Close enough to refuse on arrival what is far over the quota.
+    assert metadata_bytes_at_least(request) >= exact - 18 * (len(config) + len(tags))
 
 
 def test_without_tokens_all_callers_share_one_quota(tmp_path: Path) -> None:

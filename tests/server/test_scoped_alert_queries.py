@@ -16,14 +16,14 @@ from postgres_cluster import Cluster
 from server_support import Client, config
 from stored_alerts import store_alerts
 
-from raresignal.protos.v1 import alerts_pb2
+from raresignal.protos.v1 import alerts_pb2, common_pb2
 from raresignal.server.alerting.engine import AlertEngine
 from raresignal.server.serving.app import start_in_thread
 from raresignal.server.serving.auth import Principal
 from raresignal.server.serving.ledger import Ledger
 from raresignal.server.serving.live import LiveState
 from raresignal.server.storage.base import AlertPosition
-from raresignal.server.storage.records import AlertRecord
+from raresignal.server.storage.records import AlertRecord, EngineWrites, RunRecord
 from raresignal.server.storage.sqlite import SQLiteStorage, alerts_query
 
 OTHER_RUNS = 200
@@ -75,7 +75,7 @@ def test_a_scoped_query_searches_its_runs_by_index(storm_db: tuple[Path, str]) -
     path, own = storm_db
     plan, steps, rows = _executed(path, [own], limit=11)
     assert rows == 11
-    assert "SEARCH alerts USING INDEX alerts_by_run (run_id=?)" in plan
+    assert "SEARCH alerts USING COVERING INDEX alerts_page_by_run (run_id=?)" in plan
     assert "SCAN alerts" not in plan
     # Visiting every other alert would take at least one step each.
     assert steps < OTHER_ALERTS
@@ -89,8 +89,96 @@ def test_a_deep_page_starts_at_its_position(storm_db: tuple[Path, str]) -> None:
             "LIMIT 1 OFFSET ?", (OTHER_ALERTS,)).fetchone()
     plan, steps, rows = _executed(path, None, limit=20, after=(started_at, alert_id))
     assert rows == 20
-    assert "alerts_by_start" in plan
+    assert "COVERING INDEX alerts_page_by_start" in plan
     assert steps < OTHER_ALERTS  # an OFFSET would step over every alert before it
+
+
+def test_a_scope_of_many_runs_reads_a_page_from_each_not_all_their_alerts(
+        storm_db: tuple[Path, str]) -> None:
+    path, _ = storm_db
+    team_b = [f"{index:016x}" for index in range(1, OTHER_RUNS + 1)]
+    plan, steps, rows = _executed(path, team_b, limit=11)
+    assert rows == 11
+    assert "SEARCH alerts USING COVERING INDEX alerts_page_by_run (run_id=?)" in plan
+    # The index gives each run's alerts in page order, so each run's walk stops once the
+    # page is full; sorting all of team B's alerts took ten steps per alert.
+    assert steps < OTHER_ALERTS
+
+
+TEAM_RUNS = 100
+ALERTS_PER_TEAM_RUN = 100
+
+
+@pytest.fixture(scope="module")
+def team_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One team's runs, one after another in time, and their ids oldest first (the order
+    a scope is gathered in)."""
+    path = tmp_path_factory.mktemp("team") / "raresignal.db"
+    store = SQLiteStorage(str(path))
+    run_ids = []
+    for index in range(TEAM_RUNS):
+        run_id = f"{index:016x}"
+        run = RunRecord(run_id=run_id, run_name=f"team-{index}",
+                        state=common_pb2.RUN_STATE_COMPLETED, world_size=1,
+                        created_at=1000.0 * index, updated_at=1000.0 * index, last_step=0,
+                        report_interval_seconds=0.0, finished_at=1000.0 * index + 999)
+        store.create_run(run)
+        store.update_run(run, EngineWrites(alerts=[
+            AlertRecord(alert_id=f"{index:08x}{i:08x}", run_id=run_id,
+                        run_name=run.run_name, rule="R", labels={},
+                        state=common_pb2.ALERT_STATE_RESOLVED, severity="warning",
+                        summary="s", value=1.0, threshold=0.5, step=i,
+                        started_at=1000.0 * index + i)
+            for i in range(ALERTS_PER_TEAM_RUN)]))
+        run_ids.append(run_id)
+    store.close()
+    return path, run_ids
+
+
+@pytest.mark.parametrize("limit", [11, 1001])
+def test_a_page_of_a_long_lived_team_stops_at_each_older_run(
+        team_db: tuple[Path, list[str]], limit: int) -> None:
+    path, run_ids = team_db
+    store = SQLiteStorage(str(path))
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        store._db.set_progress_handler(count, 1)
+        listed = [a.alert_id for a in store.alerts(run_ids=run_ids, limit=limit)]
+        walked_newest_first, steps = steps, 0
+        # The same page walking the runs in the order the scope came in: oldest first.
+        store._db.execute(*alerts_query("", (), "", limit, run_ids, None)).fetchall()
+        walked_as_given = steps
+    finally:
+        store.close()
+    # Newest first, a full page ends every older run's walk at its first alert; oldest
+    # first, every alert of the team goes through the sort.
+    assert walked_newest_first < walked_as_given / 2, (walked_newest_first, walked_as_given)
+    newest = [f"{index:08x}{i:08x}" for index in reversed(range(TEAM_RUNS))
+              for i in reversed(range(ALERTS_PER_TEAM_RUN))]
+    assert listed == newest[:limit]
+
+
+@pytest.mark.parametrize(("states", "rule"), [((), "NoSuchRule"), ((2,), ""),
+                                             ((1, 2), "NoSuchRule")])
+def test_filters_are_checked_on_the_index_not_the_table(
+        storm_db: tuple[Path, str], states: tuple[int, ...], rule: str) -> None:
+    path, own = storm_db
+    for run_ids in (None, [own]):
+        query, params = alerts_query("", states, rule, 11, run_ids, None)
+        with sqlite3.connect(path) as conn:
+            steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, params)]
+            assert conn.execute(query, params).fetchall() == []
+        # Alerts that fail the filter are passed over on the index; the table is read
+        # only by alert_id, for the page's own rows.
+        reads = [step for step in steps if step.startswith(("SCAN alerts", "SEARCH alerts"))]
+        assert any("COVERING INDEX alerts_page_by_" in step for step in reads), steps
+        assert all("COVERING INDEX" in step or "(alert_id=?)" in step for step in reads), steps
 
 
 class RecordingStorage(SQLiteStorage):
@@ -188,3 +276,22 @@ def test_postgres_reads_only_the_callers_alerts(postgres_cluster: Cluster,
             assert row is not None
             plan = row[0][0]["Plan"]
             assert 0 < _alert_rows_read(plan) <= bound, plan
+
+
+def test_a_file_with_the_earlier_alert_indexes_gets_the_page_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "earlier.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE alerts (alert_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, "
+                     "run_name TEXT NOT NULL, rule TEXT NOT NULL, labels TEXT NOT NULL, "
+                     "state INTEGER NOT NULL, severity TEXT NOT NULL, summary TEXT NOT NULL, "
+                     "value REAL NOT NULL, threshold REAL NOT NULL, step INTEGER NOT NULL, "
+                     "started_at REAL NOT NULL, fired_at REAL NOT NULL, "
+                     "resolved_at REAL NOT NULL)")
+        conn.execute("CREATE INDEX alerts_by_run ON alerts (run_id, started_at)")
+        conn.execute("CREATE INDEX alerts_by_start ON alerts (started_at DESC, alert_id)")
+    SQLiteStorage(str(path)).close()
+    with sqlite3.connect(path) as conn:
+        indexes = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'alerts' "
+            "AND name NOT LIKE 'sqlite_autoindex%'")}
+    assert indexes == {"alerts_page_by_run", "alerts_page_by_start"}
