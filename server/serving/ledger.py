@@ -144,7 +144,7 @@ class Ledger:
                      "renewed every %g s)", self.ownership.replica_id,
                      self.ownership.ttl_seconds, self.ownership.heartbeat_seconds)
             return  # each run's engine state is loaded when its lease is taken
-        engine.restore([s for s in storage.rule_states() if s[0] in self._loaded],
+        engine.restore((s for s in storage.rule_states() if s[0] in self._loaded),
                        storage.alerts(states=(PENDING, FIRING), limit=1 << 62))
         live.load_values(v for v in storage.latest_values() if v.run_id in self._loaded)
         live.load_firing(engine.active_alerts())
@@ -416,7 +416,7 @@ class Ledger:
         self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
                               run.updated_at, run.last_step, bool(run.finished_at))
         self.engine.restore(
-            [s for s in self.storage.rule_states() if s[0] == run.run_id],
+            (s for s in self.storage.rule_states() if s[0] == run.run_id),
             self.storage.alerts(run_id=run.run_id, states=(PENDING, FIRING), limit=1 << 62))
 
     def close_run(self, run_id: str, state: int,
@@ -579,7 +579,7 @@ class Ledger:
         # last report: the failover itself is not a stall.
         self._track(run, heard_at=max(run.updated_at, now))
         self.engine.restore(
-            [s for s in self.storage.rule_states() if s[0] == run_id],
+            (s for s in self.storage.rule_states() if s[0] == run_id),
             self.storage.alerts(run_id=run_id, states=(PENDING, FIRING), limit=1 << 62))
         self.live.load_values(v for v in self.storage.latest_values() if v.run_id == run_id)
         self.live.load_firing(a for a in self.engine.active_alerts() if a.run_id == run_id)

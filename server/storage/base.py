@@ -10,7 +10,7 @@ default.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +117,9 @@ class Storage(ABC):
         """The series' samples from ``since_step`` on, oldest first, at most ``limit``."""
 
     @abstractmethod
-    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]: ...
+    def rule_states(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """Every stored engine state as (run_id, state key, state), one at a time, so a
+        restart never holds them all as raw rows beside the engine's own copies."""
 
     @abstractmethod
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",

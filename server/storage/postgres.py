@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 from typing import Any
 
 import psycopg
@@ -514,10 +514,11 @@ class PostgresStorage(Storage):
                         (series_id, since_step, limit))
             return [SeriesPoint(*row) for row in cur.fetchall()]
 
-    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]:
+    def rule_states(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         with self._pool.connection() as conn:
-            return [(row[0], row[1], json.loads(row[2])) for row in conn.execute(
-                "SELECT run_id, state_key, state FROM rule_states")]
+            for run_id, key, state in conn.execute(
+                    "SELECT run_id, state_key, state FROM rule_states"):
+                yield run_id, key, json.loads(state)
 
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
                limit: int = 1000, run_ids: Sequence[str] | None = None,

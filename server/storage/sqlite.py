@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Sequence, Set
+from collections.abc import Iterator, Sequence, Set
 from itertools import chain
 from typing import Any
 
@@ -415,9 +415,10 @@ class SQLiteStorage(Storage):
                 "ORDER BY step LIMIT ?", (series_id, since_step, -1 if limit is None else limit))
         ]
 
-    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]:
-        return [(row[0], row[1], json.loads(row[2]))
-                for row in self._db.execute("SELECT run_id, state_key, state FROM rule_states")]
+    def rule_states(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        for run_id, key, state in self._db.execute(
+                "SELECT run_id, state_key, state FROM rule_states"):
+            yield run_id, key, json.loads(state)
 
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
                limit: int = 1000, run_ids: Sequence[str] | None = None,

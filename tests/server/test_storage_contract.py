@@ -202,7 +202,7 @@ def test_engine_writes_and_alerts(open_store: OpenStore) -> None:
     store.apply_group(group)
     store.close()
     reopened = open_store()
-    assert reopened.rule_states() == [("r", "collapse|{}", {"ema": 2.0})]
+    assert list(reopened.rule_states()) == [("r", "collapse|{}", {"ema": 2.0})]
     assert [a.alert_id for a in reopened.alerts()] == ["a2", "a3", "a1"]  # newest first
     assert [a.alert_id for a in reopened.alerts(run_id="r")] == ["a2", "a1"]
     assert [a.alert_id for a in reopened.alerts(states=(2,))] == ["a2", "a1"]
