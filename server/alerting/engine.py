@@ -46,7 +46,9 @@ _WHILE = "while"
 _STALL = "stall"
 
 
-@dataclass
+# Slots: the server keeps one of these per (rule, series), hundreds of thousands under a
+# full quota, and a slotted instance is a fraction of one with a __dict__.
+@dataclass(slots=True)
 class SeriesState:
     """What the engine remembers about one (run, rule, series): baseline and episode."""
 
