@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -90,7 +91,8 @@ async def sender(run_id: str, home: int, targets: list[str], interval: float,
                     run_id=run_id, sender_id=run_id + "-s", sequence=sequence,
                     samples=[common_pb2.Sample(metric="loss", step=sequence, value=loss,
                                                wall_time=time.time())])
-                await call.write(batch.SerializeToString())
+                await asyncio.wait_for(call.write(batch.SerializeToString()),
+                                       ACK_TIMEOUT_SECONDS)
                 ack = await asyncio.wait_for(call.read(), ACK_TIMEOUT_SECONDS)
                 if ack is grpc.aio.EOF:
                     raise ConnectionError("stream ended")
@@ -100,12 +102,12 @@ async def sender(run_id: str, home: int, targets: list[str], interval: float,
                         and ack.outcome == ingest_pb2.ReportAck.OUTCOME_APPLIED):
                     trial.first_ack_after = time.time()
                 await asyncio.sleep(interval)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError, ConnectionError) as error:
-            if not trial.killed_at:
-                trial.errors.append(f"{run_id}: {error!r}"[:200])
+        except Exception as error:  # whatever broke, the other replica is the way on
+            trial.errors.append(f"{run_id}: {error!r}"[:200])
             index = 1 - index
         finally:
-            await channel.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), ACK_TIMEOUT_SECONDS)
 
 
 def home_was_victim(home_target: str, trial: Trial) -> bool:
@@ -134,11 +136,13 @@ def transitions_after(conninfo: str, run_ids: list[str], after: float) -> int:
         return int(row[0]) if row else 0
 
 
-async def wait_until(condition: object, deadline_seconds: float, what: str) -> None:
+async def wait_until(condition: object, deadline_seconds: float, what: str,
+                     trial: Trial) -> None:
     deadline = time.monotonic() + deadline_seconds
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
+            raise SystemExit(f"timed out waiting for {what}; sender errors: "
+                             f"{trial.errors[-5:]}")
         await asyncio.sleep(POLL_SECONDS)
 
 
@@ -150,7 +154,7 @@ async def one_trial(conninfo: str, targets: list[str], replicas: dict[str, subpr
              for i, run_id in enumerate(run_ids)]
     try:
         await wait_until(lambda: len(owners(conninfo)) == senders, 10 * ttl + 30,
-                         "every run to have a lease")
+                         "every run to have a lease", trial)
         # A transition or two on every run before the kill, so the engines are warm.
         await asyncio.sleep(4 * interval)
         held = owners(conninfo)
@@ -167,9 +171,9 @@ async def one_trial(conninfo: str, targets: list[str], replicas: dict[str, subpr
                 return True
             return False
 
-        await wait_until(transition_seen, 10 * ttl + 60, "a transition of the lost runs")
+        await wait_until(transition_seen, 10 * ttl + 60, "a transition of the lost runs", trial)
         await wait_until(lambda: trial.first_ack_after is not None, 60,
-                         "a sample of the lost senders")
+                         "a sample of the lost senders", trial)
     finally:
         trial.stop = True
         await asyncio.gather(*tasks, return_exceptions=True)
