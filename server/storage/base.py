@@ -116,7 +116,9 @@ class Storage(ABC):
         one transaction. On an error nothing of the group is stored, and it is raised."""
 
     @abstractmethod
-    def latest_values(self) -> list[LatestValue]: ...
+    def latest_values(self, run_id: str | None = None) -> list[LatestValue]:
+        """The newest value of every series, or of one run's (by index: a takeover
+        reads the run it takes, not every run's)."""
 
     @abstractmethod
     def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
@@ -124,7 +126,8 @@ class Storage(ABC):
         """The series' samples from ``since_step`` on, oldest first, at most ``limit``."""
 
     @abstractmethod
-    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]: ...
+    def rule_states(self, run_id: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """The alert engine's (run_id, state key, state) rows, of every run or of one."""
 
     @abstractmethod
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",

@@ -485,14 +485,14 @@ class PostgresStorage(Storage):
 
     # -- reads -----------------------------------------------------------------------
 
-    def latest_values(self) -> list[LatestValue]:
+    def latest_values(self, run_id: str | None = None) -> list[LatestValue]:
+        query = ("SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
+                 "FROM series WHERE last_value IS NOT NULL")
+        params: tuple[str, ...] = ()
+        if run_id is not None:
+            query, params = query + " AND run_id = %s", (run_id,)
         with self._pool.connection() as conn:
-            return [
-                LatestValue(*row)
-                for row in conn.execute(
-                    "SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
-                    "FROM series WHERE last_value IS NOT NULL")
-            ]
+            return [LatestValue(*row) for row in conn.execute(query, params)]
 
     def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
                    limit: int | None = None) -> list[SeriesPoint]:
@@ -505,10 +505,12 @@ class PostgresStorage(Storage):
                         (series_id, since_step, limit))
             return [SeriesPoint(*row) for row in cur.fetchall()]
 
-    def rule_states(self) -> list[tuple[str, str, dict[str, Any]]]:
+    def rule_states(self, run_id: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        query, params = "SELECT run_id, state_key, state FROM rule_states", ()
+        if run_id is not None:
+            query, params = query + " WHERE run_id = %s", (run_id,)
         with self._pool.connection() as conn:
-            return [(row[0], row[1], json.loads(row[2])) for row in conn.execute(
-                "SELECT run_id, state_key, state FROM rule_states")]
+            return [(row[0], row[1], json.loads(row[2])) for row in conn.execute(query, params)]
 
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
                limit: int = 1000, run_ids: Sequence[str] | None = None,

@@ -362,3 +362,19 @@ def test_a_run_keeps_its_newest_resolved_alerts_and_every_open_one(
     if isinstance(store, SQLiteStorage):  # the transitions of deleted alerts go with them
         history = store._db.execute("SELECT DISTINCT alert_id FROM alert_history").fetchall()
         assert sorted(row[0] for row in history) == ["a3", "a4"]
+
+
+def test_engine_state_and_latest_values_are_read_per_run(open_store: OpenStore) -> None:
+    store = open_store()
+    runs = [run_record("r"), run_record("o")]
+    for run in runs:
+        store.create_run(run)
+    store.update_run(runs[0], EngineWrites(rule_states=[
+        ("r", "k1", {"ema": 1.0}), ("o", "k2", {"ema": 2.0})]))
+    store.apply_group(group_of(write(runs[0], 1, [loss(1, 1.0)]),
+                               write(runs[1], 1, [loss(2, 2.0)])))
+    assert [s[:2] for s in store.rule_states("o")] == [("o", "k2")]
+    assert {s[0] for s in store.rule_states()} == {"r", "o"}
+    assert [(v.run_id, v.step) for v in store.latest_values("r")] == [("r", 1)]
+    assert store.latest_values("nobody") == []
+    assert {v.run_id for v in store.latest_values()} == {"r", "o"}
