@@ -102,7 +102,9 @@ def start_process(directory: Path, command: list[str]) -> tuple[subprocess.Popen
 def raresignal_server_command(directory: Path, db: str | None = None) -> list[str]:
     return [sys.executable, "-m", "raresignal.server.cli", "server", "--db",
             db or str(directory / "bench.db"), "--host", "127.0.0.1", "--grpc-port", "0",
-            "--metrics-port", "0", "--health-port", "0", "--log-level", "WARNING"]
+            "--metrics-port", "0", "--health-port", "0", "--log-level", "WARNING",
+            # Every level's runs stay open under the one (absent) token: no quota applies.
+            "--max-runs-per-token", "1000000", "--max-open-runs-per-token", "1000000"]
 
 
 def make_batch(run_id: str, sender: str, sequence: int, steps: int) -> ingest_pb2.ReportBatch:
@@ -344,7 +346,8 @@ class SetupResult:
                 f"  {replica * 1e3:>8.1f}  {database * 1e3:>8.1f}  "
                 f"{(replica + database) / base_total:>5.2f}x  "
                 f"{self.replica_cpu / self.level.seconds:>5.2f}  "
-                f"{self.database_cpu / self.level.seconds:>5.2f}")
+                f"{self.database_cpu / self.level.seconds:>5.2f}  "
+                f"{self.level.row().split()[-2]:>7}  {self.level.row().split()[-1]:>7}")
 
 
 def measure_setup(name: str, targets: list[str], replica_pids: list[int],
@@ -373,13 +376,14 @@ def compare_backends(args: argparse.Namespace) -> int:
             postmaster = postmaster_pid(cluster)
             print(f"{os.cpu_count()} CPUs, batches of "
                   f"{max(1, args.batch_size // len(SERIES)) * len(SERIES)} samples, "
-                  f"{args.seconds:g} s per set-up, closed loop, "
+                  f"{args.seconds:g} s per set-up, "
+                  f"{f'paced at {args.rate:,.0f} samples/s' if args.rate else 'closed loop'}, "
                   f"{args.client_processes} client process(es) per replica; CPU in ms per "
                   f"1,000 samples, busy in cores")
             for level, senders in enumerate(args.senders):
                 print(f"\n{senders} senders\n{'set-up':<16} {'samples/s':>10}  {'ratio':>6}"
                       f"  {'replica':>8}  {'postgres':>8}  {'CPU/x':>6}  {'rbusy':>5}  "
-                      f"{'pbusy':>5}")
+                      f"{'pbusy':>5}  {'p50 ms':>7}  {'p99 ms':>7}")
                 results: list[SetupResult] = []
                 for name, replicas, db in (
                         ("sqlite", 1, None),
