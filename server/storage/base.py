@@ -154,10 +154,10 @@ class Storage(ABC):
 
     def hold_leases(self, owner: str, ttl_seconds: float,
                     keep_finished_seconds: float = 0.0) -> set[str]:
-        """Renews ``owner``'s leases and takes those no live replica holds, of the runs
-        open or finished within ``keep_finished_seconds`` (the server time they closed,
-        against the database's); returns the runs ``owner`` now owns. Unshared: every
-        run not finished."""
+        """Renews ``owner``'s leases and takes, of those no live replica holds, up to its
+        share (the runs open or finished within ``keep_finished_seconds``, by the server
+        time they closed against the database's, over the live replicas); returns the runs
+        ``owner`` now owns. Unshared: every run not finished."""
         return {run.run_id for run in self.list_runs(include_finished=False)}
 
     def release_leases(self, owner: str) -> None:

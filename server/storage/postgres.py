@@ -7,7 +7,8 @@ sender sequences by an upsert that only ever advances, so a second writer that t
 apply a batch already committed makes the whole group roll back instead of storing it
 twice.
 
-Replicas (several servers on one database) share it through two tables of migration 0003.
+Replicas (several servers on one database) share it through two tables of migration 0003
+(and a heartbeat row per replica, migration 0005, by which each sizes its share of runs).
 ``run_leases`` says which replica evaluates each run's alerts: a row per run with its owner
 and an expiry on the database's clock, renewed by the owner's heartbeat and taken over by
 another replica once expired. Lease rows rather than advisory locks: an advisory lock
@@ -135,17 +136,30 @@ _UPSERT_ALERT = (
 _ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, samples) "
             "VALUES (%s, %s, %s, %s, %s)")
 # Renews the owner's leases of runs still to evaluate or show (open, finished within the
-# finished-run TTL, or with queued evaluations), then takes every such run whose lease is
-# missing or expired. The database's clock
-# decides expiry, so the replicas' clocks need not agree.
+# finished-run TTL, or with queued evaluations), then takes its share of such runs whose
+# lease is missing or expired. The database's clock decides expiry, so the replicas'
+# clocks need not agree.
 _RENEW_LEASES = (
     "UPDATE run_leases SET expires_at = clock_timestamp() + make_interval(secs => %s) "
     "WHERE owner = %s")
+_BEAT = (
+    "INSERT INTO replicas VALUES (%s, clock_timestamp() + make_interval(secs => %s)) "
+    "ON CONFLICT (replica_id) DO UPDATE SET expires_at = excluded.expires_at")
+_LEASABLE = (
+    "(finished_at = 0 OR finished_at > extract(epoch FROM clock_timestamp()) - %s "
+    "OR run_id IN (SELECT run_id FROM evaluation_queue))")
+# The runs to share out, the live replicas, and the leases the owner holds.
+_SHARE = (
+    f"SELECT (SELECT count(*) FROM runs WHERE {_LEASABLE}), "
+    "(SELECT count(*) FROM replicas WHERE expires_at > clock_timestamp()), "
+    "(SELECT count(*) FROM run_leases WHERE owner = %s AND expires_at > clock_timestamp())")
 _TAKE_LEASES = (
     "INSERT INTO run_leases (run_id, owner, expires_at) "
     "SELECT run_id, %s, clock_timestamp() + make_interval(secs => %s) FROM runs "
-    "WHERE finished_at = 0 OR finished_at > extract(epoch FROM clock_timestamp()) - %s "
-    "OR run_id IN (SELECT run_id FROM evaluation_queue) "
+    f"WHERE {_LEASABLE} AND NOT EXISTS (SELECT 1 FROM run_leases l "
+    "WHERE l.run_id = runs.run_id AND l.expires_at > clock_timestamp()) "
+    "ORDER BY created_at, run_id LIMIT %s "
+    # A replica renewing at the same moment may have taken one meanwhile: it keeps it.
     "ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, "
     "expires_at = excluded.expires_at "
     "WHERE run_leases.expires_at < clock_timestamp() OR run_leases.owner = excluded.owner")
@@ -450,16 +464,28 @@ class PostgresStorage(Storage):
 
     def hold_leases(self, owner: str, ttl_seconds: float,
                     keep_finished_seconds: float = 0.0) -> set[str]:
+        """Takes at most its share, ceil(runs / live replicas), so a replica starting next
+        to busy ones gets runs as they open or their leases expire instead of the first
+        to renew taking every one. Held leases are never given up to even out."""
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(_BEAT, (owner, ttl_seconds))
             cur.execute(_RENEW_LEASES, (ttl_seconds, owner))
             cur.execute(_DROP_DONE_LEASES, (owner, keep_finished_seconds))
-            cur.execute(_TAKE_LEASES, (owner, ttl_seconds, keep_finished_seconds))
+            cur.execute(_SHARE, (keep_finished_seconds, owner))
+            row = cur.fetchone()
+            assert row is not None
+            runs, replicas, held = row
+            share = -(-runs // max(1, replicas))
+            if share > held:
+                cur.execute(_TAKE_LEASES,
+                            (owner, ttl_seconds, keep_finished_seconds, share - held))
             cur.execute(_OWNED, (owner,))
             return {row[0] for row in cur.fetchall()}
 
     def release_leases(self, owner: str) -> None:
-        with self._pool.connection() as conn:
+        with self._pool.connection() as conn, conn.transaction():
             conn.execute("DELETE FROM run_leases WHERE owner = %s", (owner,))
+            conn.execute("DELETE FROM replicas WHERE replica_id = %s", (owner,))
 
     def evaluate_queued(self, owner: str, run_ids: Set[str], evaluate: EvaluateQueued,
                         limit: int) -> set[str]:

@@ -281,3 +281,21 @@ def test_a_takeover_reads_only_the_taken_runs_state(
         assert [a.run_id for a in second.active_alerts()] == [runs[0]]
     finally:
         recording.close()
+
+
+def test_a_replica_takes_its_share_of_free_runs_not_all_of_them(
+        open_storage: Callable[[], PostgresStorage]) -> None:
+    first, second = open_storage(), open_storage()
+    # Both replicas are live before any run opens (they renew with nothing to take).
+    assert first.hold_leases("a", TTL) == set() and second.hold_leases("b", TTL) == set()
+    for run_id in ("r1", "r2", "r3", "r4", "r5"):
+        first.create_run(_run(run_id))
+    taken_by_a = first.hold_leases("a", TTL)
+    assert len(taken_by_a) == 3  # ceil(5 runs / 2 live replicas)
+    taken_by_b = second.hold_leases("b", TTL)
+    assert taken_by_b == {"r1", "r2", "r3", "r4", "r5"} - taken_by_a
+    assert first.hold_leases("a", TTL) == taken_by_a  # renewing keeps its share
+
+    # "b" shuts down: it is no longer live, so "a" takes the runs it gave back.
+    second.release_leases("b")
+    assert first.hold_leases("a", TTL) == {"r1", "r2", "r3", "r4", "r5"}
