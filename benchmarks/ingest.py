@@ -16,9 +16,16 @@ report batches on its own run, from one or more client processes. Two ways to lo
 ``--null-server`` replaces the raresignal server by one that acks every batch unread:
 what it measures is the ceiling of this client harness on this machine.
 
+``--compare-backends`` runs the same load against three set-ups in turn: SQLite (one
+server), PostgreSQL with one replica, and PostgreSQL with two replicas (the senders split
+between them), on a throwaway cluster; beside samples/s it reports the CPU seconds per
+1,000 stored samples of the replica processes and, separately, of PostgreSQL's processes
+(the postmaster and its children), and how busy each side was.
+
     python benchmarks/ingest.py                        # 1, 16 and 128 senders, 5 s each
     python benchmarks/ingest.py --senders 16 --rate 100000
     python benchmarks/ingest.py --senders 16 --null-server
+    python benchmarks/ingest.py --senders 16 --compare-backends
 """
 
 from __future__ import annotations
@@ -92,10 +99,12 @@ def start_process(directory: Path, command: list[str]) -> tuple[subprocess.Popen
     return process, json.loads(ready.read_text())["grpc"]
 
 
-def raresignal_server_command(directory: Path) -> list[str]:
+def raresignal_server_command(directory: Path, db: str | None = None) -> list[str]:
     return [sys.executable, "-m", "raresignal.server.cli", "server", "--db",
-            str(directory / "bench.db"), "--host", "127.0.0.1", "--grpc-port", "0",
-            "--metrics-port", "0", "--health-port", "0", "--log-level", "WARNING"]
+            db or str(directory / "bench.db"), "--host", "127.0.0.1", "--grpc-port", "0",
+            "--metrics-port", "0", "--health-port", "0", "--log-level", "WARNING",
+            # Every level's runs stay open under the one (absent) token: no quota applies.
+            "--max-runs-per-token", "1000000", "--max-open-runs-per-token", "1000000"]
 
 
 def make_batch(run_id: str, sender: str, sequence: int, steps: int) -> ingest_pb2.ReportBatch:
@@ -244,13 +253,20 @@ async def _run_client(plan: ClientPlan) -> LevelResult:
     return result
 
 
-def run_level(target: str, senders: int, args: argparse.Namespace, level: int) -> LevelResult:
+def run_level(targets: list[str], senders: int, args: argparse.Namespace,
+              level: int) -> LevelResult:
+    """One level: ``senders`` senders split round-robin over ``targets`` (replicas)."""
     steps = max(1, args.batch_size // len(SERIES))
     names = [f"bench-{level}-{i}" for i in range(senders)]
-    run_ids = asyncio.run(open_runs(target, names))
+    # Each sender's run is opened on the replica it will report to.
+    by_target = {target: asyncio.run(open_runs(target, names[t::len(targets)]))
+                 for t, target in enumerate(targets)}
+    run_ids = [by_target[targets[i % len(targets)]][i // len(targets)] for i in range(senders)]
+    sender_targets = [targets[i % len(targets)] for i in range(senders)]
     rate_per_sender = args.rate / (steps * len(SERIES)) / senders if args.rate else 0.0
     interval = 1.0 / rate_per_sender if rate_per_sender else 0.0
-    processes = max(1, min(args.client_processes, senders))
+    processes = max(len(targets), min(args.client_processes, senders))
+    processes -= processes % len(targets)  # each process reports to one replica
     # Every process builds its batches first, then all start sending at the same moment.
     if rate_per_sender:
         per_process = (int(rate_per_sender * args.seconds) + 2) * senders / processes
@@ -260,7 +276,8 @@ def run_level(target: str, senders: int, args: argparse.Namespace, level: int) -
     BatchSource("r", "s", steps, 20)
     build_seconds = (time.perf_counter() - build_started) / 20 * per_process
     start_at = time.time() + 1.0 + 2.0 * build_seconds
-    plans = [ClientPlan(target, run_ids[p::processes], [f"{n}-s" for n in names[p::processes]],
+    plans = [ClientPlan(sender_targets[p], run_ids[p::processes],
+                        [f"{n}-s" for n in names[p::processes]],
                         steps, args.seconds, rate_per_sender,
                         [interval * i / senders for i in range(p, senders, processes)],
                         start_at)
@@ -309,6 +326,95 @@ def serve_null(ready_file: str) -> None:
     asyncio.run(main())
 
 
+@dataclass
+class SetupResult:
+    """One set-up's level: throughput, and CPU seconds of the replicas and of PostgreSQL."""
+
+    name: str
+    level: LevelResult
+    replica_cpu: float
+    database_cpu: float
+
+    def row(self, baseline: SetupResult) -> str:
+        rate = self.level.samples / self.level.seconds
+        per_k = 1000 / max(1, self.level.samples)
+        replica, database = self.replica_cpu * per_k, self.database_cpu * per_k
+        base_total = (baseline.replica_cpu + baseline.database_cpu) * 1000 / max(
+            1, baseline.level.samples)
+        base_rate = baseline.level.samples / baseline.level.seconds
+        return (f"{self.name:<16} {rate:>10,.0f}  {rate / base_rate:>5.2f}x"
+                f"  {replica * 1e3:>8.1f}  {database * 1e3:>8.1f}  "
+                f"{(replica + database) / base_total:>5.2f}x  "
+                f"{self.replica_cpu / self.level.seconds:>5.2f}  "
+                f"{self.database_cpu / self.level.seconds:>5.2f}  "
+                f"{self.level.row().split()[-2]:>7}  {self.level.row().split()[-1]:>7}")
+
+
+def measure_setup(name: str, targets: list[str], replica_pids: list[int],
+                  postmaster: int | None, senders: int, args: argparse.Namespace,
+                  level: int) -> SetupResult:
+    from server_processes import cpu_seconds, cpu_used, family
+
+    database_before = cpu_seconds(family(postmaster)) if postmaster else {}
+    replicas_before = cpu_seconds(replica_pids)
+    result = run_level(targets, senders, args, level)
+    replicas = cpu_used(replicas_before, cpu_seconds(replica_pids))
+    database = (cpu_used(database_before, cpu_seconds(family(postmaster)))
+                if postmaster else 0.0)
+    return SetupResult(name, result, replicas, database)
+
+
+def compare_backends(args: argparse.Namespace) -> int:
+    """The same load on SQLite, on PostgreSQL with one replica and with two."""
+    from server_processes import password_file, postmaster_pid, start_cluster
+
+    cluster = start_cluster()
+    try:
+        with tempfile.TemporaryDirectory(prefix="raresignal-bench-") as tmp:
+            directory = Path(tmp)
+            os.environ["RARESIGNAL_DB_PASSWORD_FILE"] = str(password_file(directory))
+            postmaster = postmaster_pid(cluster)
+            print(f"{os.cpu_count()} CPUs, batches of "
+                  f"{max(1, args.batch_size // len(SERIES)) * len(SERIES)} samples, "
+                  f"{args.seconds:g} s per set-up, "
+                  f"{f'paced at {args.rate:,.0f} samples/s' if args.rate else 'closed loop'}, "
+                  f"{args.client_processes} client process(es) per replica; CPU in ms per "
+                  f"1,000 samples, busy in cores")
+            for level, senders in enumerate(args.senders):
+                print(f"\n{senders} senders\n{'set-up':<16} {'samples/s':>10}  {'ratio':>6}"
+                      f"  {'replica':>8}  {'postgres':>8}  {'CPU/x':>6}  {'rbusy':>5}  "
+                      f"{'pbusy':>5}  {'p50 ms':>7}  {'p99 ms':>7}")
+                results: list[SetupResult] = []
+                for name, replicas, db in (
+                        ("sqlite", 1, None),
+                        ("postgres x1", 1, cluster.url(cluster.create_database())),
+                        ("postgres x2", 2, "")):
+                    if db == "":
+                        db = cluster.url(cluster.create_database())
+                    processes = []
+                    try:
+                        targets = []
+                        for replica in range(replicas):
+                            folder = directory / f"{level}-{name.replace(' ', '')}-{replica}"
+                            folder.mkdir()
+                            process, target = start_process(
+                                folder, raresignal_server_command(folder, db))
+                            processes.append(process)
+                            targets.append(target)
+                        results.append(measure_setup(
+                            name, targets, [p.pid for p in processes],
+                            postmaster if db else None, senders, args, level))
+                        print(results[-1].row(results[0]), flush=True)
+                    finally:
+                        for process in processes:
+                            process.terminate()
+                        for process in processes:
+                            process.wait(30)
+    finally:
+        cluster.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Sustained ingest throughput and ack latency of the raresignal server "
@@ -328,12 +434,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="spread the senders over this many client processes")
     parser.add_argument("--null-server", action="store_true",
                         help="ack without storing anything: the ceiling of this harness")
+    parser.add_argument("--compare-backends", action="store_true",
+                        help="SQLite, PostgreSQL with one replica and with two, same load, "
+                             "with server CPU per sample (needs initdb and pg_ctl)")
     parser.add_argument("--serve-null", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_null:
         serve_null(args.ready_file)
         return 0
+    if args.compare_backends:
+        return compare_backends(args)
 
     with tempfile.TemporaryDirectory(prefix="raresignal-bench-") as tmp:
         directory = Path(tmp)
@@ -353,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'senders':>7}  {'samples/s':>12}  {'batches/s':>10}  {'p50 ms':>8}  "
                   f"{'p99 ms':>8}")
             for level, senders in enumerate(args.senders):
-                print(run_level(target, senders, args, level).row(), flush=True)
+                print(run_level([target], senders, args, level).row(), flush=True)
         finally:
             process.terminate()
             process.wait(30)

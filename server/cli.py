@@ -118,6 +118,8 @@ _SERVER_SETTINGS: tuple[tuple[str, Callable[[str], Any], Any, str], ...] = (
       for name, text in _QUOTA_HELP.items()),
     ("alerts_kept_per_run", int, _DEFAULTS.retention.alerts_per_run,
      "resolved alerts (with their transitions) a run keeps; older ones are deleted"),
+    ("retention_days", int, _DEFAULTS.retention.max_age_days,
+     "PostgreSQL: days of samples kept; older days' partitions are dropped (0: keep all)"),
     ("finished_run_ttl", float, _DEFAULTS.finished_run_ttl_seconds,
      "seconds a finished run stays in /metrics"),
     ("clock_interval", float, _DEFAULTS.clock_interval_seconds,
@@ -242,7 +244,8 @@ def _server_config(settings: Mapping[str, Any], environ: Mapping[str, str]) -> S
         metrics_omit_run_names=settings["metrics_omit_run_names"],
         max_health_watches=settings["max_health_watches"],
         quotas=Quotas(**{name: settings[name] for name in _QUOTA_HELP}),
-        retention=replace(_DEFAULTS.retention, alerts_per_run=settings["alerts_kept_per_run"]))
+        retention=replace(_DEFAULTS.retention, alerts_per_run=settings["alerts_kept_per_run"],
+                          max_age_days=settings["retention_days"]))
 
 
 def _write_ready_file(path: str, text: str) -> None:

@@ -124,6 +124,10 @@ class ServerConfig:
     # Seconds between two readiness pings of the database: while one fails, the API
     # services report NOT_SERVING on the health port (the process itself stays SERVING).
     database_check_seconds: float = 2.0
+    # Seconds between two rounds of storage housekeeping (PostgreSQL: the samples' daily
+    # partitions made ahead and those past retention.max_age_days dropped); the first
+    # round runs at start. Partitions are made days ahead, so an hour is ample.
+    maintenance_interval_seconds: float = 3600.0
 
     def open_storage(self) -> Storage:
         """The storage backend these settings name (the one place that picks it)."""
@@ -256,6 +260,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         readiness = DatabaseReadiness(ledger.storage.ping, health_servicer, SERVICE_NAMES,
                                       config.database_check_seconds)
         for task in (asyncio.create_task(_run_clock(backend, config)),
+                     asyncio.create_task(_run_maintenance(backend, config)),
                      asyncio.create_task(readiness.run())):
             resources.push_async_callback(_cancel, task)
         if ready is not None:
@@ -283,6 +288,18 @@ async def _run_clock(backend: Backend, config: ServerConfig) -> None:
                 backend.notifier.notify(await backend.call(backend.ledger.active_alerts))
         except Exception:
             log.exception("alert clock failed; trying again next tick")
+
+
+async def _run_maintenance(backend: Backend, config: ServerConfig) -> None:
+    """Runs the storage's housekeeping now and then every maintenance interval."""
+    while True:
+        try:
+            done = await backend.call(backend.ledger.storage.maintain, time.time())
+            if done is not None:
+                log.info("storage maintenance: %s", done)
+        except Exception:
+            log.exception("storage maintenance failed; trying again next round")
+        await asyncio.sleep(config.maintenance_interval_seconds)
 
 
 class ServerHandle:

@@ -180,7 +180,7 @@ class Ledger:
         self._track(run)
         if self._evaluates(run.run_id):
             self._reload_engine(run)
-        self.live.load_values(v for v in self.storage.latest_values() if v.run_id == run.run_id)
+        self.live.load_values(self.storage.latest_values(run.run_id))
 
     # -- quotas ----------------------------------------------------------------------
 
@@ -416,7 +416,7 @@ class Ledger:
         self.engine.track_run(run.run_id, run.run_name, run.report_interval_seconds,
                               run.updated_at, run.last_step, bool(run.finished_at))
         self.engine.restore(
-            (s for s in self.storage.rule_states() if s[0] == run.run_id),
+            self.storage.rule_states(run.run_id),
             self.storage.alerts(run_id=run.run_id, states=(PENDING, FIRING), limit=1 << 62))
 
     def close_run(self, run_id: str, state: int,
@@ -579,9 +579,9 @@ class Ledger:
         # last report: the failover itself is not a stall.
         self._track(run, heard_at=max(run.updated_at, now))
         self.engine.restore(
-            (s for s in self.storage.rule_states() if s[0] == run_id),
+            self.storage.rule_states(run_id),
             self.storage.alerts(run_id=run_id, states=(PENDING, FIRING), limit=1 << 62))
-        self.live.load_values(v for v in self.storage.latest_values() if v.run_id == run_id)
+        self.live.load_values(self.storage.latest_values(run_id))
         self.live.load_firing(a for a in self.engine.active_alerts() if a.run_id == run_id)
         self.live.set_owned(self.ownership.owned)
         log.info("run taken over for alert evaluation: %r (%s)", run.run_name, run_id)

@@ -7,6 +7,11 @@ replica that renews its own. Alerts of a dead replica's runs therefore flow agai
 ``ttl_seconds + heartbeat_seconds`` after its last renewal, plus one clock interval for the
 new owner's first evaluation.
 
+A renewal takes at most this replica's share of the runs, ceil(runs / live replicas), so
+runs opened while several replicas are live spread over them; leases held are never
+handed over to even the shares out, so a replica started next to busy ones gets runs as
+new ones open and old leases expire.
+
 Alertmanager hears each transition once, from the owner that stored it. After a
 takeover the new owner re-sends the alerts still firing at its next resend interval;
 Alertmanager deduplicates by labels, so that re-send is the same alert, not a new one.

@@ -31,12 +31,17 @@ AlertPosition = tuple[float, str]  # (started_at, alert_id) of the last alert a 
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    """Bounds the samples kept per series so a month-long run does not grow without end.
+    """Bounds what the server keeps so a month-long run does not grow without end.
 
-    The newest ``full_resolution`` samples of a series are kept as they came. Older ones
-    are capped at ``thinned_capacity``: whenever they exceed it, every second one is
-    dropped (the oldest always stays), so the resolution of old history halves each time
-    and a series never holds more than ``full_resolution + thinned_capacity`` samples.
+    On SQLite, samples are bounded per series. The newest ``full_resolution`` samples of a
+    series are kept as they came. Older ones are capped at ``thinned_capacity``: whenever
+    they exceed it, every second one is dropped (the oldest always stays), so the
+    resolution of old history halves each time and a series never holds more than
+    ``full_resolution + thinned_capacity`` samples.
+
+    On PostgreSQL, samples are bounded by age: they are stored in one partition per day,
+    and a day's whole partition is dropped once all of it is older than ``max_age_days``
+    (0: kept for ever). Rows are never deleted one by one there.
 
     A run keeps its newest ``alerts_per_run`` resolved alerts with their transitions;
     older resolved ones are deleted as new ones resolve. Open alerts always stay.
@@ -45,11 +50,13 @@ class RetentionPolicy:
     full_resolution: int = 10_000
     thinned_capacity: int = 10_000
     alerts_per_run: int = 10_000
+    max_age_days: int = 30
 
     def __post_init__(self) -> None:
-        if self.full_resolution < 1 or self.thinned_capacity < 2 or self.alerts_per_run < 1:
-            raise ValueError("retention needs full_resolution >= 1, thinned_capacity >= 2 "
-                             "and alerts_per_run >= 1")
+        if (self.full_resolution < 1 or self.thinned_capacity < 2 or self.alerts_per_run < 1
+                or self.max_age_days < 0):
+            raise ValueError("retention needs full_resolution >= 1, thinned_capacity >= 2, "
+                             "alerts_per_run >= 1 and max_age_days >= 0")
 
     def runs_to_prune(self, alerts: Sequence[AlertRecord]) -> set[str]:
         """The runs whose alert history may have grown past the limit: those with an
@@ -109,7 +116,9 @@ class Storage(ABC):
         one transaction. On an error nothing of the group is stored, and it is raised."""
 
     @abstractmethod
-    def latest_values(self) -> list[LatestValue]: ...
+    def latest_values(self, run_id: str | None = None) -> list[LatestValue]:
+        """The newest value of every series, or of one run's (by index: a takeover
+        reads the run it takes, not every run's)."""
 
     @abstractmethod
     def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
@@ -117,9 +126,11 @@ class Storage(ABC):
         """The series' samples from ``since_step`` on, oldest first, at most ``limit``."""
 
     @abstractmethod
-    def rule_states(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        """Every stored engine state as (run_id, state key, state), one at a time, so a
-        restart never holds them all as raw rows beside the engine's own copies."""
+    def rule_states(self, run_id: str | None = None
+                    ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """The alert engine's (run_id, state key, state) rows, of every run or of one, one
+        at a time, so a restart never holds them all as raw rows beside the engine's own
+        copies."""
 
     @abstractmethod
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
@@ -146,10 +157,10 @@ class Storage(ABC):
 
     def hold_leases(self, owner: str, ttl_seconds: float,
                     keep_finished_seconds: float = 0.0) -> set[str]:
-        """Renews ``owner``'s leases and takes those no live replica holds, of the runs
-        open or finished within ``keep_finished_seconds`` (the server time they closed,
-        against the database's); returns the runs ``owner`` now owns. Unshared: every
-        run not finished."""
+        """Renews ``owner``'s leases and takes, of those no live replica holds, up to its
+        share (the runs open or finished within ``keep_finished_seconds``, by the server
+        time they closed against the database's, over the live replicas); returns the runs
+        ``owner`` now owns. Unshared: every run not finished."""
         return {run.run_id for run in self.list_runs(include_finished=False)}
 
     def release_leases(self, owner: str) -> None:
@@ -170,6 +181,12 @@ class Storage(ABC):
         holds (nothing of them is taken). On an error nothing is taken or stored, and it
         is raised."""
         raise NotImplementedError("only a shared backend queues evaluations")
+
+    def maintain(self, now: float) -> object | None:
+        """Housekeeping a backend runs on a schedule, at server time ``now`` (PostgreSQL:
+        prepares and drops the samples' daily partitions); returns what it did, or None
+        when it did nothing. The default (SQLite, which thins as it writes) does nothing."""
+        return None
 
     def ping(self) -> None:
         """Raises when the database cannot be reached. May be called from any thread. An

@@ -2,12 +2,13 @@
 
 Every method is called from the server's one storage thread; the pool gives that thread a
 live connection (and a new one after the database restarts). A group of batches is one
-transaction: its samples go in by ``COPY`` into a staging table and one upsert, and its
+transaction: its samples go in by ``COPY`` into a staging table and one insert, and its
 sender sequences by an upsert that only ever advances, so a second writer that tries to
 apply a batch already committed makes the whole group roll back instead of storing it
 twice.
 
-Replicas (several servers on one database) share it through two tables of migration 0003.
+Replicas (several servers on one database) share it through two tables of migration 0003
+(and a heartbeat row per replica, migration 0005, by which each sizes its share of runs).
 ``run_leases`` says which replica evaluates each run's alerts: a row per run with its owner
 and an expiry on the database's clock, renewed by the owner's heartbeat and taken over by
 another replica once expired. Lease rows rather than advisory locks: an advisory lock
@@ -20,13 +21,15 @@ written in the transaction that applied it; the owner deletes what it evaluates 
 transaction that stores the results. Deleting, rather than advancing a watermark over an
 identity column, matters: identities are handed out at insert and committed in another
 order, so a watermark could pass a row that commits later and never evaluate it.
+
+Samples live in daily partitions (migration 0004, ``storage.partitions``): retention drops
+whole days on a schedule instead of deleting rows as it writes, as SQLite's thinning does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence, Set
 from typing import Any
 
@@ -43,6 +46,7 @@ from raresignal.server.storage.base import (
     Storage,
 )
 from raresignal.server.storage.migrate import migrate
+from raresignal.server.storage.partitions import PartitionChanges, maintain_partitions
 from raresignal.server.storage.records import (
     AlertRecord,
     BatchGroup,
@@ -70,10 +74,25 @@ _STAGING = ("CREATE TEMPORARY TABLE samples_staging (series_id BIGINT, step BIGI
 _COPY_STAGING = ("COPY samples_staging (series_id, step, value, wall_time) "
                  "FROM STDIN (FORMAT BINARY)")
 _STAGING_TYPES = ("int8", "int8", "float8", "float8")
-_UPSERT_SAMPLES = (
-    "INSERT INTO samples SELECT series_id, step, value, wall_time FROM samples_staging "
-    "ON CONFLICT (series_id, step) DO UPDATE "
-    "SET value = excluded.value, wall_time = excluded.wall_time")
+# The partitioned table's unique key holds wall_time, so ON CONFLICT (series_id, step)
+# cannot replace a re-reported step. A step above its series' last stored one is new and
+# goes in by a plain insert; the series rows are locked first, so a second writer of the
+# series waits and then reads the last step as this transaction left it.
+_INSERT_NEW_SAMPLES = (
+    "WITH locked AS (SELECT series_id, last_step FROM series WHERE series_id IN "
+    "(SELECT series_id FROM samples_staging) ORDER BY series_id FOR NO KEY UPDATE) "
+    "INSERT INTO samples SELECT st.series_id, st.step, st.value, st.wall_time "
+    "FROM samples_staging st JOIN locked USING (series_id) WHERE st.step > locked.last_step")
+# The rest (steps at or below the last: a resumed run re-reporting) replace their row in
+# place, or are inserted where none is stored.
+_REPLACE_OLD_SAMPLES = (
+    "WITH old AS (SELECT st.series_id, st.step, st.value, st.wall_time "
+    "FROM samples_staging st JOIN series s USING (series_id) WHERE st.step <= s.last_step), "
+    "replaced AS (UPDATE samples SET value = old.value, wall_time = old.wall_time FROM old "
+    "WHERE samples.series_id = old.series_id AND samples.step = old.step "
+    "RETURNING samples.series_id, samples.step) "
+    "INSERT INTO samples SELECT * FROM old WHERE NOT EXISTS "
+    "(SELECT 1 FROM replaced r WHERE r.series_id = old.series_id AND r.step = old.step)")
 # Inserts or advances each sender's sequence, and returns the rows it wrote: a sender
 # missing from the result already had this sequence (or a later one) committed.
 _ADVANCE_SEQUENCES = (
@@ -117,17 +136,30 @@ _UPSERT_ALERT = (
 _ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, samples) "
             "VALUES (%s, %s, %s, %s, %s)")
 # Renews the owner's leases of runs still to evaluate or show (open, finished within the
-# finished-run TTL, or with queued evaluations), then takes every such run whose lease is
-# missing or expired. The database's clock
-# decides expiry, so the replicas' clocks need not agree.
+# finished-run TTL, or with queued evaluations), then takes its share of such runs whose
+# lease is missing or expired. The database's clock decides expiry, so the replicas'
+# clocks need not agree.
 _RENEW_LEASES = (
     "UPDATE run_leases SET expires_at = clock_timestamp() + make_interval(secs => %s) "
     "WHERE owner = %s")
+_BEAT = (
+    "INSERT INTO replicas VALUES (%s, clock_timestamp() + make_interval(secs => %s)) "
+    "ON CONFLICT (replica_id) DO UPDATE SET expires_at = excluded.expires_at")
+_LEASABLE = (
+    "(finished_at = 0 OR finished_at > extract(epoch FROM clock_timestamp()) - %s "
+    "OR run_id IN (SELECT run_id FROM evaluation_queue))")
+# The runs to share out, the live replicas, and the leases the owner holds.
+_SHARE = (
+    f"SELECT (SELECT count(*) FROM runs WHERE {_LEASABLE}), "
+    "(SELECT count(*) FROM replicas WHERE expires_at > clock_timestamp()), "
+    "(SELECT count(*) FROM run_leases WHERE owner = %s AND expires_at > clock_timestamp())")
 _TAKE_LEASES = (
     "INSERT INTO run_leases (run_id, owner, expires_at) "
     "SELECT run_id, %s, clock_timestamp() + make_interval(secs => %s) FROM runs "
-    "WHERE finished_at = 0 OR finished_at > extract(epoch FROM clock_timestamp()) - %s "
-    "OR run_id IN (SELECT run_id FROM evaluation_queue) "
+    f"WHERE {_LEASABLE} AND NOT EXISTS (SELECT 1 FROM run_leases l "
+    "WHERE l.run_id = runs.run_id AND l.expires_at > clock_timestamp()) "
+    "ORDER BY created_at, run_id LIMIT %s "
+    # A replica renewing at the same moment may have taken one meanwhile: it keeps it.
     "ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner, "
     "expires_at = excluded.expires_at "
     "WHERE run_leases.expires_at < clock_timestamp() OR run_leases.owner = excluded.owner")
@@ -224,9 +256,6 @@ class PostgresStorage(Storage):
                                     configure=_prepare_connection, open=False,
                                     name="raresignal-storage")
         self._series_ids: dict[str, dict[SeriesKey, int]] = {}
-        # Upper bounds of the sample count per series (replaced steps count twice), so the
-        # exact count is only taken when a series may have reached the retention limit.
-        self._sizes: dict[int, int] = {}
         # The committed sequence of every sender, advanced only once a commit succeeds; the
         # database checks it again, so a stale value here can never store a batch twice.
         self._sequences: dict[tuple[str, str], int] = {}
@@ -309,7 +338,6 @@ class PostgresStorage(Storage):
         except BaseException as error:
             for series, key in created:
                 series.pop(key, None)
-            self._sizes.clear()  # counts may include rolled-back rows; re-count lazily
             if isinstance(error, SequenceConflict):
                 self._reload_sequences()
             raise
@@ -341,7 +369,6 @@ class PostgresStorage(Storage):
         if group.evaluations:
             cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in group.evaluations])
         self._write_engine(cur, group.engine_writes)
-        self._apply_retention(cur, rows)
 
     def _advance_sequences(self, cur: psycopg.Cursor[Any],
                            sequences: dict[tuple[str, str], int]) -> None:
@@ -374,7 +401,6 @@ class PostgresStorage(Storage):
         for series_id, run_id, metric, labels in cur.fetchall():
             series = missing[(run_id, metric, labels)]
             series[(metric, labels)] = series_id
-            self._sizes.setdefault(series_id, 0)
             created.append((series, (metric, labels)))
 
     def _sample_rows(self, group: BatchGroup
@@ -396,47 +422,18 @@ class PostgresStorage(Storage):
         return rows, latest
 
     def _insert_samples(self, cur: psycopg.Cursor[Any], rows: list[SampleRow]) -> None:
-        """COPY into the staging table, then one upsert: one round trip for the rows
-        however many there are (a row may replace a stored one, which COPY cannot)."""
+        """COPY into the staging table, then one insert: one round trip for the rows
+        however many there are; a second statement only when some replace stored steps.
+        Runs before the series' last steps advance, which it reads."""
         if not rows:
             return
         with cur.copy(_COPY_STAGING) as copy:
             copy.set_types(_STAGING_TYPES)
             for row in rows:
                 copy.write_row(row)
-        cur.execute(_UPSERT_SAMPLES)
-
-    def _apply_retention(self, cur: psycopg.Cursor[Any], rows: list[SampleRow]) -> None:
-        added = Counter(row[0] for row in rows)
-        limit = self.retention.limit
-        for series_id, count in added.items():
-            size = self._sizes.get(series_id)
-            if size is None:
-                size = self._exact_size(cur, series_id) - count
-            size += count
-            if size > limit:
-                size = self._exact_size(cur, series_id)
-                if size > limit:
-                    size -= self._thin(cur, series_id)
-            self._sizes[series_id] = size
-
-    @staticmethod
-    def _exact_size(cur: psycopg.Cursor[Any], series_id: int) -> int:
-        cur.execute("SELECT count(*) FROM samples WHERE series_id = %s", (series_id,))
-        row = cur.fetchone()
-        return int(row[0]) if row else 0
-
-    def _thin(self, cur: psycopg.Cursor[Any], series_id: int) -> int:
-        """Drops every second sample older than the full-resolution window; returns how
-        many were dropped."""
-        cur.execute("SELECT step FROM samples WHERE series_id = %s ORDER BY step DESC "
-                    "OFFSET %s", (series_id, self.retention.full_resolution))
-        older = [row[0] for row in cur.fetchall()]
-        older.reverse()  # oldest first; keep the oldest and every second one after it
-        dropped = older[1::2]
-        cur.execute("DELETE FROM samples WHERE series_id = %s AND step = ANY(%s)",
-                    (series_id, dropped))
-        return len(dropped)
+        cur.execute(_INSERT_NEW_SAMPLES)
+        if cur.rowcount < len(rows):
+            cur.execute(_REPLACE_OLD_SAMPLES)
 
     def _write_engine(self, cur: psycopg.Cursor[Any], writes: EngineWrites) -> None:
         if writes.rule_states:
@@ -467,16 +464,28 @@ class PostgresStorage(Storage):
 
     def hold_leases(self, owner: str, ttl_seconds: float,
                     keep_finished_seconds: float = 0.0) -> set[str]:
+        """Takes at most its share, ceil(runs / live replicas), so a replica starting next
+        to busy ones gets runs as they open or their leases expire instead of the first
+        to renew taking every one. Held leases are never given up to even out."""
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(_BEAT, (owner, ttl_seconds))
             cur.execute(_RENEW_LEASES, (ttl_seconds, owner))
             cur.execute(_DROP_DONE_LEASES, (owner, keep_finished_seconds))
-            cur.execute(_TAKE_LEASES, (owner, ttl_seconds, keep_finished_seconds))
+            cur.execute(_SHARE, (keep_finished_seconds, owner))
+            row = cur.fetchone()
+            assert row is not None
+            runs, replicas, held = row
+            share = -(-runs // max(1, replicas))
+            if share > held:
+                cur.execute(_TAKE_LEASES,
+                            (owner, ttl_seconds, keep_finished_seconds, share - held))
             cur.execute(_OWNED, (owner,))
             return {row[0] for row in cur.fetchall()}
 
     def release_leases(self, owner: str) -> None:
-        with self._pool.connection() as conn:
+        with self._pool.connection() as conn, conn.transaction():
             conn.execute("DELETE FROM run_leases WHERE owner = %s", (owner,))
+            conn.execute("DELETE FROM replicas WHERE replica_id = %s", (owner,))
 
     def evaluate_queued(self, owner: str, run_ids: Set[str], evaluate: EvaluateQueued,
                         limit: int) -> set[str]:
@@ -492,16 +501,24 @@ class PostgresStorage(Storage):
             self._write_engine(cur, _only_runs(evaluate(evaluations, set(held)), set(held)))
         return set(run_ids) - set(held)
 
+    # -- housekeeping ----------------------------------------------------------------
+
+    def maintain(self, now: float) -> PartitionChanges | None:
+        """Prepares the samples' daily partitions and drops those past the retention age;
+        None when another replica is doing it."""
+        with self._pool.connection() as conn:
+            return maintain_partitions(conn, now, self.retention.max_age_days)
+
     # -- reads -----------------------------------------------------------------------
 
-    def latest_values(self) -> list[LatestValue]:
+    def latest_values(self, run_id: str | None = None) -> list[LatestValue]:
+        query = ("SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
+                 "FROM series WHERE last_value IS NOT NULL")
+        params: tuple[str, ...] = ()
+        if run_id is not None:
+            query, params = query + " AND run_id = %s", (run_id,)
         with self._pool.connection() as conn:
-            return [
-                LatestValue(*row)
-                for row in conn.execute(
-                    "SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
-                    "FROM series WHERE last_value IS NOT NULL")
-            ]
+            return [LatestValue(*row) for row in conn.execute(query, params)]
 
     def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
                    limit: int | None = None) -> list[SeriesPoint]:
@@ -514,11 +531,14 @@ class PostgresStorage(Storage):
                         (series_id, since_step, limit))
             return [SeriesPoint(*row) for row in cur.fetchall()]
 
-    def rule_states(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    def rule_states(self, run_id: str | None = None
+                    ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        query, params = "SELECT run_id, state_key, state FROM rule_states", ()
+        if run_id is not None:
+            query, params = query + " WHERE run_id = %s", (run_id,)
         with self._pool.connection() as conn:
-            for run_id, key, state in conn.execute(
-                    "SELECT run_id, state_key, state FROM rule_states"):
-                yield run_id, key, json.loads(state)
+            for row_run_id, key, state in conn.execute(query, params):
+                yield row_run_id, key, json.loads(state)
 
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
                limit: int = 1000, run_ids: Sequence[str] | None = None,

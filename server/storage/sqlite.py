@@ -395,13 +395,13 @@ class SQLiteStorage(Storage):
 
     # -- reads -----------------------------------------------------------------------
 
-    def latest_values(self) -> list[LatestValue]:
-        return [
-            LatestValue(row[0], row[1], row[2], row[3], row[4], row[5])
-            for row in self._db.execute(
-                "SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
-                "FROM series WHERE last_value IS NOT NULL")
-        ]
+    def latest_values(self, run_id: str | None = None) -> list[LatestValue]:
+        query = ("SELECT run_id, metric, labels, last_step, last_value, last_wall_time "
+                 "FROM series WHERE last_value IS NOT NULL")
+        params: tuple[str, ...] = ()
+        if run_id is not None:
+            query, params = query + " AND run_id = ?", (run_id,)
+        return [LatestValue(*row) for row in self._db.execute(query, params)]
 
     def get_series(self, run_id: str, metric: str, labels_key: str, since_step: int,
                    limit: int | None = None) -> list[SeriesPoint]:
@@ -415,10 +415,13 @@ class SQLiteStorage(Storage):
                 "ORDER BY step LIMIT ?", (series_id, since_step, -1 if limit is None else limit))
         ]
 
-    def rule_states(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        for run_id, key, state in self._db.execute(
-                "SELECT run_id, state_key, state FROM rule_states"):
-            yield run_id, key, json.loads(state)
+    def rule_states(self, run_id: str | None = None
+                    ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        query, params = "SELECT run_id, state_key, state FROM rule_states", ()
+        if run_id is not None:
+            query, params = query + " WHERE run_id = ?", (run_id,)
+        for row_run_id, key, state in self._db.execute(query, params):
+            yield row_run_id, key, json.loads(state)
 
     def alerts(self, run_id: str = "", states: Sequence[int] = (), rule: str = "",
                limit: int = 1000, run_ids: Sequence[str] | None = None,

@@ -20,7 +20,8 @@ from raresignal.server.storage.migrate import (
 from raresignal.server.storage.postgres import PostgresStorage
 
 TABLES = {"runs", "series", "samples", "sender_sequences", "rule_states", "alerts",
-          "alert_history", "schema_version", "run_leases", "evaluation_queue"}
+          "alert_history", "schema_version", "run_leases", "evaluation_queue",
+          "samples_default", "replicas"}
 
 
 def _connect(cluster: Cluster, dbname: str) -> psycopg.Connection:
@@ -148,3 +149,26 @@ def test_the_replica_tables_are_added_to_a_database_of_the_previous_version(
                             ).fetchall() == [(2, 5), (3, 9)]
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute("INSERT INTO alert_history VALUES ('al1', 0, 2, 2.0, 500.0, 5)")
+
+
+def test_samples_of_the_previous_version_move_into_daily_partitions(
+        postgres_cluster: Cluster, postgres_db: str) -> None:
+    previous = [m for m in shipped_migrations() if m.version < 4]
+    day = 86_400.0
+    with _connect(postgres_cluster, postgres_db) as conn:
+        assert migrate(conn, previous) == [1, 2, 3]
+        conn.execute("INSERT INTO runs VALUES ('r1', 'job', 1, 1, 1.0, 1.0, 5, 0.0, '{}', "
+                     "'{}', '', 0.0)")
+        conn.execute("INSERT INTO series (run_id, metric, labels) VALUES ('r1', 'loss', '{}')")
+        conn.execute("INSERT INTO samples VALUES (1, 1, 0.5, %s), (1, 2, 0.25, %s), "
+                     "(1, 3, 0.125, %s)", (20_000 * day + 5, 20_000 * day + 6, 20_001 * day))
+        assert 4 in migrate(conn)
+        children = {row[0]: row[1] for row in conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'samples'::regclass")}
+        assert set(children) == {"samples_default", "samples_20241004", "samples_20241005"}
+        assert children["samples_default"] == "DEFAULT"
+        assert conn.execute("SELECT count(*) FROM samples_20241004").fetchone() == (2,)
+        assert conn.execute("SELECT step, value FROM samples ORDER BY step").fetchall() == [
+            (1, 0.5), (2, 0.25), (3, 0.125)]
+        assert "samples_unpartitioned" not in _tables(conn)

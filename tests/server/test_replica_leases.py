@@ -240,3 +240,62 @@ def test_what_is_queued_for_a_run_finished_past_the_ttl_is_dropped(
     assert replica.tick() == []
     with psycopg.connect(store_conninfo(store)) as conn:
         assert conn.execute("SELECT count(*) FROM evaluation_queue").fetchone() == (0,)
+
+
+class ReadRecordingStorage(PostgresStorage):
+    """Records the run each engine-state and latest-value read asks for (None: all)."""
+
+    reads: list[tuple[str, str | None]]
+
+    def rule_states(self, run_id: str | None = None) -> Iterator[tuple[str, str, dict]]:
+        self.reads.append(("rule_states", run_id))
+        return super().rule_states(run_id)
+
+    def latest_values(self, run_id: str | None = None) -> list:
+        self.reads.append(("latest_values", run_id))
+        return super().latest_values(run_id)
+
+
+def test_a_takeover_reads_only_the_taken_runs_state(
+        postgres_cluster: Cluster, postgres_db: str,
+        open_storage: Callable[[], PostgresStorage]) -> None:
+    clock = FakeClock()
+    first = _replica(open_storage(), "a", clock)
+    runs = [first.open_run(ingest_pb2.OpenRunRequest(run_name=name, world_size=1),
+                           EVERYONE)[0].run_id for name in ("one", "two")]
+    first.apply(batch(runs[0], 1, [sample("loss", 1, 500.0)]), EVERYONE)
+    first.tick()
+    ReadRecordingStorage.reads = []
+    recording = ReadRecordingStorage(postgres_cluster.admin_conninfo(postgres_db))
+    try:
+        renewals = FakeClock(0.0)
+        second = _replica(recording, "b", clock, renewals)
+        _wait_until_expired(first.storage, "a")  # type: ignore[arg-type]
+        recording.reads.clear()  # what a start reads is not a takeover's
+        renewals.now += TTL
+        second.tick()
+        assert second.ownership is not None and second.ownership.owned == set(runs)
+        assert sorted(recording.reads, key=str) == sorted(
+            [(read, run) for read in ("rule_states", "latest_values") for run in runs],
+            key=str)
+        assert [a.run_id for a in second.active_alerts()] == [runs[0]]
+    finally:
+        recording.close()
+
+
+def test_a_replica_takes_its_share_of_free_runs_not_all_of_them(
+        open_storage: Callable[[], PostgresStorage]) -> None:
+    first, second = open_storage(), open_storage()
+    # Both replicas are live before any run opens (they renew with nothing to take).
+    assert first.hold_leases("a", TTL) == set() and second.hold_leases("b", TTL) == set()
+    for run_id in ("r1", "r2", "r3", "r4", "r5"):
+        first.create_run(_run(run_id))
+    taken_by_a = first.hold_leases("a", TTL)
+    assert len(taken_by_a) == 3  # ceil(5 runs / 2 live replicas)
+    taken_by_b = second.hold_leases("b", TTL)
+    assert taken_by_b == {"r1", "r2", "r3", "r4", "r5"} - taken_by_a
+    assert first.hold_leases("a", TTL) == taken_by_a  # renewing keeps its share
+
+    # "b" shuts down: it is no longer live, so "a" takes the runs it gave back.
+    second.release_leases("b")
+    assert first.hold_leases("a", TTL) == {"r1", "r2", "r3", "r4", "r5"}

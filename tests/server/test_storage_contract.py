@@ -160,10 +160,11 @@ def test_series_samples_and_latest_values(open_store: OpenStore) -> None:
     assert set(reopened.series_keys("r")) == {("loss", a_key), ("loss", "{}")}
 
 
-def test_retention_bounds_a_long_series_and_keeps_recent_steps_whole(
-        open_store: OpenStore) -> None:
+def test_sqlite_retention_bounds_a_long_series_and_keeps_recent_steps_whole(
+        tmp_path: Path) -> None:
+    # SQLite's own bound: PostgreSQL drops whole days instead (test_sample_partitions.py).
     policy = RetentionPolicy(full_resolution=100, thinned_capacity=50)
-    store = open_store(policy)
+    store = SQLiteStorage(str(tmp_path / "x.db"), policy)
     ledger, run_id = open_ledger(store)
     for sequence in range(1, 201):  # 2,000 steps in batches of 10
         assert report(ledger, run_id, sequence, range((sequence - 1) * 10, sequence * 10))
@@ -361,3 +362,19 @@ def test_a_run_keeps_its_newest_resolved_alerts_and_every_open_one(
     if isinstance(store, SQLiteStorage):  # the transitions of deleted alerts go with them
         history = store._db.execute("SELECT DISTINCT alert_id FROM alert_history").fetchall()
         assert sorted(row[0] for row in history) == ["a3", "a4"]
+
+
+def test_engine_state_and_latest_values_are_read_per_run(open_store: OpenStore) -> None:
+    store = open_store()
+    runs = [run_record("r"), run_record("o")]
+    for run in runs:
+        store.create_run(run)
+    store.update_run(runs[0], EngineWrites(rule_states=[
+        ("r", "k1", {"ema": 1.0}), ("o", "k2", {"ema": 2.0})]))
+    store.apply_group(group_of(write(runs[0], 1, [loss(1, 1.0)]),
+                               write(runs[1], 1, [loss(2, 2.0)])))
+    assert [s[:2] for s in store.rule_states("o")] == [("o", "k2")]
+    assert {s[0] for s in store.rule_states()} == {"r", "o"}
+    assert [(v.run_id, v.step) for v in store.latest_values("r")] == [("r", 1)]
+    assert store.latest_values("nobody") == []
+    assert {v.run_id for v in store.latest_values()} == {"r", "o"}
