@@ -21,7 +21,7 @@ class Quotas:
 
     max_runs_per_token: int = 1000  # runs kept, active and finished
     max_open_runs_per_token: int = 100  # runs active at once
-    max_series_per_token: int = 50_000  # series across all of the token's runs
+    max_series_per_token: int = 40_000  # series across all of the token's runs
     max_senders_per_token: int = 100_000  # sender ids across all of the token's runs
     max_run_metadata_bytes: int = 64 * 1024  # UTF-8 bytes of a run's config and tags
 
