@@ -436,6 +436,7 @@ def test_postgresql_replicas_read_url_and_password_from_the_secret() -> None:
     container = _server_container(objects)
     assert "--db=$(RARESIGNAL_DB_URL)" in container["args"]
     assert "--replica-id=$(POD_NAME)" in container["args"]
+    assert "--retention-days=30" in container["args"]
     assert not any("raresignal.db" in arg for arg in container["args"])
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"

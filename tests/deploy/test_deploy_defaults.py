@@ -44,6 +44,7 @@ def _server_container() -> dict[str, Any]:
 def test_chart_values_state_the_server_defaults() -> None:
     values = load_values(CHART_DIR / "values.yaml")
     assert values["server"]["finishedRunTtlSeconds"] == DEFAULTS.finished_run_ttl_seconds
+    assert values["server"]["retentionDays"] == DEFAULTS.retention.max_age_days
     assert values["server"]["maxHealthWatches"] == DEFAULTS.max_health_watches
     assert values["service"]["ports"] == _default_ports()
 
