@@ -18,8 +18,8 @@ full listings:
 * ``ListRuns`` (first page of 100; every page of 100 and of 1000),
 * ``ListAlerts`` unscoped (admin), scoped to one team, filtered by run, by rule, by state
   (firing), scoped and filtered by state, and every page of the admin's 100,000 with
-  ``page_size`` 100 and 1000,
-* ``GetSeries`` (first page of 1000; every page of 5000 of the long series) and
+  ``page_size`` 100 and the largest the server serves,
+* ``GetSeries`` (first page of 1000; every largest page of the long series) and
   ``ListSeries`` (first page of 100; every page of 1000).
 
 For each it prints the calls made, p50 and p99 in milliseconds, and a verdict against
@@ -56,6 +56,7 @@ from raresignal.protos.v1 import (
     ingest_pb2_grpc,
 )
 from raresignal.server.process import ServerProcess
+from raresignal.server.serving.validation import MAX_ALERTS_PAGE_SIZE, MAX_SAMPLES_PAGE_SIZE
 from raresignal.server.storage.records import AlertChange, AlertRecord, EngineWrites, RunRecord
 from raresignal.server.storage.sqlite import SQLiteStorage
 
@@ -219,21 +220,23 @@ def measurements(target: str, run_id: str, long_run: str, teams: int, repeats: i
         yield "ListAlerts by state (pending+firing)", repeat(lambda: list_alerts(
             page_size=100, filter=alerts_pb2.AlertFilter(states=[PENDING, FIRING])),
             repeats), ""
-        for size in (100, 1000):
+        for size in (100, MAX_ALERTS_PAGE_SIZE):
             latencies, items = every_page(lambda token, size=size: list_alerts(
                 page_size=size, page_token=token))
             yield f"ListAlerts admin, every page of {size}", latencies, f"{items:,} alerts"
         latencies, items = every_page(lambda token: list_alerts(
-            team, page_size=1000, page_token=token))
-        yield "ListAlerts one team, every page of 1000", latencies, f"{items:,} alerts"
+            team, page_size=MAX_ALERTS_PAGE_SIZE, page_token=token))
+        yield (f"ListAlerts one team, every page of {MAX_ALERTS_PAGE_SIZE}", latencies,
+               f"{items:,} alerts")
         series_request = {"run_id": long_run, "metric": "loss"}
         yield "GetSeries first page of 1000", repeat(lambda: runs.GetSeries(
             alerts_pb2.GetSeriesRequest(page_size=1000, **series_request), **options),
             repeats), ""
         latencies, items = every_page(lambda token: runs.GetSeries(
-            alerts_pb2.GetSeriesRequest(page_size=5000, page_token=token, **series_request),
-            **options))
-        yield "GetSeries every page of 5000", latencies, f"{items:,} samples"
+            alerts_pb2.GetSeriesRequest(page_size=MAX_SAMPLES_PAGE_SIZE, page_token=token,
+                                        **series_request), **options))
+        yield (f"GetSeries every page of {MAX_SAMPLES_PAGE_SIZE}", latencies,
+               f"{items:,} samples")
         yield "ListSeries first page of 100", repeat(lambda: runs.ListSeries(
             alerts_pb2.ListSeriesRequest(run_id=long_run, page_size=100), **options),
             repeats), ""

@@ -299,17 +299,20 @@ def _reject_first_bad_sample(batch: ingest_pb2.ReportBatch) -> NoReturn:
 #
 # - an alert: ids 20 + 16, run name and rule 128 each, one label of 128 (no metric has
 #   more), a summary of up to 1 KiB, numbers and tags: under 1.6 KiB;
-#   1000 of them: under 1.6 MiB;
+#   500 of them: under 0.8 MiB;
 # - a sample: a metric name under 64, one label of 128, three numbers: under 256 B;
-#   5000 of them: under 1.25 MiB;
+#   2000 of them: under 0.5 MiB;
 # - a run: up to 2 * 256 map entries of 4 KiB each, so the byte bound, not the count,
 #   limits a page of large runs.
+# The alert and sample maxima are also what keeps every page under 100 ms with 100,000
+# alerts stored: the time of a full page is its rows turned into messages, about
+# 30-40 us an item (benchmarks/list_latency.py).
 PAGE_BYTES = 2 * 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
-MAX_ALERTS_PAGE_SIZE = 1000
+MAX_ALERTS_PAGE_SIZE = 500
 MAX_RUNS_PAGE_SIZE = 1000
 MAX_SERIES_PAGE_SIZE = 1000
-MAX_SAMPLES_PAGE_SIZE = 5000
+MAX_SAMPLES_PAGE_SIZE = 2000
 _TOKEN_VERSION = 1
 _TOKEN_DIGEST_CHARS = 16
 
