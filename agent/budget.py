@@ -384,5 +384,9 @@ class BudgetScheduler:
             effort = float(saved.get("effort", 1.0))
             if effort != schedule.effort:
                 schedule.effort = self._apply(name, effort)
+            # What the estimator said it can do least, so a resumed budget does not ask
+            # again for effort it cannot have.
+            schedule.lowest_effort = max(schedule.lowest_effort,
+                                         float(saved.get("lowest_effort", 0.0)))
         self.step_seconds = state.get("step_seconds")
         self.base_seconds = state.get("base_seconds")

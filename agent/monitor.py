@@ -121,6 +121,10 @@ class Monitor:
     ``total_steps`` is the run's planned length in optimizer steps, when known: cadences
     then follow it (``raresignal.agent.cadence``), so a short run gets every signal several
     times. An integration that learns it later calls :meth:`plan`.
+
+    ``on_measurements``, when given, is called with every ``(step, Measurement)`` the
+    estimators produce, as they are published (a spread measurement with the step it
+    started at), for a caller that keeps its own record of them; it must not raise.
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class Monitor:
         announce: Callable[[str], None] | None = None,
         loss_fn: LossFn | None = None,
         total_steps: int | None = None,
+        on_measurements: Callable[[Sequence[tuple[int, Measurement]]], None] | None = None,
     ) -> None:
         self.config = config or MonitorConfig()
         self.model = model
@@ -181,6 +186,7 @@ class Monitor:
         # Where the run's values go, said once at the first step and once at close; an
         # integration passes its framework's rank-zero printer.
         self._announce = announce or log.info
+        self._on_measurements = on_measurements
         self._announced_start = False
         self._announced_run_id = False
         # The resumable measurement spread over the steps now, if any (at most one).
@@ -418,6 +424,8 @@ class Monitor:
         stamped = [*earlier, *((step, m) for m in measurements)]
         for _, m in stamped:
             self._latest[m.key] = m.value
+        if self._on_measurements is not None and stamped:
+            self._on_measurements(stamped)
         if self._sender is None and self._sends:
             self._sender = self._make_sender()
             self._sender.start()

@@ -18,9 +18,8 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from detection_families import FAMILIES, Batch, FamilySettings, TaskFamily
@@ -28,45 +27,21 @@ from detection_scenarios import SCENARIOS_BY_NAME, Scenario, TrainingSetup, ramp
 from detection_traces import RecordedSample, RunPlan, RunTrace, TraceWriter
 from torch import nn
 
-from raresignal.agent import Measurement, Monitor, Probe, StepContext
-
-
-class RecordingEstimator:
-    """Runs one of the agent's estimators unchanged and keeps a copy of what it returns."""
-
-    def __init__(self, inner: Any, sink: list[RecordedSample]) -> None:
-        self.inner = inner
-        self.sink = sink
-        self.name: str = inner.name
-        self.default_interval: int = inner.default_interval
-        self.expensive: bool = inner.expensive
-
-    def __getattr__(self, name: str) -> Any:
-        # Everything else of the estimator (first_step, set_effort, plan, ...) is its own,
-        # so the budget treats the wrapped estimator exactly as the bare one.
-        return getattr(self.inner, name)
-
-    def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        measured = list(self.inner.run(ctx))
-        self.sink.extend((ctx.step, m.metric, m.labels, float(m.value)) for m in measured)
-        return measured
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.inner.load_state_dict(state)
+from raresignal.agent import Measurement, Monitor, Probe
 
 
 def build_monitor(model: nn.Module, optimizer: torch.optim.Optimizer, rare: Probe,
                   common: Probe, plan: RunPlan, sink: list[RecordedSample]) -> Monitor:
     """The one place the benchmark builds a Monitor: shipped defaults, the run's planned
-    length, and a recorder around each of its estimators."""
-    monitor = Monitor(model, optimizer, server=None, run_name=plan.name,
-                      probes={"rare": rare}, common_probe=common, total_steps=plan.steps)
-    for name, estimator in list(monitor.estimators.items()):
-        monitor.estimators[name] = RecordingEstimator(estimator, sink)
-    return monitor
+    length, and every measurement copied into ``sink`` as it is published (spread
+    measurements with the step they started at)."""
+
+    def record(stamped: Sequence[tuple[int, Measurement]]) -> None:
+        sink.extend((step, m.metric, m.labels, float(m.value)) for step, m in stamped)
+
+    return Monitor(model, optimizer, server=None, run_name=plan.name,
+                   probes={"rare": rare}, common_probe=common, total_steps=plan.steps,
+                   on_measurements=record)
 
 
 def make_optimizer(model: nn.Module, scenario: Scenario, settings: FamilySettings

@@ -21,8 +21,6 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from raresignal.agent import MonitorConfig
-from raresignal.agent.estimators import EstimatorConfig
 from raresignal.integrations.hf import RaresignalTrainerCallback
 
 VOCAB, LENGTH = 16, 8
@@ -76,11 +74,8 @@ def main() -> None:
         callback = RaresignalTrainerCallback(
             server=server, run_name=args.run_name,  # task="causal_lm", the default
             probes={"counting_down": Counting(64, rare_fraction=1.0, seed=2)},
-            common_probe=Counting(64, rare_fraction=0.0, seed=3),
-            # A toy model's step is too short for the 3% overhead budget: fixed cadences,
-            # and the probes every 25 steps rather than the default 200 (for long runs).
-            config=MonitorConfig(max_interval_factor=1,
-                                 estimator_config=EstimatorConfig(probes_interval=25)))
+            # No settings: the cadences follow the trainer's max_steps.
+            common_probe=Counting(64, rare_fraction=0.0, seed=3))
         training = TrainingArguments(
             output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=32,
             learning_rate=1e-3, logging_steps=50, save_strategy="no", report_to=[],

@@ -22,8 +22,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from raresignal.agent import MonitorConfig
-from raresignal.agent.estimators import EstimatorConfig
 from raresignal.integrations.lightning import RaresignalCallback
 
 CLASSES, RARE_CLASS, FEATURES = 4, 3, 16
@@ -86,11 +84,8 @@ def main() -> None:
         callback = RaresignalCallback(
             server=server, run_name=args.run_name,
             probes={"rare_class": points(128, rare_fraction=1.0, seed=2)},
-            common_probe=points(128, rare_fraction=0.0, seed=3),
-            # A toy model's step is too short for the 3% overhead budget: fixed cadences,
-            # and the probes every 25 steps rather than the default 200 (for long runs).
-            config=MonitorConfig(max_interval_factor=1,
-                                 estimator_config=EstimatorConfig(probes_interval=25)))
+            # No settings: the cadences follow the trainer's max_steps.
+            common_probe=points(128, rare_fraction=0.0, seed=3))
         trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", callbacks=[callback],
                              logger=False, enable_checkpointing=False)
         trainer.fit(Classifier(), train)

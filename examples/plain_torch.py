@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raresignal.agent import Monitor, MonitorConfig, Probe
-from raresignal.agent.estimators import EstimatorConfig
+from raresignal.agent import Monitor, Probe
 
 CLASSES, RARE_CLASS, FEATURES = 4, 3, 16
 
@@ -65,17 +64,13 @@ def main() -> None:
     inputs, labels = points(32 * args.steps, rare_fraction=0.02, seed=1)
     model = nn.Sequential(nn.Linear(FEATURES, 64), nn.Tanh(), nn.Linear(64, CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    # A toy model's step takes about a millisecond, so the budget that holds the agent under
-    # 3% of step time would stretch every cadence: keep them fixed, and measure the probes
-    # every 25 steps rather than the default 200 (sized for long runs).
-    config = MonitorConfig(max_interval_factor=1,
-                           estimator_config=EstimatorConfig(probes_interval=25))
-
     with raresignal_server(args) as server:
         monitor = Monitor(model, optimizer, server=server, run_name=args.run_name,
                           probes={"rare_class": Probe(*points(128, rare_fraction=1.0, seed=2))},
                           common_probe=Probe(*points(128, rare_fraction=0.0, seed=3)),
-                          config=config)
+                          # The planned length: cadences follow it, so a short run gets
+                          # every signal several times (the defaults suit long runs).
+                          total_steps=args.steps)
         with monitor:  # closes the run at the end, as failed if training raises
             for step in range(args.steps):
                 batch = (inputs[32 * step:32 * (step + 1)], labels[32 * step:32 * (step + 1)])

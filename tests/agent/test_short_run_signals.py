@@ -4,6 +4,7 @@ gets every default signal, the expensive ones several times."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,19 +23,17 @@ EXPENSIVE = ("gradient_noise_scale", "subspace_overlap", "sharpness_ratio", "fis
              "probe_bulk_residual", "probe_retention", "probe_interference")
 
 
-class CountingMonitor(Monitor):
+class MeasurementCounter:
     """Counts every measurement the estimators hand to reporting, by metric and probe."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
 
-    def _publish(self, step: int, measurements: list[Measurement]) -> None:
-        for m in measurements:
+    def __call__(self, stamped: Sequence[tuple[int, Measurement]]) -> None:
+        for _, m in stamped:
             self.counts[m.metric] += 1
             if dict(m.labels).get("probe") == "rare":
                 self.counts[f"{m.metric}{{probe=rare}}"] += 1
-        super()._publish(step, measurements)
 
 
 def _data(n: int, seed: int, rare: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +48,11 @@ def test_a_500_step_run_gets_every_default_signal() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = CountingMonitor(model, optimizer, server=None, run_name="short",
-                              probes={"rare": Probe(*_data(24, 2, rare=True))},
-                              common_probe=Probe(*_data(48, 3)), total_steps=STEPS)
+    counter = MeasurementCounter()
+    monitor = Monitor(model, optimizer, server=None, run_name="short",
+                      probes={"rare": Probe(*_data(24, 2, rare=True))},
+                      common_probe=Probe(*_data(48, 3)), total_steps=STEPS,
+                      on_measurements=counter)
     train_inputs, train_targets = _data(512, 1)
     for step in range(STEPS):
         index = slice(32 * (step % 16), 32 * (step % 16 + 1))
@@ -63,7 +64,7 @@ def test_a_500_step_run_gets_every_default_signal() -> None:
         optimizer.step()
     monitor.close()
 
-    counts = monitor.counts
+    counts = counter.counts
     assert not monitor.estimator_errors
     for metric in EVERY_STEP:
         assert counts[metric] >= STEPS - 1, (metric, counts[metric])

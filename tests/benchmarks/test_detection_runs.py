@@ -110,9 +110,13 @@ def test_checkpoint_resume_continues_with_the_same_monitor_state() -> None:
     assert new_monitor.intervals == monitor.intervals
     assert _same(new_model.state_dict(), model.state_dict())
     assert _same(new_optimizer.state_dict(), optimizer.state_dict())
-    # The recorder wraps the resumed Monitor's estimators too.
-    assert all(type(e).__name__ == "RecordingEstimator"
-               for e in new_monitor.estimators.values())
+    # The resumed Monitor records into the same sink.
+    recorded = len(sink)
+    inputs, targets = family.batch(16, family.settings.rare_fraction, generator)
+    loss = torch.nn.functional.cross_entropy(new_model(inputs), targets)
+    loss.backward()
+    new_monitor.step(loss=loss, batch=(inputs, targets))
+    assert len(sink) > recorded and sink[-1][0] == 30
     new_monitor.close()
 
 

@@ -49,5 +49,5 @@ def test_monitor_for_takes_estimators_and_learns_the_length_later() -> None:
     monitor = monitor_for(model, None, estimators=[RareEstimator()])
     assert monitor.total_steps is None and monitor.intervals == {"toy_rare": 200}
     monitor.plan(4000)
-    assert monitor.total_steps == 4000 and monitor.intervals == {"toy_rare": 100}
+    assert monitor.total_steps == 4000 and monitor.intervals == {"toy_rare": 50}
     monitor.close()

@@ -40,10 +40,16 @@ class Efforts:
         return level
 
 
+# The cadence rule's settings these tests are worked out with: 40 planned measurements and
+# a floor of 10, so the budget has a wide span between the starting cadence and the floor
+# (the defaults keep a narrower one; tests/agent/test_cadence.py holds them).
+WIDE_SPAN = {"planned_measurements": 40, "floor_measurements": 10}
+
+
 def _scheduler(estimators: list[tuple[str, int, bool]], efforts: Efforts,
                total_steps: int) -> BudgetScheduler:
     scheduler = BudgetScheduler(estimators, target_overhead=0.03, total_steps=total_steps,
-                                apply_effort=efforts)
+                                apply_effort=efforts, planning=MonitorConfig(**WIDE_SPAN))
     efforts.scheduler = scheduler
     return scheduler
 
@@ -129,7 +135,7 @@ def test_with_room_again_cadence_comes_back_before_effort() -> None:
 
 def test_planning_after_the_first_steps_rescales_the_cadences() -> None:
     scheduler = BudgetScheduler([("cheap", 1, False), ("probes", 200, True)],
-                                target_overhead=0.5)
+                                target_overhead=0.5, planning=MonitorConfig(**WIDE_SPAN))
     for step in range(5):
         for name in scheduler.due(step):
             scheduler.record_run(name, step, 0.0)
@@ -145,7 +151,8 @@ def test_effort_and_plan_survive_a_checkpoint() -> None:
     first = _scheduler([("costly", 10, True)], efforts, 1000)
     _drive(first, efforts, 40, {"costly": 16e-3})
     resumed_efforts = Efforts({"costly"})
-    second = BudgetScheduler([("costly", 10, True)], apply_effort=resumed_efforts)
+    second = BudgetScheduler([("costly", 10, True)], apply_effort=resumed_efforts,
+                             planning=MonitorConfig(**WIDE_SPAN))
     resumed_efforts.scheduler = second
     second.load_state_dict(first.state_dict())
     assert second.total_steps == 1000
@@ -181,7 +188,7 @@ def test_the_monitor_streams_the_floor_state_effort_and_floor_to_the_server(
     monitor = Monitor(model, optimizer, server=server.grpc_target, run_name="floors",
                       estimators=[LossEstimator(), sleeper], total_steps=200,
                       config=MonitorConfig(target_overhead=0.001, report_interval_seconds=0.01,
-                                           spool_dir=str(tmp_path / "spool")))
+                                           spool_dir=str(tmp_path / "spool"), **WIDE_SPAN))
     for _ in range(200):
         optimizer.zero_grad()
         loss = nn.functional.cross_entropy(model(inputs), targets)
