@@ -37,22 +37,13 @@ from pathlib import Path
 import grpc
 import psycopg
 from ingest import open_report, raresignal_server_command, start_process
-from server_processes import password_file, start_cluster
+from server_processes import LOSS_HIGH_RULES, password_file, start_cluster
 
 from raresignal.client.channels import open_aio_channel
 from raresignal.protos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 from raresignal.server.serving.app import ServerConfig
 
-RULE = """
-rules:
-  - alert: LossHigh
-    metric: loss
-    op: ">"
-    threshold: 100
-    resolve_threshold: 100
-    for: 1
-    severity: warning
-"""
+RULE = LOSS_HIGH_RULES
 POLL_SECONDS = 0.02
 # A sender gives up on an ack after this and reconnects (a live replica acks far sooner).
 ACK_TIMEOUT_SECONDS = 5.0

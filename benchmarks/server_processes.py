@@ -8,9 +8,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The tests' own throwaway cluster and rule snippets, shared rather than copied.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "server"))
 
 from postgres_cluster import PASSWORD, Cluster, _free_port, find_bindir
+from rule_snippets import LOSS_HIGH_RULES  # noqa: F401 (for the failover benchmark)
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 

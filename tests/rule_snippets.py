@@ -28,6 +28,19 @@ RETENTION_RULE = """
     severity: critical
 """
 
+# A whole rules file: the training loss above 100 fires at once and resolves at once, so a
+# scripted loss fires and resolves it exactly where the script says.
+LOSS_HIGH_RULES = """
+rules:
+  - alert: LossHigh
+    metric: loss
+    op: ">"
+    threshold: 100
+    resolve_threshold: 100
+    for: 1
+    severity: warning
+"""
+
 # The defaults block of the shipped file, which the rule above relies on.
 SHORT_BASELINE_DEFAULTS = """
 defaults:

@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from postgres_cluster import Cluster
+from rule_snippets import LOSS_HIGH_RULES
 from server_support import scrape, wait_for
 
 from raresignal.agent.config import MonitorConfig
@@ -28,16 +29,6 @@ STEPS = 120
 KILL_AT = 30  # the first alert of every run fires at step 20 and is still firing here
 HIGH = (range(20, 40), range(80, 100))  # the steps whose loss crosses the threshold
 
-LOSS_RULE = """
-rules:
-  - alert: LossHigh
-    metric: loss
-    op: ">"
-    threshold: 100
-    resolve_threshold: 100
-    for: 1
-    severity: warning
-"""
 
 
 def loss(step: int) -> float:
@@ -48,7 +39,7 @@ def loss(step: int) -> float:
 def replicas(postgres_cluster: Cluster, postgres_db: str, password_file: Path,
              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ServerProcess]]:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(LOSS_RULE)
+    rules.write_text(LOSS_HIGH_RULES)
     # The children read their settings from the environment: short leases, so the
     # takeover happens within the test's deadlines on two busy cores.
     for name, value in (("RULES", str(rules)), ("LEASE_TTL", "3"),

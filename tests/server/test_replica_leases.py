@@ -12,6 +12,7 @@ from dataclasses import replace
 import psycopg
 import pytest
 from postgres_cluster import Cluster
+from rule_snippets import LOSS_HIGH_RULES
 from server_support import FakeClock, batch, sample
 
 from raresignal.protos.v1 import common_pb2, ingest_pb2
@@ -38,16 +39,6 @@ from raresignal.server.storage.postgres import PostgresStorage  # noqa: E402
 # to expire wait for the database's clock to pass it.
 TTL = 3.0
 
-LOSS_RULE = """
-rules:
-  - alert: LossHigh
-    metric: loss
-    op: ">"
-    threshold: 100
-    resolve_threshold: 100
-    for: 1
-    severity: warning
-"""
 
 
 @pytest.fixture
@@ -155,7 +146,7 @@ def _replica(store: PostgresStorage, name: str, clock: FakeClock,
              renewals: FakeClock | None = None, finished_ttl: float = float("inf")) -> Ledger:
     """A replica's ledger; ``renewals`` is the clock its lease heartbeat reads."""
     ownership = Ownership(name, TTL, TTL / 3, clock=renewals or FakeClock(0.0))
-    return Ledger(store, AlertEngine(parse_rules(LOSS_RULE)), LiveState(), clock=clock,
+    return Ledger(store, AlertEngine(parse_rules(LOSS_HIGH_RULES)), LiveState(), clock=clock,
                   ownership=ownership, finished_run_ttl_seconds=finished_ttl)
 
 
