@@ -169,8 +169,9 @@ class Storage(ABC):
         return None
 
     def enqueue(self, evaluations: Sequence[Evaluation]) -> None:
-        """Queues evaluations for the runs' owners (a shared backend only)."""
-        raise NotImplementedError("only a shared backend queues evaluations")
+        """Queues evaluations for the runs' owners (a shared backend only: the ledger never
+        calls it on an unshared one, whose process evaluates each batch as it applies it)."""
+        raise TypeError(f"{type(self).__name__} is not shared: it has no evaluation queue")
 
     def evaluate_queued(self, owner: str, run_ids: Set[str], evaluate: EvaluateQueued,
                         limit: int) -> set[str]:
@@ -179,8 +180,8 @@ class Storage(ABC):
         and the runs still held to ``evaluate`` (even with none, so the clock rules run)
         and stores the writes it returns. Returns the runs whose lease ``owner`` no longer
         holds (nothing of them is taken). On an error nothing is taken or stored, and it
-        is raised."""
-        raise NotImplementedError("only a shared backend queues evaluations")
+        is raised. A shared backend only."""
+        raise TypeError(f"{type(self).__name__} is not shared: it has no evaluation queue")
 
     def maintain(self, now: float) -> object | None:
         """Housekeeping a backend runs on a schedule, at server time ``now`` (PostgreSQL:
