@@ -58,7 +58,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, **overrides: object) -> DemoSettings:
         """The reduced run the tests use: the same story in fewer steps."""
-        return cls(**{"steps": 460, "collapse_step": 300, **overrides})  # type: ignore[arg-type]
+        return cls(**{"steps": 460, "collapse_step": 250, **overrides})  # type: ignore[arg-type]
 
 
 @dataclass

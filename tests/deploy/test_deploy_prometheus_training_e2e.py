@@ -4,7 +4,7 @@ every second with the chart's rules loaded. Prometheus must see the server's col
 alert firing, and every dashboard query must return data for the run.
 
 The training is the demo's (a small transformer, a 3% rare compositional rule, the rare
-slice dropped and weight decay raised at step 300), with the monitor at its defaults."""
+slice dropped and weight decay raised at step 250), with the monitor at its defaults."""
 
 from __future__ import annotations
 
