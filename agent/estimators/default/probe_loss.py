@@ -4,14 +4,15 @@ A collapse of a rare skill unfolds over a few hundred steps, so an alarm on the 
 probe's loss can only warn ahead of it when that loss is read many times within it. The
 probes' geometry (per-example gradients) is too costly to run that often on a small model;
 this forward pass is not, so it is its own estimator, with a cadence and a floor of its
-own (``probe_loss_interval``, ``probe_loss_floor_measurements``), and the budget trims it
-by measuring a rotating share of each probe set before it stretches it.
+own (``probe_loss_interval``, ``probe_loss_floor_measurements``). It always reads the
+whole of each probe set: a rotating share would save the budget little (a forward pass)
+and make the alarm's input noisier, which costs the alarm more warning than a longer
+interval does; the budget stretches it towards its floor instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
@@ -21,7 +22,6 @@ from raresignal.agent.estimators.likelihood import mean_nll
 from raresignal.agent.estimators.objective import TrainingLoss, to_fp32_inputs
 from raresignal.agent.estimators.shared import (
     DefaultEstimator,
-    RotatingSubsample,
     SharedState,
     finite,
 )
@@ -45,17 +45,12 @@ class ProbeLossEstimator(DefaultEstimator):
         if common is not None:
             named = {shared.config.common_probe_name: common, **named}
         self.probes = named
-        self.subsample = RotatingSubsample()
-
-    def set_effort(self, level: float) -> float | None:
-        """Measures a rotating ``level`` share of each probe set per run."""
-        return self.subsample.set_level(level)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         out: list[Measurement] = []
         with preserved_training_state(self.shared.model), torch.no_grad():
             for name, whole in self.probes.items():
-                out += self._measure(name, self.subsample.take(name, whole))
+                out += self._measure(name, whole)
         return finite(out)
 
     def _measure(self, name: str, probe: Probe) -> list[Measurement]:
@@ -81,8 +76,3 @@ class ProbeLossEstimator(DefaultEstimator):
         out.append(Measurement("probe_accuracy", accuracy, labels))
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"offsets": self.subsample.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.subsample.load_state_dict(state.get("offsets", {}))

@@ -22,6 +22,7 @@ from raresignal.agent.estimators.default import (
     ProbeLossEstimator,
 )
 from raresignal.agent.estimators.probes import RetentionReference
+from raresignal.agent.estimators.shared import RotatingSubsample
 
 COMMON, RARE = slice(0, 10), slice(10, 14)
 
@@ -226,8 +227,29 @@ def test_retention_is_the_share_in_the_reference_directions_exact_svd() -> None:
     assert expected == pytest.approx(0.5, rel=1e-5)
 
 
-def test_at_half_effort_two_measurements_cover_the_probe_and_average_to_the_full_one(
-) -> None:
+def test_at_half_effort_two_subsamples_cover_the_probe_and_average_to_the_whole() -> None:
+    probe = Probe(*_data(30, rare=True, seed=8))
+    values = torch.arange(30, dtype=torch.float64)  # a per-example reading
+    subsample = RotatingSubsample()
+    assert subsample.take("rare", probe) is probe  # full effort: the whole probe
+    assert subsample.set_level(0.5) == 0.5
+    halves = [subsample.take("rare", probe) for _ in range(2)]
+    taken = [torch.cat([torch.nonzero((probe.inputs == row).all(dim=1)).flatten()
+                        for row in half.inputs]) for half in halves]
+    # Disjoint halves of equal size that cover the probe: the mean of their means is the
+    # whole probe's mean, without bias.
+    assert sorted(torch.cat(taken).tolist()) == list(range(30))
+    assert (values[taken[0]].mean() + values[taken[1]].mean()) / 2 == values.mean()
+    # The third subsample starts the rotation over; the offsets survive a checkpoint.
+    restored = RotatingSubsample()
+    restored.load_state_dict(subsample.state_dict())
+    restored.set_level(0.5)
+    assert torch.equal(restored.take("rare", probe).inputs, halves[0].inputs)
+    with pytest.raises(ValueError, match="effort"):
+        subsample.set_level(0.0)
+
+
+def test_the_probe_loss_always_reads_the_whole_probe() -> None:
     model = _model()
     with torch.no_grad():
         model.weight.normal_(generator=torch.Generator().manual_seed(7))
@@ -236,24 +258,12 @@ def test_at_half_effort_two_measurements_cover_the_probe_and_average_to_the_full
     estimator = _by_name(build_default_estimators(model, None, probes, common, _config()),
                          ProbeLossEstimator)
     ctx = StepContext(0, model, None, lambda m, i: m(i))
-    full = list(estimator.run(ctx))
-    assert estimator.set_effort(0.5) == 0.5
-    halves = [list(estimator.run(ctx)) for _ in range(2)]
-    # The two halves are disjoint and of equal size, so the mean of their means is the
-    # whole probe's mean (no training between the measurements).
-    for metric in ("probe_loss", "probe_accuracy"):
-        whole = _values(full, metric)
-        parts = [_values(half, metric) for half in halves]
-        for probe in ("rare", "common"):
-            assert parts[0][probe] != pytest.approx(whole[probe], rel=1e-6)
-            assert (parts[0][probe] + parts[1][probe]) / 2 == pytest.approx(whole[probe],
-                                                                           rel=1e-5)
-    # The third measurement starts the rotation over: the first half again.
-    assert _values(list(estimator.run(ctx)), "probe_loss") == pytest.approx(
-        _values(halves[0], "probe_loss"), rel=1e-6)
-    assert estimator.set_effort(1.0) == 1.0
-    assert _values(list(estimator.run(ctx)), "probe_loss") == pytest.approx(
-        _values(full, "probe_loss"), rel=1e-6)
+    full = _values(list(estimator.run(ctx)), "probe_loss")
+    assert estimator.set_effort(0.25) == 1.0  # it cannot do less
+    assert _values(list(estimator.run(ctx)), "probe_loss") == pytest.approx(full, rel=1e-6)
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(common.inputs), common.targets))
+    assert full["common"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_planned_run_shorter_than_the_retention_warm_up_takes_its_reference_early(
