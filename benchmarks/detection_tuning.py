@@ -39,6 +39,8 @@ ABSOLUTE_GRIDS: dict[str, tuple[float, ...]] = {
     "probe_retention": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7),
     "probe_interference": (-0.6, -0.4, -0.2, -0.1, -0.05),
     "sharpness_ratio": (3.0, 2.0, 1.5, 1.1, 1.0),
+    # Nats above the running best (RareProbeLossRise).
+    "probe_loss": (1.0, 0.7, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1),
 }
 
 
