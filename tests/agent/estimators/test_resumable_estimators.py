@@ -137,7 +137,7 @@ def test_fisher_units_spread_over_training_steps_equal_the_one_shot_measurement(
     config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4})
     ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
     one_shot = _values(list(_estimator("fisher", model, optimizer, config).run(ctx)))
-    units = _estimator("fisher", model, optimizer, config).measure_in_units(ctx)
+    units = _estimator("fisher", model, optimizer, config).run_in_units(ctx)
     steps = 0
     while True:
         try:
@@ -206,11 +206,12 @@ def test_effort_scales_lanczos_iterations_and_trace_products_down_to_a_minimum(
         sharpness.set_effort(float("nan"))
 
 
-class BlockedExpensive:
-    """An expensive estimator due at every step: it must wait while sharpness is in flight."""
+class OtherExpensive:
+    """An expensive estimator due every third step: a measurement in flight must not hold
+    it back, and what it takes of a step's slice is not there for the measurement."""
 
     name = "toy_expensive"
-    default_interval = 1
+    default_interval = 3
     expensive = True
 
     def __init__(self) -> None:
@@ -255,10 +256,10 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
                                    "sharpness_cold_iterations": 60, "hutchinson_samples": 30,
                                    "sharpness_interval": 1000})
     sharpness = _sharpness(model, optimizer, expensive)
-    blocked = BlockedExpensive()
+    other = OtherExpensive()
     config = MonitorConfig(resumable_slice_fraction=1e-9, resumable_slice_min_seconds=1e-9,
                            max_interval_factor=1)
-    monitor = Monitor(model, optimizer, estimators=[sharpness, blocked], config=config)
+    monitor = Monitor(model, optimizer, estimators=[sharpness, other], config=config)
     recorded: list[tuple[str, int, float]] = []
     record_run = monitor._budget.record_run
     monkeypatch.setattr(monitor._budget, "record_run",
@@ -270,28 +271,29 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
                         (published.extend(earlier), publish(step, measurements, earlier)))
 
     per_step, flight, checkpoint = [], None, None
-    for step in range(400):
+    for step in range(600):
         before = len(products)
         loss = _train_step(model, optimizer, 300 + step)
         monitor.step(loss=loss, batch=_data(step))
         optimizer.step()
         per_step.append(len(products) - before)
-        flight = monitor._in_flight or flight
+        flight = monitor._flights[0] if monitor._flights else flight
         if step == 50:
             checkpoint = monitor.state_dict()  # mid-flight: must not crash or save half
-        if monitor._in_flight is None and published:
+        if not monitor._flights and published:
             break
-    loss = _train_step(model, optimizer, 1)
-    monitor.step(loss=loss, batch=_data(1))  # the step after it completed
     assert flight is not None and flight.name == "sharpness" and flight.step == 0
     spanned = flight.steps
-    assert spanned > 60 and flight.units_run == spanned
-    assert max(per_step) == 1
-    # No other expensive estimator ran meanwhile; it ran the step after.
-    assert blocked.steps == [spanned]
+    assert spanned > 60 and max(per_step) == 1
+    # The other expensive estimator kept its cadence from its first due step on; at its
+    # steps it took the whole (tiny) slice, so the measurement ran no unit there.
+    assert other.steps == list(range(1, spanned, 3))
+    assert all(per_step[step] == 0 for step in other.steps)
+    assert flight.units_run == spanned - len(other.steps)
     # The budget saw the whole cost once, at the step the measurement completed, and
     # the values carry the step the measurement started at.
-    assert recorded[0] == ("sharpness", spanned - 1, flight.seconds)
+    assert [(name, step, seconds) for name, step, seconds in recorded
+            if name == "sharpness"] == [("sharpness", spanned - 1, flight.seconds)]
     assert {step for step, _ in published} == {0}
     assert {m.metric for _, m in published} >= {"sharpness", "hessian_trace"}
     assert "sharpness" in monitor.latest()
