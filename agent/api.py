@@ -144,7 +144,8 @@ class Estimator(Protocol):
     ``expensive`` estimators are never run twice in one step and are the ones the
     scheduler stretches first.
 
-    ``first_step``, ``needs_whole_parameters``, ``set_effort`` and ``plan`` have defaults:
+    ``first_step``, ``needs_whole_parameters``, ``floor_measurements``, ``set_effort`` and
+    ``plan`` have defaults:
     a class that subclasses ``Estimator`` inherits them, and the monitor also accepts an
     estimator that only has the other members (see :func:`is_estimator`), reading the
     defaults for it.
@@ -159,6 +160,10 @@ class Estimator(Protocol):
     needs_whole_parameters: bool = False
     """True when it needs every value of a parameter in one process (HVPs, per-example
     gradients): it is left out when the parameters are sharded (FSDP)."""
+    floor_measurements: int | None = None
+    """The fewest runs its signal needs in a planned run: the budget never stretches it
+    past ``planned length // floor_measurements`` (``raresignal.agent.cadence``). None:
+    ``MonitorConfig.floor_measurements``."""
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         """Measures at this step. May raise; the monitor logs, counts and goes on."""
@@ -193,7 +198,8 @@ def is_estimator(candidate: object) -> bool:
     """Whether ``candidate`` has every required member of :class:`Estimator`.
 
     Unlike ``isinstance(candidate, Estimator)``, it accepts an estimator without the
-    members that have defaults (``first_step``, ``needs_whole_parameters``).
+    members that have defaults (``first_step``, ``needs_whole_parameters``,
+    ``floor_measurements``).
     """
     return (all(hasattr(candidate, name) for name in _REQUIRED_ATTRIBUTES)
             and all(callable(getattr(candidate, name, None)) for name in _REQUIRED_METHODS))
@@ -234,3 +240,9 @@ def run_units(units: Units[T]) -> T:
 def first_step(estimator: Estimator) -> int:
     """The estimator's ``first_step``, or the protocol's default when it has none."""
     return getattr(estimator, "first_step", Estimator.first_step)
+
+
+def floor_measurements(estimator: Estimator) -> int | None:
+    """The estimator's ``floor_measurements``, or None (the monitor's default) when it has
+    none."""
+    return getattr(estimator, "floor_measurements", Estimator.floor_measurements)

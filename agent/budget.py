@@ -65,6 +65,7 @@ class EstimatorSchedule:
     max_interval: int  # the floor cadence: the budget never stretches past it
     next_due: int
     first_step: int = 0
+    floor_measurements: int | None = None  # None: the planning config's
     planned_interval: int = 0  # where it starts and what relaxing returns to
     last_run: int | None = None
     cost_seconds: float | None = None  # smoothed wall time of one run at its effort
@@ -84,7 +85,8 @@ class BudgetScheduler:
 
     def __init__(
         self,
-        estimators: Sequence[tuple[str, int, bool] | tuple[str, int, bool, int]],
+        estimators: Sequence[tuple[str, int, bool] | tuple[str, int, bool, int]
+                             | tuple[str, int, bool, int, int | None]],
         target_overhead: float = MonitorConfig.target_overhead,
         max_interval_factor: int = MonitorConfig.max_interval_factor,
         adjust_every: int = MonitorConfig.budget_adjust_every_steps,
@@ -109,19 +111,19 @@ class BudgetScheduler:
         self.total_steps: int | None = None
         self.schedules: dict[str, EstimatorSchedule] = {}
         expensive_rank = 0
-        for name, default_interval, expensive, *start in estimators:
+        for name, default_interval, expensive, *extra in estimators:
             if default_interval < 1:
                 raise ValueError(f"estimator {name!r}: default_interval must be >= 1, "
                                  f"got {default_interval}")
             # Expensive estimators start one step apart so that they never pile up; one
             # with a warm-up (a first step) is not due before it, so that no empty run
             # is taken for its cost.
-            warmup = start[0] if start else 0
+            warmup = extra[0] if extra else 0
             first = max(warmup, expensive_rank if expensive else 0)
             expensive_rank += int(expensive)
             self.schedules[name] = EstimatorSchedule(
                 name, default_interval, expensive, default_interval, default_interval, first,
-                first_step=warmup,
+                first_step=warmup, floor_measurements=extra[1] if len(extra) > 1 else None,
                 lowest_effort=self.planning.min_effort if apply_effort else 1.0)
         self.plan(total_steps)
         self.floor_exceeded = False
@@ -142,7 +144,7 @@ class BudgetScheduler:
         self.total_steps = total_steps
         for s in self.schedules.values():
             cadence = plan_cadence(s.default_interval, s.expensive, total_steps, s.first_step,
-                                   self.planning)
+                                   self.planning, s.floor_measurements)
             s.planned_interval, s.max_interval = cadence.interval, cadence.floor
             self._set_interval(s, cadence.interval)
 
@@ -349,8 +351,9 @@ class BudgetScheduler:
                 f"{100 * (self.predicted or 0.0):.1f}% of step time against a target of "
                 f"{100 * self.target:.1f}% with {signals}; the floors are kept over "
                 f"target. Raise MonitorConfig(target_overhead=...) to accept the cost, or "
-                f"lower MonitorConfig(floor_measurements=...) or lengthen the estimator's "
-                f"EstimatorConfig interval to measure less often")
+                f"lower MonitorConfig(floor_measurements=...) (for probe_loss: "
+                f"EstimatorConfig(probe_loss_floor_measurements=...)) or lengthen the "
+                f"estimator's EstimatorConfig interval to measure less often")
 
     # -- reading and checkpointing -------------------------------------------------------
 

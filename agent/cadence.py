@@ -4,7 +4,8 @@ the cadence it starts at and the floor the overhead budget keeps.
 With ``L`` planned steps, an estimator with default interval ``d`` and first step ``f``
 (``n = L - f`` steps in which it can run) and the settings of ``MonitorConfig``
 (``N = planned_measurements``, ``M = floor_measurements``, ``m = min_planned_interval``,
-``F = max_interval_factor``)::
+``F = max_interval_factor``; an estimator whose signal needs more runs declares its own
+``M``, e.g. the probes' forward-only loss, which the default alert reads)::
 
     interval = min(d, max(m, n // N))           # N runs, not more often than every m steps
     floor    = min(d * F, max(interval, n // M))  # the budget keeps at least M runs
@@ -32,8 +33,10 @@ class Cadence:
 
 
 def plan_cadence(default_interval: int, expensive: bool, total_steps: int | None,
-                 first_step: int = 0, config: MonitorConfig | None = None) -> Cadence:
-    """The cadence and floor of one estimator (the rule in the module docstring)."""
+                 first_step: int = 0, config: MonitorConfig | None = None,
+                 floor_measurements: int | None = None) -> Cadence:
+    """The cadence and floor of one estimator (the rule in the module docstring);
+    ``floor_measurements`` overrides the config's ``M`` for this estimator."""
     config = config or MonitorConfig()
     if default_interval == 1 and not expensive:
         return Cadence(1, 1)
@@ -43,7 +46,8 @@ def plan_cadence(default_interval: int, expensive: bool, total_steps: int | None
     steps = max(0, total_steps - first_step)
     interval = min(default_interval,
                    max(config.min_planned_interval, steps // config.planned_measurements))
-    floor = min(longest, max(interval, steps // config.floor_measurements))
+    floor = min(longest, max(interval, steps // (floor_measurements
+                                                 or config.floor_measurements)))
     return Cadence(interval, floor)
 
 

@@ -39,6 +39,7 @@ from raresignal.agent.api import (
     StepContext,
     default_forward,
     first_step,
+    floor_measurements,
     is_estimator,
     is_resumable,
     series_key,
@@ -161,7 +162,8 @@ class Monitor:
         self.estimators: dict[str, Estimator] = {
             e.name: e for e in _check_estimators(estimators)}
         self._budget = BudgetScheduler(
-            [(e.name, e.default_interval, e.expensive, first_step(e)) for e in estimators],
+            [(e.name, e.default_interval, e.expensive, first_step(e), floor_measurements(e))
+             for e in estimators],
             target_overhead=self.config.target_overhead,
             max_interval_factor=self.config.max_interval_factor,
             adjust_every=self.config.budget_adjust_every_steps,
@@ -547,6 +549,11 @@ class Monitor:
     def intervals(self) -> dict[str, int]:
         """Current cadence of every estimator, in steps."""
         return self._budget.intervals
+
+    @property
+    def floors(self) -> dict[str, int]:
+        """The longest interval the budget may stretch each estimator to, in steps."""
+        return {name: s.max_interval for name, s in self._budget.schedules.items()}
 
     @property
     def efforts(self) -> dict[str, float]:

@@ -39,7 +39,8 @@ PROBE_METRICS = frozenset(m for m in SIGNAL_METRICS if m.startswith("probe_"))
 
 # The estimators whose cadence the demo announces, with the EstimatorConfig field of their
 # default interval and (where they wait for a warm-up) of their first step.
-ANNOUNCED_CADENCES = (("probes", "probes_interval", None),
+ANNOUNCED_CADENCES = (("probe loss", "probe_loss_interval", None),
+                      ("probe geometry", "probes_interval", None),
                       ("Fisher", "fisher_interval", None),
                       ("sharpness", "sharpness_interval", "sharpness_warmup_steps"),
                       ("drift", "drift_interval", None))

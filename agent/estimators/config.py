@@ -33,6 +33,12 @@ class EstimatorConfig:
     sharpness_interval: int = 500
     fisher_interval: int = 100
     probes_interval: int = 200
+    # The probes' loss and accuracy (a forward pass) are read far more often than their
+    # geometry: the default alert on the rare probe's loss needs many readings within a
+    # collapse to warn ahead of it, so the budget keeps at least this many in a planned
+    # run (the cadence rule's M for this estimator; see raresignal.agent.cadence).
+    probe_loss_interval: int = 10
+    probe_loss_floor_measurements: int = 200
     representation_interval: int = 1000
     # Curvature: the fixed probe batch, Lanczos and the trace.
     curvature_batch_size: int = 64
@@ -102,6 +108,7 @@ class EstimatorConfig:
             "per_example_method": self.per_example_method in ("auto", "vmap", "loop"),
             "noise_scale_ema": 0.0 <= self.noise_scale_ema < 1.0,
             "probe_interference_horizon": self.probe_interference_horizon >= 0,
+            "probe_loss_floor_measurements": self.probe_loss_floor_measurements >= 1,
             "retention_warmup_fraction": 0.0 <= self.retention_warmup_fraction <= 1.0,
             **{name: value >= 1 for name, value in intervals.items()},
         }

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from raresignal.agent import MonitorConfig
+from raresignal.agent import Monitor, MonitorConfig, Probe
 from raresignal.agent.cadence import Cadence, plan_cadence, planned_warmup
 
 
@@ -43,6 +44,29 @@ def test_the_rule_reads_its_settings_from_the_monitor_config() -> None:
                            min_planned_interval=2, max_interval_factor=8)
     assert plan_cadence(200, True, 100, 0, config) == Cadence(5, 20)
     assert plan_cadence(2, True, 10_000, 0, config) == Cadence(2, 16)
+
+
+def test_an_estimator_that_needs_more_readings_declares_its_own_floor_count() -> None:
+    # The probes' forward-only loss: every 10 steps, and at least 200 readings kept, so a
+    # 5000-step run reads it at least every 25 steps (the default M of 40 would allow 125).
+    assert plan_cadence(10, False, 5000, 0, None, 200) == Cadence(10, 25)
+    assert plan_cadence(10, False, 5000) == Cadence(10, 125)
+    # Never past 64x its default, and never tighter than its starting interval.
+    assert plan_cadence(10, False, 10_000_000, 0, None, 200) == Cadence(10, 640)
+    assert plan_cadence(10, False, 600, 0, None, 200) == Cadence(10, 10)
+
+
+def test_the_monitor_keeps_the_probe_loss_floor_dense() -> None:
+    model = torch.nn.Linear(4, 3)
+    probe = Probe(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    monitor = Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1), server=None,
+                      probes={"rare": probe}, common_probe=probe, total_steps=5000)
+    try:
+        assert monitor.floors["probe_loss"] == 25
+        assert monitor.floors["probes"] == 125
+        assert monitor.intervals["probe_loss"] == 10
+    finally:
+        monitor.close()
 
 
 def test_floor_measurements_cannot_exceed_planned_measurements() -> None:

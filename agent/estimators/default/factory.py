@@ -18,6 +18,7 @@ from raresignal.agent.estimators.default.fisher import FisherEstimator
 from raresignal.agent.estimators.default.gradient_stats import GradientStatsEstimator
 from raresignal.agent.estimators.default.gradient_subspace import GradientSubspaceEstimator
 from raresignal.agent.estimators.default.noise_scale import NoiseScaleEstimator
+from raresignal.agent.estimators.default.probe_loss import ProbeLossEstimator
 from raresignal.agent.estimators.default.probes import ProbeEstimator
 from raresignal.agent.estimators.default.representation import RepresentationEstimator
 from raresignal.agent.estimators.default.sharpness import SharpnessEstimator
@@ -113,7 +114,8 @@ def build_default_estimators(
     if shared.per_example is not None:
         estimators.append(FisherEstimator(shared))
     if probes:
-        estimators.append(ProbeEstimator(shared, probes, common_probe))
+        estimators += [ProbeLossEstimator(shared, probes, common_probe),
+                       ProbeEstimator(shared, probes, common_probe)]
     unavailable = _unavailable_signals(shared, bool(probes))
     if unavailable:
         estimators.append(UnavailableSignalsEstimator(shared, unavailable))

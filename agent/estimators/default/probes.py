@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,12 +14,8 @@ from raresignal.agent.cadence import planned_warmup
 from raresignal.agent.estimators.fisher import sample_model_labels
 from raresignal.agent.estimators.gradient_stats import parameter_sketch
 from raresignal.agent.estimators.isolation import preserved_training_state
-from raresignal.agent.estimators.likelihood import mean_nll
 from raresignal.agent.estimators.objective import (
     BatchObjective,
-    TrainingLoss,
-    take,
-    to_fp32_inputs,
 )
 from raresignal.agent.estimators.probes import (
     RetentionReference,
@@ -29,7 +24,12 @@ from raresignal.agent.estimators.probes import (
     cosine,
     fisher_mass,
 )
-from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
+from raresignal.agent.estimators.shared import (
+    DefaultEstimator,
+    RotatingSubsample,
+    SharedState,
+    finite,
+)
 from raresignal.agent.estimators.subspace import orthonormal_rows_basis
 
 
@@ -55,8 +55,9 @@ class InterferenceStart:
 class ProbeEstimator(DefaultEstimator):
     """Rare-signal geometry of each probe set against the common probe and U_dom. Off under
     FSDP (sharded parameters): per-example gradients need whole parameters. With a
-    ``loss_fn`` and no likelihood only the loss and the interference remain (the rest
-    rests on labels sampled from the model).
+    ``loss_fn`` and no likelihood only the interference remains (the rest rests on labels
+    sampled from the model). The probes' loss and accuracy, a forward pass, are
+    measured far more often by ``ProbeLossEstimator``.
 
     Interference is cos(g_R(theta_s), -(theta_t - theta_s)): the probe's mean gradient at
     an earlier measurement s against the net update training applied from s to now, t (at
@@ -72,10 +73,9 @@ class ProbeEstimator(DefaultEstimator):
     are the same).
 
     Effort (``set_effort``): below 1, each measurement uses a rotating subsample of each
-    probe set, ``ceil(level * n)`` of its ``n`` examples, starting where the previous one
-    stopped, so that within ``ceil(1 / level)`` measurements every example has been used.
-    Every reading is a mean over the examples used (loss, accuracy, Fisher mass per token,
-    the mean gradient), so it estimates the full probe's value without bias, only noisier.
+    probe set (``RotatingSubsample``). Every reading is a mean over the examples used
+    (Fisher mass per token, the mean gradient), so it estimates the full probe's value
+    without bias, only noisier.
     """
 
     name = "probes"
@@ -90,15 +90,11 @@ class ProbeEstimator(DefaultEstimator):
         self.references: dict[str, RetentionReference] = {}
         self.interference_starts: list[InterferenceStart] = []
         self.retention_warmup_step = shared.config.retention_warmup_step
-        self.effort = 1.0
-        self._offsets: dict[str, int] = {}  # where each probe's next subsample starts
+        self.subsample = RotatingSubsample()
 
     def set_effort(self, level: float) -> float | None:
         """Measures a rotating ``level`` share of each probe set per run (class docstring)."""
-        if not level > 0:
-            raise ValueError(f"effort must be in (0, 1], got {level}")
-        self.effort = min(1.0, level)
-        return self.effort
+        return self.subsample.set_level(level)
 
     def plan(self, total_steps: int) -> None:
         """A run planned shorter than the retention warm-up takes its reference earlier."""
@@ -106,52 +102,23 @@ class ProbeEstimator(DefaultEstimator):
         self.retention_warmup_step = planned_warmup(
             config.retention_warmup_step, total_steps, config.retention_warmup_fraction)
 
-    def _subsample(self, name: str, probe: Probe) -> Probe:
-        """The examples of ``probe`` this run measures: all of them at full effort."""
-        size = len(probe)
-        count = math.ceil(self.effort * size)
-        if count >= size:
-            return probe
-        start = self._offsets.get(name, 0)
-        index = (start + torch.arange(count)) % size
-        self._offsets[name] = (start + count) % size
-        return Probe(take(probe.inputs, index), probe.targets[index])
-
     def _label_seed(self, name: str) -> int:
         # Fixed per probe: the same uniforms every time (common random numbers), so the
         # sampled-label noise largely cancels between two measurements of one probe.
         return zlib.crc32(name.encode())
 
     def _measure(self, name: str, probe: Probe) -> tuple[list[Measurement], dict[str, Any]]:
-        """The probe's loss; with a likelihood also its accuracy and its sampled-label
-        Fisher mass and per-example sketches (None without one)."""
+        """With a likelihood, the probe's sampled-label Fisher mass and per-example
+        sketches (None without one). Its loss and accuracy are ``probe_loss``'s."""
         engine, likelihood = self.shared.per_example, self.shared.likelihood
-        labels = (("probe", name),)
-        training_loss = TrainingLoss(self.shared.functional, likelihood)
-        out: list[Measurement] = []
-        if training_loss.custom:
-            params = self.shared.parameters
-            with torch.no_grad():
-                loss = training_loss(params.fp32_detached(),
-                                     to_fp32_inputs(probe.inputs, params.device),
-                                     probe.targets.to(params.device))
-            out.append(Measurement("probe_loss", float(loss), labels))
         if likelihood is None or engine is None:
-            return out, {"mass": None, "sketches": None}
-        logits = engine.logits(probe.inputs)
-        targets = probe.targets.to(logits.device)
-        if not training_loss.custom:
-            out.append(Measurement("probe_loss", float(mean_nll(likelihood, logits, targets)),
-                                   labels))
-        counts = likelihood.counts(targets).sum().clamp(min=1.0)
-        accuracy = float(likelihood.correct(logits, targets).sum() / counts)
-        _, sampled = sample_model_labels(engine, probe.inputs, targets,
+            return [], {"mass": None, "sketches": None}
+        _, sampled = sample_model_labels(engine, probe.inputs, probe.targets,
                                          self.shared.generator(self._label_seed(name)))
         summary = engine.summarize(probe.inputs, sampled)
         mass = fisher_mass(summary.sq_norms, summary.counts)
-        out += [Measurement("probe_accuracy", accuracy, labels),
-                Measurement("probe_fisher_mass", mass, labels)]
-        return out, {"mass": mass, "sketches": summary.sketches}
+        return ([Measurement("probe_fisher_mass", mass, (("probe", name),))],
+                {"mass": mass, "sketches": summary.sketches})
 
     def _dataset_gradient_sketch(self, probe: Probe) -> torch.Tensor:
         """S g_R: the sketch of the gradient of the probe's mean loss (dataset labels)."""
@@ -175,7 +142,7 @@ class ProbeEstimator(DefaultEstimator):
         with preserved_training_state(self.shared.model):
             common_mass = None
             for name, whole in named.items():
-                probe = self._subsample(name, whole)
+                probe = self.subsample.take(name, whole)
                 measured, info = self._measure(name, probe)
                 out += measured
                 dataset_gradients[name] = self._dataset_gradient_sketch(probe)
@@ -222,7 +189,7 @@ class ProbeEstimator(DefaultEstimator):
     def state_dict(self) -> dict[str, Any]:
         return {"references": {n: r.state_dict() for n, r in self.references.items()},
                 "interference_starts": [s.state_dict() for s in self.interference_starts],
-                "offsets": dict(self._offsets)}
+                "offsets": self.subsample.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.references = {n: RetentionReference.from_state(dict(r))
@@ -230,4 +197,4 @@ class ProbeEstimator(DefaultEstimator):
         device = self.shared.parameters.device
         self.interference_starts = [InterferenceStart.from_state(s, device)
                                     for s in state.get("interference_starts", [])]
-        self._offsets = {n: int(o) for n, o in state.get("offsets", {}).items()}
+        self.subsample.load_state_dict(state.get("offsets", {}))

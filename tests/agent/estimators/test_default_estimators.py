@@ -22,8 +22,8 @@ EXPECTED = {
     "fisher": {"fisher_trace", "empirical_fisher_trace", "fisher_top_eigenvalue",
                "fisher_effective_rank"},
     "probes": {"probe_fisher_mass", "probe_fisher_mass_ratio", "probe_absorption",
-               "probe_bulk_residual", "probe_retention", "probe_interference", "probe_loss",
-               "probe_accuracy"},
+               "probe_bulk_residual", "probe_retention", "probe_interference"},
+    "probe_loss": {"probe_loss", "probe_accuracy"},
     "representation": {"representation_effective_rank", "representation_stable_rank",
                        "representation_dormant_fraction"},
 }

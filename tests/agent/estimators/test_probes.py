@@ -19,6 +19,7 @@ from raresignal.agent.estimators import EstimatorConfig, build_default_estimator
 from raresignal.agent.estimators.default import (
     GradientSubspaceEstimator,
     ProbeEstimator,
+    ProbeLossEstimator,
 )
 from raresignal.agent.estimators.probes import RetentionReference
 
@@ -184,10 +185,14 @@ def test_interference_is_the_cosine_with_the_net_update_since_the_measurement_ex
 def test_probe_loss_and_accuracy_without_a_common_probe() -> None:
     model = _model()
     rare_x, rare_y = _data(32, rare=True, seed=5)
-    estimator = _by_name(build_default_estimators(model, None, {"rare": Probe(rare_x, rare_y)},
-                                                  None, _config()), ProbeEstimator)
-    out = estimator.run(StepContext(1, model, None, lambda m, i: m(i)))
-    assert "probe_fisher_mass_ratio" not in {m.metric for m in out}  # no common probe
+    estimators = build_default_estimators(model, None, {"rare": Probe(rare_x, rare_y)},
+                                          None, _config())
+    ctx = StepContext(1, model, None, lambda m, i: m(i))
+    geometry = _by_name(estimators, ProbeEstimator).run(ctx)
+    assert "probe_fisher_mass_ratio" not in {m.metric for m in geometry}  # no common probe
+    assert {"probe_loss", "probe_accuracy"}.isdisjoint({m.metric for m in geometry})
+    out = _by_name(estimators, ProbeLossEstimator).run(ctx)
+    assert {m.metric for m in out} == {"probe_loss", "probe_accuracy"}
     accuracy = _values(out, "probe_accuracy")["rare"]
     expected = float((model(rare_x).argmax(1) == rare_y).float().mean())
     assert accuracy == pytest.approx(expected)
@@ -229,7 +234,7 @@ def test_at_half_effort_two_measurements_cover_the_probe_and_average_to_the_full
     probes = {"rare": Probe(*_data(30, rare=True, seed=8))}
     common = Probe(*_data(40, rare=False, seed=9))
     estimator = _by_name(build_default_estimators(model, None, probes, common, _config()),
-                         ProbeEstimator)
+                         ProbeLossEstimator)
     ctx = StepContext(0, model, None, lambda m, i: m(i))
     full = list(estimator.run(ctx))
     assert estimator.set_effort(0.5) == 0.5

@@ -1,0 +1,88 @@
+"""The probes' loss and accuracy: one forward pass over each probe set, often.
+
+A collapse of a rare skill unfolds over a few hundred steps, so an alarm on the rare
+probe's loss can only warn ahead of it when that loss is read many times within it. The
+probes' geometry (per-example gradients) is too costly to run that often on a small model;
+this forward pass is not, so it is its own estimator, with a cadence and a floor of its
+own (``probe_loss_interval``, ``probe_loss_floor_measurements``), and the budget trims it
+by measuring a rotating share of each probe set before it stretches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from raresignal.agent.api import Measurement, Probe, StepContext
+from raresignal.agent.estimators.isolation import preserved_training_state
+from raresignal.agent.estimators.likelihood import mean_nll
+from raresignal.agent.estimators.objective import TrainingLoss, to_fp32_inputs
+from raresignal.agent.estimators.shared import (
+    DefaultEstimator,
+    RotatingSubsample,
+    SharedState,
+    finite,
+)
+
+
+class ProbeLossEstimator(DefaultEstimator):
+    """``probe_loss`` and (with a likelihood) ``probe_accuracy`` of every probe set, the
+    common probe included: the mean over the examples measured, in evaluation mode."""
+
+    name = "probe_loss"
+    expensive = False
+    # Its forward runs on a functional copy of the parameters, which under FSDP hold
+    # only this rank's shard.
+    needs_whole_parameters = True
+
+    def __init__(self, shared: SharedState, probes: Mapping[str, Probe],
+                 common: Probe | None) -> None:
+        super().__init__(shared, shared.config.probe_loss_interval)
+        self.floor_measurements = shared.config.probe_loss_floor_measurements
+        named = dict(probes)
+        if common is not None:
+            named = {shared.config.common_probe_name: common, **named}
+        self.probes = named
+        self.subsample = RotatingSubsample()
+
+    def set_effort(self, level: float) -> float | None:
+        """Measures a rotating ``level`` share of each probe set per run."""
+        return self.subsample.set_level(level)
+
+    def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        out: list[Measurement] = []
+        with preserved_training_state(self.shared.model), torch.no_grad():
+            for name, whole in self.probes.items():
+                out += self._measure(name, self.subsample.take(name, whole))
+        return finite(out)
+
+    def _measure(self, name: str, probe: Probe) -> list[Measurement]:
+        labels = (("probe", name),)
+        likelihood, engine = self.shared.likelihood, self.shared.per_example
+        training_loss = TrainingLoss(self.shared.functional, likelihood)
+        out: list[Measurement] = []
+        if training_loss.custom:  # the user's own loss is the probe's loss
+            params = self.shared.parameters
+            loss = training_loss(params.fp32_detached(),
+                                 to_fp32_inputs(probe.inputs, params.device),
+                                 probe.targets.to(params.device))
+            out.append(Measurement("probe_loss", float(loss), labels))
+        if likelihood is None or engine is None:
+            return out
+        logits = engine.logits(probe.inputs)
+        targets = probe.targets.to(logits.device)
+        if not training_loss.custom:
+            out.append(Measurement("probe_loss", float(mean_nll(likelihood, logits, targets)),
+                                   labels))
+        counts = likelihood.counts(targets).sum().clamp(min=1.0)
+        accuracy = float(likelihood.correct(logits, targets).sum() / counts)
+        out.append(Measurement("probe_accuracy", accuracy, labels))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"offsets": self.subsample.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.subsample.load_state_dict(state.get("offsets", {}))
