@@ -1,4 +1,4 @@
-"""Sharpness and Fisher measurements in units: spread over training steps they give
+"""Sharpness, Fisher and probe measurements in units: spread over training steps they give
 exactly the one-shot result of the step they started at; dropped half-way they change
 nothing; the sharpness effort level scales its work; and in a Monitor no step runs more
 than its slice."""
@@ -6,6 +6,7 @@ than its slice."""
 from __future__ import annotations
 
 import copy
+import zlib
 from typing import Any
 
 import pytest
@@ -22,9 +23,12 @@ from raresignal.agent.estimators.default.sharpness import (
     MIN_TRACE_PRODUCTS,
     SharpnessEstimator,
 )
+from raresignal.agent.estimators.fisher import sample_model_labels
+from raresignal.agent.estimators.isolation import preserved_training_state
 from raresignal.agent.estimators.likelihood import ClassificationLikelihood
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
 from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.probes import fisher_mass
 
 
 class NormedMLP(nn.Module):
@@ -302,3 +306,101 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
     assert checkpoint is not None and checkpoint["estimators"]["sharpness"]["previous"] is None
     assert checkpoint["budget"]["schedules"]["sharpness"]["runs"] == 0
     monitor.close()
+
+
+def _probe_estimators(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      config: EstimatorConfig) -> dict[str, Any]:
+    estimators = build_default_estimators(
+        model, optimizer, {"rare": Probe(*_data(9, 12))}, Probe(*_data(1, 20)), config,
+        task="classification", forward=lambda m, x: m(x))
+    return {e.name: e for e in estimators}
+
+
+def test_probe_units_spread_over_training_steps_equal_the_one_shot_measurement(trained
+                                                                            ) -> None:
+    """Every probe reading (Fisher mass and ratio, absorption, bulk residual, retention)
+    and the stored dataset-label gradients, spread over steps, equal those of the one-shot
+    run within rel 1e-5 (float rounding: the gradient is summed chunk by chunk); the
+    sampled-label Fisher mass equals the whole-probe computation to the same tolerance."""
+    model, optimizer = trained
+    config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4,
+                                "retention_warmup_step": 0})
+    one_shot_set = _probe_estimators(model, optimizer, config)
+    spread_set = _probe_estimators(model, optimizer, config)
+    for seed in (11, 12):  # U_dom from two batches' gradients
+        feed = _ctx(seed, model, optimizer, _train_step(model, optimizer, seed))
+        for estimators in (one_shot_set, spread_set):
+            feed.cache.clear()
+            estimators["gradient_subspace"].run(feed)
+    assert spread_set["probes"].shared.dominant.ready
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    # The whole-probe computations the units replace, at this step: the sampled-label
+    # Fisher mass of all 20 examples at once, and the dataset-label gradient in one pass.
+    shared = one_shot_set["probes"].shared
+    common_inputs, common_targets = _data(1, 20)
+    with preserved_training_state(model):
+        _, sampled = sample_model_labels(shared.per_example, common_inputs, common_targets,
+                                         shared.generator(zlib.crc32(b"common")))
+        whole = shared.per_example.summarize(common_inputs, sampled)
+        leaves = {n: t.detach().clone().requires_grad_(True)
+                  for n, t in shared.parameters.fp32_detached().items()}
+        loss = BatchObjective(shared.functional, shared.likelihood, common_inputs,
+                              common_targets)(leaves)
+        whole_gradient = shared.sketcher.sketch(
+            list(torch.autograd.grad(loss, [leaves[n] for n in shared.parameters.names])),
+            dtype=torch.float64)
+    one_shot = _values(list(one_shot_set["probes"].run(ctx)))
+    probes = spread_set["probes"]
+    units = probes.run_in_units(ctx)
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            spread = _values(list(done.value))
+            break
+        _train_step(model, optimizer, 500 + steps)
+        optimizer.step()
+        steps += 1
+    # Per probe set: its dataset-label gradient in chunks of 4, the label draw, its
+    # per-example gradients in chunks of 4 (common: 20 examples, rare: 12).
+    assert steps == (5 + 1 + 5) + (3 + 1 + 3)
+    assert set(spread) == set(one_shot) >= {
+        f"{metric}{{probe={name}}}" for name in ("common", "rare")
+        for metric in ("probe_fisher_mass", "probe_absorption", "probe_bulk_residual",
+                       "probe_retention")} | {"probe_fisher_mass_ratio{probe=rare}"}
+    for key, value in one_shot.items():
+        assert spread[key] == pytest.approx(value, rel=1e-5), key
+    (start_one_shot,) = one_shot_set["probes"].interference_starts
+    (start_spread,) = probes.interference_starts
+    for name in ("common", "rare"):
+        torch.testing.assert_close(start_spread.gradients[name],
+                                   start_one_shot.gradients[name], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(start_spread.parameters, start_one_shot.parameters)
+    assert set(probes.references) == {"common", "rare"}
+    assert spread["probe_fisher_mass{probe=common}"] == pytest.approx(
+        fisher_mass(whole.sq_norms, whole.counts), rel=1e-5)
+    torch.testing.assert_close(start_spread.gradients["common"], whole_gradient,
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_a_probe_measurement_dropped_half_way_leaves_the_estimator_as_it_was(trained
+                                                                            ) -> None:
+    model, optimizer = trained
+    config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4,
+                                "retention_warmup_step": 0})
+    probes = _probe_estimators(model, optimizer, config)["probes"]
+    probes.set_effort(0.5)  # a rotating half of each probe set: offsets move per run
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    before = copy.deepcopy(probes.state_dict())
+    units = probes.run_in_units(ctx)
+    for _ in range(6):
+        next(units)
+    units.close()
+    assert probes.state_dict() == before == {"references": {}, "interference_starts": [],
+                                             "offsets": {}}
+    run_units(probes.run_in_units(ctx))
+    after = probes.state_dict()
+    assert after["offsets"] == {"common": 10, "rare": 6}
+    assert set(after["references"]) == {"common", "rare"}
+    assert len(after["interference_starts"]) == 1
