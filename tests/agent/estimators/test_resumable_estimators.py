@@ -404,3 +404,34 @@ def test_a_probe_measurement_dropped_half_way_leaves_the_estimator_as_it_was(tra
     assert after["offsets"] == {"common": 10, "rare": 6}
     assert set(after["references"]) == {"common", "rare"}
     assert len(after["interference_starts"]) == 1
+
+
+def test_noise_scale_units_spread_over_training_steps_equal_the_one_shot_measurement(
+        trained) -> None:
+    """Its two half-batch gradients are taken at the starting step's point however far
+    training has moved between them: the unbiased |G|^2 and tr(Sigma) it smooths (read
+    from its EMA, which a single reading sets) equal the one-shot run's within rel 1e-6
+    (the same arithmetic, on copies)."""
+    model, optimizer = trained
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    one_shot = _estimator("noise_scale", model, optimizer)
+    one_shot_values = _values(list(one_shot.run(ctx)))
+    spread = _estimator("noise_scale", model, optimizer)
+    units = spread.run_in_units(ctx)
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            spread_values = _values(list(done.value))
+            break
+        assert spread.ema.grad_sq is None, "the EMA moved before the measurement completed"
+        for seed in range(3):  # several steps between the two halves
+            _train_step(model, optimizer, 600 + 10 * steps + seed)
+            optimizer.step()
+        steps += 1
+    assert steps == 2
+    assert spread_values == one_shot_values
+    assert spread.ema.grad_sq == pytest.approx(one_shot.ema.grad_sq, rel=1e-6)
+    assert spread.ema.trace_sigma == pytest.approx(one_shot.ema.trace_sigma, rel=1e-6)
+    assert one_shot.ema.trace_sigma > 0
