@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -150,10 +150,13 @@ class BudgetScheduler:
 
     # -- which estimators run ------------------------------------------------------------
 
-    def due(self, step: int) -> list[str]:
+    def due(self, step: int, running: Collection[str] = ()) -> list[str]:
         """Estimators to run at ``step``, in registration order; at most one expensive one
-        (the most overdue), the others wait for the following steps."""
-        ready = [s for s in self.schedules.values() if step >= s.next_due]
+        (the most overdue), the others wait for the following steps. ``running`` names
+        measurements still in flight (spread over steps): not due again, and not in the
+        way of the others, until they complete."""
+        ready = [s for s in self.schedules.values()
+                 if step >= s.next_due and s.name not in running]
         expensive = [s for s in ready if s.expensive]
         chosen = min(expensive, key=lambda s: s.next_due) if expensive else None
         return [s.name for s in ready if not s.expensive or s is chosen]

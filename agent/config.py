@@ -49,10 +49,11 @@ class MonitorConfig:
     budget_adjust_every_steps: int = 10
     # Steps over which the reported overhead ratio is measured.
     overhead_window_steps: int = 500
-    # An expensive estimator that can be resumed (sharpness) runs over several steps, each
-    # step giving it a slice of this fraction of the smoothed training step time, at
-    # least resumable_slice_min_seconds: no step should be delayed by more than twice the
-    # median step time or 50 ms, whichever is larger, and a slice may overrun by one unit.
+    # An expensive estimator that can be resumed (sharpness, Fisher, probes) runs over
+    # several steps, each step giving the measurements in flight a slice of this fraction
+    # of the smoothed training step time, at least resumable_slice_min_seconds: no step
+    # should be delayed by more than twice the median step time or 50 ms, whichever is
+    # larger, and a slice may overrun by one unit.
     resumable_slice_fraction: float = 0.5
     resumable_slice_min_seconds: float = 0.05
     # Reporting: samples go out in batches at least this often, and at most batch_size

@@ -191,8 +191,9 @@ class Monitor:
         self._on_measurements = on_measurements
         self._announced_start = False
         self._announced_run_id = False
-        # The resumable measurement spread over the steps now, if any (at most one).
-        self._in_flight: InFlight | None = None
+        # The resumable measurements spread over the steps now (one per estimator at most),
+        # oldest first.
+        self._flights: list[InFlight] = []
 
     def _default_estimators(self, probes: dict[str, Probe], common_probe: Probe | None
                             ) -> list[Estimator]:
@@ -311,15 +312,11 @@ class Monitor:
                           forward=self._forward, loss=loss, batch=batch,
                           batch_size=batch_size, distributed=self._dist)
         measurements: list[Measurement] = []
-        finished: StampedMeasurements = []
         spent = 0.0
-        # One slice of resumable work per step, and no other expensive run beside it.
-        busy = self._in_flight is not None
-        starting: Estimator | None = None
-        for name in self._budget.due(step):
+        for name in self._budget.due(step, running=[f.name for f in self._flights]):
             estimator = self.estimators[name]
-            if estimator.expensive and (busy or is_resumable(estimator)):
-                starting = None if busy else estimator
+            if estimator.expensive and is_resumable(estimator):
+                self._start_flight(estimator, ctx)
                 continue
             started = time.perf_counter()
             measurements.extend(self._run_estimator(estimator, ctx))
@@ -327,13 +324,7 @@ class Monitor:
             spent += seconds
             self._budget.record_run(name, step, seconds)
         # Last, in what the other estimators left of the step's slice.
-        if busy or starting is not None:
-            started = time.perf_counter()
-            if starting is not None:
-                finished = self._start_in_flight(starting, ctx, spent)
-            else:
-                finished = self._advance_in_flight(step, spent)
-            spent += time.perf_counter() - started
+        finished, spent = self._advance_flights(step, spent)
         ctx.cache.clear()
         self._publish(step, measurements, finished)
         return spent
@@ -364,15 +355,23 @@ class Monitor:
     # -- resumable measurements ----------------------------------------------------------
     #
     # A resumable estimator's measurement starts at the step the budget says it is due,
-    # then takes one slice of each step until it completes (see raresignal.agent.resumable).
-    # Its values are stamped with the step it started at. The sharpness and Fisher
-    # estimators copy the parameters and buffers when they start, so their values are
-    # exactly those of that step; one that reads the live parameters sees them move over
-    # the steps it spans, which its cadence (hundreds of steps) dwarfs. The budget sees
-    # its whole cost (the sum of its slices) when it completes, and starts no other
-    # expensive estimator meanwhile.
-    # Its run is recorded at the step it completes: its next one is due a cadence after
-    # that, so the estimators it held back, overdue by then, go first.
+    # then takes a share of each step's slice until it completes (see
+    # raresignal.agent.resumable). Its values are stamped with the step it started at. The
+    # sharpness, Fisher and probe estimators copy the parameters (and buffers) when they
+    # start, so their values are exactly those of that step; one that reads the live
+    # parameters sees them move over the steps it spans, which its cadence (hundreds of
+    # steps) dwarfs. The budget sees its whole cost (the sum of its slices) when it
+    # completes, and its run is recorded at that step: its next one is due a cadence later.
+    #
+    # Several may be in flight at once, one per estimator: a measurement in flight holds no
+    # other estimator back. With a single one at a time, a cold sharpness run spread over
+    # hundreds of steps would hold the Fisher and probe estimators for as long, and at the
+    # start of a short run the first spread measurement would hold every later one past
+    # the run's end. They share the slice: each step the next one in turn goes first (its
+    # first unit runs unless the step's other work filled the slice), then the others in
+    # what it left, so each advances at least every few steps and a short one is not
+    # queued behind a long one. The price is memory: each holds its copy of the parameters
+    # while in flight.
 
     def _slice_seconds(self) -> float:
         """This step's time for resumable work: a fraction of the smoothed step time,
@@ -381,42 +380,73 @@ class Monitor:
         return max(self.config.resumable_slice_fraction * step_seconds,
                    self.config.resumable_slice_min_seconds)
 
-    def _start_in_flight(self, estimator: Estimator, ctx: StepContext, spent: float
-                         ) -> StampedMeasurements:
+    def _start_flight(self, estimator: Estimator, ctx: StepContext) -> None:
+        """Starts ``estimator``'s measurement at this step; it runs in the slices."""
         try:
             units = estimator.run_in_units(ctx)  # type: ignore[attr-defined]
         except Exception as error:
             self._count_error(estimator.name, ctx.step, error)
             self._budget.record_run(estimator.name, ctx.step, 0.0)
-            return []
-        self._in_flight = InFlight(estimator.name, ctx.step, units)
-        return self._advance_in_flight(ctx.step, spent)
+            return
+        self._flights.append(InFlight(estimator.name, ctx.step, units))
 
-    def _advance_in_flight(self, step: int, spent: float) -> StampedMeasurements:
-        """Runs this step's slice (``spent`` of it already taken by the other estimators);
-        once the measurement is complete on every rank, records its cost and returns its
-        values stamped with its starting step."""
-        flight = self._in_flight
-        assert flight is not None
-        progress = flight.advance(self._slice_seconds(), self._budget.reduce_max,
-                                  spent=spent)
-        if progress.error is not None:
-            try:  # raised again so that the log carries its traceback
-                raise progress.error
-            except Exception as error:
-                self._count_error(flight.name, flight.step, error)
-        if not progress.done:
-            return []
-        self._in_flight = None
-        self._budget.record_run(flight.name, step, flight.seconds)
-        values = self._checked(flight.name, flight.result)
-        return [(flight.step, m) for m in values]
+    def _advance_flights(self, step: int, spent: float, slice_seconds: float | None = None
+                         ) -> tuple[StampedMeasurements, float]:
+        """Runs this step's slice (``spent`` of it already taken by the other estimators;
+        ``slice_seconds`` overrides it), the measurements in flight taking turns to go
+        first. Records the cost of each that completed on every rank and returns their
+        values, stamped with their starting steps, and the time spent so far."""
+        if not self._flights:
+            return [], spent
+        if slice_seconds is None:
+            slice_seconds = self._slice_seconds()
+        # The turn is a function of the step: every rank takes the flights in one order.
+        turn = step % len(self._flights)
+        finished: StampedMeasurements = []
+        for flight in self._flights[turn:] + self._flights[:turn]:
+            progress = flight.advance(slice_seconds, self._budget.reduce_max, spent=spent)
+            spent += progress.seconds
+            if progress.error is not None:
+                try:  # raised again so that the log carries its traceback
+                    raise progress.error
+                except Exception as error:
+                    self._count_error(flight.name, flight.step, error)
+            if not progress.done:
+                continue
+            self._flights.remove(flight)
+            self._budget.record_run(flight.name, step, flight.seconds)
+            values = self._checked(flight.name, flight.result)
+            finished += [(flight.step, m) for m in values]
+        return finished, spent
 
-    def _drop_in_flight(self) -> None:
-        """Abandons the measurement in flight; the estimator's state stays as it was."""
-        if self._in_flight is not None:
-            self._in_flight.close()
-            self._in_flight = None
+    def _finish_flights(self) -> None:
+        """At the close of a completed run, runs what is left of the measurements in
+        flight at once and publishes their values. Training is over, so no step waits for
+        them; and a run that ends while measurements are spread over its last steps (in a
+        short run, possibly the only ones of their signals) still gets them.
+
+        Under torch.distributed they are dropped instead: their units may issue
+        collectives, and close() is not a call every rank is known to make at the same
+        point, so finishing there could leave a rank waiting on the others for ever."""
+        if not self._flights:
+            return
+        if self._dist is not None and self._dist.is_distributed:
+            self._drop_flights()
+            return
+        step = max(0, self._step - 1)
+        try:
+            finished, _ = self._advance_flights(step, 0.0, slice_seconds=math.inf)
+            self._publish(step, [], finished)
+        except Exception:
+            self._log.warning("finish", "raresignal: cannot finish the measurements in "
+                              "flight at close", exc_info=True)
+        self._drop_flights()
+
+    def _drop_flights(self) -> None:
+        """Abandons the measurements in flight; their estimators stay as they were."""
+        for flight in self._flights:
+            flight.close()
+        self._flights = []
 
     def _publish(self, step: int, measurements: list[Measurement],
                  earlier: Sequence[tuple[int, Measurement]] = ()) -> None:
@@ -594,13 +624,19 @@ class Monitor:
 
     def close(self, state: str = "completed") -> bool:
         """Flushes the reports (waiting at most ``close_timeout_seconds``) and closes the
-        run. True when every report reached the server (or nothing was to be sent)."""
+        run. True when every report reached the server (or nothing was to be sent).
+
+        A completed run first finishes the measurements spread over its last steps, if
+        any (in one process; see ``_finish_flights``), so their values are reported."""
         if state not in RUN_STATES:
             raise ValueError(f"state must be one of {sorted(RUN_STATES)}, got {state!r}")
         if self._closed:
             return True
         self._closed = True
-        self._drop_in_flight()
+        if state == "completed":
+            self._finish_flights()
+        else:  # a failed or aborted process may be short of the memory or time it needs
+            self._drop_flights()
         delivered = True
         if self._sender is not None:
             if self._step > 0:

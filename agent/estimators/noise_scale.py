@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from raresignal.agent.api import Units, run_units
 from raresignal.agent.estimators.likelihood import Likelihood
 from raresignal.agent.estimators.objective import (
     FunctionalModel,
+    Params,
     TrainingLoss,
     take,
     to_fp32_inputs,
@@ -51,19 +53,31 @@ def half_batch_norms(functional: FunctionalModel, likelihood: Likelihood | None,
     union's is their token-weighted mean, i.e. the gradient of the mean loss over both
     halves.
     """
+    return run_units(half_batch_norms_units(functional, likelihood, inputs, targets, first,
+                                            second))
+
+
+def half_batch_norms_units(functional: FunctionalModel, likelihood: Likelihood | None,
+                           inputs: Any, targets: torch.Tensor, first: torch.Tensor,
+                           second: torch.Tensor, point: Params | None = None,
+                           ) -> Units[tuple[float, float, float, float]]:
+    """:func:`half_batch_norms` at ``point`` (default: the live parameters), one half's
+    gradient per unit."""
     training_loss = TrainingLoss(functional, likelihood)
     params = functional.parameters
     device = params.device
     inputs = to_fp32_inputs(inputs, device)
     targets = targets.to(device)
+    point = point if point is not None else params.fp32_detached()
     grads, tokens = [], []
     for index in (first, second):
-        leaves = {n: t.detach().requires_grad_(True) for n, t in params.fp32_detached().items()}
+        leaves = {n: t.detach().requires_grad_(True) for n, t in point.items()}
         half_targets = targets[index]
         loss = training_loss(leaves, take(inputs, index), half_targets)
         g = torch.autograd.grad(loss, [leaves[n] for n in params.names], allow_unused=True)
         grads.append(params.flatten(list(g)))
         tokens.append(training_loss.weight(half_targets))
+        yield
     union = (tokens[0] * grads[0] + tokens[1] * grads[1]) / (tokens[0] + tokens[1])
     small_sq = 0.5 * float(grads[0].pow(2).sum() + grads[1].pow(2).sum())
     size = float(first.numel())

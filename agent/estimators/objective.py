@@ -174,3 +174,23 @@ class BatchObjective:
     def point(self) -> Params:
         return self.functional.parameters.fp32_detached()
 
+
+def loss_chunks(functional: FunctionalModel, likelihood: Likelihood | None,
+                batch: tuple[Any, torch.Tensor], size: int
+                ) -> list[tuple[BatchObjective, float]]:
+    """The batch's loss as chunks of ``size`` examples, each with its share of the loss
+    (its scored tokens over the batch's), so that the shares' sum of the chunks' losses is
+    the batch's loss. A loss_fn (no likelihood) need not be a mean: it stays whole."""
+    inputs, targets = batch
+    whole = [(BatchObjective(functional, likelihood, inputs, targets), 1.0)]
+    if likelihood is None or int(targets.shape[0]) <= size:
+        return whole
+    total = float(likelihood.counts(targets).sum())
+    chunks = []
+    for start in range(0, int(targets.shape[0]), size):
+        index = slice(start, start + size)
+        scored = float(likelihood.counts(targets[index]).sum())
+        if scored > 0:
+            chunks.append((BatchObjective(functional, likelihood, take(inputs, index),
+                                          targets[index]), scored / total))
+    return chunks or whole

@@ -82,6 +82,11 @@ class PerExampleGradients:
                                 for name, p in self.parameters}
         return frozen
 
+    def point(self) -> Params:
+        """The parameters (fp32) it computes at: the copy of a frozen one, else the live
+        ones."""
+        return self._point()
+
     def _point(self) -> Params:
         if self._frozen_point is not None:
             return self._frozen_point

@@ -59,7 +59,7 @@ class FixedBatch:
         if self.targets is None and ctx.batch is not None:
             inputs, targets = ctx.batch
             index = slice(0, min(self.size, int(targets.shape[0])))
-            self.inputs = _copy(take(inputs, index))
+            self.inputs = copy_tensors(take(inputs, index))
             self.targets = targets[index].detach().clone()
         if self.targets is None:
             return None
@@ -100,7 +100,9 @@ class RotatingSubsample:
         self.offsets = {n: int(o) for n, o in state.items()}
 
 
-def _copy(inputs: Any) -> Any:
+def copy_tensors(inputs: Any) -> Any:
+    """A copy of every tensor in ``inputs`` (a tensor, or a tuple, list or dict of them),
+    detached: later training steps cannot change it."""
     return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, inputs)
 
 

@@ -37,9 +37,9 @@ class FisherEstimator(DefaultEstimator):
         super().__init__(shared, shared.config.fisher_interval)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
-        return run_units(self.measure_in_units(ctx))
+        return run_units(self.run_in_units(ctx))
 
-    def measure_in_units(self, ctx: StepContext) -> MeasurementUnits:
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
         """The measurement at ``ctx.step``, one chunk of per-example gradients per unit."""
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None:

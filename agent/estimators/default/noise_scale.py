@@ -1,4 +1,9 @@
-"""The gradient noise scale estimator (B_simple, EMA-smoothed)."""
+"""The gradient noise scale estimator (B_simple, EMA-smoothed).
+
+Without data parallelism its measurement is two forward/backward passes on the halves of
+the step's batch, about one training step's work, so it runs in two units that the
+monitor may spread over two steps.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,18 @@ from typing import Any
 
 import torch
 
-from raresignal.agent.api import Measurement, StepContext
-from raresignal.agent.estimators.isolation import preserved_training_state
+from raresignal.agent.api import Measurement, MeasurementUnits, StepContext, run_units
+from raresignal.agent.estimators.isolation import isolated_units
 from raresignal.agent.estimators.noise_scale import (
     NoiseScaleEMA,
-    half_batch_norms,
+    half_batch_norms_units,
     two_batch_estimate,
 )
 from raresignal.agent.estimators.shared import (
     LOCAL_GRAD_SQ_NORM_KEY,
     DefaultEstimator,
     SharedState,
+    copy_tensors,
     finite,
 )
 
@@ -35,6 +41,13 @@ class NoiseScaleEstimator(DefaultEstimator):
         self.ema = NoiseScaleEMA(shared.config.noise_scale_ema)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        return run_units(self.run_in_units(ctx))
+
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        """The measurement at ``ctx.step``: at once when the ranks' norms give it, else in
+        two units, one half-batch gradient each, at the parameters, buffers and batch of
+        that step (copied: training goes on between the two). The two halves' gradients
+        must be taken at one point: their difference is what B_simple reads as noise."""
         dist = ctx.distributed
         local_sq = ctx.cache.get(LOCAL_GRAD_SQ_NORM_KEY)
         if dist.is_distributed and local_sq is not None and ctx.batch_size:
@@ -46,22 +59,25 @@ class NoiseScaleEstimator(DefaultEstimator):
                            .pow(2).sum())
             b_small = float(ctx.batch_size)
             estimate = two_batch_estimate(small_sq, big_sq, b_small, b_small * dist.world_size)
-        else:
-            if ctx.batch is None or int(ctx.batch[1].shape[0]) < 2:
-                return []
-            inputs, targets = ctx.batch
-            n = int(targets.shape[0]) // 2
-            order = torch.randperm(2 * n, generator=self.shared.generator(ctx.step))
-            order = order.to(targets.device)
-            with preserved_training_state(self.shared.model):
-                small_sq, big_sq, b_small, b_big = half_batch_norms(
-                    self.shared.functional, self.shared.likelihood, inputs, targets,
-                    order[:n], order[n:])
-            if dist.is_distributed:  # every rank saw different data: average the norms
-                both = dist.all_reduce_sum(torch.tensor([small_sq, big_sq],
-                                                        dtype=torch.float64))
-                small_sq, big_sq = (float(v) / dist.world_size for v in both)
-            estimate = two_batch_estimate(small_sq, big_sq, b_small, b_big)
+            return finite([Measurement("gradient_noise_scale", self.ema.update(estimate))])
+        if ctx.batch is None or int(ctx.batch[1].shape[0]) < 2:
+            return []
+        inputs, targets = copy_tensors(ctx.batch)
+        n = int(targets.shape[0]) // 2
+        order = torch.randperm(2 * n, generator=self.shared.generator(ctx.step))
+        order = order.to(targets.device)
+        functional = self.shared.functional.with_frozen_buffers()
+        point = {name: p.detach().to(torch.float32, copy=True)
+                 for name, p in self.shared.parameters}
+        small_sq, big_sq, b_small, b_big = yield from isolated_units(
+            self.shared.model, half_batch_norms_units(functional, self.shared.likelihood,
+                                                      inputs, targets, order[:n], order[n:],
+                                                      point))
+        if dist.is_distributed:  # every rank saw different data: average the norms
+            both = dist.all_reduce_sum(torch.tensor([small_sq, big_sq], dtype=torch.float64))
+            small_sq, big_sq = (float(v) / dist.world_size for v in both)
+        estimate = two_batch_estimate(small_sq, big_sq, b_small, b_big)
+        # Complete: only now does the EMA move.
         return finite([Measurement("gradient_noise_scale", self.ema.update(estimate))])
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""The probe estimator: the rare-signal geometry of each named probe set."""
+"""The probe estimator: the rare-signal geometry of each named probe set.
+
+Its measurement runs in units that the monitor may spread over several training steps
+(see ``ProbeEstimator.run_in_units``); the parameters and buffers are copied when it
+starts, so the result is exactly the one-shot measurement of that step.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,19 @@ from typing import Any
 
 import torch
 
-from raresignal.agent.api import Measurement, Probe, StepContext
+from raresignal.agent.api import (
+    Measurement,
+    MeasurementUnits,
+    Probe,
+    StepContext,
+    Units,
+    run_units,
+)
 from raresignal.agent.cadence import planned_warmup
 from raresignal.agent.estimators.fisher import sample_model_labels
 from raresignal.agent.estimators.gradient_stats import parameter_sketch
-from raresignal.agent.estimators.isolation import preserved_training_state
-from raresignal.agent.estimators.objective import (
-    BatchObjective,
-)
+from raresignal.agent.estimators.isolation import isolated_units
+from raresignal.agent.estimators.objective import FunctionalModel, Params, loss_chunks
 from raresignal.agent.estimators.probes import (
     RetentionReference,
     absorption,
@@ -107,70 +117,101 @@ class ProbeEstimator(DefaultEstimator):
         # sampled-label noise largely cancels between two measurements of one probe.
         return zlib.crc32(name.encode())
 
-    def _measure(self, name: str, probe: Probe) -> tuple[list[Measurement], dict[str, Any]]:
-        """With a likelihood, the probe's sampled-label Fisher mass and per-example
-        sketches (None without one). Its loss and accuracy are ``probe_loss``'s."""
-        engine, likelihood = self.shared.per_example, self.shared.likelihood
-        if likelihood is None or engine is None:
-            return [], {"mass": None, "sketches": None}
-        _, sampled = sample_model_labels(engine, probe.inputs, probe.targets,
-                                         self.shared.generator(self._label_seed(name)))
-        summary = engine.summarize(probe.inputs, sampled)
-        mass = fisher_mass(summary.sq_norms, summary.counts)
-        return ([Measurement("probe_fisher_mass", mass, (("probe", name),))],
-                {"mass": mass, "sketches": summary.sketches})
-
-    def _dataset_gradient_sketch(self, probe: Probe) -> torch.Tensor:
-        """S g_R: the sketch of the gradient of the probe's mean loss (dataset labels)."""
-        objective = BatchObjective(self.shared.functional, self.shared.likelihood,
-                                   probe.inputs, probe.targets)
-        params = self.shared.parameters
-        leaves = {n: t.requires_grad_(True) for n, t in
-                  ((n, t.detach().clone()) for n, t in params.fp32_detached().items())}
-        grads = torch.autograd.grad(objective(leaves), [leaves[n] for n in params.names],
-                                    allow_unused=True)
-        return self.shared.sketcher.sketch(list(grads), dtype=torch.float64)
-
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        return run_units(self.run_in_units(ctx))
+
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        """The measurement at ``ctx.step`` in units: for each probe set, each chunk of its
+        dataset-label gradient, the drawing of its sampled labels (one forward pass) and
+        each chunk of its per-example gradients (``per_example_chunk`` examples, at most
+        ``unit_batch_fraction`` of the training batch). The parameters, buffers, the
+        parameters' sketch and U_dom are taken when it starts, so the result is exactly
+        the one-shot measurement of that step; the references, the interference windows
+        and the subsample offsets change only when it completes."""
+        offsets = self.subsample.state_dict()
+        completed = False
+        try:
+            result = yield from isolated_units(self.shared.model, self._measure_units(ctx))
+            completed = True
+            return result
+        finally:
+            if not completed:  # dropped half-way: the next one takes the same examples
+                self.subsample.load_state_dict(offsets)
+
+    def _measure_units(self, ctx: StepContext) -> MeasurementUnits:
         config = self.shared.config
-        dominant = self.shared.dominant.basis() if self.shared.dominant.ready else None
-        out: list[Measurement] = []
-        dataset_gradients: dict[str, torch.Tensor] = {}
+        shared = self.shared
+        dominant = shared.dominant.basis() if shared.dominant.ready else None
         named = dict(self.probes)
         if self.common is not None:  # measured first, and like any probe, as the baseline
             named = {config.common_probe_name: self.common, **named}
-        with preserved_training_state(self.shared.model):
-            common_mass = None
-            for name, whole in named.items():
-                probe = self.subsample.take(name, whole)
-                measured, info = self._measure(name, probe)
-                out += measured
-                dataset_gradients[name] = self._dataset_gradient_sketch(probe)
-                labels = (("probe", name),)
-                g = info["sketches"]
-                if g is None:  # no likelihood: no sampled-label geometry
-                    continue
-                if self.common is not None and name == config.common_probe_name:
-                    common_mass = info["mass"]
-                elif common_mass is not None and common_mass > 0:
-                    out.append(Measurement("probe_fisher_mass_ratio",
-                                           info["mass"] / common_mass, labels))
-                if dominant is not None and dominant.shape[1] > 0:
-                    basis = orthonormal_rows_basis(g, config.probe_rank)
-                    out += [Measurement("probe_absorption", absorption(dominant, basis), labels),
-                            Measurement("probe_bulk_residual", bulk_residual(g, dominant),
-                                        labels)]
-                if name not in self.references and ctx.step >= self.retention_warmup_step:
-                    self.references[name] = RetentionReference.take(g, config.probe_rank,
-                                                                    ctx.step)
-                if name in self.references:
-                    out.append(Measurement("probe_retention",
-                                           self.references[name].retention(g), labels))
-        parameters = parameter_sketch(self.shared.sketcher)
+        probes = {name: self.subsample.take(name, whole) for name, whole in named.items()}
+        chunk = shared.unit_examples(ctx, config.per_example_chunk)
+        # Copies, not views: the optimizer steps in place between units.
+        engine = None if shared.per_example is None else shared.per_example.frozen(chunk)
+        if engine is not None:
+            functional, point = engine.functional, engine.point()
+        else:
+            functional = shared.functional.with_frozen_buffers()
+            point = {n: p.detach().to(torch.float32, copy=True) for n, p in shared.parameters}
+        parameters = parameter_sketch(shared.sketcher)
+        out: list[Measurement] = []
+        dataset_gradients: dict[str, torch.Tensor] = {}
+        references: dict[str, RetentionReference] = {}
+        common_mass = None
+        for name, probe in probes.items():
+            dataset_gradients[name] = yield from self._dataset_gradient_units(
+                functional, point, probe, chunk)
+            if engine is None:  # no likelihood: no sampled-label geometry
+                continue
+            _, sampled = sample_model_labels(engine, probe.inputs, probe.targets,
+                                             shared.generator(self._label_seed(name)))
+            yield
+            summary = yield from engine.summarize_units(probe.inputs, sampled)
+            mass = fisher_mass(summary.sq_norms, summary.counts)
+            g = summary.sketches
+            labels = (("probe", name),)
+            out.append(Measurement("probe_fisher_mass", mass, labels))
+            if self.common is not None and name == config.common_probe_name:
+                common_mass = mass
+            elif common_mass is not None and common_mass > 0:
+                out.append(Measurement("probe_fisher_mass_ratio", mass / common_mass,
+                                       labels))
+            if dominant is not None and dominant.shape[1] > 0:
+                basis = orthonormal_rows_basis(g, config.probe_rank)
+                out += [Measurement("probe_absorption", absorption(dominant, basis), labels),
+                        Measurement("probe_bulk_residual", bulk_residual(g, dominant),
+                                    labels)]
+            reference = self.references.get(name)
+            if reference is None and ctx.step >= self.retention_warmup_step:
+                reference = references[name] = RetentionReference.take(
+                    g, config.probe_rank, ctx.step)
+            if reference is not None:
+                out.append(Measurement("probe_retention", reference.retention(g), labels))
+        # Complete: only now does the estimator's own state move.
+        self.references.update(references)
         out += self._interference(ctx.step, parameters)
         self.interference_starts.append(InterferenceStart(ctx.step, parameters,
                                                           dataset_gradients))
         return finite(out)
+
+    def _dataset_gradient_units(self, functional: FunctionalModel, point: Params,
+                                probe: Probe, chunk: int) -> Units[torch.Tensor]:
+        """S g_R: the sketch of the gradient of the probe's mean loss (dataset labels) at
+        ``point``, one chunk of examples per unit. The sketch is linear, so the chunks'
+        sketches weighted by their share of the loss add up to the whole probe's."""
+        names = self.shared.parameters.names
+        total: torch.Tensor | None = None
+        for objective, share in loss_chunks(functional, self.shared.likelihood,
+                                            (probe.inputs, probe.targets), chunk):
+            leaves = {n: t.detach().clone().requires_grad_(True) for n, t in point.items()}
+            grads = torch.autograd.grad(objective(leaves), [leaves[n] for n in names],
+                                        allow_unused=True)
+            sketch = share * self.shared.sketcher.sketch(list(grads), dtype=torch.float64)
+            total = sketch if total is None else total + sketch
+            yield
+        assert total is not None
+        return total
 
     def _interference(self, step: int, parameters: torch.Tensor) -> list[Measurement]:
         """Closes every window that is long enough; the latest one closed is reported."""

@@ -22,8 +22,7 @@ import torch
 from raresignal.agent.api import Measurement, MeasurementUnits, StepContext, Units, run_units
 from raresignal.agent.estimators.hvp import ChunkedHVP, auto_hvp_units, make_hvp
 from raresignal.agent.estimators.isolation import isolated_units
-from raresignal.agent.estimators.likelihood import Likelihood
-from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel, Params, take
+from raresignal.agent.estimators.objective import BatchObjective, Params, loss_chunks
 from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
 from raresignal.agent.estimators.sharpness import (
     SharpnessTracker,
@@ -45,27 +44,6 @@ def scaled_count(full: int, level: float, minimum: int) -> int:
     """``full`` scaled by ``level`` (rounded up), never under ``minimum`` unless ``full``
     itself is."""
     return max(min(full, minimum), math.ceil(level * full))
-
-
-def curvature_chunks(functional: FunctionalModel, likelihood: Likelihood | None,
-                     batch: tuple[Any, torch.Tensor], size: int
-                     ) -> list[tuple[BatchObjective, float]]:
-    """The batch's loss as chunks of ``size`` examples, each with its share of the loss
-    (its scored tokens over the batch's), so that the shares' sum of the chunks' losses is
-    the batch's loss. A loss_fn (no likelihood) need not be a mean: it stays whole."""
-    inputs, targets = batch
-    whole = [(BatchObjective(functional, likelihood, inputs, targets), 1.0)]
-    if likelihood is None or int(targets.shape[0]) <= size:
-        return whole
-    total = float(likelihood.counts(targets).sum())
-    chunks = []
-    for start in range(0, int(targets.shape[0]), size):
-        index = slice(start, start + size)
-        scored = float(likelihood.counts(targets[index]).sum())
-        if scored > 0:
-            chunks.append((BatchObjective(functional, likelihood, take(inputs, index),
-                                          targets[index]), scored / total))
-    return chunks or whole
 
 
 class SharpnessEstimator(DefaultEstimator):
@@ -149,7 +127,7 @@ class SharpnessEstimator(DefaultEstimator):
         profile = optimizer_profile(optimizer)
         diagonal = (adam_preconditioner(optimizer, params)
                     if profile.preconditioned and optimizer is not None else None)
-        chunks = curvature_chunks(self.shared.functional.with_frozen_buffers(),
+        chunks = loss_chunks(self.shared.functional.with_frozen_buffers(),
                                   self.shared.likelihood, batch,
                                   self.shared.unit_examples(ctx, config.curvature_chunk_size))
         hvp = yield from self._hvp_units(chunks, point)

@@ -117,15 +117,15 @@ def test_auto_falls_back_on_fused_cpu_attention(model_class, lm_batch) -> None:
 def test_chunks_of_a_causal_lm_batch_sum_to_its_exact_hessian(transformer, lm_batch) -> None:
     """Chunks with different numbers of scored tokens (ignored positions) weigh by them:
     the chunked product is the whole batch's H v."""
-    from raresignal.agent.estimators.default.sharpness import curvature_chunks
     from raresignal.agent.estimators.hvp import ChunkedHVP
+    from raresignal.agent.estimators.objective import loss_chunks
 
     tokens, targets = lm_batch
     targets = targets.clone()
     targets[:3, 2:] = -100  # the first chunk scores far fewer tokens than the others
     objective, params = _objective(transformer, CausalLMLikelihood(), tokens, targets)
     hessian = exact_hessian(objective, params)
-    chunks = curvature_chunks(objective.functional, CausalLMLikelihood(), (tokens, targets), 3)
+    chunks = loss_chunks(objective.functional, CausalLMLikelihood(), (tokens, targets), 3)
     assert len(chunks) == 3 and sum(share for _, share in chunks) == pytest.approx(1.0)
     assert chunks[0][1] < chunks[1][1]
     v = torch.randn(params.numel, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Sharpness and Fisher measurements in units: spread over training steps they give
+"""Sharpness, Fisher and probe measurements in units: spread over training steps they give
 exactly the one-shot result of the step they started at; dropped half-way they change
 nothing; the sharpness effort level scales its work; and in a Monitor no step runs more
 than its slice."""
@@ -6,6 +6,7 @@ than its slice."""
 from __future__ import annotations
 
 import copy
+import zlib
 from typing import Any
 
 import pytest
@@ -22,9 +23,12 @@ from raresignal.agent.estimators.default.sharpness import (
     MIN_TRACE_PRODUCTS,
     SharpnessEstimator,
 )
+from raresignal.agent.estimators.fisher import sample_model_labels
+from raresignal.agent.estimators.isolation import preserved_training_state
 from raresignal.agent.estimators.likelihood import ClassificationLikelihood
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
 from raresignal.agent.estimators.parameters import ParameterSet
+from raresignal.agent.estimators.probes import fisher_mass
 
 
 class NormedMLP(nn.Module):
@@ -137,7 +141,7 @@ def test_fisher_units_spread_over_training_steps_equal_the_one_shot_measurement(
     config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4})
     ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
     one_shot = _values(list(_estimator("fisher", model, optimizer, config).run(ctx)))
-    units = _estimator("fisher", model, optimizer, config).measure_in_units(ctx)
+    units = _estimator("fisher", model, optimizer, config).run_in_units(ctx)
     steps = 0
     while True:
         try:
@@ -206,11 +210,12 @@ def test_effort_scales_lanczos_iterations_and_trace_products_down_to_a_minimum(
         sharpness.set_effort(float("nan"))
 
 
-class BlockedExpensive:
-    """An expensive estimator due at every step: it must wait while sharpness is in flight."""
+class OtherExpensive:
+    """An expensive estimator due every third step: a measurement in flight must not hold
+    it back, and what it takes of a step's slice is not there for the measurement."""
 
     name = "toy_expensive"
-    default_interval = 1
+    default_interval = 3
     expensive = True
 
     def __init__(self) -> None:
@@ -255,10 +260,10 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
                                    "sharpness_cold_iterations": 60, "hutchinson_samples": 30,
                                    "sharpness_interval": 1000})
     sharpness = _sharpness(model, optimizer, expensive)
-    blocked = BlockedExpensive()
+    other = OtherExpensive()
     config = MonitorConfig(resumable_slice_fraction=1e-9, resumable_slice_min_seconds=1e-9,
                            max_interval_factor=1)
-    monitor = Monitor(model, optimizer, estimators=[sharpness, blocked], config=config)
+    monitor = Monitor(model, optimizer, estimators=[sharpness, other], config=config)
     recorded: list[tuple[str, int, float]] = []
     record_run = monitor._budget.record_run
     monkeypatch.setattr(monitor._budget, "record_run",
@@ -270,28 +275,29 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
                         (published.extend(earlier), publish(step, measurements, earlier)))
 
     per_step, flight, checkpoint = [], None, None
-    for step in range(400):
+    for step in range(600):
         before = len(products)
         loss = _train_step(model, optimizer, 300 + step)
         monitor.step(loss=loss, batch=_data(step))
         optimizer.step()
         per_step.append(len(products) - before)
-        flight = monitor._in_flight or flight
+        flight = monitor._flights[0] if monitor._flights else flight
         if step == 50:
             checkpoint = monitor.state_dict()  # mid-flight: must not crash or save half
-        if monitor._in_flight is None and published:
+        if not monitor._flights and published:
             break
-    loss = _train_step(model, optimizer, 1)
-    monitor.step(loss=loss, batch=_data(1))  # the step after it completed
     assert flight is not None and flight.name == "sharpness" and flight.step == 0
     spanned = flight.steps
-    assert spanned > 60 and flight.units_run == spanned
-    assert max(per_step) == 1
-    # No other expensive estimator ran meanwhile; it ran the step after.
-    assert blocked.steps == [spanned]
+    assert spanned > 60 and max(per_step) == 1
+    # The other expensive estimator kept its cadence from its first due step on; at its
+    # steps it took the whole (tiny) slice, so the measurement ran no unit there.
+    assert other.steps == list(range(1, spanned, 3))
+    assert all(per_step[step] == 0 for step in other.steps)
+    assert flight.units_run == spanned - len(other.steps)
     # The budget saw the whole cost once, at the step the measurement completed, and
     # the values carry the step the measurement started at.
-    assert recorded[0] == ("sharpness", spanned - 1, flight.seconds)
+    assert [(name, step, seconds) for name, step, seconds in recorded
+            if name == "sharpness"] == [("sharpness", spanned - 1, flight.seconds)]
     assert {step for step, _ in published} == {0}
     assert {m.metric for _, m in published} >= {"sharpness", "hessian_trace"}
     assert "sharpness" in monitor.latest()
@@ -300,3 +306,132 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
     assert checkpoint is not None and checkpoint["estimators"]["sharpness"]["previous"] is None
     assert checkpoint["budget"]["schedules"]["sharpness"]["runs"] == 0
     monitor.close()
+
+
+def _probe_estimators(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      config: EstimatorConfig) -> dict[str, Any]:
+    estimators = build_default_estimators(
+        model, optimizer, {"rare": Probe(*_data(9, 12))}, Probe(*_data(1, 20)), config,
+        task="classification", forward=lambda m, x: m(x))
+    return {e.name: e for e in estimators}
+
+
+def test_probe_units_spread_over_training_steps_equal_the_one_shot_measurement(trained
+                                                                            ) -> None:
+    """Every probe reading (Fisher mass and ratio, absorption, bulk residual, retention)
+    and the stored dataset-label gradients, spread over steps, equal those of the one-shot
+    run within rel 1e-5 (float rounding: the gradient is summed chunk by chunk); the
+    sampled-label Fisher mass equals the whole-probe computation to the same tolerance."""
+    model, optimizer = trained
+    config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4,
+                                "retention_warmup_step": 0})
+    one_shot_set = _probe_estimators(model, optimizer, config)
+    spread_set = _probe_estimators(model, optimizer, config)
+    for seed in (11, 12):  # U_dom from two batches' gradients
+        feed = _ctx(seed, model, optimizer, _train_step(model, optimizer, seed))
+        for estimators in (one_shot_set, spread_set):
+            feed.cache.clear()
+            estimators["gradient_subspace"].run(feed)
+    assert spread_set["probes"].shared.dominant.ready
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    # The whole-probe computations the units replace, at this step: the sampled-label
+    # Fisher mass of all 20 examples at once, and the dataset-label gradient in one pass.
+    shared = one_shot_set["probes"].shared
+    common_inputs, common_targets = _data(1, 20)
+    with preserved_training_state(model):
+        _, sampled = sample_model_labels(shared.per_example, common_inputs, common_targets,
+                                         shared.generator(zlib.crc32(b"common")))
+        whole = shared.per_example.summarize(common_inputs, sampled)
+        leaves = {n: t.detach().clone().requires_grad_(True)
+                  for n, t in shared.parameters.fp32_detached().items()}
+        loss = BatchObjective(shared.functional, shared.likelihood, common_inputs,
+                              common_targets)(leaves)
+        whole_gradient = shared.sketcher.sketch(
+            list(torch.autograd.grad(loss, [leaves[n] for n in shared.parameters.names])),
+            dtype=torch.float64)
+    one_shot = _values(list(one_shot_set["probes"].run(ctx)))
+    probes = spread_set["probes"]
+    units = probes.run_in_units(ctx)
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            spread = _values(list(done.value))
+            break
+        _train_step(model, optimizer, 500 + steps)
+        optimizer.step()
+        steps += 1
+    # Per probe set: its dataset-label gradient in chunks of 4, the label draw, its
+    # per-example gradients in chunks of 4 (common: 20 examples, rare: 12).
+    assert steps == (5 + 1 + 5) + (3 + 1 + 3)
+    assert set(spread) == set(one_shot) >= {
+        f"{metric}{{probe={name}}}" for name in ("common", "rare")
+        for metric in ("probe_fisher_mass", "probe_absorption", "probe_bulk_residual",
+                       "probe_retention")} | {"probe_fisher_mass_ratio{probe=rare}"}
+    for key, value in one_shot.items():
+        assert spread[key] == pytest.approx(value, rel=1e-5), key
+    (start_one_shot,) = one_shot_set["probes"].interference_starts
+    (start_spread,) = probes.interference_starts
+    for name in ("common", "rare"):
+        torch.testing.assert_close(start_spread.gradients[name],
+                                   start_one_shot.gradients[name], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(start_spread.parameters, start_one_shot.parameters)
+    assert set(probes.references) == {"common", "rare"}
+    assert spread["probe_fisher_mass{probe=common}"] == pytest.approx(
+        fisher_mass(whole.sq_norms, whole.counts), rel=1e-5)
+    torch.testing.assert_close(start_spread.gradients["common"], whole_gradient,
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_a_probe_measurement_dropped_half_way_leaves_the_estimator_as_it_was(trained
+                                                                            ) -> None:
+    model, optimizer = trained
+    config = EstimatorConfig(**{**CONFIG.__dict__, "per_example_chunk": 4,
+                                "retention_warmup_step": 0})
+    probes = _probe_estimators(model, optimizer, config)["probes"]
+    probes.set_effort(0.5)  # a rotating half of each probe set: offsets move per run
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    before = copy.deepcopy(probes.state_dict())
+    units = probes.run_in_units(ctx)
+    for _ in range(6):
+        next(units)
+    units.close()
+    assert probes.state_dict() == before == {"references": {}, "interference_starts": [],
+                                             "offsets": {}}
+    run_units(probes.run_in_units(ctx))
+    after = probes.state_dict()
+    assert after["offsets"] == {"common": 10, "rare": 6}
+    assert set(after["references"]) == {"common", "rare"}
+    assert len(after["interference_starts"]) == 1
+
+
+def test_noise_scale_units_spread_over_training_steps_equal_the_one_shot_measurement(
+        trained) -> None:
+    """Its two half-batch gradients are taken at the starting step's point however far
+    training has moved between them: the unbiased |G|^2 and tr(Sigma) it smooths (read
+    from its EMA, which a single reading sets) equal the one-shot run's within rel 1e-6
+    (the same arithmetic, on copies)."""
+    model, optimizer = trained
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    one_shot = _estimator("noise_scale", model, optimizer)
+    one_shot_values = _values(list(one_shot.run(ctx)))
+    spread = _estimator("noise_scale", model, optimizer)
+    units = spread.run_in_units(ctx)
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            spread_values = _values(list(done.value))
+            break
+        assert spread.ema.grad_sq is None, "the EMA moved before the measurement completed"
+        for seed in range(3):  # several steps between the two halves
+            _train_step(model, optimizer, 600 + 10 * steps + seed)
+            optimizer.step()
+        steps += 1
+    assert steps == 2
+    assert spread_values == one_shot_values
+    assert spread.ema.grad_sq == pytest.approx(one_shot.ema.grad_sq, rel=1e-6)
+    assert spread.ema.trace_sigma == pytest.approx(one_shot.ema.trace_sigma, rel=1e-6)
+    assert one_shot.ema.trace_sigma > 0

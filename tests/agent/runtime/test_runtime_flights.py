@@ -1,0 +1,104 @@
+"""Several resumable measurements in flight in one Monitor: a measurement spread over
+steps holds no other estimator back, the flights take turns at the slice, and a completed
+run finishes the ones still in flight at close (a failed run drops them)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+from runtime_toys import classification_data, small_classifier
+from torch import nn
+
+from raresignal.agent import Measurement, Monitor, MonitorConfig
+from raresignal.agent.api import MeasurementUnits, StepContext
+
+# A slice no unit fits in: the flight whose turn it is runs exactly one unit per step
+# (its first unit runs while the slice is empty), the others none.
+ONE_UNIT_A_STEP = MonitorConfig(resumable_slice_fraction=1e-9,
+                                resumable_slice_min_seconds=1e-9, max_interval_factor=1)
+
+
+class CountingUnits:
+    """A resumable measurement of ``units`` empty units; logs (name, step) of each unit
+    and reports how many units it ran under ``metric``."""
+
+    expensive = True
+    default_interval = 1000
+
+    def __init__(self, name: str, metric: str, units: int, log: list[tuple[str, int]],
+                 clock: list[int]) -> None:
+        self.name, self.metric, self.units = name, metric, units
+        self.log, self.clock = log, clock
+
+    def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        raise AssertionError("the monitor runs a resumable estimator in units")
+
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        for _ in range(self.units):
+            self.log.append((self.name, self.clock[0]))
+            yield
+        return [Measurement(self.metric, float(self.units))]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+def _run(state: str, steps: int = 4) -> tuple[Monitor, list[tuple[str, int]],
+                                              list[tuple[int, Measurement]]]:
+    log: list[tuple[str, int]] = []
+    clock = [0]
+    published: list[tuple[int, Measurement]] = []
+    model = small_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    long = CountingUnits("long", "sharpness", 50, log, clock)
+    short = CountingUnits("short", "hessian_trace", 3, log, clock)
+    monitor = Monitor(model, optimizer, estimators=[long, short], config=ONE_UNIT_A_STEP,
+                      on_measurements=published.extend)
+    inputs, targets = classification_data()
+    for step in range(steps):
+        clock[0] = step
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        monitor.step(loss=loss)
+        optimizer.step()
+    clock[0] = steps  # close
+    monitor.close(state)
+    return monitor, log, published
+
+
+def test_a_long_measurement_in_flight_does_not_hold_a_short_one_back() -> None:
+    monitor, log, published = _run("aborted", steps=10)
+    # "long" starts at step 0, "short" at step 1 while "long" is in flight; they take
+    # turns going first, so "short" runs its three units at steps 1, 3 and 5, and its
+    # closing call (the generator's return) at step 7.
+    assert log[:6] == [("long", 0), ("short", 1), ("long", 2), ("short", 3), ("long", 4),
+                       ("short", 5)]
+    assert (1, Measurement("hessian_trace", 3.0)) in published
+    # Alone in flight after that, "long" runs a unit every step.
+    assert log[6:] == [("long", 6), ("long", 8), ("long", 9)]
+    assert monitor._budget.schedules["short"].runs == 1
+    assert monitor._budget.schedules["long"].runs == 0
+
+
+@pytest.mark.parametrize("state", ["completed", "failed"])
+def test_close_finishes_a_completed_run_s_measurements_and_drops_a_failed_one_s(state: str
+                                                                                ) -> None:
+    monitor, log, published = _run(state)
+    in_steps = [entry for entry in log if entry[1] < 4]
+    assert in_steps == [("long", 0), ("short", 1), ("long", 2), ("short", 3)]
+    if state == "completed":
+        # At close the rest of each ran at once; the values carry their starting steps.
+        assert log[4:] == [("short", 4)] + [("long", 4)] * 48
+        assert sorted(published, key=lambda item: item[0]) == [
+            (0, Measurement("sharpness", 50.0)), (1, Measurement("hessian_trace", 3.0))]
+        assert monitor.latest()["sharpness"] == 50.0
+    else:
+        assert log[4:] == [] and published == []
+    assert monitor._flights == []
