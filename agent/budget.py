@@ -3,7 +3,9 @@ run does.
 
 The scheduler times every estimator run and the training step (the time between two
 ``step()`` calls, monitor excluded), keeps smoothed figures, and predicts the steady
-overhead as ``(base + Σ cost_e / interval_e) / step_time``. Every ``adjust_every`` steps,
+overhead as ``(base + Σ cost_e / interval_e) / step_time`` (an estimator that ran several
+times since the last decision, like the every-step gradient statistics, is priced at the
+mean of those runs). Every ``adjust_every`` steps,
 while the prediction is over the target, it first makes runs cheaper: it halves the effort
 of the largest contributor (expensive estimators first) that can do less work per run
 (``set_effort``), down to ``min_effort``; only then does it double intervals, never past an
