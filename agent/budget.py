@@ -3,7 +3,9 @@ run does.
 
 The scheduler times every estimator run and the training step (the time between two
 ``step()`` calls, monitor excluded), keeps smoothed figures, and predicts the steady
-overhead as ``(base + Σ cost_e / interval_e) / step_time``. Every ``adjust_every`` steps,
+overhead as ``(base + Σ cost_e / interval_e) / step_time`` (an estimator that ran several
+times since the last decision, like the every-step gradient statistics, is priced at the
+mean of those runs). Every ``adjust_every`` steps,
 while the prediction is over the target, it first makes runs cheaper: it halves the effort
 of the largest contributor (expensive estimators first) that can do less work per run
 (``set_effort``), down to ``min_effort``; only then does it double intervals, never past an
@@ -73,6 +75,18 @@ class EstimatorSchedule:
     runs: int = 0
     effort: float = 1.0  # share of a full run's work (set_effort)
     lowest_effort: float = 1.0  # the least effort it accepts (1.0: it cannot do less)
+    # Runs since the last decision and their total time: an estimator that runs several
+    # times between decisions is priced at their mean (see BudgetScheduler._timings).
+    window_runs: int = 0
+    window_seconds: float = 0.0
+
+    @property
+    def rate_cost(self) -> float:
+        """The cost of one run the prediction uses: the mean of the runs since the last
+        decision when there were several, else the smoothed cost."""
+        if self.window_runs > 1:
+            return self.window_seconds / self.window_runs
+        return self.cost_seconds or 0.0
 
 
 def _ema(previous: float | None, value: float, alpha: float) -> float:
@@ -167,6 +181,9 @@ class BudgetScheduler:
         schedule.next_due = step + schedule.interval
         schedule.last_seconds = seconds
         schedule.runs += 1
+        if schedule.runs > 1:  # the cold first run stays out of the mean, as below
+            schedule.window_runs += 1
+            schedule.window_seconds += seconds
         # The first run is cold (lazy allocation, caches, a Lanczos without a warm start):
         # its time stands until the second run replaces it outright, so a one-off does
         # not linger in the average; the cadence it stretched relaxes from there.
@@ -227,8 +244,12 @@ class BudgetScheduler:
         return rate / step_seconds
 
     def _timings(self) -> list[float]:
+        # An estimator run at every step may cost more on some steps than others (the
+        # gradient statistics on the two steps around each update ratio); decisions fall
+        # on fixed steps, so a smoothed cost read there would be sampled at the same phase
+        # every time. The mean over the steps since the last decision is the true rate.
         return [self.step_seconds or 0.0, self.base_seconds or 0.0,
-                *[s.cost_seconds or 0.0 for s in self.schedules.values()]]
+                *[s.rate_cost for s in self.schedules.values()]]
 
     def _agreed_timings(self) -> list[float]:
         local = torch.tensor(self._timings(), dtype=torch.float64)
@@ -278,6 +299,8 @@ class BudgetScheduler:
             self._note_floors(self.predicted > self.target * _RELAX_TO)
         else:
             self._note_floors(self.predicted > self.target)
+        for schedule in schedules:  # the next decision prices the runs from here on
+            schedule.window_runs, schedule.window_seconds = 0, 0.0
 
     def _relax(self, schedules: list[EstimatorSchedule], timings: list[float],
                index: dict[str, int], rate: Callable[[EstimatorSchedule], float],
@@ -341,12 +364,12 @@ class BudgetScheduler:
 
     def floor_message(self) -> str:
         """Which signals cannot keep their floor within the budget, and what to change."""
-        costly = sorted((s for s in self.schedules.values()
-                         if s.cost_seconds and s.max_interval > 1),
-                        key=lambda s: -(s.cost_seconds or 0.0) / s.interval)
+        # Every-step estimators included: they cannot be stretched, and are often the most.
+        costly = sorted((s for s in self.schedules.values() if s.rate_cost),
+                        key=lambda s: -s.rate_cost / s.interval)
         signals = ", ".join(
-            f"{s.name} every {s.interval} steps at effort {s.effort:g}"
-            f" ({1000 * (s.cost_seconds or 0.0):.1f} ms a run)" for s in costly[:4])
+            f"{s.name} every {'step' if s.interval == 1 else f'{s.interval} steps'} at "
+            f"effort {s.effort:g} ({1000 * s.rate_cost:.1f} ms a run)" for s in costly[:4])
         return (f"the overhead budget cannot keep every signal's floor: predicted overhead "
                 f"{100 * (self.predicted or 0.0):.1f}% of step time against a target of "
                 f"{100 * self.target:.1f}% with {signals}; the floors are kept over "

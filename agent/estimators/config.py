@@ -25,7 +25,8 @@ class EstimatorConfig:
     probe_rank: int = 8
     # Cadences.
     gradient_stats_interval: int = 1
-    # The update/weight ratio needs a pass over every weight on two consecutive steps.
+    # The update/weight ratio copies the parameters on the step before each report (and
+    # holds the copy for that one step), so it is read every this many steps.
     update_ratio_interval: int = 10
     noise_scale_interval: int = 10
     subspace_interval: int = 4

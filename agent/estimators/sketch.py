@@ -4,9 +4,13 @@ Each parameter coordinate goes to one of d buckets with a random sign. Bucket an
 a hash of the coordinate's *global* identity (the parameter's canonical name and its flat
 index in the full, unsharded parameter), so a shard sketched with its offset lands exactly
 where it would in the whole parameter: shard sketches sum to the sketch of the whole, on
-any rank and any device. No D x d matrix exists; the per-parameter bucket (int32) and sign
-(int8) tensors are hashed once and cached. E<Sx, Sy> = <x, y>, with variance at most
-2|x|^2|y|^2/d.
+any rank and any device. No D x d matrix exists; the per-parameter buckets are hashed once
+and cached. E<Sx, Sy> = <x, y>, with variance at most 2|x|^2|y|^2/d.
+
+The sign is folded into the bucket: a coordinate with a negative sign goes to slot
+``bucket + d`` of a 2d accumulator, and the sketch is the first half minus the second. So
+one scattered add of the raw values does it, with no pass multiplying each value by its
+sign (nor the tensor-sized temporary that makes), and one int32 per coordinate is cached.
 
 Sharded DTensors (FSDP2) are sketched the same way: each rank sketches its own rows at
 their offset, and :meth:`GradientSketcher.sketch` sums the shard sketches over the ranks
@@ -86,16 +90,23 @@ class GradientSketcher:
         self.dim = dim
         self.seed = seed
         self.shard_offsets = dict(shard_offsets or {})
-        self._cache: dict[tuple[str, int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, int, int, str], torch.Tensor] = {}
 
-    def _indices(
+    def _slots(
         self, name: str, numel: int, device: torch.device, offset: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
+        """Each coordinate's slot in the 2d accumulator (int32): its bucket, plus d when
+        its sign is negative (see the module docstring)."""
         offset = self.shard_offsets.get(name, 0) if offset is None else offset
         key = (name, numel, offset, str(device))
         if key not in self._cache:
-            self._cache[key] = bucket_and_sign(name, numel, self.dim, self.seed, offset, device)
+            bucket, sign = bucket_and_sign(name, numel, self.dim, self.seed, offset, device)
+            self._cache[key] = torch.where(sign < 0, bucket + self.dim, bucket)
         return self._cache[key]
+
+    def _fold(self, slots: torch.Tensor) -> torch.Tensor:
+        """The sketch from a 2d accumulator (last dimension): positive minus negative."""
+        return slots[..., : self.dim] - slots[..., self.dim :]
 
     def sketch_tensor(
         self, name: str, tensor: torch.Tensor, offset: int | None = None,
@@ -105,8 +116,9 @@ class GradientSketcher:
         flat = tensor.detach().reshape(-1)
         if out is None:
             out = torch.zeros(self.dim, dtype=torch.float32, device=flat.device)
-        bucket, sign = self._indices(name, flat.numel(), flat.device, offset)
-        out.index_add_(0, bucket, flat.float() * sign)
+        slots = torch.zeros(2 * self.dim, dtype=torch.float32, device=flat.device)
+        slots.index_add_(0, self._slots(name, flat.numel(), flat.device, offset), flat.float())
+        out += self._fold(slots)
         return out
 
     def sketch(self, tensors: Sequence[torch.Tensor | None],
@@ -119,7 +131,7 @@ class GradientSketcher:
                 f"expected {len(self.parameters)} tensors aligned with the parameters, "
                 f"got {len(tensors)}")
         device = self.parameters.device
-        out = torch.zeros(self.dim, dtype=dtype, device=device)
+        out = torch.zeros(2 * self.dim, dtype=dtype, device=device)
         # Shard sketches per (mesh, sharded mesh dims), in parameter order: the same keys
         # in the same order on every rank, whatever rows each rank holds.
         shard_sums: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
@@ -132,12 +144,13 @@ class GradientSketcher:
                 target = shard_sums.setdefault(
                     (part.mesh, part.shard_dims), torch.zeros_like(out))
             values = part.values.to(device)
-            bucket, sign = self._indices(name, values.numel(), values.device,
-                                         part.offset if part.sharded else None)
-            target.index_add_(0, bucket, values.to(dtype) * sign)
+            slots = self._slots(name, values.numel(), values.device,
+                                part.offset if part.sharded else None)
+            target.index_add_(0, slots, values.to(dtype))
+        sketch = self._fold(out)
         for (mesh, dims), shard_sum in shard_sums.items():
-            out += distributed.sum_over_mesh(shard_sum, mesh, dims)
-        return out
+            sketch += distributed.sum_over_mesh(self._fold(shard_sum), mesh, dims)
+        return sketch
 
     def sketch_grads(self) -> torch.Tensor:
         """Sketch of the parameters' current ``.grad`` (missing grads count as zero)."""
@@ -152,11 +165,11 @@ class GradientSketcher:
         if not present:
             raise ValueError("nothing to sketch: every tensor is None")
         batch = present[0].shape[0]
-        out = torch.zeros(batch, self.dim, dtype=torch.float32, device=self.parameters.device)
+        out = torch.zeros(batch, 2 * self.dim, dtype=torch.float32,
+                          device=self.parameters.device)
         for name, tensor in zip(self.parameters.names, tensors, strict=True):
             if tensor is None:
                 continue
             flat = tensor.detach().to(out.device).reshape(batch, -1)
-            bucket, sign = self._indices(name, flat.shape[1], flat.device)
-            out.index_add_(1, bucket, flat.float() * sign)
-        return out
+            out.index_add_(1, self._slots(name, flat.shape[1], flat.device), flat.float())
+        return self._fold(out)

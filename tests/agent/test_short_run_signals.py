@@ -14,7 +14,7 @@ from raresignal.agent.estimators import EstimatorConfig
 
 STEPS = 500
 EVERY_STEP = ("loss", "grad_norm")
-UPDATE_RATIO_EVERY = EstimatorConfig().update_ratio_interval  # two weight passes, by design
+UPDATE_RATIO_EVERY = EstimatorConfig().update_ratio_interval  # a parameter copy per report
 # The expensive signals: each at least this many times over the run.
 SEVERAL = 3
 EXPENSIVE = ("gradient_noise_scale", "subspace_overlap", "sharpness_ratio", "fisher_trace",

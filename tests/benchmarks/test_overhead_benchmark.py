@@ -18,6 +18,9 @@ def test_step_delays_against_the_stall_bound() -> None:
     delays = [0.001] * 98 + [0.049, 0.2]
     d = overhead.StepDelays.of(bare, delays, [0.003, 4.5])
     assert d.bare_step_seconds == pytest.approx(0.010)
+    assert d.bare_mean_seconds == pytest.approx(0.059)
+    assert d.mean == pytest.approx((0.098 + 0.049 + 0.2) / 100)
+    assert d.direct_overhead == pytest.approx(d.mean / 0.059)
     assert d.bound == pytest.approx(0.05)
     assert d.median == pytest.approx(0.001)
     assert d.p99 == pytest.approx(0.049)  # the 99th of 100 sorted delays
@@ -34,8 +37,10 @@ def test_the_benchmark_prints_the_delay_of_every_monitored_step(
                    "--warmup-steps", "2", "--threads", "1"])
     out = capsys.readouterr().out
     row = re.search(r"^cnn\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
-                    r"(\d+) of (\d+)\s+([\d.]+)$", out, re.MULTILINE)
+                    r"([\d.]+)\s+(\d+) of (\d+)\s+([\d.]+)$", out, re.MULTILINE)
     assert row is not None, out
-    bare, median, p99, maximum, bound = map(float, row.groups()[:5])
+    bare, mean, median, p99, maximum, bound = map(float, row.groups()[:6])
     assert 0 < median <= p99 <= maximum and bound >= 50.0 and bare > 0
-    assert int(row.group(7)) == 6
+    assert 0 < mean <= maximum
+    assert int(row.group(8)) == 6
+    assert re.search(r"timed directly: mean delay [\d.]+% of a bare step", out), out

@@ -22,7 +22,7 @@ class GradientStatsEstimator(DefaultEstimator):
 
     def __init__(self, shared: SharedState) -> None:
         super().__init__(shared, shared.config.gradient_stats_interval)
-        self.updates = UpdateRatioTracker(shared.sketcher,
+        self.updates = UpdateRatioTracker(shared.parameters,
                                            every=shared.config.update_ratio_interval)
         self.nonfinite_steps = 0
 

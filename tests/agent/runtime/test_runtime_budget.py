@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import pytest
@@ -154,6 +155,23 @@ def test_a_cold_first_run_counts_until_the_second_run_replaces_it() -> None:
     assert scheduler.schedules["warm_started"].cost_seconds == 1e-2  # not averaged in
     scheduler.record_run("warm_started", 2, 2e-2)
     assert scheduler.schedules["warm_started"].cost_seconds == pytest.approx(1.3e-2)
+
+
+def test_an_every_step_estimator_is_priced_at_its_mean_not_at_the_decision_step(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Costly on the two steps around each tenth (like the update ratio) and decided on at
+    every tenth: the prediction is the mean rate, not the cost of the step decided at, and
+    the warning that the floors do not fit names it."""
+    scheduler = BudgetScheduler([("stats", 1, False)], target_overhead=0.01,
+                                adjust_every=10)
+    with caplog.at_level(logging.WARNING, logger="raresignal.agent.budget"):
+        for step in range(200):
+            seconds = 9e-3 if step % 10 in (9, 0) else 1e-3
+            scheduler.record_run("stats", step, seconds)
+            scheduler.end_step(step, seconds, seconds, 0.1)
+    # Mean 2.6 ms a step of 100 ms; the last run alone (9 ms) would say 9%.
+    assert scheduler.predicted == pytest.approx(0.026)
+    assert "stats every step at effort 1 (" in caplog.text
 
 
 def test_an_estimator_with_a_warm_up_is_not_due_before_it_nor_stretched_by_it() -> None:

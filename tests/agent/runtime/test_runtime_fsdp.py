@@ -103,7 +103,7 @@ def _reference() -> dict[str, Any]:
     """The same training in one process on the whole batch, unsharded."""
     model = _model()
     sketcher = GradientSketcher(ParameterSet.from_model(model), dim=DIM, seed=SEED)
-    updates = UpdateRatioTracker(sketcher, every=_config().update_ratio_interval)
+    updates = UpdateRatioTracker(sketcher.parameters, every=_config().update_ratio_interval)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     inputs, targets = _data()
     out: dict[str, Any] = {"grad_norms": []}
