@@ -162,7 +162,10 @@ def train_run(plan: RunPlan, traces_dir: Path | None = None,
                 if writer is not None:
                     writer.evaluation(step, accuracy, probe_loss)
         trace.monitor_steps = monitor.step_count
+        measured = len(trace.samples)
         monitor.close()
+        if writer is not None:
+            writer.late_samples(trace.samples[measured:])
         trace.estimator_errors = monitor.estimator_errors
         trace.seconds = time.perf_counter() - started
     except BaseException:

@@ -99,8 +99,13 @@ class TraceWriter:
     def step(self, step: int, loss: float, grad_norm: float,
              samples: list[RecordedSample]) -> None:
         self._line({"kind": "step", "step": step, "loss": loss, "grad_norm": grad_norm,
-                    "samples": [[m, [list(p) for p in labels], v] for _, m, labels, v
-                                in samples]})
+                    "samples": _encoded(samples)})
+
+    def late_samples(self, samples: list[RecordedSample]) -> None:
+        """Measurements published after the last step (closing the monitor finishes the
+        measurements still spread over steps)."""
+        if samples:
+            self._line({"kind": "samples", "samples": _encoded(samples)})
 
     def evaluation(self, step: int, accuracy: float, probe_loss: float) -> None:
         self._line({"kind": "eval", "step": step, "heldout_accuracy": accuracy,
@@ -116,6 +121,25 @@ class TraceWriter:
     def abandon(self) -> None:
         self._file.close()
         self.partial.unlink(missing_ok=True)
+
+
+def _encoded(samples: list[RecordedSample]) -> list[list[Any]]:
+    # Each sample keeps its own step: a measurement spread over several steps is
+    # published later than the step it was taken at, which is the step it is stamped with.
+    return [[step, m, [list(p) for p in labels], v] for step, m, labels, v in samples]
+
+
+def _decoded(entries: list[list[Any]], line_step: int | None) -> list[RecordedSample]:
+    """Samples of one line; files written before samples carried their own step hold
+    ``[metric, labels, value]``, stamped with the line's step."""
+    out: list[RecordedSample] = []
+    for entry in entries:
+        step = int(entry[0]) if len(entry) == 4 else line_step
+        if step is None:
+            raise ValueError("a sample without a step outside a step line")
+        m, labels, value = entry[-3:]
+        out.append((step, str(m), tuple((str(k), str(v)) for k, v in labels), float(value)))
+    return out
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
@@ -139,8 +163,9 @@ def read_trace(path: Path) -> RunTrace:
             step = int(record["step"])
             trace.loss.append(float(record["loss"]))
             trace.grad_norm.append(float(record["grad_norm"]))
-            trace.samples.extend((step, str(m), tuple((str(k), str(v)) for k, v in labels),
-                                  float(value)) for m, labels, value in record["samples"])
+            trace.samples.extend(_decoded(record["samples"], step))
+        elif kind == "samples":
+            trace.samples.extend(_decoded(record["samples"], None))
         elif kind == "eval":
             trace.eval_steps.append(int(record["step"]))
             trace.heldout_accuracy.append(float(record["heldout_accuracy"]))

@@ -3,6 +3,7 @@ trace files, resumed recordings, and each family's rare skill learned and lost."
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,15 @@ from detection_recording import RecordingConfig, plan_runs, record
 from detection_runs import build_monitor, checkpoint, make_optimizer, resume, train_run
 from detection_scenarios import CONTROLS, SCENARIOS_BY_NAME
 from detection_scoring import LEARNED_SHARE, score, trace_ground_truth
-from detection_traces import CHANGE_WINDOW, RunPlan, draw_change_step, read_trace, recorded
+from detection_traces import (
+    CHANGE_WINDOW,
+    RunPlan,
+    RunTrace,
+    TraceWriter,
+    draw_change_step,
+    read_trace,
+    recorded,
+)
 
 from raresignal.server.alerting.rules import load_rules
 
@@ -135,6 +144,33 @@ def test_the_trace_file_round_trips_and_rescoring_it_gives_the_same_outcome(
     rules = load_rules(None)
     for detect in (lambda t: raresignal_alarms(t, rules), probe_loss_alarms):
         assert score(loaded, "d", detect(loaded)) == score(trace, "d", detect(trace))
+
+
+def test_spread_measurements_keep_their_own_step_and_old_files_still_read(
+        tmp_path: Path) -> None:
+    plan = _plan("continued", steps=3, change_step=1)
+    rare = (("probe", "rare"),)
+    # Published at step 2 but taken at step 1 (spread over steps); one more at close.
+    spread = [(2, "loss", (), 0.5), (1, "probe_fisher_mass", rare, 0.25)]
+    late = [(2, "sharpness", (), 3.0)]
+    writer = TraceWriter(tmp_path, plan)
+    writer.step(0, 1.0, 0.1, [(0, "loss", (), 1.0)])
+    writer.step(1, 0.9, 0.1, [])
+    writer.step(2, 0.5, 0.1, spread)
+    writer.late_samples(late)
+    writer.end(RunTrace(plan, monitor_steps=3))
+    assert read_trace(tmp_path / plan.file_name).samples == [(0, "loss", (), 1.0),
+                                                             *spread, *late]
+    # A file of the earlier format ([metric, labels, value], stamped by its line) reads.
+    lines = [json.loads(line) for line in (tmp_path / plan.file_name).read_text().splitlines()
+             if '"kind": "samples"' not in line]
+    for line in lines:
+        if line["kind"] == "step":
+            line["samples"] = [entry[1:] for entry in line["samples"]]
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_trace(old).samples == [(0, "loss", (), 1.0), (2, "loss", (), 0.5),
+                                       (2, "probe_fisher_mass", rare, 0.25)]
 
 
 def test_a_killed_recording_resumes_by_skipping_the_runs_recorded(tmp_path: Path) -> None:
