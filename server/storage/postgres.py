@@ -18,9 +18,12 @@ expires on a stated TTL, can be read by any replica (and by operators), and is l
 the very transaction that stores the engine's writes, which fences a replica that lost it.
 ``evaluation_queue`` carries each applied report, heartbeat and close to the run's owner,
 written in the transaction that applied it; the owner deletes what it evaluates in the
-transaction that stores the results. Deleting, rather than advancing a watermark over an
-identity column, matters: identities are handed out at insert and committed in another
-order, so a watermark could pass a row that commits later and never evaluate it.
+transaction that stores the results. A report is queued with only what the owner needs
+(the samples of the metrics the live replicas' rules read, which each replica records in
+its heartbeat row, and each other series' newest sample), packed (``queue_codec``).
+Deleting, rather than advancing a watermark over an identity column, matters: identities
+are handed out at insert and committed in another order, so a watermark could pass a row
+that commits later and never evaluate it.
 
 Samples live in daily partitions (migration 0004, ``storage.partitions``): retention drops
 whole days on a schedule instead of deleting rows as it writes, as SQLite's thinning does.
@@ -30,7 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator, Sequence, Set
+from collections.abc import Iterator, Sequence, Set
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -38,6 +42,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from raresignal.protos.v1.common_pb2 import ALERT_STATE_RESOLVED
+from raresignal.server.storage import binary_copy
 from raresignal.server.storage.base import (
     AlertPosition,
     EvaluateQueued,
@@ -47,10 +52,10 @@ from raresignal.server.storage.base import (
 )
 from raresignal.server.storage.migrate import migrate
 from raresignal.server.storage.partitions import PartitionChanges, maintain_partitions
+from raresignal.server.storage.queue_codec import decode_samples, encode_samples
 from raresignal.server.storage.records import (
     AlertRecord,
     BatchGroup,
-    CheckedSample,
     EngineWrites,
     Evaluation,
     LatestValue,
@@ -67,24 +72,29 @@ CONNECT_TIMEOUT_SECONDS = 30.0
 # A readiness ping that waits longer than this for a connection counts as unreachable.
 PING_TIMEOUT_SECONDS = 5.0
 
-SampleRow = tuple[int, int, float, float]  # (series_id, step, value, wall_time)
+# {(series_id, step): (value, wall_time)}
+SampleRows = dict[tuple[int, int], tuple[float, float]]
+# The parts of a CheckedSample the sample rows take.
+_SERIES_KEY = itemgetter(0, 1)
+_STEP = itemgetter(2)
+_POINT = itemgetter(3, 4)
 
 _STAGING = ("CREATE TEMPORARY TABLE samples_staging (series_id BIGINT, step BIGINT, "
             "value DOUBLE PRECISION, wall_time DOUBLE PRECISION) ON COMMIT DELETE ROWS")
 _COPY_STAGING = ("COPY samples_staging (series_id, step, value, wall_time) "
                  "FROM STDIN (FORMAT BINARY)")
-_STAGING_TYPES = ("int8", "int8", "float8", "float8")
 # The partitioned table's unique key holds wall_time, so ON CONFLICT (series_id, step)
-# cannot replace a re-reported step. A step above its series' last stored one is new and
-# goes in by a plain insert; the series rows are locked first, so a second writer of the
-# series waits and then reads the last step as this transaction left it.
-_INSERT_NEW_SAMPLES = (
-    "WITH locked AS (SELECT series_id, last_step FROM series WHERE series_id IN "
-    "(SELECT series_id FROM samples_staging) ORDER BY series_id FOR NO KEY UPDATE) "
-    "INSERT INTO samples SELECT st.series_id, st.step, st.value, st.wall_time "
-    "FROM samples_staging st JOIN locked USING (series_id) WHERE st.step > locked.last_step")
-# The rest (steps at or below the last: a resumed run re-reporting) replace their row in
-# place, or are inserted where none is stored.
+# cannot replace a re-reported step. The group's series rows are locked first (in one
+# order, so two writers never deadlock), so a second writer of a series waits and then
+# reads the last step as this transaction left it; a step above its series' last stored
+# one is new and is copied straight into the samples (COPY inserts them a page at a
+# time, where an INSERT ... SELECT writes them one by one).
+_LOCK_SERIES = ("SELECT series_id, last_step FROM series WHERE series_id = ANY(%s) "
+                "ORDER BY series_id FOR NO KEY UPDATE")
+_COPY_SAMPLES = ("COPY samples (series_id, step, value, wall_time) "
+                 "FROM STDIN (FORMAT BINARY)")
+# The rest (steps at or below the last: a resumed run re-reporting) go through the
+# staging table and replace their row in place, or are inserted where none is stored.
 _REPLACE_OLD_SAMPLES = (
     "WITH old AS (SELECT st.series_id, st.step, st.value, st.wall_time "
     "FROM samples_staging st JOIN series s USING (series_id) WHERE st.step <= s.last_step), "
@@ -133,8 +143,8 @@ _UPSERT_ALERT = (
     "resolved_at = excluded.resolved_at")
 
 
-_ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, samples) "
-            "VALUES (%s, %s, %s, %s, %s)")
+_ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, series, points) "
+            "VALUES (%s, %s, %s, %s, %s, %s)")
 # Renews the owner's leases of runs still to evaluate or show (open, finished within the
 # finished-run TTL, or with queued evaluations), then takes its share of such runs whose
 # lease is missing or expired. The database's clock decides expiry, so the replicas'
@@ -176,16 +186,22 @@ _LOCK_HELD = ("SELECT run_id FROM run_leases WHERE run_id = ANY(%s) AND owner = 
 _TAKE_QUEUED = (
     "DELETE FROM evaluation_queue WHERE position IN ("
     "SELECT position FROM evaluation_queue WHERE run_id = ANY(%s) ORDER BY position "
-    "LIMIT %s) RETURNING position, run_id, kind, received_at, step, samples")
+    "LIMIT %s) RETURNING position, run_id, kind, received_at, step, series, points, samples")
+# Records the metrics this replica's rules read, and returns those of every live replica
+# (as they stood before this statement: the caller adds its own).
+_SHARE_RULE_METRICS = (
+    "WITH mine AS (UPDATE replicas SET rule_metrics = %s WHERE replica_id = %s) "
+    "SELECT DISTINCT metric FROM replicas, unnest(rule_metrics) AS metric "
+    "WHERE expires_at > clock_timestamp()")
+_RESOLVED_SINCE = ("SELECT * FROM alerts WHERE run_id = %s AND state = %s "
+                   "AND resolved_at >= %s ORDER BY resolved_at, alert_id")
 
 
-def _encode_samples(samples: Iterable[CheckedSample]) -> str:
-    return json.dumps([list(sample) for sample in samples], separators=(",", ":"))
-
-
-def _evaluation_row(evaluation: Evaluation) -> tuple[str, int, float, int, str]:
+def _evaluation_row(evaluation: Evaluation
+                    ) -> tuple[str, int, float, int, str | None, bytes | None]:
+    series, points = encode_samples(evaluation.samples) if evaluation.samples else (None, None)
     return (evaluation.run_id, evaluation.kind, evaluation.received_at, evaluation.step,
-            _encode_samples(evaluation.samples))
+            series, points)
 
 
 def _only_runs(writes: EngineWrites, run_ids: Set[str]) -> EngineWrites:
@@ -360,7 +376,7 @@ class PostgresStorage(Storage):
         self._advance_sequences(cur, group.sequences)
         self._create_series(cur, group, created)
         rows, latest = self._sample_rows(group)
-        self._insert_samples(cur, rows)
+        self._insert_samples(cur, rows, sorted(latest))
         if latest:
             cur.execute(_UPDATE_LATEST, (
                 list(latest), [v[0] for v in latest.values()],
@@ -404,10 +420,10 @@ class PostgresStorage(Storage):
             created.append((series, (metric, labels)))
 
     def _sample_rows(self, group: BatchGroup
-                     ) -> tuple[list[SampleRow], dict[int, tuple[int, float, float]]]:
+                     ) -> tuple[SampleRows, dict[int, tuple[int, float, float]]]:
         """The group's sample rows, one per (series, step) with the later sample winning,
         and the newest value of each series they touch."""
-        merged: dict[tuple[int, int], tuple[float, float]] = {}
+        merged: SampleRows = {}
         latest: dict[int, tuple[int, float, float]] = {}
         for write in group.batches:
             series = self._series_ids[write.run.run_id]
@@ -416,23 +432,32 @@ class PostgresStorage(Storage):
                 current = latest.get(series_id)
                 if current is None or step >= current[0]:
                     latest[series_id] = (step, value, wall_time)
-            for s in write.samples:
-                merged[(series[(s.metric, s.labels_key)], s.step)] = (s.value, s.wall_time)
-        rows = [(sid, step, value, wall) for (sid, step), (value, wall) in merged.items()]
-        return rows, latest
+            # The same as one assignment per sample, iterated in C rather than Python.
+            samples = write.samples
+            ids = map(series.__getitem__, map(_SERIES_KEY, samples))
+            keys = zip(ids, map(_STEP, samples), strict=True)
+            merged.update(zip(keys, map(_POINT, samples), strict=True))
+        return merged, latest
 
-    def _insert_samples(self, cur: psycopg.Cursor[Any], rows: list[SampleRow]) -> None:
-        """COPY into the staging table, then one insert: one round trip for the rows
-        however many there are; a second statement only when some replace stored steps.
-        Runs before the series' last steps advance, which it reads."""
+    def _insert_samples(self, cur: psycopg.Cursor[Any], rows: SampleRows,
+                        series_ids: list[int]) -> None:
+        """Locks the series, then COPYs the new steps into the samples: two round trips
+        however many rows; two more only when some replace stored steps. Runs before the
+        series' last steps advance, which it reads."""
         if not rows:
             return
-        with cur.copy(_COPY_STAGING) as copy:
-            copy.set_types(_STAGING_TYPES)
-            for row in rows:
-                copy.write_row(row)
-        cur.execute(_INSERT_NEW_SAMPLES)
-        if cur.rowcount < len(rows):
+        cur.execute(_LOCK_SERIES, (series_ids,))
+        last_steps = dict(cur.fetchall())
+        new, old = rows, {}
+        if not all(step > last_steps[series_id] for series_id, step in rows):
+            new = {key: row for key, row in rows.items() if key[1] > last_steps[key[0]]}
+            old = {key: row for key, row in rows.items() if key[1] <= last_steps[key[0]]}
+        if new:
+            with cur.copy(_COPY_SAMPLES) as copy:
+                copy.write(binary_copy.sample_rows(new))
+        if old:
+            with cur.copy(_COPY_STAGING) as copy:
+                copy.write(binary_copy.sample_rows(old))
             cur.execute(_REPLACE_OLD_SAMPLES)
 
     def _write_engine(self, cur: psycopg.Cursor[Any], writes: EngineWrites) -> None:
@@ -482,6 +507,16 @@ class PostgresStorage(Storage):
             cur.execute(_OWNED, (owner,))
             return {row[0] for row in cur.fetchall()}
 
+    def share_rule_metrics(self, owner: str, metrics: Set[str]) -> frozenset[str]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(_SHARE_RULE_METRICS, (sorted(metrics), owner)).fetchall()
+        return frozenset(metrics).union(row[0] for row in rows)
+
+    def resolved_since(self, run_id: str, since: float) -> list[AlertRecord]:
+        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(_RESOLVED_SINCE, (run_id, ALERT_STATE_RESOLVED, since))
+            return [alert_from_row(row) for row in cur.fetchall()]
+
     def release_leases(self, owner: str) -> None:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("DELETE FROM run_leases WHERE owner = %s", (owner,))
@@ -496,8 +531,8 @@ class PostgresStorage(Storage):
             taken = sorted(cur.fetchall())  # RETURNING keeps no order: the queue's order
             evaluations = [
                 Evaluation(run_id, kind, received_at, step,
-                           [CheckedSample(*sample) for sample in json.loads(samples)])
-                for _, run_id, kind, received_at, step, samples in taken]
+                           decode_samples(series, points, legacy))
+                for _, run_id, kind, received_at, step, series, points, legacy in taken]
             self._write_engine(cur, _only_runs(evaluate(evaluations, set(held)), set(held)))
         return set(run_ids) - set(held)
 
