@@ -147,16 +147,19 @@ def test_series_samples_and_latest_values(open_store: OpenStore) -> None:
         == [(1, 0.1, 1001.0), (3, 0.75, 1003.0)]
     assert [p.step for p in store.get_series("r", "loss", "{}", 3)] == [4]
     assert store.get_series("r", "loss", '{"layer":"zz"}', 0) == []
-    # A later group re-reporting a stored step replaces it, and an older step does not
-    # move the latest value back.
-    store.apply_group(group_of(write(run, 3, [loss(1, 0.2, layer="a"), loss(4, 5.0)])))
+    # A later group re-reporting stored steps replaces them beside a new step, and an
+    # older step does not move the latest value back.
+    store.apply_group(group_of(write(run, 3, [loss(1, 0.2, layer="a"), loss(4, 5.0),
+                                              loss(5, 6.0)])))
     assert [p.value for p in store.get_series("r", "loss", a_key, 0)] == [0.2, 0.75]
+    assert [(p.step, p.value) for p in store.get_series("r", "loss", "{}", 0)] == [
+        (2, 9.0), (4, 5.0), (5, 6.0)]
     store.close()
     reopened = open_store()
     latest = {(v.run_id, v.metric, v.labels_key): (v.step, v.value, v.wall_time)
               for v in reopened.latest_values()}
     assert latest == {("r", "loss", a_key): (3, 0.75, 1003.0),
-                      ("r", "loss", "{}"): (4, 5.0, 1004.0)}
+                      ("r", "loss", "{}"): (5, 6.0, 1005.0)}
     assert set(reopened.series_keys("r")) == {("loss", a_key), ("loss", "{}")}
 
 
