@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 from operator import itemgetter, le
 from typing import Any
 
@@ -78,9 +78,10 @@ SampleRows = dict[tuple[int, int], tuple[float, float]]
 _SERIES_KEY = itemgetter(0, 1)
 _STEP = itemgetter(2)
 _POINT = itemgetter(3, 4)
-# The parts of a sample row's key.
-_SERIES_OF_ROW = itemgetter(0)
-_STEP_OF_ROW = itemgetter(1)
+# The parts of a sample row's key, and of a series' newest (step, value, wall_time).
+_SERIES_OF_ROW = _STEP_OF_NEWEST = itemgetter(0)
+_STEP_OF_ROW = _VALUE_OF_NEWEST = itemgetter(1)
+_WALL_TIME_OF_NEWEST = itemgetter(2)
 
 _STAGING = ("CREATE TEMPORARY TABLE samples_staging (series_id BIGINT, step BIGINT, "
             "value DOUBLE PRECISION, wall_time DOUBLE PRECISION) ON COMMIT DELETE ROWS")
@@ -92,7 +93,7 @@ _COPY_STAGING = ("COPY samples_staging (series_id, step, value, wall_time) "
 # reads the last step as this transaction left it; a step above its series' last stored
 # one is new and is copied straight into the samples (COPY inserts them a page at a
 # time, where an INSERT ... SELECT writes them one by one).
-_LOCK_SERIES = ("SELECT series_id, last_step FROM series WHERE series_id = ANY(%s) "
+_LOCK_SERIES = ("SELECT series_id, last_step FROM series WHERE series_id = ANY(%s::bigint[]) "
                 "ORDER BY series_id FOR NO KEY UPDATE")
 _COPY_SAMPLES = ("COPY samples (series_id, step, value, wall_time) "
                  "FROM STDIN (FORMAT BINARY)")
@@ -198,6 +199,14 @@ _SHARE_RULE_METRICS = (
     "WHERE expires_at > clock_timestamp()")
 _RESOLVED_SINCE = ("SELECT * FROM alerts WHERE run_id = %s AND state = %s "
                    "AND resolved_at >= %s ORDER BY resolved_at, alert_id")
+
+
+def _number_array(numbers: Iterable[float]) -> str:
+    """A PostgreSQL array literal of numbers, for a ``%s::bigint[]`` or ``::float8[]``
+    parameter. Joining their reprs is C work, where psycopg dumps a list element by element
+    in Python; a float's repr is the shortest text that reads back as the same float, and
+    PostgreSQL reads it back exactly (the samples are finite)."""
+    return "{" + ",".join(map(repr, numbers)) + "}"
 
 
 def _evaluation_row(evaluation: Evaluation
@@ -381,9 +390,11 @@ class PostgresStorage(Storage):
         rows, latest = self._sample_rows(group)
         self._insert_samples(cur, rows, sorted(latest))
         if latest:
+            newest = latest.values()
             cur.execute(_UPDATE_LATEST, (
-                list(latest), [v[0] for v in latest.values()],
-                [v[1] for v in latest.values()], [v[2] for v in latest.values()]))
+                _number_array(latest), _number_array(map(_STEP_OF_NEWEST, newest)),
+                _number_array(map(_VALUE_OF_NEWEST, newest)),
+                _number_array(map(_WALL_TIME_OF_NEWEST, newest))))
         cur.executemany(_UPSERT_RUN, [run_row(run) for run in group.runs.values()])
         if group.evaluations:
             cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in group.evaluations])
@@ -449,7 +460,7 @@ class PostgresStorage(Storage):
         series' last steps advance, which it reads."""
         if not rows:
             return
-        cur.execute(_LOCK_SERIES, (series_ids,))
+        cur.execute(_LOCK_SERIES, (_number_array(series_ids),))
         last_steps = dict(cur.fetchall())
         new, old = rows, {}
         # Whether any step is at or below its series' last, compared in C, not per row in
