@@ -147,8 +147,13 @@ _UPSERT_ALERT = (
     "resolved_at = excluded.resolved_at")
 
 
-_ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, series, points) "
-            "VALUES (%s, %s, %s, %s, %s, %s)")
+# One statement for all of a group's evaluations, in their order (an INSERT ... SELECT
+# numbers identity rows in the order it reads them); sent in binary, so the packed samples
+# go as they are.
+_ENQUEUE = (
+    "INSERT INTO evaluation_queue (run_id, kind, received_at, step, series, points) "
+    "SELECT * FROM unnest(%s::text[], %s::int2[], %s::float8[], %s::int8[], %s::text[], "
+    "%s::bytea[])")
 # Renews the owner's leases of runs still to evaluate or show (open, finished within the
 # finished-run TTL, or with queued evaluations), then takes its share of such runs whose
 # lease is missing or expired. The database's clock decides expiry, so the replicas'
@@ -397,7 +402,7 @@ class PostgresStorage(Storage):
                 _number_array(map(_WALL_TIME_OF_NEWEST, newest))))
         cur.executemany(_UPSERT_RUN, [run_row(run) for run in group.runs.values()])
         if group.evaluations:
-            cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in group.evaluations])
+            self._enqueue(cur, group.evaluations)
         self._write_engine(cur, group.engine_writes)
 
     def _advance_sequences(self, cur: psycopg.Cursor[Any],
@@ -502,7 +507,13 @@ class PostgresStorage(Storage):
 
     def enqueue(self, evaluations: Sequence[Evaluation]) -> None:
         with self._pool.connection() as conn, conn.cursor() as cur:
-            cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in evaluations])
+            self._enqueue(cur, evaluations)
+
+    def _enqueue(self, cur: psycopg.Cursor[Any], evaluations: Sequence[Evaluation]) -> None:
+        if not evaluations:
+            return
+        columns = list(zip(*map(_evaluation_row, evaluations), strict=True))
+        cur.execute(_ENQUEUE, [list(column) for column in columns], binary=True)
 
     def hold_leases(self, owner: str, ttl_seconds: float,
                     keep_finished_seconds: float = 0.0) -> set[str]:

@@ -18,7 +18,7 @@ from raresignal.protos.v1 import common_pb2, ingest_pb2
 from raresignal.server.alerting.engine import AlertEngine
 from raresignal.server.alerting.rules import parse_rules
 from raresignal.server.serving.auth import EVERYONE
-from raresignal.server.serving.ledger import Ledger
+from raresignal.server.serving.ledger import Ledger, ReportRequest
 from raresignal.server.serving.live import LiveState
 from raresignal.server.serving.ownership import Ownership
 from raresignal.server.storage.queue_codec import decode_samples
@@ -126,3 +126,17 @@ def test_a_report_an_older_server_queued_as_json_is_evaluated(
                      "VALUES (%s, %s, %s, %s, %s)", (run_id, REPORT, FakeClock().now, 7, legacy))
     assert [(c.alert.rule, c.alert.state, c.alert.step) for c in owner.tick()] == [
         ("LossHigh", common_pb2.ALERT_STATE_FIRING, 7)]
+
+
+def test_a_groups_reports_are_queued_in_the_order_they_were_applied(
+        database: str, replica: Callable[..., Ledger]) -> None:
+    receiver = replica("a")
+    first, second = _open(receiver), _open(receiver)
+    requests = [ReportRequest.check(batch(run_id, sequence, [sample("loss", step, 1.0)]),
+                                    EVERYONE)
+                for run_id, sequence, step in ((first, 1, 5), (second, 1, 7), (first, 2, 6))]
+    assert all(o.applied for o in receiver.apply_many(requests))  # type: ignore[union-attr]
+    with psycopg.connect(database) as conn:
+        rows = conn.execute("SELECT run_id, step FROM evaluation_queue "
+                            "ORDER BY position").fetchall()
+    assert rows == [(first, 5), (second, 7), (first, 6)]
