@@ -126,8 +126,8 @@ _UPDATE_LATEST = (
     "FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
     "AS n(series_id, step, value, wall) "
     "WHERE series.series_id = n.series_id AND series.last_step <= n.step")
-_UPSERT_RUN = (
-    "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+# A run as a writer holds it replaces the stored one.
+_RUN_CONFLICT = (
     "ON CONFLICT (run_id) DO UPDATE "
     "SET run_name = excluded.run_name, state = excluded.state, "
     # Replicas write one run from their own copies: its position only ever advances.
@@ -137,6 +137,13 @@ _UPSERT_RUN = (
     "report_interval_seconds = excluded.report_interval_seconds, "
     "config = excluded.config, tags = excluded.tags, "
     "agent_version = excluded.agent_version, finished_at = excluded.finished_at")
+_UPSERT_RUN = "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) " + _RUN_CONFLICT
+# The same for all of a group's runs in one statement, from arrays sent in binary (in
+# run_id order, so two writers lock shared runs in one order).
+_UPSERT_RUNS = (
+    "INSERT INTO runs SELECT * FROM unnest(%s::text[], %s::text[], %s::int4[], %s::int4[], "
+    "%s::float8[], %s::float8[], %s::int8[], %s::float8[], %s::text[], %s::text[], "
+    "%s::text[], %s::float8[]) " + _RUN_CONFLICT)
 _UPSERT_ALERT = (
     "INSERT INTO alerts VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
     "ON CONFLICT (alert_id) DO UPDATE "
@@ -147,6 +154,9 @@ _UPSERT_ALERT = (
     "resolved_at = excluded.resolved_at")
 
 
+# The runs table's float columns, by position in rows.run_row: a list sent in binary must
+# hold one type.
+_RUN_FLOAT_COLUMNS = (4, 5, 7, 11)
 # One statement for all of a group's evaluations, in their order (an INSERT ... SELECT
 # numbers identity rows in the order it reads them); sent in binary, so the packed samples
 # go as they are.
@@ -400,10 +410,17 @@ class PostgresStorage(Storage):
                 _number_array(latest), _number_array(map(_STEP_OF_NEWEST, newest)),
                 _number_array(map(_VALUE_OF_NEWEST, newest)),
                 _number_array(map(_WALL_TIME_OF_NEWEST, newest))))
-        cur.executemany(_UPSERT_RUN, [run_row(run) for run in group.runs.values()])
+        self._upsert_runs(cur, [group.runs[run_id] for run_id in sorted(group.runs)])
         if group.evaluations:
             self._enqueue(cur, group.evaluations)
         self._write_engine(cur, group.engine_writes)
+
+    def _upsert_runs(self, cur: psycopg.Cursor[Any], runs: list[RunRecord]) -> None:
+        rows = [run_row(run) for run in runs]
+        columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
+        for index in _RUN_FLOAT_COLUMNS:  # a whole number stored as a float is one here
+            columns[index] = [float(value) for value in columns[index]]
+        cur.execute(_UPSERT_RUNS, columns, binary=True)
 
     def _advance_sequences(self, cur: psycopg.Cursor[Any],
                            sequences: dict[tuple[str, str], int]) -> None:

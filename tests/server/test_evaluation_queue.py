@@ -28,7 +28,9 @@ pytest.importorskip("psycopg_pool")
 
 from raresignal.server.storage.postgres import PostgresStorage
 
-TTL = 3.0
+# Long enough that no lease or replica expires while a test runs on two busy cores: no
+# test here waits for one to.
+TTL = 10.0
 GRAD_NORM_HIGH_RULES = LOSS_HIGH_RULES.replace("LossHigh", "GradNormHigh").replace(
     "metric: loss", "metric: grad_norm")
 

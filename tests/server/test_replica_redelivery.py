@@ -76,7 +76,9 @@ def test_a_takeover_posts_what_the_previous_owner_never_did(
     rules = tmp_path / "rules.yaml"
     rules.write_text(LOSS_HIGH_RULES)
     settings = dict(db_path=postgres_cluster.url(postgres_db), rules_path=str(rules),
-                    lease_ttl_seconds=3.0, lease_heartbeat_seconds=0.5,
+                    # Resolutions of the last 2 x (TTL + heartbeat) are posted again: a TTL
+                    # that outlasts a slow start of "b" ("a" gives its leases up anyway).
+                    lease_ttl_seconds=15.0, lease_heartbeat_seconds=0.5,
                     # No periodic re-post within the test: only a takeover posts.
                     alertmanager_resend_seconds=3600.0)
     conninfo = postgres_cluster.admin_conninfo(postgres_db)
