@@ -145,8 +145,9 @@ CLOSE = 3
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Something a run's alert engine must see: a report's samples, a heartbeat at a step,
-    or the run's close. Replicas queue them in the database for the run's owner."""
+    """Something a run's alert engine must see: a report's samples (those the owner needs:
+    ``samples_to_evaluate``), a heartbeat at a step, or the run's close. Replicas queue
+    them in the database for the run's owner."""
 
     run_id: str
     kind: int  # REPORT, HEARTBEAT or CLOSE
