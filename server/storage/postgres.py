@@ -88,30 +88,40 @@ _STAGING = ("CREATE TEMPORARY TABLE samples_staging (series_id BIGINT, step BIGI
 _COPY_STAGING = ("COPY samples_staging (series_id, step, value, wall_time) "
                  "FROM STDIN (FORMAT BINARY)")
 # The partitioned table's unique key holds wall_time, so ON CONFLICT (series_id, step)
-# cannot replace a re-reported step. The group's series rows are locked first (in one
-# order, so two writers never deadlock), so a second writer of a series waits and then
-# reads the last step as this transaction left it; a step above its series' last stored
-# one is new and is copied straight into the samples (COPY inserts them a page at a
-# time, where an INSERT ... SELECT writes them one by one).
-_LOCK_SERIES = ("SELECT series_id, last_step FROM series WHERE series_id = ANY(%s::bigint[]) "
-                "ORDER BY series_id FOR NO KEY UPDATE")
+# cannot replace a re-reported step. One statement locks the group's series rows (in one
+# order, so two writers never deadlock), advances their newest values and returns each
+# one's last step as it was before: a second writer of a series waits for the lock and
+# then reads the last step as this transaction left it. A step above its series' last
+# stored one is new and is copied straight into the samples (COPY inserts them a page at a
+# time, where an INSERT ... SELECT writes them one by one). The locking subquery is
+# materialised, so the rows are locked in its order before any is updated; an UPDATE's
+# SET reads the row as it was, so a stale report leaves the newest values as they are.
+_ADVANCE_SERIES = (
+    "WITH locked AS MATERIALIZED (SELECT series_id, last_step FROM series "
+    "WHERE series_id = ANY(%s::bigint[]) ORDER BY series_id FOR NO KEY UPDATE) "
+    "UPDATE series SET last_step = greatest(series.last_step, n.step), "
+    "last_value = CASE WHEN series.last_step <= n.step THEN n.value ELSE last_value END, "
+    "last_wall_time = CASE WHEN series.last_step <= n.step THEN n.wall "
+    "ELSE last_wall_time END "
+    "FROM locked, unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
+    "AS n(series_id, step, value, wall) "
+    "WHERE locked.series_id = n.series_id AND series.series_id = n.series_id "
+    "RETURNING locked.series_id, locked.last_step")
 _COPY_SAMPLES = ("COPY samples (series_id, step, value, wall_time) "
                  "FROM STDIN (FORMAT BINARY)")
 # The rest (steps at or below the last: a resumed run re-reporting) go through the
 # staging table and replace their row in place, or are inserted where none is stored.
 _REPLACE_OLD_SAMPLES = (
-    "WITH old AS (SELECT st.series_id, st.step, st.value, st.wall_time "
-    "FROM samples_staging st JOIN series s USING (series_id) WHERE st.step <= s.last_step), "
-    "replaced AS (UPDATE samples SET value = old.value, wall_time = old.wall_time FROM old "
-    "WHERE samples.series_id = old.series_id AND samples.step = old.step "
-    "RETURNING samples.series_id, samples.step) "
-    "INSERT INTO samples SELECT * FROM old WHERE NOT EXISTS "
-    "(SELECT 1 FROM replaced r WHERE r.series_id = old.series_id AND r.step = old.step)")
+    "WITH replaced AS (UPDATE samples SET value = st.value, wall_time = st.wall_time "
+    "FROM samples_staging st WHERE samples.series_id = st.series_id "
+    "AND samples.step = st.step RETURNING samples.series_id, samples.step) "
+    "INSERT INTO samples SELECT * FROM samples_staging st WHERE NOT EXISTS "
+    "(SELECT 1 FROM replaced r WHERE r.series_id = st.series_id AND r.step = st.step)")
 # Inserts or advances each sender's sequence, and returns the rows it wrote: a sender
 # missing from the result already had this sequence (or a later one) committed.
 _ADVANCE_SEQUENCES = (
     "INSERT INTO sender_sequences (run_id, sender_id, last_sequence) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+    "SELECT * FROM unnest(%b::text[], %b::text[], %s::bigint[]) "
     "ON CONFLICT (run_id, sender_id) DO UPDATE SET last_sequence = excluded.last_sequence "
     "WHERE sender_sequences.last_sequence < excluded.last_sequence "
     "RETURNING run_id, sender_id")
@@ -121,11 +131,6 @@ _CREATE_SERIES = (
     # A no-op update, so a series another writer created is returned with its id too.
     "ON CONFLICT (run_id, metric, labels) DO UPDATE SET metric = excluded.metric "
     "RETURNING series_id, run_id, metric, labels")
-_UPDATE_LATEST = (
-    "UPDATE series SET last_step = n.step, last_value = n.value, last_wall_time = n.wall "
-    "FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
-    "AS n(series_id, step, value, wall) "
-    "WHERE series.series_id = n.series_id AND series.last_step <= n.step")
 # A run as a writer holds it replaces the stored one.
 _RUN_CONFLICT = (
     "ON CONFLICT (run_id) DO UPDATE "
@@ -138,12 +143,14 @@ _RUN_CONFLICT = (
     "config = excluded.config, tags = excluded.tags, "
     "agent_version = excluded.agent_version, finished_at = excluded.finished_at")
 _UPSERT_RUN = "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) " + _RUN_CONFLICT
-# The same for all of a group's runs in one statement, from arrays sent in binary (in
-# run_id order, so two writers lock shared runs in one order).
+# The same for all of a group's runs in one statement, from arrays (in run_id order, so
+# two writers lock shared runs in one order). Text arrays go in binary (%b: psycopg dumps
+# a list of text for %s by escaping each element with a regular expression), numbers as
+# literals (_number_array), which is cheaper still.
 _UPSERT_RUNS = (
-    "INSERT INTO runs SELECT * FROM unnest(%s::text[], %s::text[], %s::int4[], %s::int4[], "
-    "%s::float8[], %s::float8[], %s::int8[], %s::float8[], %s::text[], %s::text[], "
-    "%s::text[], %s::float8[]) " + _RUN_CONFLICT)
+    "INSERT INTO runs SELECT * FROM unnest(%b::text[], %b::text[], %s::int4[], %s::int4[], "
+    "%s::float8[], %s::float8[], %s::int8[], %s::float8[], %b::text[], %b::text[], "
+    "%b::text[], %s::float8[]) " + _RUN_CONFLICT)
 _UPSERT_ALERT = (
     "INSERT INTO alerts VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
     "ON CONFLICT (alert_id) DO UPDATE "
@@ -154,16 +161,20 @@ _UPSERT_ALERT = (
     "resolved_at = excluded.resolved_at")
 
 
-# The runs table's float columns, by position in rows.run_row: a list sent in binary must
-# hold one type.
-_RUN_FLOAT_COLUMNS = (4, 5, 7, 11)
+# The runs table's numeric columns, by position in rows.run_row.
+_RUN_NUMBER_COLUMNS = frozenset((2, 3, 4, 5, 6, 7, 11))
 # One statement for all of a group's evaluations, in their order (an INSERT ... SELECT
-# numbers identity rows in the order it reads them); sent in binary, so the packed samples
-# go as they are.
+# numbers identity rows in the order it reads them). The packed samples go in binary
+# (%b), as they are, where a bytea array in text would be escaped byte by byte; numbers
+# as literals.
 _ENQUEUE = (
     "INSERT INTO evaluation_queue (run_id, kind, received_at, step, series, points) "
-    "SELECT * FROM unnest(%s::text[], %s::int2[], %s::float8[], %s::int8[], %s::text[], "
-    "%s::bytea[])")
+    "SELECT * FROM unnest(%b::text[], %s::int2[], %s::float8[], %s::int8[], %b::text[], "
+    "%b::bytea[])")
+# A tick's rule states in one statement (each (run, key) once: the engine writes a dict).
+_UPSERT_RULE_STATES = (
+    "INSERT INTO rule_states SELECT * FROM unnest(%b::text[], %b::text[], %b::text[]) "
+    "ON CONFLICT (run_id, state_key) DO UPDATE SET state = excluded.state")
 # Renews the owner's leases of runs still to evaluate or show (open, finished within the
 # finished-run TTL, or with queued evaluations), then takes its share of such runs whose
 # lease is missing or expired. The database's clock decides expiry, so the replicas'
@@ -220,7 +231,8 @@ def _number_array(numbers: Iterable[float]) -> str:
     """A PostgreSQL array literal of numbers, for a ``%s::bigint[]`` or ``::float8[]``
     parameter. Joining their reprs is C work, where psycopg dumps a list element by element
     in Python; a float's repr is the shortest text that reads back as the same float, and
-    PostgreSQL reads it back exactly (the samples are finite)."""
+    PostgreSQL reads it back exactly. Only for finite numbers and plain ints (samples,
+    steps, times, sequences, run fields: validation admits no other)."""
     return "{" + ",".join(map(repr, numbers)) + "}"
 
 
@@ -375,9 +387,12 @@ class PostgresStorage(Storage):
         already holds (another writer applied the batch) rolls all of it back."""
         created: list[tuple[dict[SeriesKey, int], SeriesKey]] = []
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            # The pool's block commits the transaction, or rolls it back on an error; no
+            # transaction() block, whose BEGIN would be a round trip of its own, where the
+            # implicit one goes out in the pipeline with the first statements.
+            with self._pool.connection() as conn:
                 if group.batches:
-                    self._write_group(cur, group, created)
+                    self._write_group(conn, group, created)
         except BaseException as error:
             for series, key in created:
                 series.pop(key, None)
@@ -398,35 +413,52 @@ class PostgresStorage(Storage):
         with contextlib.suppress(psycopg.Error):
             self._sequences = self._committed_sequences()
 
-    def _write_group(self, cur: psycopg.Cursor[Any], group: BatchGroup,
+    def _write_group(self, conn: psycopg.Connection[Any], group: BatchGroup,
                      created: list[tuple[dict[SeriesKey, int], SeriesKey]]) -> None:
-        self._advance_sequences(cur, group.sequences)
-        self._create_series(cur, group, created)
+        """The group's statements but the COPY go out in one pipeline, one round trip
+        (and one wake-up of each side) instead of one each; COPY cannot be pipelined, so
+        it follows once the series' last steps are back."""
+        with conn.cursor() as cur:
+            self._create_series(cur, group, created)  # only a run's first reports
         rows, latest = self._sample_rows(group)
-        self._insert_samples(cur, rows, sorted(latest))
-        if latest:
-            newest = latest.values()
-            cur.execute(_UPDATE_LATEST, (
-                _number_array(latest), _number_array(map(_STEP_OF_NEWEST, newest)),
-                _number_array(map(_VALUE_OF_NEWEST, newest)),
-                _number_array(map(_WALL_TIME_OF_NEWEST, newest))))
-        self._upsert_runs(cur, [group.runs[run_id] for run_id in sorted(group.runs)])
-        if group.evaluations:
-            self._enqueue(cur, group.evaluations)
-        self._write_engine(cur, group.engine_writes)
+        with conn.pipeline(), conn.cursor() as sequences, conn.cursor() as series, \
+                conn.cursor() as cur:
+            keys = self._advance_sequences(sequences, group.sequences)
+            if latest:
+                newest = [latest[series_id] for series_id in sorted(latest)]
+                ids = _number_array(sorted(latest))
+                series.execute(_ADVANCE_SERIES, (
+                    ids, ids, _number_array(map(_STEP_OF_NEWEST, newest)),
+                    _number_array(map(_VALUE_OF_NEWEST, newest)),
+                    _number_array(map(_WALL_TIME_OF_NEWEST, newest))))
+            self._upsert_runs(cur, [group.runs[run_id] for run_id in sorted(group.runs)])
+            if group.evaluations:
+                self._enqueue(cur, group.evaluations)
+            self._write_engine(cur, group.engine_writes)
+            self._check_sequences(sequences, group.sequences, keys)
+            last_steps = dict(series.fetchall()) if latest else {}
+        with conn.cursor() as cur:
+            self._insert_samples(cur, rows, last_steps)
 
     def _upsert_runs(self, cur: psycopg.Cursor[Any], runs: list[RunRecord]) -> None:
         rows = [run_row(run) for run in runs]
-        columns: list[list[Any]] = [list(column) for column in zip(*rows, strict=True)]
-        for index in _RUN_FLOAT_COLUMNS:  # a whole number stored as a float is one here
-            columns[index] = [float(value) for value in columns[index]]
-        cur.execute(_UPSERT_RUNS, columns, binary=True)
+        columns = [_number_array(column) if index in _RUN_NUMBER_COLUMNS else list(column)
+                   for index, column in enumerate(zip(*rows, strict=True))]
+        cur.execute(_UPSERT_RUNS, columns)
 
     def _advance_sequences(self, cur: psycopg.Cursor[Any],
-                           sequences: dict[tuple[str, str], int]) -> None:
+                           sequences: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+        """Sends the upsert of the group's sender sequences; returns the senders in the
+        order sent, for :meth:`_check_sequences` once the result is back."""
         keys = list(sequences)
         cur.execute(_ADVANCE_SEQUENCES, ([k[0] for k in keys], [k[1] for k in keys],
-                                         [sequences[k] for k in keys]))
+                                         _number_array(map(sequences.__getitem__, keys))))
+        return keys
+
+    @staticmethod
+    def _check_sequences(cur: psycopg.Cursor[Any], sequences: dict[tuple[str, str], int],
+                         keys: list[tuple[str, str]]) -> None:
+        """Raises SequenceConflict when a sender's sequence was already committed."""
         advanced = {(row[0], row[1]) for row in cur.fetchall()}
         stale = [key for key in keys if key not in advanced]
         if stale:
@@ -476,14 +508,11 @@ class PostgresStorage(Storage):
         return merged, latest
 
     def _insert_samples(self, cur: psycopg.Cursor[Any], rows: SampleRows,
-                        series_ids: list[int]) -> None:
-        """Locks the series, then COPYs the new steps into the samples: two round trips
-        however many rows; two more only when some replace stored steps. Runs before the
-        series' last steps advance, which it reads."""
+                        last_steps: dict[int, int]) -> None:
+        """COPYs the rows above their series' last step (as it was before the group) into
+        the samples; the rest, re-reported steps, replace the stored ones."""
         if not rows:
             return
-        cur.execute(_LOCK_SERIES, (_number_array(series_ids),))
-        last_steps = dict(cur.fetchall())
         new, old = rows, {}
         # Whether any step is at or below its series' last, compared in C, not per row in
         # Python: nearly always none is.
@@ -501,10 +530,10 @@ class PostgresStorage(Storage):
 
     def _write_engine(self, cur: psycopg.Cursor[Any], writes: EngineWrites) -> None:
         if writes.rule_states:
-            cur.executemany(
-                "INSERT INTO rule_states VALUES (%s,%s,%s) ON CONFLICT (run_id, state_key) "
-                "DO UPDATE SET state = excluded.state",
-                [(run_id, key, json.dumps(state)) for run_id, key, state in writes.rule_states])
+            states = {(run_id, key): state for run_id, key, state in writes.rule_states}
+            keys = sorted(states)  # one lock order for any two writers
+            cur.execute(_UPSERT_RULE_STATES, ([k[0] for k in keys], [k[1] for k in keys],
+                                              [json.dumps(states[k]) for k in keys]))
         if writes.alerts:
             cur.executemany(_UPSERT_ALERT, [alert_row(alert) for alert in writes.alerts])
         if writes.changes:
@@ -529,8 +558,10 @@ class PostgresStorage(Storage):
     def _enqueue(self, cur: psycopg.Cursor[Any], evaluations: Sequence[Evaluation]) -> None:
         if not evaluations:
             return
-        columns = list(zip(*map(_evaluation_row, evaluations), strict=True))
-        cur.execute(_ENQUEUE, [list(column) for column in columns], binary=True)
+        run_ids, kinds, received, steps, series, points = zip(
+            *map(_evaluation_row, evaluations), strict=True)
+        cur.execute(_ENQUEUE, (list(run_ids), _number_array(kinds), _number_array(received),
+                               _number_array(steps), list(series), list(points)))
 
     def hold_leases(self, owner: str, ttl_seconds: float,
                     keep_finished_seconds: float = 0.0) -> set[str]:
