@@ -2,10 +2,11 @@
 
 Every method is called from the server's one storage thread; the pool gives that thread a
 live connection (and a new one after the database restarts). A group of batches is one
-transaction: its samples go in by ``COPY`` into a staging table and one insert, and its
-sender sequences by an upsert that only ever advances, so a second writer that tries to
-apply a batch already committed makes the whole group roll back instead of storing it
-twice.
+transaction of three round trips: its statements in one pipeline (its sender sequences
+by an upsert that only ever advances, so a second writer that tries to apply a batch
+already committed makes the whole group roll back instead of storing it twice; its
+series locked and advanced; its runs; its queue rows), then its new samples by binary
+``COPY``, then the commit.
 
 Replicas (several servers on one database) share it through two tables of migration 0003
 (and a heartbeat row per replica, migration 0005, by which each sizes its share of runs).
