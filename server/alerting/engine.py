@@ -209,6 +209,12 @@ class AlertEngine:
         # (rule, label key) -> whether the rule ignores that series, decided once.
         self._ignored: dict[tuple[str, str], bool] = {}
 
+    @property
+    def metrics(self) -> frozenset[str]:
+        """The metrics some rule reads (in its condition or its ``while``): the samples of
+        any other metric change nothing here."""
+        return frozenset(self._by_metric)
+
     # -- runs ------------------------------------------------------------------------
 
     def track_run(self, run_id: str, run_name: str, report_interval_seconds: float,

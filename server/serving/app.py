@@ -64,6 +64,7 @@ from raresignal.server.serving.service import (
 )
 from raresignal.server.storage.base import RetentionPolicy, Storage
 from raresignal.server.storage.open import open_storage
+from raresignal.server.storage.records import AlertChange, AlertRecord
 
 log = logging.getLogger("raresignal.server")
 
@@ -276,12 +277,21 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 async def _run_clock(backend: Backend, config: ServerConfig) -> None:
-    """Evaluates the clock rules and re-posts firing alerts to Alertmanager."""
+    """Evaluates the clock rules and re-posts firing alerts to Alertmanager (and, on a
+    replica, the alerts of the runs it took over)."""
+    ledger = backend.ledger
     last_resend = time.monotonic()
+
+    def tick() -> tuple[list[AlertChange], list[AlertRecord]]:
+        return ledger.tick(), ledger.take_redeliveries()
+
     while True:
         await asyncio.sleep(config.clock_interval_seconds)
         try:
-            backend.publish(await backend.call(backend.ledger.tick))
+            changes, redeliveries = await backend.call(tick)
+            backend.publish(changes)
+            if backend.notifier is not None and redeliveries:
+                backend.notifier.notify(redeliveries)
             if (backend.notifier is not None
                     and time.monotonic() - last_resend >= config.alertmanager_resend_seconds):
                 last_resend = time.monotonic()

@@ -62,6 +62,7 @@ from raresignal.server.storage.records import (
     SeriesPoint,
     labels_key,
     newest_by_series,
+    samples_to_evaluate,
 )
 
 log = logging.getLogger("raresignal.server")
@@ -128,6 +129,11 @@ class Ledger:
         # Replicas: the engine holds only the runs this replica owns, adopted from storage.
         # Without lease settings the ledger is the database's only server, as on SQLite.
         self.ownership = ownership if storage.shared else None
+        # Replicas: the metrics whose every sample is queued for the runs' owners (those
+        # the live replicas' rules read, learnt at each lease renewal), and the alerts of
+        # runs taken over whose last notification may never have reached Alertmanager.
+        self._queued_metrics = engine.metrics
+        self._redeliveries: list[AlertRecord] = []
         if self.ownership is not None:
             live.set_owned(())
         # While this server was down nobody listened: a run's silence counts from now, so a
@@ -401,7 +407,9 @@ class Ledger:
         updated = replace(run, updated_at=now, last_step=max(run.last_step, last_step))
         if self.ownership is not None:
             # The run's owner evaluates it, from the queue, whichever replica it is.
-            group.evaluations.append(Evaluation(run.run_id, REPORT, now, last_step, samples))
+            group.evaluations.append(Evaluation(
+                run.run_id, REPORT, now, last_step,
+                samples_to_evaluate(samples, newest, self._queued_metrics)))
             changes, writes = [], EngineWrites()
         else:
             changes = self.engine.observe(run.run_id, samples, now)
@@ -500,6 +508,8 @@ class Ledger:
             held = self.storage.hold_leases(ownership.replica_id, ownership.ttl_seconds,
                                             self._finished_ttl)
             ownership.renewed()
+            self._queued_metrics = self.storage.share_rule_metrics(ownership.replica_id,
+                                                                   self.engine.metrics)
             self._refresh_runs(now)
             self._release(ownership.owned - held)
             for run_id in sorted(held - ownership.owned):
@@ -582,8 +592,16 @@ class Ledger:
             self.storage.rule_states(run_id),
             self.storage.alerts(run_id=run_id, states=(PENDING, FIRING), limit=1 << 62))
         self.live.load_values(self.storage.latest_values(run_id))
-        self.live.load_firing(a for a in self.engine.active_alerts() if a.run_id == run_id)
+        active = [a for a in self.engine.active_alerts() if a.run_id == run_id]
+        self.live.load_firing(active)
         self.live.set_owned(self.ownership.owned)
+        # The previous owner may have died between storing a transition and posting it:
+        # its firing alerts are posted now rather than at the next resend, and its recent
+        # resolutions again (Alertmanager deduplicates by labels, so a second post of
+        # either changes nothing there).
+        since = now - self.ownership.undelivered_seconds
+        self._redeliveries.extend(self.storage.resolved_since(run_id, since))
+        self._redeliveries.extend(replace(a, labels=dict(a.labels)) for a in active)
         log.info("run taken over for alert evaluation: %r (%s)", run.run_name, run_id)
 
     def _release(self, run_ids: set[str]) -> None:
@@ -595,6 +613,12 @@ class Ledger:
             self.live.forget_alerts(run_id)
             log.info("run's alert evaluation handed over: %s", run_id)
         self.live.set_owned(self.ownership.owned)
+
+    def take_redeliveries(self) -> list[AlertRecord]:
+        """The alerts of runs taken over since the last call, to post to Alertmanager
+        again: the firing ones and those resolved within the lease's undelivered span."""
+        redeliveries, self._redeliveries = self._redeliveries, []
+        return redeliveries
 
     # -- reads -----------------------------------------------------------------------
 

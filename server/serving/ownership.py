@@ -12,9 +12,11 @@ runs opened while several replicas are live spread over them; leases held are ne
 handed over to even the shares out, so a replica started next to busy ones gets runs as
 new ones open and old leases expire.
 
-Alertmanager hears each transition once, from the owner that stored it. After a
-takeover the new owner re-sends the alerts still firing at its next resend interval;
-Alertmanager deduplicates by labels, so that re-send is the same alert, not a new one.
+Alertmanager hears each transition from the owner that stored it. An owner that dies
+between storing a transition and posting it leaves Alertmanager behind, so a new owner
+posts the taken run's firing alerts at once and its alerts resolved within
+``undelivered_seconds`` again; Alertmanager deduplicates by labels, so a second post of
+an alert it has heard is the same alert, not a new one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ class Ownership:
         if not 0 < self.heartbeat_seconds < self.ttl_seconds:
             raise ValueError("the lease heartbeat must be shorter than the lease TTL, or a "
                              "live replica's leases expire between two renewals")
+
+    @property
+    def undelivered_seconds(self) -> float:
+        """How far back a taken-over run's resolutions are posted again. A dead owner
+        stored its last one at most a TTL and a heartbeat (and a clock tick) before the
+        successor's takeover; twice that also covers skew between the replicas' clocks,
+        which stamp the resolution and the takeover, and a post too many is harmless."""
+        return 2.0 * (self.ttl_seconds + self.heartbeat_seconds)
 
     def renewal_due(self) -> bool:
         return self._renewed_at is None or self.clock() - self._renewed_at >= self.heartbeat_seconds

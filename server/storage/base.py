@@ -163,6 +163,19 @@ class Storage(ABC):
         ``owner`` now owns. Unshared: every run not finished."""
         return {run.run_id for run in self.list_runs(include_finished=False)}
 
+    def share_rule_metrics(self, owner: str, metrics: Set[str]) -> frozenset[str]:
+        """Records the metrics ``owner``'s alert rules read and returns them together with
+        those of the other live replicas: what each replica queues for the runs' owners,
+        so an owner whose rules differ (a rules file being rolled out) still gets its
+        samples. Unshared: ``metrics``."""
+        return frozenset(metrics)
+
+    def resolved_since(self, run_id: str, since: float) -> list[AlertRecord]:
+        """The run's alerts resolved at server time ``since`` or later, oldest first."""
+        resolved = self.alerts(run_id=run_id, states=(ALERT_STATE_RESOLVED,), limit=1 << 62)
+        return sorted((a for a in resolved if a.resolved_at >= since),
+                      key=lambda a: (a.resolved_at, a.alert_id))
+
     def release_leases(self, owner: str) -> None:
         """Gives up ``owner``'s leases (a replica shutting down), so others take its runs
         at their next renewal rather than after the TTL. Unshared: nothing to give up."""

@@ -2,10 +2,11 @@
 
 Every method is called from the server's one storage thread; the pool gives that thread a
 live connection (and a new one after the database restarts). A group of batches is one
-transaction: its samples go in by ``COPY`` into a staging table and one insert, and its
-sender sequences by an upsert that only ever advances, so a second writer that tries to
-apply a batch already committed makes the whole group roll back instead of storing it
-twice.
+transaction of three round trips: its statements in one pipeline (its sender sequences
+by an upsert that only ever advances, so a second writer that tries to apply a batch
+already committed makes the whole group roll back instead of storing it twice; its
+series locked and advanced; its runs; its queue rows), then its new samples by binary
+``COPY``, then the commit.
 
 Replicas (several servers on one database) share it through two tables of migration 0003
 (and a heartbeat row per replica, migration 0005, by which each sizes its share of runs).
@@ -18,9 +19,12 @@ expires on a stated TTL, can be read by any replica (and by operators), and is l
 the very transaction that stores the engine's writes, which fences a replica that lost it.
 ``evaluation_queue`` carries each applied report, heartbeat and close to the run's owner,
 written in the transaction that applied it; the owner deletes what it evaluates in the
-transaction that stores the results. Deleting, rather than advancing a watermark over an
-identity column, matters: identities are handed out at insert and committed in another
-order, so a watermark could pass a row that commits later and never evaluate it.
+transaction that stores the results. A report is queued with only what the owner needs
+(the samples of the metrics the live replicas' rules read, which each replica records in
+its heartbeat row, and each other series' newest sample), packed (``queue_codec``).
+Deleting, rather than advancing a watermark over an identity column, matters: identities
+are handed out at insert and committed in another order, so a watermark could pass a row
+that commits later and never evaluate it.
 
 Samples live in daily partitions (migration 0004, ``storage.partitions``): retention drops
 whole days on a schedule instead of deleting rows as it writes, as SQLite's thinning does.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence, Set
+from operator import itemgetter, le
 from typing import Any
 
 import psycopg
@@ -38,6 +43,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from raresignal.protos.v1.common_pb2 import ALERT_STATE_RESOLVED
+from raresignal.server.storage import binary_copy
 from raresignal.server.storage.base import (
     AlertPosition,
     EvaluateQueued,
@@ -47,10 +53,10 @@ from raresignal.server.storage.base import (
 )
 from raresignal.server.storage.migrate import migrate
 from raresignal.server.storage.partitions import PartitionChanges, maintain_partitions
+from raresignal.server.storage.queue_codec import decode_samples, encode_samples
 from raresignal.server.storage.records import (
     AlertRecord,
     BatchGroup,
-    CheckedSample,
     EngineWrites,
     Evaluation,
     LatestValue,
@@ -67,37 +73,56 @@ CONNECT_TIMEOUT_SECONDS = 30.0
 # A readiness ping that waits longer than this for a connection counts as unreachable.
 PING_TIMEOUT_SECONDS = 5.0
 
-SampleRow = tuple[int, int, float, float]  # (series_id, step, value, wall_time)
+# {(series_id, step): (value, wall_time)}
+SampleRows = dict[tuple[int, int], tuple[float, float]]
+# The parts of a CheckedSample the sample rows take.
+_SERIES_KEY = itemgetter(0, 1)
+_STEP = itemgetter(2)
+_POINT = itemgetter(3, 4)
+# The parts of a sample row's key, and of a series' newest (step, value, wall_time).
+_SERIES_OF_ROW = _STEP_OF_NEWEST = itemgetter(0)
+_STEP_OF_ROW = _VALUE_OF_NEWEST = itemgetter(1)
+_WALL_TIME_OF_NEWEST = itemgetter(2)
 
 _STAGING = ("CREATE TEMPORARY TABLE samples_staging (series_id BIGINT, step BIGINT, "
             "value DOUBLE PRECISION, wall_time DOUBLE PRECISION) ON COMMIT DELETE ROWS")
 _COPY_STAGING = ("COPY samples_staging (series_id, step, value, wall_time) "
                  "FROM STDIN (FORMAT BINARY)")
-_STAGING_TYPES = ("int8", "int8", "float8", "float8")
 # The partitioned table's unique key holds wall_time, so ON CONFLICT (series_id, step)
-# cannot replace a re-reported step. A step above its series' last stored one is new and
-# goes in by a plain insert; the series rows are locked first, so a second writer of the
-# series waits and then reads the last step as this transaction left it.
-_INSERT_NEW_SAMPLES = (
-    "WITH locked AS (SELECT series_id, last_step FROM series WHERE series_id IN "
-    "(SELECT series_id FROM samples_staging) ORDER BY series_id FOR NO KEY UPDATE) "
-    "INSERT INTO samples SELECT st.series_id, st.step, st.value, st.wall_time "
-    "FROM samples_staging st JOIN locked USING (series_id) WHERE st.step > locked.last_step")
-# The rest (steps at or below the last: a resumed run re-reporting) replace their row in
-# place, or are inserted where none is stored.
+# cannot replace a re-reported step. One statement locks the group's series rows (in one
+# order, so two writers never deadlock), advances their newest values and returns each
+# one's last step as it was before: a second writer of a series waits for the lock and
+# then reads the last step as this transaction left it. A step above its series' last
+# stored one is new and is copied straight into the samples (COPY inserts them a page at a
+# time, where an INSERT ... SELECT writes them one by one). The locking subquery is
+# materialised, so the rows are locked in its order before any is updated; an UPDATE's
+# SET reads the row as it was, so a stale report leaves the newest values as they are.
+_ADVANCE_SERIES = (
+    "WITH locked AS MATERIALIZED (SELECT series_id, last_step FROM series "
+    "WHERE series_id = ANY(%s::bigint[]) ORDER BY series_id FOR NO KEY UPDATE) "
+    "UPDATE series SET last_step = greatest(series.last_step, n.step), "
+    "last_value = CASE WHEN series.last_step <= n.step THEN n.value ELSE last_value END, "
+    "last_wall_time = CASE WHEN series.last_step <= n.step THEN n.wall "
+    "ELSE last_wall_time END "
+    "FROM locked, unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
+    "AS n(series_id, step, value, wall) "
+    "WHERE locked.series_id = n.series_id AND series.series_id = n.series_id "
+    "RETURNING locked.series_id, locked.last_step")
+_COPY_SAMPLES = ("COPY samples (series_id, step, value, wall_time) "
+                 "FROM STDIN (FORMAT BINARY)")
+# The rest (steps at or below the last: a resumed run re-reporting) go through the
+# staging table and replace their row in place, or are inserted where none is stored.
 _REPLACE_OLD_SAMPLES = (
-    "WITH old AS (SELECT st.series_id, st.step, st.value, st.wall_time "
-    "FROM samples_staging st JOIN series s USING (series_id) WHERE st.step <= s.last_step), "
-    "replaced AS (UPDATE samples SET value = old.value, wall_time = old.wall_time FROM old "
-    "WHERE samples.series_id = old.series_id AND samples.step = old.step "
-    "RETURNING samples.series_id, samples.step) "
-    "INSERT INTO samples SELECT * FROM old WHERE NOT EXISTS "
-    "(SELECT 1 FROM replaced r WHERE r.series_id = old.series_id AND r.step = old.step)")
+    "WITH replaced AS (UPDATE samples SET value = st.value, wall_time = st.wall_time "
+    "FROM samples_staging st WHERE samples.series_id = st.series_id "
+    "AND samples.step = st.step RETURNING samples.series_id, samples.step) "
+    "INSERT INTO samples SELECT * FROM samples_staging st WHERE NOT EXISTS "
+    "(SELECT 1 FROM replaced r WHERE r.series_id = st.series_id AND r.step = st.step)")
 # Inserts or advances each sender's sequence, and returns the rows it wrote: a sender
 # missing from the result already had this sequence (or a later one) committed.
 _ADVANCE_SEQUENCES = (
     "INSERT INTO sender_sequences (run_id, sender_id, last_sequence) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+    "SELECT * FROM unnest(%b::text[], %b::text[], %s::bigint[]) "
     "ON CONFLICT (run_id, sender_id) DO UPDATE SET last_sequence = excluded.last_sequence "
     "WHERE sender_sequences.last_sequence < excluded.last_sequence "
     "RETURNING run_id, sender_id")
@@ -107,13 +132,8 @@ _CREATE_SERIES = (
     # A no-op update, so a series another writer created is returned with its id too.
     "ON CONFLICT (run_id, metric, labels) DO UPDATE SET metric = excluded.metric "
     "RETURNING series_id, run_id, metric, labels")
-_UPDATE_LATEST = (
-    "UPDATE series SET last_step = n.step, last_value = n.value, last_wall_time = n.wall "
-    "FROM unnest(%s::bigint[], %s::bigint[], %s::float8[], %s::float8[]) "
-    "AS n(series_id, step, value, wall) "
-    "WHERE series.series_id = n.series_id AND series.last_step <= n.step")
-_UPSERT_RUN = (
-    "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+# A run as a writer holds it replaces the stored one.
+_RUN_CONFLICT = (
     "ON CONFLICT (run_id) DO UPDATE "
     "SET run_name = excluded.run_name, state = excluded.state, "
     # Replicas write one run from their own copies: its position only ever advances.
@@ -123,6 +143,15 @@ _UPSERT_RUN = (
     "report_interval_seconds = excluded.report_interval_seconds, "
     "config = excluded.config, tags = excluded.tags, "
     "agent_version = excluded.agent_version, finished_at = excluded.finished_at")
+_UPSERT_RUN = "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) " + _RUN_CONFLICT
+# The same for all of a group's runs in one statement, from arrays (in run_id order, so
+# two writers lock shared runs in one order). Text arrays go in binary (%b: psycopg dumps
+# a list of text for %s by escaping each element with a regular expression), numbers as
+# literals (_number_array), which is cheaper still.
+_UPSERT_RUNS = (
+    "INSERT INTO runs SELECT * FROM unnest(%b::text[], %b::text[], %s::int4[], %s::int4[], "
+    "%s::float8[], %s::float8[], %s::int8[], %s::float8[], %b::text[], %b::text[], "
+    "%b::text[], %s::float8[]) " + _RUN_CONFLICT)
 _UPSERT_ALERT = (
     "INSERT INTO alerts VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
     "ON CONFLICT (alert_id) DO UPDATE "
@@ -133,8 +162,20 @@ _UPSERT_ALERT = (
     "resolved_at = excluded.resolved_at")
 
 
-_ENQUEUE = ("INSERT INTO evaluation_queue (run_id, kind, received_at, step, samples) "
-            "VALUES (%s, %s, %s, %s, %s)")
+# The runs table's numeric columns, by position in rows.run_row.
+_RUN_NUMBER_COLUMNS = frozenset((2, 3, 4, 5, 6, 7, 11))
+# One statement for all of a group's evaluations, in their order (an INSERT ... SELECT
+# numbers identity rows in the order it reads them). The packed samples go in binary
+# (%b), as they are, where a bytea array in text would be escaped byte by byte; numbers
+# as literals.
+_ENQUEUE = (
+    "INSERT INTO evaluation_queue (run_id, kind, received_at, step, series, points) "
+    "SELECT * FROM unnest(%b::text[], %s::int2[], %s::float8[], %s::int8[], %b::text[], "
+    "%b::bytea[])")
+# A tick's rule states in one statement (each (run, key) once: the engine writes a dict).
+_UPSERT_RULE_STATES = (
+    "INSERT INTO rule_states SELECT * FROM unnest(%b::text[], %b::text[], %b::text[]) "
+    "ON CONFLICT (run_id, state_key) DO UPDATE SET state = excluded.state")
 # Renews the owner's leases of runs still to evaluate or show (open, finished within the
 # finished-run TTL, or with queued evaluations), then takes its share of such runs whose
 # lease is missing or expired. The database's clock decides expiry, so the replicas'
@@ -176,16 +217,31 @@ _LOCK_HELD = ("SELECT run_id FROM run_leases WHERE run_id = ANY(%s) AND owner = 
 _TAKE_QUEUED = (
     "DELETE FROM evaluation_queue WHERE position IN ("
     "SELECT position FROM evaluation_queue WHERE run_id = ANY(%s) ORDER BY position "
-    "LIMIT %s) RETURNING position, run_id, kind, received_at, step, samples")
+    "LIMIT %s) RETURNING position, run_id, kind, received_at, step, series, points, samples")
+# Records the metrics this replica's rules read, and returns those of every live replica
+# (as they stood before this statement: the caller adds its own).
+_SHARE_RULE_METRICS = (
+    "WITH mine AS (UPDATE replicas SET rule_metrics = %s WHERE replica_id = %s) "
+    "SELECT DISTINCT metric FROM replicas, unnest(rule_metrics) AS metric "
+    "WHERE expires_at > clock_timestamp()")
+_RESOLVED_SINCE = ("SELECT * FROM alerts WHERE run_id = %s AND state = %s "
+                   "AND resolved_at >= %s ORDER BY resolved_at, alert_id")
 
 
-def _encode_samples(samples: Iterable[CheckedSample]) -> str:
-    return json.dumps([list(sample) for sample in samples], separators=(",", ":"))
+def _number_array(numbers: Iterable[float]) -> str:
+    """A PostgreSQL array literal of numbers, for a ``%s::bigint[]`` or ``::float8[]``
+    parameter. Joining their reprs is C work, where psycopg dumps a list element by element
+    in Python; a float's repr is the shortest text that reads back as the same float, and
+    PostgreSQL reads it back exactly. Only for finite numbers and plain ints (samples,
+    steps, times, sequences, run fields: validation admits no other)."""
+    return "{" + ",".join(map(repr, numbers)) + "}"
 
 
-def _evaluation_row(evaluation: Evaluation) -> tuple[str, int, float, int, str]:
+def _evaluation_row(evaluation: Evaluation
+                    ) -> tuple[str, int, float, int, str | None, bytes | None]:
+    series, points = encode_samples(evaluation.samples) if evaluation.samples else (None, None)
     return (evaluation.run_id, evaluation.kind, evaluation.received_at, evaluation.step,
-            _encode_samples(evaluation.samples))
+            series, points)
 
 
 def _only_runs(writes: EngineWrites, run_ids: Set[str]) -> EngineWrites:
@@ -332,9 +388,12 @@ class PostgresStorage(Storage):
         already holds (another writer applied the batch) rolls all of it back."""
         created: list[tuple[dict[SeriesKey, int], SeriesKey]] = []
         try:
-            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            # The pool's block commits the transaction, or rolls it back on an error; no
+            # transaction() block, whose BEGIN would be a round trip of its own, where the
+            # implicit one goes out in the pipeline with the first statements.
+            with self._pool.connection() as conn:
                 if group.batches:
-                    self._write_group(cur, group, created)
+                    self._write_group(conn, group, created)
         except BaseException as error:
             for series, key in created:
                 series.pop(key, None)
@@ -355,26 +414,52 @@ class PostgresStorage(Storage):
         with contextlib.suppress(psycopg.Error):
             self._sequences = self._committed_sequences()
 
-    def _write_group(self, cur: psycopg.Cursor[Any], group: BatchGroup,
+    def _write_group(self, conn: psycopg.Connection[Any], group: BatchGroup,
                      created: list[tuple[dict[SeriesKey, int], SeriesKey]]) -> None:
-        self._advance_sequences(cur, group.sequences)
-        self._create_series(cur, group, created)
+        """The group's statements but the COPY go out in one pipeline, one round trip
+        (and one wake-up of each side) instead of one each; COPY cannot be pipelined, so
+        it follows once the series' last steps are back."""
+        with conn.cursor() as cur:
+            self._create_series(cur, group, created)  # only a run's first reports
         rows, latest = self._sample_rows(group)
-        self._insert_samples(cur, rows)
-        if latest:
-            cur.execute(_UPDATE_LATEST, (
-                list(latest), [v[0] for v in latest.values()],
-                [v[1] for v in latest.values()], [v[2] for v in latest.values()]))
-        cur.executemany(_UPSERT_RUN, [run_row(run) for run in group.runs.values()])
-        if group.evaluations:
-            cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in group.evaluations])
-        self._write_engine(cur, group.engine_writes)
+        with conn.pipeline(), conn.cursor() as sequences, conn.cursor() as series, \
+                conn.cursor() as cur:
+            keys = self._advance_sequences(sequences, group.sequences)
+            if latest:
+                newest = [latest[series_id] for series_id in sorted(latest)]
+                ids = _number_array(sorted(latest))
+                series.execute(_ADVANCE_SERIES, (
+                    ids, ids, _number_array(map(_STEP_OF_NEWEST, newest)),
+                    _number_array(map(_VALUE_OF_NEWEST, newest)),
+                    _number_array(map(_WALL_TIME_OF_NEWEST, newest))))
+            self._upsert_runs(cur, [group.runs[run_id] for run_id in sorted(group.runs)])
+            if group.evaluations:
+                self._enqueue(cur, group.evaluations)
+            self._write_engine(cur, group.engine_writes)
+            self._check_sequences(sequences, group.sequences, keys)
+            last_steps = dict(series.fetchall()) if latest else {}
+        with conn.cursor() as cur:
+            self._insert_samples(cur, rows, last_steps)
+
+    def _upsert_runs(self, cur: psycopg.Cursor[Any], runs: list[RunRecord]) -> None:
+        rows = [run_row(run) for run in runs]
+        columns = [_number_array(column) if index in _RUN_NUMBER_COLUMNS else list(column)
+                   for index, column in enumerate(zip(*rows, strict=True))]
+        cur.execute(_UPSERT_RUNS, columns)
 
     def _advance_sequences(self, cur: psycopg.Cursor[Any],
-                           sequences: dict[tuple[str, str], int]) -> None:
+                           sequences: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+        """Sends the upsert of the group's sender sequences; returns the senders in the
+        order sent, for :meth:`_check_sequences` once the result is back."""
         keys = list(sequences)
         cur.execute(_ADVANCE_SEQUENCES, ([k[0] for k in keys], [k[1] for k in keys],
-                                         [sequences[k] for k in keys]))
+                                         _number_array(map(sequences.__getitem__, keys))))
+        return keys
+
+    @staticmethod
+    def _check_sequences(cur: psycopg.Cursor[Any], sequences: dict[tuple[str, str], int],
+                         keys: list[tuple[str, str]]) -> None:
+        """Raises SequenceConflict when a sender's sequence was already committed."""
         advanced = {(row[0], row[1]) for row in cur.fetchall()}
         stale = [key for key in keys if key not in advanced]
         if stale:
@@ -404,10 +489,10 @@ class PostgresStorage(Storage):
             created.append((series, (metric, labels)))
 
     def _sample_rows(self, group: BatchGroup
-                     ) -> tuple[list[SampleRow], dict[int, tuple[int, float, float]]]:
+                     ) -> tuple[SampleRows, dict[int, tuple[int, float, float]]]:
         """The group's sample rows, one per (series, step) with the later sample winning,
         and the newest value of each series they touch."""
-        merged: dict[tuple[int, int], tuple[float, float]] = {}
+        merged: SampleRows = {}
         latest: dict[int, tuple[int, float, float]] = {}
         for write in group.batches:
             series = self._series_ids[write.run.run_id]
@@ -416,31 +501,40 @@ class PostgresStorage(Storage):
                 current = latest.get(series_id)
                 if current is None or step >= current[0]:
                     latest[series_id] = (step, value, wall_time)
-            for s in write.samples:
-                merged[(series[(s.metric, s.labels_key)], s.step)] = (s.value, s.wall_time)
-        rows = [(sid, step, value, wall) for (sid, step), (value, wall) in merged.items()]
-        return rows, latest
+            # The same as one assignment per sample, iterated in C rather than Python.
+            samples = write.samples
+            ids = map(series.__getitem__, map(_SERIES_KEY, samples))
+            keys = zip(ids, map(_STEP, samples), strict=True)
+            merged.update(zip(keys, map(_POINT, samples), strict=True))
+        return merged, latest
 
-    def _insert_samples(self, cur: psycopg.Cursor[Any], rows: list[SampleRow]) -> None:
-        """COPY into the staging table, then one insert: one round trip for the rows
-        however many there are; a second statement only when some replace stored steps.
-        Runs before the series' last steps advance, which it reads."""
+    def _insert_samples(self, cur: psycopg.Cursor[Any], rows: SampleRows,
+                        last_steps: dict[int, int]) -> None:
+        """COPYs the rows above their series' last step (as it was before the group) into
+        the samples; the rest, re-reported steps, replace the stored ones."""
         if not rows:
             return
-        with cur.copy(_COPY_STAGING) as copy:
-            copy.set_types(_STAGING_TYPES)
-            for row in rows:
-                copy.write_row(row)
-        cur.execute(_INSERT_NEW_SAMPLES)
-        if cur.rowcount < len(rows):
+        new, old = rows, {}
+        # Whether any step is at or below its series' last, compared in C, not per row in
+        # Python: nearly always none is.
+        if any(map(le, map(_STEP_OF_ROW, rows), map(last_steps.__getitem__,
+                                                     map(_SERIES_OF_ROW, rows)))):
+            new = {key: row for key, row in rows.items() if key[1] > last_steps[key[0]]}
+            old = {key: row for key, row in rows.items() if key[1] <= last_steps[key[0]]}
+        if new:
+            with cur.copy(_COPY_SAMPLES) as copy:
+                copy.write(binary_copy.sample_rows(new))
+        if old:
+            with cur.copy(_COPY_STAGING) as copy:
+                copy.write(binary_copy.sample_rows(old))
             cur.execute(_REPLACE_OLD_SAMPLES)
 
     def _write_engine(self, cur: psycopg.Cursor[Any], writes: EngineWrites) -> None:
         if writes.rule_states:
-            cur.executemany(
-                "INSERT INTO rule_states VALUES (%s,%s,%s) ON CONFLICT (run_id, state_key) "
-                "DO UPDATE SET state = excluded.state",
-                [(run_id, key, json.dumps(state)) for run_id, key, state in writes.rule_states])
+            states = {(run_id, key): state for run_id, key, state in writes.rule_states}
+            keys = sorted(states)  # one lock order for any two writers
+            cur.execute(_UPSERT_RULE_STATES, ([k[0] for k in keys], [k[1] for k in keys],
+                                              [json.dumps(states[k]) for k in keys]))
         if writes.alerts:
             cur.executemany(_UPSERT_ALERT, [alert_row(alert) for alert in writes.alerts])
         if writes.changes:
@@ -460,7 +554,15 @@ class PostgresStorage(Storage):
 
     def enqueue(self, evaluations: Sequence[Evaluation]) -> None:
         with self._pool.connection() as conn, conn.cursor() as cur:
-            cur.executemany(_ENQUEUE, [_evaluation_row(e) for e in evaluations])
+            self._enqueue(cur, evaluations)
+
+    def _enqueue(self, cur: psycopg.Cursor[Any], evaluations: Sequence[Evaluation]) -> None:
+        if not evaluations:
+            return
+        run_ids, kinds, received, steps, series, points = zip(
+            *map(_evaluation_row, evaluations), strict=True)
+        cur.execute(_ENQUEUE, (list(run_ids), _number_array(kinds), _number_array(received),
+                               _number_array(steps), list(series), list(points)))
 
     def hold_leases(self, owner: str, ttl_seconds: float,
                     keep_finished_seconds: float = 0.0) -> set[str]:
@@ -482,6 +584,16 @@ class PostgresStorage(Storage):
             cur.execute(_OWNED, (owner,))
             return {row[0] for row in cur.fetchall()}
 
+    def share_rule_metrics(self, owner: str, metrics: Set[str]) -> frozenset[str]:
+        with self._pool.connection() as conn:
+            rows = conn.execute(_SHARE_RULE_METRICS, (sorted(metrics), owner)).fetchall()
+        return frozenset(metrics).union(row[0] for row in rows)
+
+    def resolved_since(self, run_id: str, since: float) -> list[AlertRecord]:
+        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(_RESOLVED_SINCE, (run_id, ALERT_STATE_RESOLVED, since))
+            return [alert_from_row(row) for row in cur.fetchall()]
+
     def release_leases(self, owner: str) -> None:
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("DELETE FROM run_leases WHERE owner = %s", (owner,))
@@ -496,8 +608,8 @@ class PostgresStorage(Storage):
             taken = sorted(cur.fetchall())  # RETURNING keeps no order: the queue's order
             evaluations = [
                 Evaluation(run_id, kind, received_at, step,
-                           [CheckedSample(*sample) for sample in json.loads(samples)])
-                for _, run_id, kind, received_at, step, samples in taken]
+                           decode_samples(series, points, legacy))
+                for _, run_id, kind, received_at, step, series, points, legacy in taken]
             self._write_engine(cur, _only_runs(evaluate(evaluations, set(held)), set(held)))
         return set(run_ids) - set(held)
 

@@ -7,7 +7,7 @@ and read these records without depending on any backend.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -44,6 +44,20 @@ def newest_by_series(samples: Iterable[CheckedSample]) -> dict[SeriesKey, Newest
         if current is None or step >= current[0]:
             newest[(metric, key)] = (step, value, wall_time)
     return newest
+
+
+def samples_to_evaluate(samples: Sequence[CheckedSample], newest: Mapping[SeriesKey, Newest],
+                        metrics: Set[str]) -> list[CheckedSample]:
+    """What a run's owner needs of a report it did not receive: every sample of the
+    ``metrics`` its rules read, in the report's order (the engine evaluates each step),
+    then the newest sample of each other series (what ``/metrics`` shows).
+
+    Its newest sample per series, and its highest step, are the report's own.
+    """
+    kept = [sample for sample in samples if sample.metric in metrics]
+    kept.extend(CheckedSample(metric, key, *value) for (metric, key), value in newest.items()
+                if metric not in metrics)
+    return kept
 
 
 @dataclass
@@ -131,8 +145,9 @@ CLOSE = 3
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Something a run's alert engine must see: a report's samples, a heartbeat at a step,
-    or the run's close. Replicas queue them in the database for the run's owner."""
+    """Something a run's alert engine must see: a report's samples (those the owner needs:
+    ``samples_to_evaluate``), a heartbeat at a step, or the run's close. Replicas queue
+    them in the database for the run's owner."""
 
     run_id: str
     kind: int  # REPORT, HEARTBEAT or CLOSE

@@ -6,6 +6,7 @@ so calling it again is a server restart on the same data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -147,17 +148,37 @@ def test_series_samples_and_latest_values(open_store: OpenStore) -> None:
         == [(1, 0.1, 1001.0), (3, 0.75, 1003.0)]
     assert [p.step for p in store.get_series("r", "loss", "{}", 3)] == [4]
     assert store.get_series("r", "loss", '{"layer":"zz"}', 0) == []
-    # A later group re-reporting a stored step replaces it, and an older step does not
-    # move the latest value back.
-    store.apply_group(group_of(write(run, 3, [loss(1, 0.2, layer="a"), loss(4, 5.0)])))
+    # A later group re-reporting stored steps replaces them beside a new step, and an
+    # older step does not move the latest value back.
+    store.apply_group(group_of(write(run, 3, [loss(1, 0.2, layer="a"), loss(4, 5.0),
+                                              loss(5, 6.0)])))
     assert [p.value for p in store.get_series("r", "loss", a_key, 0)] == [0.2, 0.75]
+    assert [(p.step, p.value) for p in store.get_series("r", "loss", "{}", 0)] == [
+        (2, 9.0), (4, 5.0), (5, 6.0)]
     store.close()
     reopened = open_store()
     latest = {(v.run_id, v.metric, v.labels_key): (v.step, v.value, v.wall_time)
               for v in reopened.latest_values()}
     assert latest == {("r", "loss", a_key): (3, 0.75, 1003.0),
-                      ("r", "loss", "{}"): (4, 5.0, 1004.0)}
+                      ("r", "loss", "{}"): (5, 6.0, 1005.0)}
     assert set(reopened.series_keys("r")) == {("loss", a_key), ("loss", "{}")}
+
+
+def test_stored_numbers_read_back_exactly(open_store: OpenStore) -> None:
+    store = open_store()
+    run = run_record("r")
+    store.create_run(run)
+    # Values no short decimal writes exactly, the extremes a sample may take, and the
+    # largest step.
+    values = [0.1 + 0.2, 1 / 3, 5e-324, -1.7976931348623157e308, 2.0**-1074 * 3]
+    samples = [CheckedSample("loss", "{}", step, value, 1_700_000_000.123456789 + step / 7)
+               for step, value in enumerate(values)]
+    samples.append(CheckedSample("loss", "{}", 10**12, math.pi, math.e * 1e9))
+    store.apply_group(group_of(write(run, 1, samples)))
+    assert [(p.step, p.value, p.wall_time) for p in store.get_series("r", "loss", "{}", 0)] \
+        == [(s.step, s.value, s.wall_time) for s in samples]
+    (latest,) = store.latest_values("r")
+    assert (latest.step, latest.value, latest.wall_time) == (10**12, math.pi, math.e * 1e9)
 
 
 def test_sqlite_retention_bounds_a_long_series_and_keeps_recent_steps_whole(
