@@ -66,6 +66,14 @@ class FixedBatch:
         return self.inputs, self.targets
 
 
+def with_common_first(probes: Mapping[str, Probe], common: Probe | None,
+                      common_name: str) -> dict[str, Probe]:
+    """Every probe set by name, the common probe (when there is one) first: it is the
+    baseline the others are compared with."""
+    named = dict(probes)
+    return {common_name: common, **named} if common is not None else named
+
+
 class RotatingSubsample:
     """A rotating share of each probe set: at effort ``level`` < 1 each measurement takes
     ``ceil(level * n)`` of a probe's ``n`` examples, starting where the previous one

@@ -24,6 +24,7 @@ from raresignal.agent.estimators.shared import (
     DefaultEstimator,
     SharedState,
     finite,
+    with_common_first,
 )
 
 
@@ -41,10 +42,7 @@ class ProbeLossEstimator(DefaultEstimator):
                  common: Probe | None) -> None:
         super().__init__(shared, shared.config.probe_loss_interval)
         self.floor_measurements = shared.config.probe_loss_floor_measurements
-        named = dict(probes)
-        if common is not None:
-            named = {shared.config.common_probe_name: common, **named}
-        self.probes = named
+        self.probes = with_common_first(probes, common, shared.config.common_probe_name)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         out: list[Measurement] = []

@@ -39,6 +39,7 @@ from raresignal.agent.estimators.shared import (
     RotatingSubsample,
     SharedState,
     finite,
+    with_common_first,
 )
 from raresignal.agent.estimators.subspace import orthonormal_rows_basis
 
@@ -142,9 +143,7 @@ class ProbeEstimator(DefaultEstimator):
         config = self.shared.config
         shared = self.shared
         dominant = shared.dominant.basis() if shared.dominant.ready else None
-        named = dict(self.probes)
-        if self.common is not None:  # measured first, and like any probe, as the baseline
-            named = {config.common_probe_name: self.common, **named}
+        named = with_common_first(self.probes, self.common, config.common_probe_name)
         probes = {name: self.subsample.take(name, whole) for name, whole in named.items()}
         chunk = shared.unit_examples(ctx, config.per_example_chunk)
         # Copies, not views: the optimizer steps in place between units.
