@@ -148,10 +148,16 @@ _UPSERT_RUN = "INSERT INTO runs VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) " +
 # two writers lock shared runs in one order). Text arrays go in binary (%b: psycopg dumps
 # a list of text for %s by escaping each element with a regular expression), numbers as
 # literals (_number_array), which is cheaper still.
+# A report moves only a run's position: the rest of the record (state, closure, config)
+# is written by OpenRun and CloseRun, so a replica whose cached copy predates a close
+# that another replica just committed cannot reopen the run by reporting on it.
 _UPSERT_RUNS = (
     "INSERT INTO runs SELECT * FROM unnest(%b::text[], %b::text[], %s::int4[], %s::int4[], "
     "%s::float8[], %s::float8[], %s::int8[], %s::float8[], %b::text[], %b::text[], "
-    "%b::text[], %s::float8[]) " + _RUN_CONFLICT)
+    "%b::text[], %s::float8[]) "
+    "ON CONFLICT (run_id) DO UPDATE "
+    "SET updated_at = greatest(runs.updated_at, excluded.updated_at), "
+    "last_step = greatest(runs.last_step, excluded.last_step)")
 _UPSERT_ALERT = (
     "INSERT INTO alerts VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
     "ON CONFLICT (alert_id) DO UPDATE "

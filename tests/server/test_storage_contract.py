@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -289,6 +290,28 @@ def test_two_writers_never_apply_one_batch_twice(postgres_cluster: Cluster,
     assert [p.step for p in first.get_series("r", "loss", "{}", 0)] == [1, 2]
     first.close()
     second.close()
+
+
+def test_a_report_from_a_stale_copy_does_not_reopen_a_run_closed_elsewhere(
+        postgres_cluster: Cluster, postgres_db: str) -> None:
+    from raresignal.server.storage.postgres import PostgresStorage
+
+    conninfo = postgres_cluster.admin_conninfo(postgres_db)
+    closing, reporting = PostgresStorage(conninfo), PostgresStorage(conninfo)
+    run = run_record("r")
+    closing.create_run(run)
+    reporting.apply_group(group_of(write(run, 1, [loss(1, 1.0)])))
+    closing.update_run(replace(run_record("r", finished_at=5.0), state=2))
+    # The reporting replica still holds the open copy of the run: its report is stored,
+    # its position advances, and the run stays closed.
+    stale = run_record("r", last_step=7)  # open, as the reporting replica last saw it
+    reporting.apply_group(group_of(write(stale, 2, [loss(7, 2.0)])))
+    stored = closing.run("r")
+    assert stored is not None and stored.finished_at == 5.0 and stored.state == 2
+    assert stored.last_step == 7
+    assert [p.step for p in closing.get_series("r", "loss", "{}", 0)] == [1, 7]
+    closing.close()
+    reporting.close()
 
 
 def _newest_first(alerts: list[AlertRecord]) -> list[str]:
