@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +16,13 @@ from estimator_models import exact_hessian
 from torch import nn
 
 from raresignal.agent import Monitor, MonitorConfig
-from raresignal.agent.api import Measurement, Probe, StepContext, run_units
+from raresignal.agent.api import (
+    Measurement,
+    MeasurementUnits,
+    Probe,
+    StepContext,
+    run_units,
+)
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
 from raresignal.agent.estimators import hvp as hvp_module
 from raresignal.agent.estimators.default.sharpness import (
@@ -89,6 +96,26 @@ def _values(measurements: list[Measurement]) -> dict[str, float]:
     return {m.key: m.value for m in measurements}
 
 
+def _spread_over_training(units: MeasurementUnits, model: nn.Module,
+                          optimizer: torch.optim.Optimizer, seed: int,
+                          between: Callable[[], None] | None = None
+                          ) -> tuple[dict[str, float], int]:
+    """Runs ``units`` one per training step (an optimizer step between two units, its
+    batch seeded from ``seed`` and the step); ``between()`` checks run before each step.
+    Returns the measurement's values and the steps it took."""
+    steps = 0
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            return _values(list(done.value)), steps
+        if between is not None:
+            between()
+        _train_step(model, optimizer, seed + steps)
+        optimizer.step()
+        steps += 1
+
+
 @pytest.fixture
 def trained() -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
@@ -109,18 +136,11 @@ def test_units_spread_over_training_steps_equal_the_one_shot_measurement(trained
 
     resumed = _sharpness(model, optimizer)
     units = resumed.run_in_units(ctx)
-    steps = 0
-    while True:
-        try:
-            next(units)
-        except StopIteration as done:
-            spread = _values(list(done.value))
-            break
+    def in_training_mode() -> None:
         assert model.training, "a unit left the model in eval mode"
-        # Training goes on between two units: weights and batch-norm statistics move.
-        _train_step(model, optimizer, 200 + steps)
-        optimizer.step()
-        steps += 1
+
+    # Training goes on between two units: weights and batch-norm statistics move.
+    spread, steps = _spread_over_training(units, model, optimizer, 200, in_training_mode)
     assert steps > 20
     assert not torch.equal(frozen.layers[1].running_mean, model.layers[1].running_mean)
     assert set(spread) == set(one_shot) >= {"sharpness", "preconditioned_sharpness",
@@ -142,16 +162,7 @@ def test_fisher_units_spread_over_training_steps_equal_the_one_shot_measurement(
     ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
     one_shot = _values(list(_estimator("fisher", model, optimizer, config).run(ctx)))
     units = _estimator("fisher", model, optimizer, config).run_in_units(ctx)
-    steps = 0
-    while True:
-        try:
-            next(units)
-        except StopIteration as done:
-            spread = _values(list(done.value))
-            break
-        _train_step(model, optimizer, 400 + steps)
-        optimizer.step()
-        steps += 1
+    spread, steps = _spread_over_training(units, model, optimizer, 400)
     # Labels drawn, then 32 examples in chunks of 4, for the true and empirical Fisher.
     assert steps == 1 + 8 + 8
     assert set(spread) == set(one_shot) and "fisher_top_eigenvalue" in spread
@@ -352,16 +363,7 @@ def test_probe_units_spread_over_training_steps_equal_the_one_shot_measurement(t
     one_shot = _values(list(one_shot_set["probes"].run(ctx)))
     probes = spread_set["probes"]
     units = probes.run_in_units(ctx)
-    steps = 0
-    while True:
-        try:
-            next(units)
-        except StopIteration as done:
-            spread = _values(list(done.value))
-            break
-        _train_step(model, optimizer, 500 + steps)
-        optimizer.step()
-        steps += 1
+    spread, steps = _spread_over_training(units, model, optimizer, 500)
     # Per probe set: its dataset-label gradient in chunks of 4, the label draw, its
     # per-example gradients in chunks of 4 (common: 20 examples, rare: 12).
     assert steps == (5 + 1 + 5) + (3 + 1 + 3)
