@@ -49,10 +49,13 @@ class EstimatorConfig:
     # split for a loss_fn, which need not be a mean.
     curvature_chunk_size: int = 16
     # ...and of at most this fraction of the training batch (when the monitor is given
-    # the batch), as are the chunks of per-example gradients of the Fisher: a product on
-    # a quarter of a batch costs about half a training step (two passes), so a unit fits
-    # the monitor's slice of a step.
-    unit_batch_fraction: float = 0.25
+    # the batch), as are the chunks of per-example gradients of the Fisher and the probes:
+    # a product on an eighth of a batch costs about a quarter of a training step (two
+    # passes), and per-example gradients, each taken and sketched on its own, cost about
+    # ten times a batch example's share of a step (measured on the overhead benchmark's
+    # transformer: two examples a unit took 2-2.8 step times), so a unit stays within
+    # the stall bound of twice a step.
+    unit_batch_fraction: float = 0.125
     hvp_backend: str = "auto"  # or double_backward, forward_over_reverse, finite_difference
     # No sharpness in the first steps: Adam's second-moment estimate is then a handful of
     # squared gradients, and P^-1/2 H P^-1/2 (so the stability ratio) is meaningless: it

@@ -269,7 +269,9 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
 
     expensive = EstimatorConfig(**{**CONFIG.__dict__, "sharpness_tol": 1e-12,
                                    "sharpness_cold_iterations": 60, "hutchinson_samples": 30,
-                                   "sharpness_interval": 1000})
+                                   "sharpness_interval": 1000,
+                                   # Chunks of a quarter batch: the run fits 600 steps.
+                                   "unit_batch_fraction": 0.25})
     sharpness = _sharpness(model, optimizer, expensive)
     other = OtherExpensive()
     config = MonitorConfig(resumable_slice_fraction=1e-9, resumable_slice_min_seconds=1e-9,
