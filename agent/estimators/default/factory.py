@@ -49,6 +49,7 @@ def build_shared_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
     parameters = ParameterSet.from_model(model, config.param_groups)
     likelihood = resolve_task(task, loss_fn is not None)
     sketcher = GradientSketcher(parameters, config.sketch_dim, config.seed)
+    sketcher.prepare()  # here, not inside the first training step the monitor measures
     functional = FunctionalModel(model, forward, parameters, loss_fn)
     per_example = None if likelihood is None else PerExampleGradients(
         functional, likelihood, sketcher, config.per_example_chunk,
