@@ -204,7 +204,9 @@ def auto_hvp_units(objective: Objective, parameters: ParameterSet, point: Params
     trial = torch.randn(parameters.numel, generator=generator).to(parameters.device)
     reference: torch.Tensor | None = None
     rejected: dict[str, str] = {}
-    for backend in order:
+    for index, backend in enumerate(order):
+        if index:
+            yield  # a rejected backend's attempt ends its unit: the next starts afresh
         try:
             operator = make_hvp(backend, objective, parameters, point)
             yield
