@@ -299,7 +299,7 @@ def print_table(results: list[Result], target: float) -> None:
         d = r.delays
         print(f"{r.name:<12}{d.bare_step_seconds * 1e3:>10.1f}{d.mean * 1e3:>9.2f}"
               f"{d.median * 1e3:>9.2f}"
-              f"{d.p99 * 1e3:>9.1f}{d.maximum * 1e3:>9.1f}{d.bound * 1e3:>9.1f}"
+              f"{d.p99 * 1e3:>9.2f}{d.maximum * 1e3:>9.2f}{d.bound * 1e3:>9.1f}"
               f"{f'{d.over_bound} of {d.steps}':>18}{d.warmup_maximum * 1e3:>16.1f}")
     print("\nverdicts (steady state, after the monitored warm-up):")
     for r in results:

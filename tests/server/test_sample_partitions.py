@@ -68,12 +68,18 @@ def _store(store: PostgresStorage, sequence: int, points: list[tuple[int, float]
 
 
 def _partitions(admin: psycopg.Connection) -> dict[str, int]:
-    """Each partition of samples and its row count, read in one statement: a server
-    dropping a partition meanwhile cannot make the count name a table that is gone."""
-    return dict(admin.execute(
-        "SELECT c.relname, (SELECT count(*) FROM samples s WHERE s.tableoid = c.oid) "
-        "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = 'samples'::regclass").fetchall())
+    """Each partition of samples and its row count. The server may drop a partition
+    between the listing and its count (counting through the parent instead can deadlock
+    with the drop): then the listing is read again."""
+    while True:
+        names = [row[0] for row in admin.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'samples'::regclass")]
+        try:
+            return {name: admin.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+                    for name in names}
+        except psycopg.errors.UndefinedTable:
+            continue
 
 
 def _record_deletes(admin: psycopg.Connection) -> None:
