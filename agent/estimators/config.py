@@ -51,10 +51,9 @@ class EstimatorConfig:
     # ...and of at most this fraction of the training batch (when the monitor is given
     # the batch), as are the chunks of per-example gradients of the Fisher and the probes:
     # a product on an eighth of a batch costs about a quarter of a training step (two
-    # passes), and per-example gradients, each taken and sketched on its own, cost about
-    # ten times a batch example's share of a step (measured on the overhead benchmark's
-    # transformer: two examples a unit took 2-2.8 step times), so a unit stays within
-    # the stall bound of twice a step.
+    # passes), and per-example gradients, each taken and sketched on its own, cost
+    # several times a batch example's share of a step, so a unit stays within the stall
+    # bound of twice a step.
     unit_batch_fraction: float = 0.125
     hvp_backend: str = "auto"  # or double_backward, forward_over_reverse, finite_difference
     # No sharpness in the first steps: Adam's second-moment estimate is then a handful of
