@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,35 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+# The quick demo takes well under a minute; the margin is for heavily loaded machines.
+DEMO_TIMEOUT_SECONDS = 600
+
+
+def _run_in_own_session(command: list[str], env: dict[str, str]
+                        ) -> subprocess.CompletedProcess[str]:
+    """Runs ``command`` in a session of its own, so that on a timeout the whole process
+    group goes (the demo starts its server as a child, which would outlive a killed demo
+    and hold its port and files)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=DEMO_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"the demo ran past {DEMO_TIMEOUT_SECONDS} s:\n"
+                        f"{stdout[-3000:]}{stderr[-3000:]}")
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
 
 def _run_demo(out: Path, *flags: str) -> dict[str, object]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
+    result = _run_in_own_session(
         [sys.executable, "-m", "raresignal.demo", "--quick", "--no-progress",
-         "--out", str(out), *flags],
-        capture_output=True, text=True, timeout=240, env=env)
+         "--out", str(out), *flags], env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     kind = "healthy" if "--healthy" in flags else "collapse"
     summary = json.loads((out / f"summary-{kind}.json").read_text())
