@@ -21,6 +21,7 @@ from typing import Any
 from raresignal.protos.catalog import CATALOG
 from raresignal.protos.v1 import common_pb2
 from raresignal.server.alerting.rules import (
+    RATIO_KINDS,
     STALL_REASONS,
     BaselineSpec,
     Condition,
@@ -136,6 +137,20 @@ class SeriesState:
             self.mad = max(mad, spec.mad_floor_fraction * abs(median), 1e-12)
             self.window = []
 
+    def feed_trailing(self, spec: BaselineSpec, value: float) -> bool:
+        """A baseline that follows the series: after the warm-up, the median of the
+        previous ``spec.window`` raw values, set before this one joins them; True once
+        there are that many to compare with."""
+        if self.seen < spec.warmup:
+            self.seen += 1
+            return False
+        ready = len(self.window) >= spec.window
+        if ready:
+            self.median = statistics.median(self.window)
+            del self.window[:len(self.window) - spec.window + 1]
+        self.window.append(value)
+        return ready
+
 
 @dataclass
 class RunClock:
@@ -186,16 +201,19 @@ class AlertEngine:
         self._while_metrics = {r.while_condition.metric for r in self.rules
                                if r.while_condition is not None}
         # Per metric, what each sample of it is evaluated against, prepared once:
-        # (rule, is the fire condition, state-key prefix, learns a baseline).
-        self._plans: dict[str, list[tuple[Rule, bool, str, bool]]] = {}
+        # (rule, is the fire condition, state-key prefix, its kind of reference, and how
+        # that reference is learned).
+        self._plans: dict[str, list[tuple[Rule, bool, str, Relative, BaselineSpec]]] = {}
         for metric, entries in self._by_metric.items():
             # A rule whose `while` reads its own metric sees this sample there first.
             for rule, role in sorted(entries, key=lambda entry: entry[1] != _WHILE):
                 condition = rule.condition if role == _FIRE else rule.while_condition
                 assert condition is not None
+                spec = (rule.baseline if role == _FIRE or rule.while_baseline is None
+                        else rule.while_baseline)
                 self._plans.setdefault(metric, []).append(
                     (rule, role == _FIRE, f"{rule.alert}/{role}/{metric}/",
-                     condition.relative_to))
+                     condition.relative_to, spec))
         self._stall_rules = [rule for rule in self.rules if rule.is_stall]
         self._gap_history = max((r.stall.history for r in self._stall_rules if r.stall),
                                 default=1)
@@ -263,7 +281,7 @@ class AlertEngine:
             step = sample.step
             if step > last_step:
                 last_step = step
-            for rule, is_fire, prefix, relative in plans[sample.metric]:
+            for rule, is_fire, prefix, relative, spec in plans[sample.metric]:
                 if rule.ignore_labels and self._ignores(rule, sample.labels_key):
                     continue
                 key = prefix + sample.labels_key
@@ -287,12 +305,15 @@ class AlertEngine:
                     # The compared value (smoothed, for a smoothing rule) sets the best.
                     condition = rule.condition if is_fire else rule.while_condition
                     assert condition is not None
-                    if not state.feed_best(rule.baseline.warmup, value,
+                    if not state.feed_best(spec.warmup, value,
                                            lower_is_better=not condition.points_down):
+                        continue
+                elif relative is Relative.TRAILING_RATIO:
+                    if not state.feed_trailing(spec, sample.value):
                         continue
                 elif state.median is None:
                     # Not ready before this value: it only feeds the baseline.
-                    state.feed_baseline(rule.baseline, sample.value)
+                    state.feed_baseline(spec, sample.value)
                     continue
                 if is_fire:
                     self._evaluate(run_id, rule, state, sample, value, now, changes)
@@ -322,9 +343,10 @@ class AlertEngine:
         if condition.relative_to is Relative.ABSOLUTE:
             return condition.threshold, rule.resolve_threshold
         if condition.relative_to is Relative.RUNNING_BEST and not state.improved_by(
-                condition.threshold, lower_is_better=not condition.points_down):
+                condition.threshold if rule.gained is None else rule.gained,
+                lower_is_better=not condition.points_down):
             return None
-        if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
+        if condition.relative_to in RATIO_KINDS and (state.median or 0.0) <= 0:
             return None  # a ratio of a non-positive baseline means nothing
         return (rule.boundary(condition.threshold, state.median, state.mad, state.best),
                 rule.boundary(rule.resolve_threshold, state.median, state.mad, state.best))
@@ -579,7 +601,7 @@ def _holds(condition: Condition, state: SeriesState, threshold: float) -> bool:
     elif condition.relative_to is not Relative.ABSOLUTE:
         if not state.baseline_ready:
             return False
-        if condition.relative_to is Relative.BASELINE_RATIO and (state.median or 0.0) <= 0:
+        if condition.relative_to in RATIO_KINDS and (state.median or 0.0) <= 0:
             return False
     assert state.last_value is not None
     return condition.holds(state.last_value,

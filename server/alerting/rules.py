@@ -19,7 +19,8 @@ Format::
         metric: probe_fisher_mass_ratio
         op: "<"                    # < <= > >=
         threshold: 0.2
-        relative_to: baseline_ratio  # absolute | baseline_ratio | baseline_mad
+        relative_to: baseline_ratio  # absolute | baseline_ratio | baseline_mad |
+                                     # trailing_ratio | running_best
         resolve_threshold: 0.3
         for: 3
         hold: 5                    # optional: evaluations without the condition after
@@ -33,8 +34,13 @@ Format::
           op: ">="
           threshold: 0.95
           relative_to: baseline_ratio
+          baseline: {warmup: 3}    # optional: the while metric's own baseline (default:
+                                   # the rule's)
         ignore_labels:             # optional: series with any of these label values are
           probe: [common]          # not evaluated (here: the common reference probe)
+        gained: 0.5                # optional, running_best rules: evaluate once the best
+                                   # lies this far past the first value (default: the
+                                   # threshold)
       - alert: RunStalled
         stall:                     # makes this the stall rule; every key is optional
           step_time_factor: 20     # stalled: the step is frozen, or nothing is heard, for
@@ -88,6 +94,10 @@ class Relative(str, Enum):
     # the best lies at least threshold past the series' first value: a value
     # can only lose ground it gained (a skill not yet learned is not being lost).
     RUNNING_BEST = "running_best"
+    # boundary = threshold x the median of the series' previous ``window`` values (after
+    # the warm-up), a baseline that follows the run: a jump against the last few hundred
+    # steps, where a frozen baseline would also count a slow schedule as a change.
+    TRAILING_RATIO = "trailing_ratio"
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,11 @@ class Rule:
     # then a relapse fires the same episode again. A few evaluations cover a value drifting
     # back and forth across the threshold without merging a later, separate incident.
     hold: int = 5
+    # The ``while`` metric's baseline, when it differs from the rule's.
+    while_baseline: BaselineSpec | None = None
+    # A running-best rule evaluates once its best lies this far past the first value
+    # (None: its threshold).
+    gained: float | None = None
 
     def ignores(self, labels: Mapping[str, str]) -> bool:
         """Whether this rule leaves the series with these labels alone."""
@@ -188,21 +203,26 @@ def boundary(condition: Condition, threshold: float, median: float | None,
     if condition.relative_to is Relative.RUNNING_BEST:
         assert best is not None
         return best - threshold if condition.points_down else best + threshold
-    assert median is not None and mad is not None
-    if condition.relative_to is Relative.BASELINE_RATIO:
+    assert median is not None
+    if condition.relative_to in RATIO_KINDS:
         return threshold * median
+    assert mad is not None
     return median - threshold * mad if condition.points_down else median + threshold * mad
 
 
+# Relative kinds whose boundary is a multiple of a median.
+RATIO_KINDS = frozenset({Relative.BASELINE_RATIO, Relative.TRAILING_RATIO})
+
 _RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
               "hold", "severity", "summary", "while", "baseline", "smoothing",
-              "ignore_labels"}
+              "ignore_labels", "gained"}
 _STALL_RULE_KEYS = {"alert", "stall", "severity", "summary"}
 _STALL_KEYS = {"step_time_factor", "step_time_quantile", "floor_seconds", "history",
                "learn_after"}
 # What a stall rule's summary may say as {reason}.
 STALL_REASONS = ("its step stopped advancing", "nothing was heard from it")
 _CONDITION_KEYS = {"metric", "op", "threshold", "relative_to"}
+_WHILE_KEYS = _CONDITION_KEYS | {"baseline"}
 _BASELINE_KEYS = {"warmup", "window", "smoothing", "mad_floor_fraction"}
 
 
@@ -235,10 +255,11 @@ def _unknown_keys(where: _Where, entry: Mapping[str, Any], allowed: set[str], wh
                           f"(allowed: {', '.join(sorted(allowed))})")
 
 
-def _condition(where: _Where, entry: Any, field: str) -> Condition:
+def _condition(where: _Where, entry: Any, field: str,
+               allowed: set[str] = _CONDITION_KEYS) -> Condition:
     if not isinstance(entry, Mapping):
         raise where.error(f"{field} must be a mapping")
-    _unknown_keys(where, entry, _CONDITION_KEYS, field)
+    _unknown_keys(where, entry, allowed, field)
     metric = entry.get("metric")
     if metric not in CATALOG:
         raise where.error(f"{field}: unknown metric {metric!r} (not in the raresignal "
@@ -394,9 +415,12 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
     resolve = _number(where, "resolve_threshold",
                       entry.get("resolve_threshold", condition.threshold))
     _check_resolve(where, condition, condition.threshold, resolve)
-    while_condition = None
+    while_condition, while_baseline = None, None
+    rule_baseline = _baseline(where, entry.get("baseline"), base)
     if "while" in entry:
-        while_condition = _condition(where, entry["while"], "while")
+        while_condition = _condition(where, entry["while"], "while", _WHILE_KEYS)
+        if "baseline" in entry["while"]:
+            while_baseline = _baseline(where, entry["while"]["baseline"], rule_baseline)
         missing = set(CATALOG[while_condition.metric].labels) - set(
             CATALOG[condition.metric].labels)
         if missing:
@@ -410,6 +434,13 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
     if not isinstance(summary, str):
         raise where.error("summary must be text")
     _check_summary(where, summary, condition.metric)
+    gained = None
+    if "gained" in entry:
+        if condition.relative_to is not Relative.RUNNING_BEST:
+            raise where.error("gained applies to a rule relative_to: running_best only")
+        gained = _number(where, "gained", entry["gained"])
+        if gained < 0:
+            raise where.error(f"gained must be >= 0, got {gained:g}")
     return Rule(
         alert=name,
         severity=severity,
@@ -418,8 +449,10 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
         resolve_threshold=resolve,
         for_evaluations=_integer(where, "for", entry.get("for", 1), 1),
         hold=_integer(where, "hold", entry.get("hold", Rule.hold), 0),
-        baseline=_baseline(where, entry.get("baseline"), base),
+        baseline=rule_baseline,
         while_condition=while_condition,
+        while_baseline=while_baseline,
+        gained=gained,
         smoothing=smoothing,
         ignore_labels=_ignore_labels(where, entry.get("ignore_labels"), condition.metric),
     )

@@ -605,3 +605,129 @@ def test_running_best_waits_until_the_value_gained_the_margin() -> None:
     # Once learned (the best 0.5 nats below the start), a climb back fires.
     changes = feed(engine, "probe_loss", [1.0, 0.4, 1.2], start_step=8, probe="rare")
     assert states(changes) == [(UNSPECIFIED, FIRING)]
+
+
+TRAILING = """
+rules:
+  - alert: UpdateSurge
+    metric: update_to_weight_ratio
+    op: ">"
+    threshold: 4.0
+    relative_to: trailing_ratio
+    resolve_threshold: 2.0
+    for: 1
+    hold: 0
+    baseline: {warmup: 1, window: 3}
+"""
+
+
+def test_a_trailing_ratio_compares_with_the_median_of_the_previous_window() -> None:
+    engine = engine_for(TRAILING)
+    # Warm-up (100.0) skipped; then three values fill the window before any is compared.
+    assert feed(engine, "update_to_weight_ratio", [100.0, 1.0, 2.0, 3.0]) == []
+    # 7.9 < 4 x median(1, 2, 3) = 8; the window moves on to (2, 3, 7.9): median 3.
+    assert feed(engine, "update_to_weight_ratio", [7.9], start_step=5) == []
+    changes = feed(engine, "update_to_weight_ratio", [12.5], start_step=6)
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    state = engine.state("r1", "UpdateSurge/fire/update_to_weight_ratio/{}")
+    assert state is not None and state.median == 3.0 and state.window == [3.0, 7.9, 12.5]
+
+
+def test_a_trailing_ratio_follows_a_slow_climb_that_a_frozen_baseline_flags() -> None:
+    # A learning-rate warm-up: the ratio grows 10 x over 40 readings, never 4 x in 3.
+    climb = [1.0 + 0.25 * i for i in range(40)]
+    assert feed(engine_for(TRAILING), "update_to_weight_ratio", climb) == []
+    frozen = TRAILING.replace("trailing_ratio", "baseline_ratio")
+    assert feed(engine_for(frozen), "update_to_weight_ratio", climb) != []
+
+
+def test_the_trailing_window_survives_the_storage_round_trip() -> None:
+    engine = engine_for(TRAILING)
+    feed(engine, "update_to_weight_ratio", [100.0, 1.0, 2.0, 3.0])
+    writes = engine.take_writes()
+    restored = AlertEngine(parse_rules(TRAILING))
+    restored.track_run("r1", "run-one", 0.0, last_report_at=0.0)
+    restored.restore(writes.rule_states, [])
+    changes = restored.observe("r1", [s("update_to_weight_ratio", 5, 8.5)], now=5.0)
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+
+
+LOSS_RISE_ON_SURGE = """
+rules:
+  - alert: LossRiseOnSurge
+    metric: probe_loss
+    op: ">"
+    threshold: 0.1
+    relative_to: running_best
+    gained: 0.5
+    resolve_threshold: 0.05
+    for: 1
+    hold: 0
+    baseline: {warmup: 1}
+    while:
+      metric: update_to_weight_ratio
+      op: ">"
+      threshold: 4.0
+      relative_to: trailing_ratio
+      baseline: {warmup: 0, window: 3}
+"""
+
+
+def test_a_while_with_its_own_baseline_and_a_gained_margin_apart_from_the_threshold(
+) -> None:
+    engine = engine_for(LOSS_RISE_ON_SURGE)
+    feed(engine, "update_to_weight_ratio", [1.0, 1.0, 1.0])  # the trailing window, full
+    # Learned only 0.3 nats below the start (gained: 0.5), so a 0.2 rise is not a loss.
+    feed(engine, "probe_loss", [2.0, 2.0, 1.7], start_step=1, probe="rare")
+    feed(engine, "update_to_weight_ratio", [9.0], start_step=4)
+    assert feed(engine, "probe_loss", [1.9], start_step=4, probe="rare") == []
+    # Learned (best 1.0, 1.0 below the start); a 0.2 rise with the updates calm: quiet.
+    feed(engine, "probe_loss", [1.0], start_step=5, probe="rare")
+    feed(engine, "update_to_weight_ratio", [1.0, 1.0, 1.0, 1.0], start_step=5)
+    assert feed(engine, "probe_loss", [1.2], start_step=9, probe="rare") == []
+    # The same rise while the updates surge 9 x their trailing median: fires, though
+    # far under the 0.5 the rule would need to have gained as its own threshold.
+    feed(engine, "update_to_weight_ratio", [9.0], start_step=10)
+    changes = feed(engine, "probe_loss", [1.2], start_step=10, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    # The rule's own baseline spec (warm-up 1) is not the while metric's (warm-up 0).
+    rule = parse_rules(LOSS_RISE_ON_SURGE)[0]
+    assert rule.baseline.warmup == 1 and rule.while_baseline is not None
+    assert (rule.while_baseline.warmup, rule.while_baseline.window) == (0, 3)
+
+
+def _shipped_surge_run(probe_losses_after: list[float]) -> list[AlertChange]:
+    """The shipped rules on a run whose rare probe learned (2.0 -> 0.2 nats) under calm
+    updates (a ratio of 1e-3 for 60 readings), after which the updates surge 10 x while
+    the probe's loss takes ``probe_losses_after``; the agent's cadences: the ratio every
+    10 steps, the probe's loss every 25."""
+    from raresignal.server.alerting.rules import load_rules
+
+    engine = AlertEngine(load_rules())
+    engine.track_run("r1", "run-one", 0.0, last_report_at=0.0)
+    losses = [2.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2,
+              0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2] + probe_losses_after
+    changes: list[AlertChange] = []
+    for step in range(0, 25 * len(losses), 5):
+        batch = []
+        if step % 10 == 0:
+            batch.append(s("update_to_weight_ratio", step, 1e-3 if step < 600 else 1e-2))
+        if step % 25 == 0:
+            batch.append(s("probe_loss", step, losses[step // 25], probe="rare"))
+        if batch:
+            changes += engine.observe("r1", batch, now=float(step))
+    return [c for c in changes if c.alert.state == FIRING]
+
+
+def test_the_shipped_surge_rule_fires_on_a_small_rise_while_updates_surge() -> None:
+    fired = _shipped_surge_run([0.35, 0.45, 0.55, 0.6])
+    # The smoothed loss passes best + 0.1 at 0.35 (0.3 x 0.35 + 0.7 x 0.2 = 0.245 <
+    # 0.3), then at 0.45 (0.3 x 0.45 + 0.7 x 0.245 = 0.31): step 625; RareProbeLossRise
+    # needs 0.5 nats and stays quiet.
+    assert [(c.alert.rule, c.alert.step) for c in fired] == [
+        ("RareProbeLossRiseOnUpdateSurge", 625)]
+
+
+def test_the_shipped_surge_rule_is_quiet_when_the_probe_gains_in_the_surge() -> None:
+    # A slice learned, or a schedule step: the updates surge as much, the loss falls.
+    assert _shipped_surge_run([0.18, 0.15, 0.12, 0.1]) == []

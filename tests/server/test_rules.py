@@ -18,8 +18,9 @@ from raresignal.server.alerting.rules import (
 )
 
 DEFAULT_ALERTS = {
-    "RareProbeLossRise", "RareSignalAbsorbed", "SharpnessAboveStability", "SharpnessRising",
-    "SubspaceDriftSpike", "FisherRankCollapse", "NonFiniteGradients", "RunStalled",
+    "RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge", "RareSignalAbsorbed",
+    "SharpnessAboveStability", "SharpnessRising", "SubspaceDriftSpike", "FisherRankCollapse",
+    "NonFiniteGradients", "RunStalled",
 }
 # Opt-in: described (as comments) in default_rules.yaml, with the reason they are off.
 OPT_IN_ALERTS = ("RareSignalFisherCollapse", "RareSignalRetentionLoss",
@@ -45,8 +46,13 @@ def test_default_rules_are_the_shipped_set() -> None:
     assert absorbed.while_condition.metric == "probe_loss"
     assert rules["RunStalled"].stall == StallSpec(step_time_factor=20, step_time_quantile=0.95,
                                                   floor_seconds=300, history=64, learn_after=8)
+    surge = rules["RareProbeLossRiseOnUpdateSurge"]
+    assert surge.while_condition is not None and surge.while_baseline is not None
+    assert (surge.while_condition.metric, surge.while_condition.relative_to) == (
+        "update_to_weight_ratio", Relative.TRAILING_RATIO)
+    assert surge.gained == loss_rise.threshold  # learned as RareProbeLossRise requires
     # The rare-signal rules watch the rare probes, not the common reference probe.
-    for name in ("RareProbeLossRise", "RareSignalAbsorbed"):
+    for name in ("RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge", "RareSignalAbsorbed"):
         assert rules[name].ignores({"probe": "common"}), name
         assert not rules[name].ignores({"probe": "rare"}), name
     assert rules["SubspaceDriftSpike"].condition.relative_to is Relative.BASELINE_MAD
@@ -97,6 +103,13 @@ def rule(**fields: object) -> str:
     (rule(**{"while": "{metric: fisher_trace, op: '<', threshold: 1}"}),
      "has label(s) ['group'] that 'probe_retention' lacks"),
     (rule(alert='"not a name"'), "alert must be a name"),
+    (rule(gained=0.5), "gained applies to a rule relative_to: running_best only"),
+    (rule(metric="probe_loss", op='">"', threshold=0.1, relative_to="running_best",
+          gained=-1), "gained must be >= 0"),
+    (rule(**{"while": "{metric: probe_loss, op: '>', threshold: 1, window: 3}"}),
+     "unknown while key(s) 'window'"),
+    (rule(**{"while": "{metric: probe_loss, op: '>', threshold: 1, baseline: {window: 0}}"}),
+     "baseline.window must be an integer >= 1"),
     (rule(ignore_labels="{group: [x]}"), "metric 'probe_retention' has no label 'group'"),
     (rule(ignore_labels="{probe: 3}"), "ignore_labels.probe must be a label value or a list"),
     (rule(ignore_labels="[common]"), "ignore_labels must be a mapping of label to value(s)"),
