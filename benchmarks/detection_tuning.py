@@ -23,7 +23,7 @@ from detection_detectors import Alarm, is_rare_signal, raresignal_alarms
 from detection_scoring import Outcome, merit, score
 from detection_traces import RunTrace
 
-from raresignal.server.alerting.rules import Relative, Rule
+from raresignal.server.alerting.rules import RATIO_KINDS, Relative, Rule
 
 # Fire thresholds tried per rule, least sensitive first; resolve thresholds keep the
 # shipped fire/resolve proportion, so hysteresis keeps its direction. A rule relative to
@@ -51,7 +51,7 @@ def grid_for(rule: Rule) -> tuple[float, ...] | None:
         return None
     if condition.relative_to is Relative.BASELINE_MAD:
         return MAD_GRID
-    if condition.relative_to is Relative.BASELINE_RATIO:
+    if condition.relative_to in RATIO_KINDS:
         return RATIO_GRID if condition.points_down else RISE_RATIO_GRID
     return ABSOLUTE_GRIDS.get(condition.metric)
 

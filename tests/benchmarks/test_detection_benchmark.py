@@ -341,3 +341,11 @@ def test_the_targets_are_stated_and_checked() -> None:
         "  [MISSED]")
     slow = [o if o.detector == rare else _outcome(o.run, probe, True, 25) for o in collapses]
     assert detection_report.verdicts(controls + slow, rare)[2].startswith("  [MISSED]")
+
+
+def test_a_rule_relative_to_a_trailing_median_is_tuned_on_the_ratio_grid() -> None:
+    from raresignal.server.alerting.rules import parse_rules
+
+    (surge,) = parse_rules("rules:\n  - {alert: S, metric: update_to_weight_ratio, op: '>', "
+                           "threshold: 4, relative_to: trailing_ratio}\n")
+    assert detection_tuning.grid_for(surge) == detection_tuning.RISE_RATIO_GRID

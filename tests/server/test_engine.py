@@ -705,8 +705,7 @@ def _shipped_surge_run(probe_losses_after: list[float]) -> list[AlertChange]:
 
     engine = AlertEngine(load_rules())
     engine.track_run("r1", "run-one", 0.0, last_report_at=0.0)
-    losses = [2.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2,
-              0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2] + probe_losses_after
+    losses = [2.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.3, *[0.2] * 17, *probe_losses_after]
     changes: list[AlertChange] = []
     for step in range(0, 25 * len(losses), 5):
         batch = []
