@@ -19,8 +19,10 @@ of its length; the change ramps in over --ramp-steps:
   control   continued, rare_learned_late (the rare slice enters at the change step),
             rare_thinning, warmup_cosine (the whole run), batch_size_change,
             checkpoint_resume (model, optimizer and Monitor state saved and loaded into
-            new ones), edge_of_stability_gd (full-batch gradient descent the whole run,
-            sharpness at 2 / lr; only families with a rate known to reach the edge)
+            new ones), edge_of_stability_gd and edge_of_stability_adam (one fixed
+            batch the whole run, gradient descent with sharpness at 2 / lr, Adam with
+            preconditioned sharpness at 38 / lr; only families with a rate known to
+            reach the edge)
 
 Controls run the full length. Ground truth of a collapse: the first step at which the
 held-out rare accuracy (evaluated exactly every --eval-every steps by the benchmark, on a

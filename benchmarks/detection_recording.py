@@ -18,7 +18,7 @@ from detection_traces import RunPlan, draw_change_step, recorded
 
 @dataclass(frozen=True)
 class RecordingConfig:
-    """The shape of a recording. The defaults give 62 control runs and 40 collapse runs
+    """The shape of a recording. The defaults give 64 control runs and 40 collapse runs
     over the five families (every family held out in turn: every control is reported
     held out), about two hours on two cores (see BENCHMARKS.md for the measured costs)."""
 
@@ -55,9 +55,18 @@ def plan_runs(families: Sequence[str], scenarios: Sequence[str], config: Recordi
     return plans
 
 
+def seconds_per_1000_steps(plan: RunPlan) -> float:
+    """The measured cost of the plan's family, or of its full-batch run where known."""
+    settings = SETTINGS[plan.family]
+    run = SCENARIOS_BY_NAME[plan.scenario].full_batch_run(settings)
+    if run is not None and run.seconds_per_1000_steps is not None:
+        return run.seconds_per_1000_steps
+    return settings.seconds_per_1000_steps
+
+
 def estimate_seconds(plans: Sequence[RunPlan], jobs: int) -> float:
-    """Wall-clock estimate from each family's measured cost per 1000 steps."""
-    work = sum(SETTINGS[p.family].seconds_per_1000_steps * p.steps / 1000 for p in plans)
+    """Wall-clock estimate from each run's measured cost per 1000 steps."""
+    work = sum(seconds_per_1000_steps(p) * p.steps / 1000 for p in plans)
     return work / max(1, jobs)
 
 

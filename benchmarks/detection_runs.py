@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from detection_families import FAMILIES, Batch, FamilySettings, TaskFamily
+from detection_families import FAMILIES, Batch, CommonLabelNoise, FamilySettings, TaskFamily
 from detection_scenarios import SCENARIOS_BY_NAME, Scenario, TrainingSetup, ramp
 from detection_traces import RecordedSample, RunPlan, RunTrace, TraceWriter
 from torch import nn
@@ -48,7 +48,10 @@ def make_optimizer(model: nn.Module, scenario: Scenario, settings: FamilySetting
                    ) -> torch.optim.Optimizer:
     lr = scenario.learning_rate(settings)
     assert lr is not None, f"{scenario.name} does not apply to this family"
-    if scenario.full_batch:
+    run = scenario.full_batch_run(settings)
+    if run is not None:
+        if run.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=lr)
         return torch.optim.SGD(model.parameters(), lr=lr)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.base_weight_decay)
 
@@ -99,12 +102,17 @@ def _downstream(setup: TrainingSetup) -> bool:
     return bool(torch.rand(1, generator=setup.generator) < fraction)
 
 
-def _full_batch(family: TaskFamily, scenario: Scenario, generator: torch.Generator
-                ) -> Batch | None:
-    if not scenario.full_batch:
+def full_batch(family: TaskFamily, scenario: Scenario, generator: torch.Generator
+               ) -> Batch | None:
+    """The fixed batch of a full-batch run (None for the other scenarios)."""
+    run = scenario.full_batch_run(family.settings)
+    if run is None:
         return None
-    settings = family.settings
-    return family.batch(settings.full_batch_size, settings.rare_fraction, generator)
+    inputs, targets = family.batch(run.size, family.settings.rare_fraction, generator)
+    if run.common_label_noise > 0:
+        assert isinstance(family, CommonLabelNoise), f"{family.name} cannot redraw labels"
+        targets = family.redraw_common_labels(targets, run.common_label_noise, generator)
+    return inputs, targets
 
 
 def train_run(plan: RunPlan, traces_dir: Path | None = None,
@@ -125,7 +133,7 @@ def train_run(plan: RunPlan, traces_dir: Path | None = None,
     setup = TrainingSetup(optimizer, torch.Generator().manual_seed(plan.seed),
                           0.0 if scenario.starts_without_rare else settings.rare_fraction,
                           settings.batch_size)
-    full = _full_batch(family, scenario, setup.generator)
+    full = full_batch(family, scenario, setup.generator)
     try:
         for step in range(plan.steps):
             if step == plan.change_step:

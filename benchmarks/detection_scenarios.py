@@ -6,7 +6,8 @@ schedule climbs past stability, a fine-tuning mix shifts); it is expected to des
 rare skill. A control changes a run as healthy runs change (a schedule, a batch size, a
 resume, a skill learned late, full-batch training at the edge of stability) and keeps the
 rare skill, so any rare-signal alert on it is a false alarm. Every control runs the full
-length of the plan.
+length of the plan. The full-batch controls train on one fixed batch with the optimiser
+and rate the family measured to reach the edge of stability (``FullBatchRun``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from detection_families import FamilySettings
+from detection_families import FamilySettings, FullBatchRun
 
 
 @dataclass
@@ -70,14 +71,21 @@ class Scenario:
     schedule: Schedule = _nothing
     starts_without_rare: bool = False  # the rare slice enters the mix at the change
     resumes: bool = False  # the run is checkpointed and resumed at the change step
-    full_batch: bool = False  # full-batch gradient descent for the whole run
+    # The optimiser of a full-batch run for the whole run ("gd" or "adam"), or None.
+    full_batch: str | None = None
 
     def applies_to(self, settings: FamilySettings) -> bool:
-        """The edge-of-stability control needs a rate known to reach the edge."""
+        """An edge-of-stability control needs a rate known to reach the edge."""
         return self.learning_rate(settings) is not None
 
+    def full_batch_run(self, settings: FamilySettings) -> FullBatchRun | None:
+        return None if self.full_batch is None else settings.full_batch_run(self.full_batch)
+
     def learning_rate(self, settings: FamilySettings) -> float | None:
-        return settings.eos_sgd_lr if self.full_batch else settings.learning_rate
+        if self.full_batch is None:
+            return settings.learning_rate
+        run = self.full_batch_run(settings)
+        return None if run is None else run.learning_rate
 
 
 def _drop_rare(setup: TrainingSetup, settings: FamilySettings, ramp: float) -> None:
@@ -154,7 +162,10 @@ SCENARIOS: tuple[Scenario, ...] = (
              "and the run goes on", resumes=True),
     Scenario("edge_of_stability_gd", False,
              "full-batch gradient descent at a rate whose sharpness settles at 2 / lr",
-             full_batch=True),
+             full_batch="gd"),
+    Scenario("edge_of_stability_adam", False,
+             "full-batch Adam at a rate whose preconditioned sharpness settles at "
+             "38 / lr (beta1 0.9)", full_batch="adam"),
 )
 SCENARIOS_BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 COLLAPSES = tuple(s.name for s in SCENARIOS if s.collapse)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from detection_families.base import Batch, FamilySettings, TaskFamily
+from detection_families.base import (
+    Batch,
+    CommonLabelNoise,
+    FamilySettings,
+    FullBatchRun,
+    TaskFamily,
+)
 from detection_families.char_lm import CharLMTask
 from detection_families.compositional_mlp import CompositionalMLPTask
 from detection_families.digits import DigitsTask
@@ -16,4 +22,5 @@ FAMILIES: dict[str, Callable[[], TaskFamily]] = {cls.name: cls for cls in _CLASS
 # Read without building a family (some load data sets when built).
 SETTINGS: dict[str, FamilySettings] = {cls.name: cls.settings for cls in _CLASSES}
 
-__all__ = ["FAMILIES", "SETTINGS", "Batch", "FamilySettings", "TaskFamily"]
+__all__ = ["FAMILIES", "SETTINGS", "Batch", "CommonLabelNoise", "FamilySettings",
+           "FullBatchRun", "TaskFamily"]

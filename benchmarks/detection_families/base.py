@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -19,6 +19,23 @@ HELDOUT_SEED_OFFSET = 20_000
 
 
 @dataclass(frozen=True)
+class FullBatchRun:
+    """A full-batch edge-of-stability control: one fixed batch for the whole run, and an
+    optimiser and rate measured to bring the sharpness to its stability threshold (2 / lr
+    for gradient descent, 38 / lr preconditioned for Adam) while the run stays healthy."""
+
+    optimizer: Literal["gd", "adam"]  # plain SGD, or Adam at its default betas
+    learning_rate: float
+    size: int  # examples of the fixed batch
+    # Share of the common examples whose label is redrawn uniformly among the common
+    # classes (the rare slice keeps its labels): a loss floor the model cannot reach by
+    # separating the batch (see ``CommonLabelNoise``).
+    common_label_noise: float = 0.0
+    # Measured training cost, when it differs from the family's (a large fixed batch).
+    seconds_per_1000_steps: float | None = None
+
+
+@dataclass(frozen=True)
 class FamilySettings:
     """Optimiser settings, the rare slice and the strength of each induced change."""
 
@@ -29,11 +46,9 @@ class FamilySettings:
     base_weight_decay: float  # AdamW weight decay of the healthy run
     lr_spike_factor: float  # the learning rate is multiplied by this in ``lr_spike``
     collapse_weight_decay: float  # AdamW weight decay set in ``weight_decay_jump``
-    # The full-batch edge-of-stability control: a gradient-descent rate at which
-    # sharpness settles at 2 / lr while the loss keeps falling, measured (None: no such
-    # rate is known for the family, which then has no such control).
-    eos_sgd_lr: float | None = None
-    full_batch_size: int = 256  # examples of the fixed full batch
+    # The full-batch edge-of-stability controls measured to reach the edge on this
+    # family, at most one per optimiser (a family without one has no such control).
+    edge_of_stability: tuple[FullBatchRun, ...] = ()
     # Measured training cost (one thread, the benchmark's machine), for the estimate
     # printed before a recording starts.
     seconds_per_1000_steps: float = 10.0
@@ -41,6 +56,10 @@ class FamilySettings:
     @property
     def chance(self) -> float:
         return 1.0 / self.classes
+
+    def full_batch_run(self, optimizer: str) -> FullBatchRun | None:
+        """The family's edge-of-stability run with ``optimizer``, if one is known."""
+        return next((r for r in self.edge_of_stability if r.optimizer == optimizer), None)
 
 
 class TaskFamily(Protocol):
@@ -62,6 +81,17 @@ class TaskFamily(Protocol):
     def probes(self, seed: int, size: int) -> tuple[Probe, Probe]: ...
 
     def heldout(self, seed: int, size: int) -> Batch: ...
+
+
+@runtime_checkable
+class CommonLabelNoise(Protocol):
+    """A family whose full-batch run redraws some common labels (``common_label_noise``)."""
+
+    def redraw_common_labels(self, targets: torch.Tensor, share: float,
+                             generator: torch.Generator) -> torch.Tensor:
+        """``targets`` with each common example's label redrawn with probability
+        ``share``, uniformly among the common classes; rare labels unchanged."""
+        ...
 
 
 def mix(rare: Batch, common: Batch, generator: torch.Generator) -> Batch:

@@ -16,8 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from detection_detectors import probe_loss_alarms, raresignal_alarms
 from detection_families import FAMILIES, SETTINGS
-from detection_recording import RecordingConfig, plan_runs, record
-from detection_runs import build_monitor, checkpoint, make_optimizer, resume, train_run
+from detection_recording import RecordingConfig, estimate_seconds, plan_runs, record
+from detection_runs import (
+    build_monitor,
+    checkpoint,
+    full_batch,
+    make_optimizer,
+    resume,
+    train_run,
+)
 from detection_scenarios import CONTROLS, SCENARIOS_BY_NAME
 from detection_scoring import LEARNED_SHARE, score, trace_ground_truth
 from detection_traces import (
@@ -58,8 +65,12 @@ def test_the_change_step_is_drawn_in_30_to_70_percent_and_varies_with_the_seed()
     assert all(300 <= p.change_step <= 700 for p in plans)
     assert len({p.change_step for p in plans}) > len(plans) // 2
     # Edge-of-stability controls only where a family has a rate for them.
-    eos = plan_runs(list(FAMILIES), ["edge_of_stability_gd"], RecordingConfig(seeds=(0,)))
-    assert {p.family for p in eos} == {f for f, s in SETTINGS.items() if s.eos_sgd_lr}
+    for scenario, optimizer in (("edge_of_stability_gd", "gd"),
+                                ("edge_of_stability_adam", "adam")):
+        eos = plan_runs(list(FAMILIES), [scenario], RecordingConfig(seeds=(0,)))
+        assert {p.family for p in eos} == {
+            f for f, s in SETTINGS.items() if s.full_batch_run(optimizer)}
+        assert QUICK_FAMILY in {p.family for p in eos}
 
 
 def test_the_default_recording_reports_at_least_40_controls_held_out() -> None:
@@ -78,6 +89,44 @@ def test_every_control_runs_the_full_length(scenario: str) -> None:
     assert trace.eval_steps[-1] == plan.steps - 1
     assert not trace.estimator_errors
     assert trace_ground_truth(trace) is None  # a control has no collapse to find
+
+
+def test_the_adam_edge_control_trains_adam_on_one_batch_whose_rare_labels_are_clean(
+) -> None:
+    family = FAMILIES[QUICK_FAMILY]()
+    settings = family.settings
+    scenario = SCENARIOS_BY_NAME["edge_of_stability_adam"]
+    run = scenario.full_batch_run(settings)
+    assert run is not None and run.optimizer == "adam" and run.common_label_noise > 0
+    optimizer = make_optimizer(family.make_model(), scenario, settings)
+    assert type(optimizer) is torch.optim.Adam
+    assert optimizer.param_groups[0]["lr"] == run.learning_rate
+    assert optimizer.param_groups[0]["betas"][0] == 0.9  # the agent's edge: 38 / lr
+    inputs, targets = full_batch(family, scenario, torch.Generator().manual_seed(0))
+    clean_inputs, clean = family.batch(run.size, settings.rare_fraction,
+                                       torch.Generator().manual_seed(0))
+    assert len(targets) == run.size and torch.equal(inputs, clean_inputs)
+    rare = clean == family.MINORITY
+    assert torch.equal(targets == family.MINORITY, rare)  # rare kept, none made rare
+    # A redrawn label is wrong two times in three (three common classes).
+    wrong = float((targets != clean)[~rare].float().mean())
+    assert wrong == pytest.approx(run.common_label_noise * 2 / 3, abs=0.01)
+    # The gradient-descent control's batch is the family's own, unchanged.
+    gd = SCENARIOS_BY_NAME["edge_of_stability_gd"]
+    gd_batch = full_batch(family, gd, torch.Generator().manual_seed(0))
+    assert gd_batch is not None and torch.equal(gd_batch[1], family.batch(
+        4096, settings.rare_fraction, torch.Generator().manual_seed(0))[1])
+    assert type(make_optimizer(family.make_model(), gd, settings)) is torch.optim.SGD
+
+
+def test_a_full_batch_run_is_estimated_at_its_own_measured_cost() -> None:
+    [adam] = plan_runs([QUICK_FAMILY], ["edge_of_stability_adam"],
+                       RecordingConfig(steps=1000, seeds=(0,)))
+    [plain] = plan_runs([QUICK_FAMILY], ["continued"], RecordingConfig(steps=1000, seeds=(0,)))
+    run = SETTINGS[QUICK_FAMILY].full_batch_run("adam")
+    assert run is not None and run.seconds_per_1000_steps is not None
+    assert estimate_seconds([adam], jobs=1) == run.seconds_per_1000_steps
+    assert estimate_seconds([plain], jobs=1) == SETTINGS[QUICK_FAMILY].seconds_per_1000_steps
 
 
 def _same(a: Any, b: Any) -> bool:
