@@ -134,13 +134,15 @@ def recording_config(args: argparse.Namespace) -> RecordingConfig:
 
 def print_report(report: dict[str, Any], sources: dict[str, dict[str, int]]) -> None:
     for fold in report["folds"]:
-        print(f"tuned on {', '.join(fold['tuning'])}; held out: {', '.join(fold['held_out'])}")
+        tuned_on = ", ".join(fold["tuning"]) or "nothing (one family: shipped rules only)"
+        print(f"tuned on {tuned_on}; held out: {', '.join(fold['held_out'])}")
     print("\n== held-out families ==")
     print(format_table(report["outcomes"]))
     print("Shipped rules firing on controls (runs per rule):")
     for scenario, rules in sources.items():
         print(f"  {scenario}: {rules}")
-    for detector in (SHIPPED, TUNED):
+    scored = {outcome.detector for outcome in report["outcomes"]}
+    for detector in (d for d in (SHIPPED, TUNED) if d in scored):
         print(f"\nTargets, {detector}, held-out families:")
         print("\n".join(verdicts(report["outcomes"], detector)))
 

@@ -41,17 +41,20 @@ def _outcomes(traces: Sequence[RunTrace], detector: str, detect: Detect) -> list
 def score_fold(traces: Sequence[RunTrace], rules: Sequence[Rule], fold: Fold
                ) -> tuple[list[Outcome], dict[str, Any]]:
     """Tunes the rare-signal rules on the fold's tuning families only, then scores every
-    detector on its held-out families."""
+    detector on its held-out families (a fold with no tuning family scores the shipped
+    rules and the reference alone)."""
     rare = [r for r in rules if is_rare_signal(r)]
     tuning = [t for t in traces if t.plan.family in fold.tuning]
     held_out = [t for t in traces if t.plan.family in fold.held_out]
-    choices = tune_rules(rare, tuning)
+    choices = tune_rules(rare, tuning) if tuning else {}
     detectors: dict[str, Detect] = {
         SHIPPED: lambda t: raresignal_alarms(t, rare),
         TUNED: lambda t: raresignal_alarms(t, tuned_rules(rare, choices)),
         ALL_SHIPPED: lambda t: raresignal_alarms(t, rules),
         PROBE_LOSS: probe_loss_alarms,
     }
+    if not tuning:
+        del detectors[TUNED]
     outcomes = [o for name, detect in detectors.items()
                 for o in _outcomes(held_out, name, detect)]
     return outcomes, {"tuning": list(fold.tuning), "held_out": list(fold.held_out),

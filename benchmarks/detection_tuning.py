@@ -213,7 +213,8 @@ class Fold:
 
 def folds(families: Sequence[str], tune_families: Sequence[str] | None) -> list[Fold]:
     """The given split, or (by default) every family held out in turn and tuned on the
-    others. A fold never holds out a family it tunes on."""
+    others. A fold never holds out a family it tunes on. Runs of a single family make one
+    fold with nothing to tune on: the shipped rules are still scored on them."""
     names = tuple(dict.fromkeys(families))
     if tune_families:
         tuning = tuple(dict.fromkeys(tune_families))
@@ -222,5 +223,5 @@ def folds(families: Sequence[str], tune_families: Sequence[str] | None) -> list[
             raise ValueError("every family is tuned on: none is left to report on")
         return [Fold(tuning, held_out)]
     if len(names) < 2:
-        raise ValueError("leave-one-family-out needs at least two families")
+        return [Fold((), names)]
     return [Fold(tuple(f for f in names if f != held), (held,)) for held in names]

@@ -349,3 +349,18 @@ def test_a_rule_relative_to_a_trailing_median_is_tuned_on_the_ratio_grid() -> No
     (surge,) = parse_rules("rules:\n  - {alert: S, metric: update_to_weight_ratio, op: '>', "
                            "threshold: 4, relative_to: trailing_ratio}\n")
     assert detection_tuning.grid_for(surge) == detection_tuning.RISE_RATIO_GRID
+
+
+def test_one_familys_runs_are_scored_with_the_shipped_rules_alone(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (fold,) = folds(["digits"], None)
+    assert fold == Fold((), ("digits",))
+    traces = [_trace(family="digits", seed=s, collapse=s == 0) for s in (0, 1)]
+    report = detection_report.run_report(traces, load_rules(None), [fold])
+    detectors = {o.detector for o in report["outcomes"]}
+    assert detection_report.TUNED not in detectors
+    assert detection_report.SHIPPED in detectors
+    detection.print_report(report, {})
+    printed = capsys.readouterr().out
+    assert "tuned on nothing (one family: shipped rules only); held out: digits" in printed
+    assert f"Targets, {detection_report.TUNED}" not in printed
