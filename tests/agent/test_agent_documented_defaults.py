@@ -20,6 +20,11 @@ def test_readme_states_the_sketch_size_and_overhead_target_the_agent_uses() -> N
     assert f"≤ {target} of step time" in readme
 
 
+def test_readme_states_the_curvature_unit_size() -> None:
+    readme = README.read_text()
+    vectors = EstimatorConfig().curvature_unit_vectors
+    assert f"`EstimatorConfig.curvature_unit_vectors` = {vectors} stored vectors" in readme
+
 
 def test_readme_states_the_cadence_rule_the_agent_uses() -> None:
     readme = README.read_text()
