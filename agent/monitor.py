@@ -196,6 +196,9 @@ class Monitor:
         self._flights: list[InFlight] = []
         # Each resumable estimator's unit costs by kind, kept across its measurements.
         self._unit_costs: dict[str, UnitCosts] = {}
+        # This step's time in estimators' first (cold) runs, whole or in slices: the
+        # self-reported overhead leaves it out (see BudgetScheduler.measured_overhead).
+        self._cold_seconds = 0.0
 
     def _default_estimators(self, probes: dict[str, Probe], common_probe: Probe | None
                             ) -> list[Estimator]:
@@ -242,6 +245,7 @@ class Monitor:
         train_seconds = None if self._last_exit is None else entered - self._last_exit
         step = self._step
         estimator_seconds = 0.0
+        self._cold_seconds = 0.0
         if self._dist is None:
             self._bind_distributed()
         try:
@@ -253,7 +257,7 @@ class Monitor:
         try:
             # Every rank reaches this at every step: the scheduler's collective lives here.
             self._budget.end_step(step, time.perf_counter() - entered, estimator_seconds,
-                                  train_seconds)
+                                  train_seconds, self._cold_seconds)
         except Exception:
             self._log.warning("budget", "raresignal: the budget scheduler failed at step %d",
                               step, exc_info=True)
@@ -324,6 +328,7 @@ class Monitor:
             measurements.extend(self._run_estimator(estimator, ctx))
             seconds = time.perf_counter() - started
             spent += seconds
+            self._count_cold(name, seconds)
             self._budget.record_run(name, step, seconds)
         # Last, in what the other estimators left of the step's slice.
         finished, spent = self._advance_flights(step, spent)
@@ -395,6 +400,11 @@ class Monitor:
         costs = self._unit_costs.setdefault(estimator.name, UnitCosts())
         self._flights.append(InFlight(estimator.name, ctx.step, units, costs=costs))
 
+    def _count_cold(self, name: str, seconds: float) -> None:
+        """Counts ``seconds`` of ``name``'s work as cold if it has no complete run yet."""
+        if self._budget.schedules[name].runs == 0:
+            self._cold_seconds += seconds
+
     def _advance_flights(self, step: int, spent: float, slice_seconds: float | None = None
                          ) -> tuple[StampedMeasurements, float]:
         """Runs this step's slice (``spent`` of it already taken by the other estimators;
@@ -413,6 +423,7 @@ class Monitor:
             progress = flight.advance(slice_seconds, self._budget.reduce_max, spent=spent,
                                       lead=index == 0)
             spent += progress.seconds
+            self._count_cold(flight.name, progress.seconds)
             if progress.error is not None:
                 try:  # raised again so that the log carries its traceback
                     raise progress.error
