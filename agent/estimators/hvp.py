@@ -35,6 +35,10 @@ BACKENDS = (DOUBLE_BACKWARD, FORWARD_OVER_REVERSE, FINITE_DIFFERENCE)
 _FD_RELATIVE_STEP = float(torch.finfo(torch.float32).eps) ** (1.0 / 3.0)
 
 
+# The kind of a finite-difference product's units: one gradient each.
+GRADIENT_KIND = f"{FINITE_DIFFERENCE} gradient"
+
+
 def operator_kind(backend: str) -> str:
     """The kind of a unit that builds a ``backend`` operator (see api.Units)."""
     return f"{backend} operator"
@@ -97,12 +101,15 @@ class HessianVectorProduct(abc.ABC):
 
     def gradient(self, point: Params | None = None) -> torch.Tensor:
         """Flat gradient of the objective at ``point`` (default: the operator's point)."""
-        point = self.point if point is None else point
+        return self._flat(self._gradients(self.point if point is None else point))
+
+    def _gradients(self, point: Params) -> list[torch.Tensor]:
+        """The objective's gradient at ``point``, one tensor per parameter."""
         leaves = {n: t.detach().requires_grad_(True) for n, t in point.items()}
         grads = torch.autograd.grad(self.objective(leaves), [leaves[n] for n in self.names],
                                     allow_unused=True)
-        return self._flat([g if g is not None else torch.zeros_like(leaves[n])
-                           for g, n in zip(grads, self.names, strict=True)])
+        return [g if g is not None else torch.zeros_like(leaves[n])
+                for g, n in zip(grads, self.names, strict=True)]
 
 
 class DoubleBackwardHVP(HessianVectorProduct):
@@ -157,13 +164,20 @@ class FiniteDifferenceHVP(HessianVectorProduct):
         self._step_length = _FD_RELATIVE_STEP * max(float(self._x.norm()), 1.0)
 
     def _product(self, vector: torch.Tensor) -> torch.Tensor:
+        return run_units(self._product_units(vector))
+
+    def _product_units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
+        """H v in two units, a gradient each: with the passes over the parameters' size
+        around them, a product even on a one-example chunk can outlast a step's slice."""
         norm = float(vector.norm())
         if norm == 0.0 or not math.isfinite(norm):
             return torch.zeros_like(vector)
         eps = self._step_length / norm
-        plus = self.gradient(self._as_params(self._x + eps * vector))
-        minus = self.gradient(self._as_params(self._x - eps * vector))
-        return (plus - minus) / (2.0 * eps)
+        yield GRADIENT_KIND
+        plus = self._gradients(self._as_params(self._x + eps * vector))
+        yield GRADIENT_KIND
+        minus = self._gradients(self._as_params(self._x - eps * vector))
+        return self._flat([p - m for p, m in zip(plus, minus, strict=True)]) / (2.0 * eps)
 
 
 _CLASSES: dict[str, type[HessianVectorProduct]] = {

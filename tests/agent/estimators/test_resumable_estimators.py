@@ -462,7 +462,7 @@ def test_every_sharpness_unit_names_its_kind_and_each_backend_trial_its_own(trai
             break
     assert all(isinstance(kind, str) for kind in kinds)
     assert {"double_backward operator", "double_backward product",
-            "finite_difference product", "reorthogonalise", "combine"} <= set(kinds)
+            "finite_difference gradient", "reorthogonalise", "combine"} <= set(kinds)
 
 
 def test_building_the_estimators_pays_torch_func_s_one_time_costs() -> None:
