@@ -22,8 +22,11 @@ ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 T = TypeVar("T")
 # Work cut into bounded units: each next() does one unit (e.g. one Hessian-vector
-# product) and the generator finally returns its result (StopIteration.value).
-Units = Generator[None, None, T]
+# product) and the generator finally returns its result (StopIteration.value). A yield
+# may name the kind of the unit that follows it (the work up to the next yield, e.g.
+# "reorthogonalise"), so that the runner can predict that unit's cost from earlier units
+# of its kind (see raresignal.agent.resumable); a bare yield leaves it unnamed.
+Units = Generator[str | None, None, T]
 
 
 def default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -63,7 +66,7 @@ class Measurement:
 
 
 # A resumable estimator's measurement in units (see ResumableEstimator).
-MeasurementUnits = Generator[None, None, Sequence[Measurement]]
+MeasurementUnits = Generator[str | None, None, Sequence[Measurement]]
 
 
 def series_key(metric: str, labels: Mapping[str, str] | None = None) -> str:
@@ -211,7 +214,8 @@ class ResumableEstimator(Estimator, Protocol):
 
     ``run_in_units(ctx)`` starts a measurement at ``ctx.step`` and returns a generator that
     does one bounded unit of work per ``next()`` and finally returns the measurements,
-    which the monitor stamps with that starting step. Between two units training goes on,
+    which the monitor stamps with that starting step. A yield may name the kind of the
+    unit that follows it (see ``Units``). Between two units training goes on,
     so each unit must leave the training state as it found it (modes, grads, RNG), and
     the estimator's own state (warm starts) changes only when the last unit completes: a
     measurement dropped half-way (``close()``) leaves it as it was. ``run(ctx)`` must equal

@@ -195,8 +195,10 @@ class BudgetScheduler:
     # -- timing and decisions ------------------------------------------------------------
 
     def end_step(self, step: int, monitor_seconds: float, estimator_seconds: float,
-                 train_seconds: float | None) -> None:
+                 train_seconds: float | None, cold_seconds: float = 0.0) -> None:
         """Records one step's timings; at a decision boundary, adjusts the intervals.
+        ``cold_seconds`` is the part of the monitor's time spent in estimators' first
+        (cold) runs, which the measured overhead leaves out.
 
         Must be called at every step on every rank: the boundary issues a collective.
         """
@@ -213,8 +215,9 @@ class BudgetScheduler:
                 old_monitor, old_train = self._window[0]
                 self._window_monitor -= old_monitor
                 self._window_train -= old_train
-            self._window.append((monitor_seconds, train_seconds))
-            self._window_monitor += monitor_seconds
+            warm_seconds = max(0.0, monitor_seconds - cold_seconds)
+            self._window.append((warm_seconds, train_seconds))
+            self._window_monitor += warm_seconds
             self._window_train += train_seconds
         if (step + 1) % self.adjust_every == 0:
             self._adjust()
@@ -229,7 +232,10 @@ class BudgetScheduler:
 
     @property
     def measured_overhead(self) -> float | None:
-        """Monitor time over training time across the recent window of steps."""
+        """Monitor time over training time across the recent window of steps, leaving out
+        the estimators' first (cold) runs: one-offs (a Lanczos without a warm start, lazy
+        allocations) that would otherwise hold a figure of several times the steady
+        overhead for a whole window after the warm-up."""
         if self._window_train <= 0:
             return None
         return self._window_monitor / self._window_train

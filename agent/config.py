@@ -47,7 +47,8 @@ class MonitorConfig:
     min_effort: float = 0.25
     # Steps between two budget decisions (a fixed cadence so every rank decides together).
     budget_adjust_every_steps: int = 10
-    # Steps over which the reported overhead ratio is measured.
+    # Steps over which the reported overhead ratio (agent_overhead_ratio: the monitor's
+    # time over training time, each estimator's first, cold, run left out) is measured.
     overhead_window_steps: int = 500
     # An expensive estimator that can be resumed (sharpness, Fisher, probes) runs over
     # several steps, each step giving the measurements in flight a slice of this fraction

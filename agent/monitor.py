@@ -47,7 +47,7 @@ from raresignal.agent.api import (
 from raresignal.agent.budget import BudgetScheduler
 from raresignal.agent.config import MonitorConfig, default_spool_dir
 from raresignal.agent.ratelimit import RateLimitedLog
-from raresignal.agent.resumable import InFlight
+from raresignal.agent.resumable import InFlight, UnitCosts
 from raresignal.agent.sender import RUN_STATES, SampleTuple, Sender
 
 if TYPE_CHECKING:
@@ -194,6 +194,11 @@ class Monitor:
         # The resumable measurements spread over the steps now (one per estimator at most),
         # oldest first.
         self._flights: list[InFlight] = []
+        # Each resumable estimator's unit costs by kind, kept across its measurements.
+        self._unit_costs: dict[str, UnitCosts] = {}
+        # This step's time in estimators' first (cold) runs, whole or in slices: the
+        # self-reported overhead leaves it out (see BudgetScheduler.measured_overhead).
+        self._cold_seconds = 0.0
 
     def _default_estimators(self, probes: dict[str, Probe], common_probe: Probe | None
                             ) -> list[Estimator]:
@@ -240,6 +245,7 @@ class Monitor:
         train_seconds = None if self._last_exit is None else entered - self._last_exit
         step = self._step
         estimator_seconds = 0.0
+        self._cold_seconds = 0.0
         if self._dist is None:
             self._bind_distributed()
         try:
@@ -251,7 +257,7 @@ class Monitor:
         try:
             # Every rank reaches this at every step: the scheduler's collective lives here.
             self._budget.end_step(step, time.perf_counter() - entered, estimator_seconds,
-                                  train_seconds)
+                                  train_seconds, self._cold_seconds)
         except Exception:
             self._log.warning("budget", "raresignal: the budget scheduler failed at step %d",
                               step, exc_info=True)
@@ -322,6 +328,7 @@ class Monitor:
             measurements.extend(self._run_estimator(estimator, ctx))
             seconds = time.perf_counter() - started
             spent += seconds
+            self._count_cold(name, seconds)
             self._budget.record_run(name, step, seconds)
         # Last, in what the other estimators left of the step's slice.
         finished, spent = self._advance_flights(step, spent)
@@ -369,9 +376,11 @@ class Monitor:
     # start of a short run the first spread measurement would hold every later one past
     # the run's end. They share the slice: each step the next one in turn goes first (its
     # first unit runs unless the step's other work filled the slice), then the others in
-    # what it left, so each advances at least every few steps and a short one is not
-    # queued behind a long one. The price is memory: each holds its copy of the parameters
-    # while in flight.
+    # what it left (a unit only where its predicted cost fits), so each advances at least
+    # every few steps and a short one is not queued behind a long one. The price is
+    # memory: each holds its copy of the parameters while in flight. Each estimator's unit
+    # costs by kind outlive its measurements, so a warm run's units are predicted from
+    # the cold run's.
 
     def _slice_seconds(self) -> float:
         """This step's time for resumable work: a fraction of the smoothed step time,
@@ -388,14 +397,21 @@ class Monitor:
             self._count_error(estimator.name, ctx.step, error)
             self._budget.record_run(estimator.name, ctx.step, 0.0)
             return
-        self._flights.append(InFlight(estimator.name, ctx.step, units))
+        costs = self._unit_costs.setdefault(estimator.name, UnitCosts())
+        self._flights.append(InFlight(estimator.name, ctx.step, units, costs=costs))
+
+    def _count_cold(self, name: str, seconds: float) -> None:
+        """Counts ``seconds`` of ``name``'s work as cold if it has no complete run yet."""
+        if self._budget.schedules[name].runs == 0:
+            self._cold_seconds += seconds
 
     def _advance_flights(self, step: int, spent: float, slice_seconds: float | None = None
                          ) -> tuple[StampedMeasurements, float]:
         """Runs this step's slice (``spent`` of it already taken by the other estimators;
-        ``slice_seconds`` overrides it), the measurements in flight taking turns to go
-        first. Records the cost of each that completed on every rank and returns their
-        values, stamped with their starting steps, and the time spent so far."""
+        ``slice_seconds`` overrides it), the measurements in flight taking turns to lead
+        (see InFlight.advance). Records the cost of each that completed on every rank and
+        returns their values, stamped with their starting steps, and the time spent so
+        far."""
         if not self._flights:
             return [], spent
         if slice_seconds is None:
@@ -403,9 +419,11 @@ class Monitor:
         # The turn is a function of the step: every rank takes the flights in one order.
         turn = step % len(self._flights)
         finished: StampedMeasurements = []
-        for flight in self._flights[turn:] + self._flights[:turn]:
-            progress = flight.advance(slice_seconds, self._budget.reduce_max, spent=spent)
+        for index, flight in enumerate(self._flights[turn:] + self._flights[:turn]):
+            progress = flight.advance(slice_seconds, self._budget.reduce_max, spent=spent,
+                                      lead=index == 0)
             spent += progress.seconds
+            self._count_cold(flight.name, progress.seconds)
             if progress.error is not None:
                 try:  # raised again so that the log carries its traceback
                     raise progress.error

@@ -103,7 +103,9 @@ _SPECS: tuple[MetricSpec, ...] = (
     _g("representation_dormant_fraction", "Fraction of a layer's units that are dormant on a "
        "probe.", LABEL_LAYER),
     # The agent's own cost and health.
-    _g("agent_overhead_ratio", "Monitor wall time over training step time, smoothed."),
+    _g("agent_overhead_ratio", "Monitor wall time over training step time across the "
+       "last MonitorConfig.overhead_window_steps steps, each estimator's first (cold) "
+       "run left out."),
     _g("agent_estimator_seconds", "Wall time of the last run of an estimator.",
        LABEL_ESTIMATOR),
     _g("agent_estimator_interval_steps", "Current cadence of an estimator in steps, as set by "

@@ -55,6 +55,13 @@ class EstimatorConfig:
     # several times a batch example's share of a step, so a unit stays within the stall
     # bound of twice a step.
     unit_batch_fraction: float = 0.125
+    # A unit of the Lanczos reorthogonalisation, of the Ritz vector's assembly and of
+    # Hutch++'s orthonormalisation reads at most this many stored vectors (a vector read
+    # twice counting twice), each of the model's size: the whole basis in one unit would
+    # cost more than a product at the last iterations of a cold Lanczos, and reading 8
+    # costs less than a product on a chunk of the curvature batch for a model that does
+    # more than a few operations per weight.
+    curvature_unit_vectors: int = 8
     hvp_backend: str = "auto"  # or double_backward, forward_over_reverse, finite_difference
     # No sharpness in the first steps: Adam's second-moment estimate is then a handful of
     # squared gradients, and P^-1/2 H P^-1/2 (so the stability ratio) is meaningless: it
@@ -99,6 +106,7 @@ class EstimatorConfig:
             "curvature_batch_size": self.curvature_batch_size >= 1,
             "curvature_chunk_size": self.curvature_chunk_size >= 1,
             "unit_batch_fraction": 0 < self.unit_batch_fraction <= 1,
+            "curvature_unit_vectors": self.curvature_unit_vectors >= 1,
             "sharpness_tol": self.sharpness_tol > 0,
             "sharpness_cold_iterations": self.sharpness_cold_iterations >= 1,
             "sharpness_warm_iterations": self.sharpness_warm_iterations >= 1,

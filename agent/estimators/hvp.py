@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,6 +33,32 @@ BACKENDS = (DOUBLE_BACKWARD, FORWARD_OVER_REVERSE, FINITE_DIFFERENCE)
 
 # Central differences balance truncation (~h^2) against rounding (~eps/h): h ~ eps^(1/3).
 _FD_RELATIVE_STEP = float(torch.finfo(torch.float32).eps) ** (1.0 / 3.0)
+
+
+# The kind of a finite-difference product's units: one gradient each.
+GRADIENT_KIND = f"{FINITE_DIFFERENCE} gradient"
+
+
+def operator_kind(backend: str) -> str:
+    """The kind of a unit that builds a ``backend`` operator (see api.Units)."""
+    return f"{backend} operator"
+
+
+def product_kind(backend: str) -> str:
+    """The kind of a unit that computes one ``backend`` product."""
+    return f"{backend} product"
+
+
+def prepare_function_transforms() -> None:
+    """Pays torch.func's one-time costs now: its first ``grad`` imports torch._dynamo
+    (unless the model already did) and its first forward-mode product compiles torch's
+    forward-AD decompositions, each about as long as a training step or longer on CPU.
+    Called when the estimators are built, so that neither lands in a training step (in
+    the forward-over-reverse backend's trial, or the first per-example gradients)."""
+    x = torch.zeros(1)
+    with warnings.catch_warnings():  # torch's own use of its deprecated torch.jit.script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        jvp(grad(lambda y: (y * y).sum()), (x,), (x,))
 
 
 class HessianVectorProduct(abc.ABC):
@@ -58,18 +85,31 @@ class HessianVectorProduct(abc.ABC):
         self.count += 1
         return self._product(vector)
 
+    def units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
+        """H v as one unit, named after the backend; counted like a call."""
+        self.count += 1
+        return (yield from self._product_units(vector))
+
+    def _product_units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
+        """H v as one unit without counting it."""
+        yield product_kind(self.backend)
+        return self._product(vector)
+
     @abc.abstractmethod
     def _product(self, vector: torch.Tensor) -> torch.Tensor:
         """H v without counting it."""
 
     def gradient(self, point: Params | None = None) -> torch.Tensor:
         """Flat gradient of the objective at ``point`` (default: the operator's point)."""
-        point = self.point if point is None else point
+        return self._flat(self._gradients(self.point if point is None else point))
+
+    def _gradients(self, point: Params) -> list[torch.Tensor]:
+        """The objective's gradient at ``point``, one tensor per parameter."""
         leaves = {n: t.detach().requires_grad_(True) for n, t in point.items()}
         grads = torch.autograd.grad(self.objective(leaves), [leaves[n] for n in self.names],
                                     allow_unused=True)
-        return self._flat([g if g is not None else torch.zeros_like(leaves[n])
-                           for g, n in zip(grads, self.names, strict=True)])
+        return [g if g is not None else torch.zeros_like(leaves[n])
+                for g, n in zip(grads, self.names, strict=True)]
 
 
 class DoubleBackwardHVP(HessianVectorProduct):
@@ -124,13 +164,20 @@ class FiniteDifferenceHVP(HessianVectorProduct):
         self._step_length = _FD_RELATIVE_STEP * max(float(self._x.norm()), 1.0)
 
     def _product(self, vector: torch.Tensor) -> torch.Tensor:
+        return run_units(self._product_units(vector))
+
+    def _product_units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
+        """H v in two units, a gradient each: with the passes over the parameters' size
+        around them, a product even on a one-example chunk can outlast a step's slice."""
         norm = float(vector.norm())
         if norm == 0.0 or not math.isfinite(norm):
             return torch.zeros_like(vector)
         eps = self._step_length / norm
-        plus = self.gradient(self._as_params(self._x + eps * vector))
-        minus = self.gradient(self._as_params(self._x - eps * vector))
-        return (plus - minus) / (2.0 * eps)
+        yield GRADIENT_KIND
+        plus = self._gradients(self._as_params(self._x + eps * vector))
+        yield GRADIENT_KIND
+        minus = self._gradients(self._as_params(self._x - eps * vector))
+        return self._flat([p - m for p, m in zip(plus, minus, strict=True)]) / (2.0 * eps)
 
 
 _CLASSES: dict[str, type[HessianVectorProduct]] = {
@@ -163,8 +210,7 @@ class ChunkedHVP:
         """H v, one chunk's product per unit."""
         total = torch.zeros_like(vector)
         for operator, share in zip(self.operators, self.shares, strict=True):
-            total += share * operator(vector)
-            yield
+            total += share * (yield from operator.units(vector))
         return total
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
@@ -199,26 +245,24 @@ def auto_hvp_units(objective: Objective, parameters: ParameterSet, point: Params
                    order: tuple[str, ...] = BACKENDS, seed: int = 0, cross_check: float = 0.1,
                    ) -> Units[tuple[HessianVectorProduct, dict[str, str]]]:
     """:func:`auto_hvp` in units: each backend's construction, its trial product and the
-    finite-difference reference are one unit each."""
+    finite-difference reference are one unit each, named after the backend, so a costly
+    one is not predicted from a cheaper backend's."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     trial = torch.randn(parameters.numel, generator=generator).to(parameters.device)
     reference: torch.Tensor | None = None
     rejected: dict[str, str] = {}
-    for index, backend in enumerate(order):
-        if index:
-            yield  # a rejected backend's attempt ends its unit: the next starts afresh
+    for backend in order:
         try:
+            yield operator_kind(backend)
             operator = make_hvp(backend, objective, parameters, point)
-            yield
-            product = operator._product(trial)
-            yield
+            product = yield from operator._product_units(trial)
             if not bool(torch.isfinite(product).all()):
                 rejected[backend] = "non-finite Hessian-vector product"
                 continue
             if backend != FINITE_DIFFERENCE and cross_check > 0:
                 if reference is None:
-                    reference = FiniteDifferenceHVP(objective, parameters, point)._product(trial)
-                    yield
+                    reference = yield from FiniteDifferenceHVP(
+                        objective, parameters, point)._product_units(trial)
                 scale = max(float(reference.norm()), float(product.norm()), 1e-30)
                 disagreement = float((product - reference).norm()) / scale
                 if disagreement > cross_check:

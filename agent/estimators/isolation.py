@@ -38,14 +38,15 @@ def preserved_training_state(model: nn.Module, eval_mode: bool = True) -> Iterat
 
 def isolated_units(model: nn.Module, units: Units[T], eval_mode: bool = True) -> Units[T]:
     """Runs each unit of ``units`` inside :func:`preserved_training_state`, so training,
-    which goes on between two units, sees its own modes, gradients and RNG."""
+    which goes on between two units, sees its own modes, gradients and RNG. The kinds
+    the units name pass through."""
     try:
         while True:
             with preserved_training_state(model, eval_mode):
                 try:
-                    next(units)
+                    kind = next(units)
                 except StopIteration as done:
                     return done.value
-            yield
+            yield kind
     finally:
         units.close()

@@ -120,6 +120,7 @@ class SharpnessTracker:
     cold_iterations: int = EstimatorConfig.sharpness_cold_iterations
     warm_iterations: int = EstimatorConfig.sharpness_warm_iterations
     tol: float = EstimatorConfig.sharpness_tol
+    block: int = EstimatorConfig.curvature_unit_vectors  # basis vectors per unit
     gap_safety: float = 0.5
     previous: torch.Tensor | None = None
     relative_gap: float | None = None
@@ -141,7 +142,8 @@ class SharpnessTracker:
             generator = torch.Generator().manual_seed(self.seed)
             start = torch.randn(self.dim, generator=generator).to(device)
             iterations, gap = self.cold_iterations, None
-        return (yield from lanczos_top_units(matvec, start, iterations, self.tol, gap))
+        return (yield from lanczos_top_units(matvec, start, iterations, self.tol, gap,
+                                             block=self.block))
 
     def remember(self, pair: Eigenpair) -> None:
         """Keeps ``pair`` as the warm start of the next estimate."""
@@ -158,10 +160,13 @@ def curvature_trace(hvp: HessianVectorProduct, samples: int, method: str,
 
 
 def curvature_trace_units(hvp: UnitMatVec, dim: int, device: torch.device, samples: int,
-                          method: str, generator: torch.Generator) -> Units[float]:
-    """:func:`curvature_trace` in units, for an operator on vectors of ``dim``."""
+                          method: str, generator: torch.Generator,
+                          block: int = EstimatorConfig.curvature_unit_vectors
+                          ) -> Units[float]:
+    """:func:`curvature_trace` in units, for an operator on vectors of ``dim`` (Hutch++
+    works on ``block`` of its stored vectors per unit)."""
     if method == "hutchinson":
         return (yield from hutchinson_trace_units(hvp, dim, samples, generator, device))
     if method == "hutchpp":
-        return (yield from hutchpp_trace_units(hvp, dim, samples, generator, device))
+        return (yield from hutchpp_trace_units(hvp, dim, samples, generator, device, block))
     raise ValueError(f"unknown trace method {method!r}; expected 'hutchinson' or 'hutchpp'")

@@ -20,6 +20,13 @@ def test_readme_states_the_sketch_size_and_overhead_target_the_agent_uses() -> N
     assert f"≤ {target} of step time" in readme
 
 
+def test_readme_states_the_overhead_window_and_the_curvature_unit_size() -> None:
+    readme = README.read_text()
+    window = MonitorConfig().overhead_window_steps
+    assert f"the last {window} steps (`MonitorConfig.overhead_window_steps`)" in readme
+    vectors = EstimatorConfig().curvature_unit_vectors
+    assert f"`EstimatorConfig.curvature_unit_vectors` = {vectors} stored vectors" in readme
+
 
 def test_readme_states_the_cadence_rule_the_agent_uses() -> None:
     readme = README.read_text()

@@ -28,6 +28,7 @@ from raresignal.agent.estimators.default.unavailable import (
     PROBE_FISHER,
     UnavailableSignalsEstimator,
 )
+from raresignal.agent.estimators.hvp import FORWARD_OVER_REVERSE, prepare_function_transforms
 from raresignal.agent.estimators.likelihood import Likelihood, resolve_task
 from raresignal.agent.estimators.objective import FunctionalModel, LossFn
 from raresignal.agent.estimators.parameters import ParameterSet
@@ -51,6 +52,9 @@ def build_shared_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
     sketcher = GradientSketcher(parameters, config.sketch_dim, config.seed)
     sketcher.prepare()  # here, not inside the first training step the monitor measures
     functional = FunctionalModel(model, forward, parameters, loss_fn)
+    if config.hvp_backend in ("auto", FORWARD_OVER_REVERSE) or (
+            likelihood is not None and config.per_example_method != "loop"):
+        prepare_function_transforms()  # torch.func's one-time costs, not in a step
     per_example = None if likelihood is None else PerExampleGradients(
         functional, likelihood, sketcher, config.per_example_chunk,
         config.per_example_method)

@@ -1,10 +1,14 @@
 """The sharpness estimator: top Hessian eigenvalue against its stability threshold.
 
 Its measurement runs in units that the monitor may spread over several training steps:
-the operator's construction, then each Hessian-vector product split over chunks of the
-curvature batch (``EstimatorConfig.curvature_chunk_size``, ``unit_batch_fraction``), one
-chunk per unit. The
-parameters and buffers are copied when it starts, so every product is taken at that
+the HVP backends' trials (backend "auto") and the operators' construction, one chunk's
+operator per unit; each Hessian-vector product split over chunks of the curvature batch
+(``EstimatorConfig.curvature_chunk_size``, ``unit_batch_fraction``), one chunk per unit
+(by finite differences, one of its two gradients per unit); the Lanczos
+reorthogonalisation, the Ritz vector's assembly and Hutch++'s orthonormalisation, a block
+of ``curvature_unit_vectors`` stored vectors per unit. Each unit names its kind, so the
+monitor predicts its cost from earlier units of that kind.
+The parameters and buffers are copied when it starts, so every product is taken at that
 step's point and the result is exactly the one-shot measurement of that step, however
 many steps it spans; the copy (one fp32 copy of the parameters) lives only while the
 measurement does.
@@ -20,7 +24,12 @@ from typing import Any
 import torch
 
 from raresignal.agent.api import Measurement, MeasurementUnits, StepContext, Units, run_units
-from raresignal.agent.estimators.hvp import ChunkedHVP, auto_hvp_units, make_hvp
+from raresignal.agent.estimators.hvp import (
+    ChunkedHVP,
+    auto_hvp_units,
+    make_hvp,
+    operator_kind,
+)
 from raresignal.agent.estimators.isolation import isolated_units
 from raresignal.agent.estimators.objective import BatchObjective, Params, loss_chunks
 from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
@@ -62,9 +71,11 @@ class SharpnessEstimator(DefaultEstimator):
         self.first_step = config.sharpness_warmup_steps
         dim = shared.parameters.numel
         self.plain = SharpnessTracker(dim, config.seed, config.sharpness_cold_iterations,
-                                      config.sharpness_warm_iterations, config.sharpness_tol)
+                                      config.sharpness_warm_iterations, config.sharpness_tol,
+                                      config.curvature_unit_vectors)
         self.adam = SharpnessTracker(dim, config.seed + 1, config.sharpness_cold_iterations,
-                                     config.sharpness_warm_iterations, config.sharpness_tol)
+                                     config.sharpness_warm_iterations, config.sharpness_tol,
+                                     config.curvature_unit_vectors)
         self.backend: str | None = None if config.hvp_backend == "auto" else config.hvp_backend
         self.trace_products = config.hutchinson_samples
 
@@ -97,12 +108,12 @@ class SharpnessEstimator(DefaultEstimator):
             log.info("sharpness uses the %s HVP backend (rejected: %s)", operator.backend,
                      rejected or "none")
         else:
+            yield operator_kind(self.backend)
             operator = make_hvp(self.backend, first, params, point)
-            yield
         operators = [operator]
         for objective, _ in rest:
+            yield operator_kind(self.backend)
             operators.append(make_hvp(self.backend, objective, params, point))
-            yield
         return ChunkedHVP(operators, [share for _, share in chunks])
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
@@ -140,7 +151,8 @@ class SharpnessEstimator(DefaultEstimator):
         if self.trace_products > 0:
             trace = yield from curvature_trace_units(hvp.units, params.numel, device,
                                                      self.trace_products, config.trace_method,
-                                                     self.shared.generator(ctx.step, 7))
+                                                     self.shared.generator(ctx.step, 7),
+                                                     config.curvature_unit_vectors)
         # Complete: only now do the warm starts move.
         self.plain.remember(top)
         if pre is not None:

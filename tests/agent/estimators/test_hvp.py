@@ -134,3 +134,27 @@ def test_chunks_of_a_causal_lm_batch_sum_to_its_exact_hessian(transformer, lm_ba
                              [share for _, share in chunks])
         product = chunked(v)
     assert _relative_error(product, hessian.float() @ v) <= 1e-5
+
+
+def test_a_finite_difference_product_is_two_units_one_gradient_each(mlp, classification_batch
+                                                                   ) -> None:
+    """Split into its two gradients (the costliest unit of a sharpness measurement on a
+    model without double backward), the product is the one-shot product, bit for bit."""
+    from raresignal.agent.estimators.hvp import GRADIENT_KIND
+
+    objective, params = _objective(mlp, ClassificationLikelihood(), *classification_batch)
+    operator = make_hvp("finite_difference", objective, params)
+    v = torch.randn(params.numel, generator=torch.Generator().manual_seed(4))
+    units, kinds = operator.units(v), []
+    while True:
+        try:
+            kinds.append(next(units))
+        except StopIteration as done:
+            product = done.value
+            break
+    assert kinds == [GRADIENT_KIND, GRADIENT_KIND]
+    assert torch.equal(product, operator(v)) and operator.count == 2
+    eps = operator._step_length / float(v.norm())
+    reference = (operator.gradient(operator._as_params(operator._x + eps * v))
+                 - operator.gradient(operator._as_params(operator._x - eps * v))) / (2 * eps)
+    assert torch.equal(product, reference)

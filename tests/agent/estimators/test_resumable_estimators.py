@@ -6,6 +6,9 @@ than its slice."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -270,8 +273,11 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
     expensive = EstimatorConfig(**{**CONFIG.__dict__, "sharpness_tol": 1e-12,
                                    "sharpness_cold_iterations": 60, "hutchinson_samples": 30,
                                    "sharpness_interval": 1000,
-                                   # Chunks of a quarter batch: the run fits 600 steps.
-                                   "unit_batch_fraction": 0.25})
+                                   # Chunks of a quarter batch, and the whole basis
+                                   # in one reorthogonalisation unit: the run fits
+                                   # 600 steps.
+                                   "unit_batch_fraction": 0.25,
+                                   "curvature_unit_vectors": 128})
     sharpness = _sharpness(model, optimizer, expensive)
     other = OtherExpensive()
     config = MonitorConfig(resumable_slice_fraction=1e-9, resumable_slice_min_seconds=1e-9,
@@ -439,3 +445,40 @@ def test_noise_scale_units_spread_over_training_steps_equal_the_one_shot_measure
     assert spread.ema.grad_sq == pytest.approx(one_shot.ema.grad_sq, rel=1e-6)
     assert spread.ema.trace_sigma == pytest.approx(one_shot.ema.trace_sigma, rel=1e-6)
     assert one_shot.ema.trace_sigma > 0
+
+
+def test_every_sharpness_unit_names_its_kind_and_each_backend_trial_its_own(trained
+                                                                           ) -> None:
+    """Named units let the monitor predict each from earlier ones of its kind: a cheap
+    backend's trial says nothing of another's, nor a product of a reorthogonalisation."""
+    model, optimizer = trained
+    sharpness = _sharpness(model, optimizer)
+    units = sharpness.run_in_units(_ctx(0, model, optimizer, _train_step(model, optimizer, 7)))
+    kinds = []
+    while True:
+        try:
+            kinds.append(next(units))
+        except StopIteration:
+            break
+    assert all(isinstance(kind, str) for kind in kinds)
+    assert {"double_backward operator", "double_backward product",
+            "finite_difference gradient", "reorthogonalise", "combine"} <= set(kinds)
+
+
+def test_building_the_estimators_pays_torch_func_s_one_time_costs() -> None:
+    """torch.func's first grad imports torch._dynamo and its first forward-mode product
+    compiles torch's forward-AD decompositions, each longer than a small training step:
+    done when the estimators are built, neither lands in a step (checked in a fresh
+    process, where nothing has imported them yet)."""
+    script = (
+        "import sys, torch\n"
+        "from raresignal.agent.api import Probe\n"
+        "from raresignal.agent.estimators import build_default_estimators\n"
+        "model = torch.nn.Linear(4, 3)\n"
+        "lazy = ('torch._dynamo', 'torch._decomp.decompositions_for_jvp')\n"
+        "assert not any(name in sys.modules for name in lazy)\n"
+        "build_default_estimators(model, None, {}, Probe(torch.randn(8, 4),\n"
+        "                         torch.randint(0, 3, (8,))), task='classification')\n"
+        "assert all(name in sys.modules for name in lazy), lazy\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

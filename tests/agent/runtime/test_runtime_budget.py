@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ from runtime_toys import (
 )
 from torch import nn
 
-from raresignal.agent import Monitor, MonitorConfig
+from raresignal.agent import Measurement, Monitor, MonitorConfig
+from raresignal.agent.api import MeasurementUnits, StepContext
 from raresignal.agent.budget import BudgetScheduler
 
 
@@ -185,3 +188,79 @@ def test_an_estimator_with_a_warm_up_is_not_due_before_it_nor_stretched_by_it() 
     runs = [step for step, due in enumerate(ran) if "warm" in due]
     assert runs and runs[0] == 100
     assert scheduler.intervals["warm"] < 640
+
+
+def test_the_measured_overhead_leaves_the_cold_first_runs_out() -> None:
+    scheduler = BudgetScheduler([("costly", 100, True)], window_steps=10)
+    # A cold first run of 4.99 s in a step whose monitor time was 5 s, then 10 ms a step.
+    scheduler.end_step(0, 5.0, 5.0, 1.0, cold_seconds=4.99)
+    for step in range(1, 10):
+        scheduler.end_step(step, 0.01, 0.0, 1.0)
+    assert scheduler.measured_overhead == pytest.approx(0.01)
+
+
+class _Units:
+    """A resumable measurement of three units of 1 ms each."""
+
+    name = "toy_units"
+    expensive = True
+    default_interval = 4
+
+    def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        raise AssertionError("the monitor runs a resumable estimator in units")
+
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        for _ in range(3):
+            time.sleep(1e-3)
+            yield
+        return [Measurement("sharpness", 1.0)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+def test_a_monitor_counts_only_first_runs_and_their_slices_as_cold(monkeypatch) -> None:
+    """The cold time the monitor hands the budget at each step is the time of estimators
+    with no complete run yet: a whole first run, every slice of a first measurement in
+    units; none of a later run."""
+    model = small_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    inputs, targets = classification_data()
+    sleepy = SleepyEstimator("toy_sleepy", seconds=2e-3, default_interval=3,
+                             expensive=False)
+    # A slice no unit fits in: one unit per step.
+    config = MonitorConfig(resumable_slice_fraction=1e-9, resumable_slice_min_seconds=1e-9,
+                           max_interval_factor=1)
+    monitor = Monitor(model, optimizer, estimators=[sleepy, _Units()], config=config)
+    budget = monitor._budget
+    cold: list[float] = []
+    runs: dict[str, list[tuple[int, float]]] = {"toy_sleepy": [], "toy_units": []}
+    end_step, record_run = budget.end_step, budget.record_run
+
+    def record_end(step, monitor_seconds, estimator_seconds, train_seconds, cold_seconds=0.0):
+        cold.append(cold_seconds)
+        end_step(step, monitor_seconds, estimator_seconds, train_seconds, cold_seconds)
+
+    def record(name, step, seconds):
+        runs[name].append((step, seconds))
+        record_run(name, step, seconds)
+
+    monkeypatch.setattr(budget, "end_step", record_end)
+    monkeypatch.setattr(budget, "record_run", record)
+    for _ in range(16):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        monitor.step(loss=loss, batch=(inputs, targets))
+        optimizer.step()
+    # The first measurement in units spans several steps (one unit each, none where the
+    # whole run filled the slice); a second one starts a cadence after it.
+    assert [step for step, _ in runs["toy_sleepy"]] == [0, 3, 6, 9, 12, 15]
+    (completed, first_seconds), _ = runs["toy_units"]
+    assert completed >= 3
+    assert sum(cold) == pytest.approx(runs["toy_sleepy"][0][1] + first_seconds)
+    assert cold[0] > 0.0
+    assert cold[completed + 1:] == [0.0] * (len(cold) - completed - 1)

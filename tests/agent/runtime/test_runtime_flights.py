@@ -14,6 +14,7 @@ from torch import nn
 
 from raresignal.agent import Measurement, Monitor, MonitorConfig
 from raresignal.agent.api import MeasurementUnits, StepContext
+from raresignal.agent.resumable import START
 
 # A slice no unit fits in: the flight whose turn it is runs exactly one unit per step
 # (its first unit runs while the slice is empty), the others none.
@@ -102,3 +103,31 @@ def test_close_finishes_a_completed_run_s_measurements_and_drops_a_failed_one_s(
     else:
         assert log[4:] == [] and published == []
     assert monitor._flights == []
+
+
+def test_an_estimator_s_unit_costs_outlive_its_measurements() -> None:
+    """The second measurement of an estimator predicts its units from the first's: its
+    runner holds the costs the first recorded."""
+    log: list[tuple[str, int]] = []
+    clock = [0]
+    short = CountingUnits("short", "hessian_trace", 2, log, clock)
+    short.default_interval = 4
+    model = small_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, optimizer, estimators=[short], config=ONE_UNIT_A_STEP)
+    inputs, targets = classification_data()
+    flights = []
+    for step in range(12):
+        clock[0] = step
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        monitor.step(loss=loss)
+        optimizer.step()
+        flights += [flight for flight in monitor._flights
+                    if all(flight is not seen for seen in flights)]
+    monitor.close("aborted")
+    assert len(flights) >= 2
+    assert all(flight.costs is flights[0].costs for flight in flights)
+    assert flights[0].costs.predict(START) is not None
+    assert flights[0].costs.predict(None) is not None
