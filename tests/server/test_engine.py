@@ -644,10 +644,7 @@ def test_a_trailing_ratio_follows_a_slow_climb_that_a_frozen_baseline_flags() ->
 def test_the_trailing_window_survives_the_storage_round_trip() -> None:
     engine = engine_for(TRAILING)
     feed(engine, "update_to_weight_ratio", [100.0, 1.0, 2.0, 3.0])
-    writes = engine.take_writes()
-    restored = AlertEngine(parse_rules(TRAILING))
-    restored.track_run("r1", "run-one", 0.0, last_report_at=0.0)
-    restored.restore(writes.rule_states, [])
+    restored = restarted(engine, TRAILING, [engine.take_writes()])
     changes = restored.observe("r1", [s("update_to_weight_ratio", 5, 8.5)], now=5.0)
     assert states(changes) == [(UNSPECIFIED, FIRING)]
 

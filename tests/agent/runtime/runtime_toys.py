@@ -144,3 +144,15 @@ def classification_data(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 8, generator=generator), torch.randint(0, 3, (n,),
                                                                  generator=generator)
+
+
+def train_monitored(monitor: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    inputs: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
+    """``steps`` full-batch cross-entropy steps, each reported to ``monitor`` with its
+    loss and batch."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        monitor.step(loss=loss, batch=(inputs, targets))
+        optimizer.step()

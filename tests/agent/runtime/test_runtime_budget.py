@@ -15,6 +15,7 @@ from runtime_toys import (
     SleepyEstimator,
     classification_data,
     small_classifier,
+    train_monitored,
 )
 from torch import nn
 
@@ -250,12 +251,7 @@ def test_a_monitor_counts_only_first_runs_and_their_slices_as_cold(monkeypatch) 
 
     monkeypatch.setattr(budget, "end_step", record_end)
     monkeypatch.setattr(budget, "record_run", record)
-    for _ in range(16):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), targets)
-        loss.backward()
-        monitor.step(loss=loss, batch=(inputs, targets))
-        optimizer.step()
+    train_monitored(monitor, model, optimizer, inputs, targets, 16)
     # The first measurement in units spans several steps (one unit each, none where the
     # whole run filled the slice); a second one starts a cadence after it.
     assert [step for step, _ in runs["toy_sleepy"]] == [0, 3, 6, 9, 12, 15]

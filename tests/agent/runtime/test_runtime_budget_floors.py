@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from runtime_server import stored_series
-from runtime_toys import LossEstimator, SleepyEstimator, classification_data, small_classifier
-from torch import nn
+from runtime_toys import (
+    LossEstimator,
+    SleepyEstimator,
+    classification_data,
+    small_classifier,
+    train_monitored,
+)
 
 from raresignal.agent import Measurement, Monitor, MonitorConfig, StepContext
 from raresignal.agent.budget import BudgetScheduler
@@ -189,12 +194,7 @@ def test_the_monitor_streams_the_floor_state_effort_and_floor_to_the_server(
                       estimators=[LossEstimator(), sleeper], total_steps=200,
                       config=MonitorConfig(target_overhead=0.001, report_interval_seconds=0.01,
                                            spool_dir=str(tmp_path / "spool"), **WIDE_SPAN))
-    for _ in range(200):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), targets)
-        loss.backward()
-        monitor.step(loss=loss, batch=(inputs, targets))
-        optimizer.step()
+    train_monitored(monitor, model, optimizer, inputs, targets, 200)
     assert monitor.intervals == {"toy_loss": 1, "toy_sleepy": 20}
     assert monitor.efforts["toy_sleepy"] == 0.25 and sleeper.effort == 0.25
     latest = monitor.latest()

@@ -4,7 +4,7 @@ run finishes the ones still in flight at close (a failed run drops them)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -50,6 +50,21 @@ class CountingUnits:
         pass
 
 
+def _train(monitor: Monitor, model: nn.Module, optimizer: torch.optim.Optimizer,
+           clock: list[int], steps: int, after_step: Callable[[], None] = lambda: None
+           ) -> None:
+    """Trains ``steps`` steps under ``monitor``, the clock showing each step's number."""
+    inputs, targets = classification_data()
+    for step in range(steps):
+        clock[0] = step
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        monitor.step(loss=loss)
+        optimizer.step()
+        after_step()
+
+
 def _run(state: str, steps: int = 4) -> tuple[Monitor, list[tuple[str, int]],
                                               list[tuple[int, Measurement]]]:
     log: list[tuple[str, int]] = []
@@ -61,14 +76,7 @@ def _run(state: str, steps: int = 4) -> tuple[Monitor, list[tuple[str, int]],
     short = CountingUnits("short", "hessian_trace", 3, log, clock)
     monitor = Monitor(model, optimizer, estimators=[long, short], config=ONE_UNIT_A_STEP,
                       on_measurements=published.extend)
-    inputs, targets = classification_data()
-    for step in range(steps):
-        clock[0] = step
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), targets)
-        loss.backward()
-        monitor.step(loss=loss)
-        optimizer.step()
+    _train(monitor, model, optimizer, clock, steps)
     clock[0] = steps  # close
     monitor.close(state)
     return monitor, log, published
@@ -115,17 +123,13 @@ def test_an_estimator_s_unit_costs_outlive_its_measurements() -> None:
     model = small_classifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, optimizer, estimators=[short], config=ONE_UNIT_A_STEP)
-    inputs, targets = classification_data()
-    flights = []
-    for step in range(12):
-        clock[0] = step
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), targets)
-        loss.backward()
-        monitor.step(loss=loss)
-        optimizer.step()
-        flights += [flight for flight in monitor._flights
-                    if all(flight is not seen for seen in flights)]
+    flights: list = []
+
+    def keep_new_flights() -> None:
+        flights.extend(flight for flight in monitor._flights
+                       if all(flight is not seen for seen in flights))
+
+    _train(monitor, model, optimizer, clock, 12, after_step=keep_new_flights)
     monitor.close("aborted")
     assert len(flights) >= 2
     assert all(flight.costs is flights[0].costs for flight in flights)
