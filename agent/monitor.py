@@ -321,7 +321,7 @@ class Monitor:
         spent = 0.0
         for name in self._budget.due(step, running=[f.name for f in self._flights]):
             estimator = self.estimators[name]
-            if estimator.expensive and is_resumable(estimator):
+            if self._runs_in_units(estimator):
                 self._start_flight(estimator, ctx)
                 continue
             started = time.perf_counter()
@@ -381,6 +381,17 @@ class Monitor:
     # memory: each holds its copy of the parameters while in flight. Each estimator's unit
     # costs by kind outlive its measurements, so a warm run's units are predicted from
     # the cold run's.
+
+    def _runs_in_units(self, estimator: Estimator) -> bool:
+        """An expensive estimator that offers units always runs in them; a cheap one (the
+        probes' loss) only once a whole run is known to take more than a step's slice, so
+        on a model where it is cheap its readings keep their regular cadence."""
+        if not is_resumable(estimator):
+            return False
+        if estimator.expensive:
+            return True
+        cost = self._budget.schedules[estimator.name].cost_seconds
+        return cost is not None and cost > self._slice_seconds()
 
     def _slice_seconds(self) -> float:
         """This step's time for resumable work: a fraction of the smoothed step time,

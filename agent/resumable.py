@@ -1,6 +1,6 @@
 """Runs one resumable measurement over several training steps, a time slice per step.
 
-An expensive estimator that offers ``run_in_units`` (see
+An estimator that offers ``run_in_units`` (see
 :class:`~raresignal.agent.api.ResumableEstimator`) is not run at once: the monitor starts
 it, and at each step runs its units until the step's slice is used, then returns to
 training. The slice counts the time the step's other estimators took. The leading

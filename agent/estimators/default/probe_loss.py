@@ -8,6 +8,11 @@ own (``probe_loss_interval``, ``probe_loss_floor_measurements``). It always read
 whole of each probe set: a rotating share would save the budget little (a forward pass)
 and make the alarm's input noisier, which costs the alarm more warning than a longer
 interval does; the budget stretches it towards its floor instead.
+
+On a model whose forward pass over every probe set takes a large share of a training step,
+one reading in one step would stall it, so the monitor runs the reading in units, one
+probe set each, on a copy of the parameters and buffers of the step it starts at: the
+reading stays that of one step however many steps its units take.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from raresignal.agent.api import Measurement, Probe, StepContext
-from raresignal.agent.estimators.isolation import preserved_training_state
+from raresignal.agent.api import Measurement, MeasurementUnits, Probe, StepContext, Units
+from raresignal.agent.estimators.isolation import isolated_units, preserved_training_state
 from raresignal.agent.estimators.likelihood import mean_nll
-from raresignal.agent.estimators.objective import TrainingLoss, to_fp32_inputs
+from raresignal.agent.estimators.objective import (
+    FunctionalModel,
+    TrainingLoss,
+    to_fp32_inputs,
+)
 from raresignal.agent.estimators.shared import (
     DefaultEstimator,
     SharedState,
@@ -46,25 +55,45 @@ class ProbeLossEstimator(DefaultEstimator):
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         out: list[Measurement] = []
+        point = self.shared.parameters.fp32_detached()
         with preserved_training_state(self.shared.model), torch.no_grad():
             for name, whole in self.probes.items():
-                out += self._measure(name, whole)
+                out += self._measure(name, whole, self.shared.functional, point)
         return finite(out)
 
-    def _measure(self, name: str, probe: Probe) -> list[Measurement]:
+    def run_in_units(self, ctx: StepContext) -> MeasurementUnits:
+        """The reading at ``ctx.step``, one unit per probe set (the first copies the
+        parameters and buffers: training goes on between units). Equal to :meth:`run`."""
+        functional = self.shared.functional.with_frozen_buffers()
+        point = {name: p.detach().to(torch.float32, copy=True)
+                 for name, p in self.shared.parameters}
+        out = yield from isolated_units(self.shared.model,
+                                        self._units(functional, point))
+        return finite(out)
+
+    def _units(self, functional: FunctionalModel, point: Mapping[str, torch.Tensor]
+               ) -> Units[list[Measurement]]:
+        out: list[Measurement] = []
+        for name, probe in self.probes.items():
+            yield "probe_set"
+            with torch.no_grad():
+                out += self._measure(name, probe, functional, point)
+        return out
+
+    def _measure(self, name: str, probe: Probe, functional: FunctionalModel,
+                 point: Mapping[str, torch.Tensor]) -> list[Measurement]:
         labels = (("probe", name),)
         likelihood, engine = self.shared.likelihood, self.shared.per_example
-        training_loss = TrainingLoss(self.shared.functional, likelihood)
+        training_loss = TrainingLoss(functional, likelihood)
+        device = self.shared.parameters.device
         out: list[Measurement] = []
         if training_loss.custom:  # the user's own loss is the probe's loss
-            params = self.shared.parameters
-            loss = training_loss(params.fp32_detached(),
-                                 to_fp32_inputs(probe.inputs, params.device),
-                                 probe.targets.to(params.device))
+            loss = training_loss(point, to_fp32_inputs(probe.inputs, device),
+                                 probe.targets.to(device))
             out.append(Measurement("probe_loss", float(loss), labels))
         if likelihood is None or engine is None:
             return out
-        logits = engine.logits(probe.inputs)
+        logits = functional.logits(point, to_fp32_inputs(probe.inputs, device))
         targets = probe.targets.to(logits.device)
         if not training_loss.custom:
             out.append(Measurement("probe_loss", float(mean_nll(likelihood, logits, targets)),

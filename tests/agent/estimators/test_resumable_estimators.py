@@ -482,3 +482,25 @@ def test_building_the_estimators_pays_torch_func_s_one_time_costs() -> None:
         "assert all(name in sys.modules for name in lazy), lazy\n")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_probe_loss_units_spread_over_training_steps_equal_the_one_shot_reading(trained
+                                                                               ) -> None:
+    """One unit per probe set, at the starting step's parameters and batch-norm buffers
+    however far training moves between them: equal to the one-shot reading (rel 1e-6)."""
+    model, optimizer = trained
+    ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
+    estimator = _probe_estimators(model, optimizer, CONFIG)["probe_loss"]
+    one_shot = _values(list(estimator.run(ctx)))
+    spread, steps = _spread_over_training(estimator.run_in_units(ctx), model, optimizer, 700)
+    assert steps == 2  # the common probe set, then the rare one
+    assert set(spread) == set(one_shot) == {
+        f"{metric}{{probe={name}}}" for name in ("common", "rare")
+        for metric in ("probe_loss", "probe_accuracy")}
+    for key, value in one_shot.items():
+        assert spread[key] == pytest.approx(value, rel=1e-6), key
+    # Training did move the model: read again now, the loss differs.
+    moved = _values(list(estimator.run(_ctx(6, model, optimizer,
+                                            _train_step(model, optimizer, 8)))))
+    assert moved["probe_loss{probe=rare}"] != pytest.approx(one_shot["probe_loss{probe=rare}"],
+                                                            rel=1e-6)

@@ -135,3 +135,35 @@ def test_an_estimator_s_unit_costs_outlive_its_measurements() -> None:
     assert all(flight.costs is flights[0].costs for flight in flights)
     assert flights[0].costs.predict(START) is not None
     assert flights[0].costs.predict(None) is not None
+
+
+class CheapResumable(CountingUnits):
+    """A cheap estimator that also offers units: counts its whole runs."""
+
+    expensive = False
+    default_interval = 2
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.whole_runs = 0
+
+    def run(self, ctx: StepContext) -> Sequence[Measurement]:
+        self.whole_runs += 1
+        return [Measurement(self.metric, 0.0)]
+
+
+def test_a_cheap_estimator_runs_in_units_only_once_a_whole_run_outgrows_the_slice() -> None:
+    log: list[tuple[str, int]] = []
+    clock = [0]
+    cheap = CheapResumable("cheap", "probe_loss", 2, log, clock)
+    model = small_classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, optimizer, estimators=[cheap],
+                      config=MonitorConfig(max_interval_factor=1))
+    _train(monitor, model, optimizer, clock, 6)
+    assert cheap.whole_runs == 3 and log == []  # cheap: whole runs, a regular cadence
+    # Its runs now cost more than a step's slice (50 ms at least): the next one is units.
+    monitor._budget.schedules["cheap"].cost_seconds = 10.0
+    _train(monitor, model, optimizer, clock, 2)
+    monitor.close("completed")
+    assert cheap.whole_runs == 3 and [name for name, _ in log] == ["cheap", "cheap"]
