@@ -11,8 +11,9 @@ interval does; the budget stretches it towards its floor instead.
 
 On a model whose forward pass over every probe set takes a large share of a training step,
 one reading in one step would stall it, so once a whole reading has cost more than a
-step's slice the monitor runs the next ones in units, one probe set each, on a copy of the parameters and buffers of the step it starts at: the
-reading stays that of one step however many steps its units take.
+step's slice the monitor runs the next ones in units, one probe set each, on a copy of
+the parameters and buffers of the step each starts at: the reading stays that of one
+step however many steps its units take.
 """
 
 from __future__ import annotations
