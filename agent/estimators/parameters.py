@@ -167,6 +167,11 @@ class ParameterSet:
         """Parameter values as fp32 tensors cut from autograd (no copy when already fp32)."""
         return {n: p.detach().float() for n, p in self}
 
+    def fp32_copy(self) -> dict[str, torch.Tensor]:
+        """Parameter values as fp32 copies: a point that stays put while the optimizer
+        steps in place (a measurement spread over several training steps reads it)."""
+        return {n: p.detach().to(torch.float32, copy=True) for n, p in self}
+
     def grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.params]
 

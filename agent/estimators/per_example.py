@@ -78,8 +78,7 @@ class PerExampleGradients:
         frozen = copy.copy(self)
         frozen.chunk_size = max(1, chunk_size or self.chunk_size)
         frozen.functional = self.functional.with_frozen_buffers()
-        frozen._frozen_point = {name: p.detach().to(torch.float32, copy=True)
-                                for name, p in self.parameters}
+        frozen._frozen_point = self.parameters.fp32_copy()
         return frozen
 
     def point(self) -> Params:

@@ -67,8 +67,7 @@ class NoiseScaleEstimator(DefaultEstimator):
         order = torch.randperm(2 * n, generator=self.shared.generator(ctx.step))
         order = order.to(targets.device)
         functional = self.shared.functional.with_frozen_buffers()
-        point = {name: p.detach().to(torch.float32, copy=True)
-                 for name, p in self.shared.parameters}
+        point = self.shared.parameters.fp32_copy()
         small_sq, big_sq, b_small, b_big = yield from isolated_units(
             self.shared.model, half_batch_norms_units(functional, self.shared.likelihood,
                                                       inputs, targets, order[:n], order[n:],

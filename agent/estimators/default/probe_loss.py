@@ -66,8 +66,7 @@ class ProbeLossEstimator(DefaultEstimator):
         """The reading at ``ctx.step``, one unit per probe set (the first copies the
         parameters and buffers: training goes on between units). Equal to :meth:`run`."""
         functional = self.shared.functional.with_frozen_buffers()
-        point = {name: p.detach().to(torch.float32, copy=True)
-                 for name, p in self.shared.parameters}
+        point = self.shared.parameters.fp32_copy()
         out = yield from isolated_units(self.shared.model,
                                         self._units(functional, point))
         return finite(out)

@@ -152,7 +152,7 @@ class ProbeEstimator(DefaultEstimator):
             functional, point = engine.functional, engine.point()
         else:
             functional = shared.functional.with_frozen_buffers()
-            point = {n: p.detach().to(torch.float32, copy=True) for n, p in shared.parameters}
+            point = shared.parameters.fp32_copy()
         parameters = parameter_sketch(shared.sketcher)
         out: list[Measurement] = []
         dataset_gradients: dict[str, torch.Tensor] = {}

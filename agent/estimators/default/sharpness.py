@@ -133,7 +133,7 @@ class SharpnessEstimator(DefaultEstimator):
         params = self.shared.parameters
         device = params.device
         # Copies, not views: the optimizer steps in place between units.
-        point = {name: p.detach().to(torch.float32, copy=True) for name, p in params}
+        point = params.fp32_copy()
         optimizer = ctx.optimizer or self.shared.optimizer
         profile = optimizer_profile(optimizer)
         diagonal = (adam_preconditioner(optimizer, params)
