@@ -95,6 +95,16 @@ class HessianVectorProduct(abc.ABC):
         yield product_kind(self.backend)
         return self._product(vector)
 
+    def accumulate_units(self, vector: torch.Tensor, total: torch.Tensor,
+                         weight: float) -> Units[None]:
+        """total += weight * H v, in units; counted like a call."""
+        total.add_((yield from self.units(vector)), alpha=weight)
+
+    def for_objective(self, objective: Objective) -> HessianVectorProduct:
+        """The same backend at the same point for another objective (another chunk of
+        one batch), sharing what does not depend on the objective."""
+        return type(self)(objective, self.parameters, self.point)
+
     @abc.abstractmethod
     def _product(self, vector: torch.Tensor) -> torch.Tensor:
         """H v without counting it."""
@@ -158,10 +168,21 @@ class FiniteDifferenceHVP(HessianVectorProduct):
     backend = FINITE_DIFFERENCE
 
     def __init__(self, objective: Objective, parameters: ParameterSet,
-                 point: Params | None = None) -> None:
+                 point: Params | None = None, flat_point: torch.Tensor | None = None,
+                 ) -> None:
         super().__init__(objective, parameters, point)
-        self._x = self._flat(self.point)
+        self._x = self._flat(self.point) if flat_point is None else flat_point
         self._step_length = _FD_RELATIVE_STEP * max(float(self._x.norm()), 1.0)
+        # The displaced point and the gradient difference, allocated at the first product
+        # and reused by every product of the operators of one point: on a model of
+        # millions of parameters fresh vectors of its size at every unit cost more than
+        # the arithmetic (each page touched anew), and add up to a copy per chunk.
+        self._scratch: list[torch.Tensor] = []
+
+    def for_objective(self, objective: Objective) -> FiniteDifferenceHVP:
+        other = FiniteDifferenceHVP(objective, self.parameters, self.point, self._x)
+        other._scratch = self._scratch
+        return other
 
     def _product(self, vector: torch.Tensor) -> torch.Tensor:
         return run_units(self._product_units(vector))
@@ -169,15 +190,38 @@ class FiniteDifferenceHVP(HessianVectorProduct):
     def _product_units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
         """H v in two units, a gradient each: with the passes over the parameters' size
         around them, a product even on a one-example chunk can outlast a step's slice."""
+        return (yield from self._difference_units(vector, None, 1.0))
+
+    def accumulate_units(self, vector: torch.Tensor, total: torch.Tensor,
+                         weight: float) -> Units[None]:
+        self.count += 1
+        yield from self._difference_units(vector, total, weight)
+
+    def _difference_units(self, vector: torch.Tensor, total: torch.Tensor | None,
+                          weight: float) -> Units[torch.Tensor]:
+        """weight * H v added to ``total``, or returned when ``total`` is None."""
         norm = float(vector.norm())
         if norm == 0.0 or not math.isfinite(norm):
-            return torch.zeros_like(vector)
+            return torch.zeros_like(vector) if total is None else total
         eps = self._step_length / norm
+        if not self._scratch:
+            self._scratch += [torch.empty_like(self._x), torch.empty_like(self._x)]
+        displaced, difference = self._scratch
         yield GRADIENT_KIND
-        plus = self._gradients(self._as_params(self._x + eps * vector))
+        torch.add(self._x, vector, alpha=eps, out=displaced)
+        plus = self._gradients(self._as_params(displaced))
+        for view, gradient in zip(self.parameters.unflatten(difference), plus, strict=True):
+            view.copy_(gradient)
+        del plus
         yield GRADIENT_KIND
-        minus = self._gradients(self._as_params(self._x - eps * vector))
-        return self._flat([p - m for p, m in zip(plus, minus, strict=True)]) / (2.0 * eps)
+        torch.add(self._x, vector, alpha=-eps, out=displaced)
+        minus = self._gradients(self._as_params(displaced))
+        for view, gradient in zip(self.parameters.unflatten(difference), minus, strict=True):
+            view.sub_(gradient)  # close values: the difference is exact before scaling
+        if total is None:
+            product = difference / (2.0 * eps)
+            return product if weight == 1.0 else product.mul_(weight)
+        return total.add_(difference, alpha=weight / (2.0 * eps))
 
 
 _CLASSES: dict[str, type[HessianVectorProduct]] = {
@@ -210,7 +254,7 @@ class ChunkedHVP:
         """H v, one chunk's product per unit."""
         total = torch.zeros_like(vector)
         for operator, share in zip(self.operators, self.shares, strict=True):
-            total += share * (yield from operator.units(vector))
+            yield from operator.accumulate_units(vector, total, share)
         return total
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:

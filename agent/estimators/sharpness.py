@@ -107,6 +107,10 @@ def preconditioned_units(matvec: UnitMatVec, preconditioner: torch.Tensor) -> Un
     return product
 
 
+# The kind of the unit that prepares a Lanczos run's start vector (see api.Units).
+START_VECTOR_KIND = "lanczos start"
+
+
 @dataclass
 class SharpnessTracker:
     """Top eigenpair estimates warm-started from the previous call's eigenvector.
@@ -134,7 +138,9 @@ class SharpnessTracker:
     def estimate_units(self, matvec: UnitMatVec, device: torch.device) -> Units[Eigenpair]:
         """:meth:`estimate` in units, without remembering the result: the
         caller calls :meth:`remember` once the whole measurement is complete, so one
-        dropped half-way leaves the warm start as it was."""
+        dropped half-way leaves the warm start as it was. The start vector is a unit of
+        its own: drawn or copied, it is a fresh vector of the model's size."""
+        yield START_VECTOR_KIND
         if self.previous is not None and self.previous.numel() == self.dim:
             start, iterations = self.previous.to(device), self.warm_iterations
             gap = None if self.relative_gap is None else self.gap_safety * self.relative_gap

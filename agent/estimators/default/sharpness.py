@@ -113,7 +113,7 @@ class SharpnessEstimator(DefaultEstimator):
         operators = [operator]
         for objective, _ in rest:
             yield operator_kind(self.backend)
-            operators.append(make_hvp(self.backend, objective, params, point))
+            operators.append(operator.for_objective(objective))
         return ChunkedHVP(operators, [share for _, share in chunks])
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:

@@ -122,3 +122,19 @@ def test_sharpness_waits_for_the_optimizer_statistics_to_settle() -> None:
 
     assert run(99) == set()
     assert {"sharpness", "sharpness_ratio", "preconditioned_sharpness"} <= run(100)
+
+
+def test_building_the_shared_state_runs_the_full_garbage_collection_imports_made_due(
+        ) -> None:
+    """The full collection that importing torch (and torch._dynamo) makes due runs when
+    the estimators are built, not in one of the first training steps the monitor
+    measures (0.1-0.2 s on CPU, more than the stall bound of a small model's step)."""
+    import gc
+
+    from raresignal.agent.estimators.config import EstimatorConfig
+    from raresignal.agent.estimators.default.factory import build_shared_state
+
+    model = torch.nn.Linear(4, 3)
+    full_collections = gc.get_stats()[2]["collections"]
+    build_shared_state(model, None, None, EstimatorConfig(), task="classification")
+    assert gc.get_stats()[2]["collections"] > full_collections

@@ -9,7 +9,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from raresignal.agent.estimators.hvp import BACKENDS, auto_hvp, make_hvp
+from raresignal.agent.estimators.hvp import BACKENDS, ChunkedHVP, auto_hvp, make_hvp
 from raresignal.agent.estimators.likelihood import CausalLMLikelihood, ClassificationLikelihood
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
 from raresignal.agent.estimators.parameters import ParameterSet
@@ -117,7 +117,6 @@ def test_auto_falls_back_on_fused_cpu_attention(model_class, lm_batch) -> None:
 def test_chunks_of_a_causal_lm_batch_sum_to_its_exact_hessian(transformer, lm_batch) -> None:
     """Chunks with different numbers of scored tokens (ignored positions) weigh by them:
     the chunked product is the whole batch's H v."""
-    from raresignal.agent.estimators.hvp import ChunkedHVP
     from raresignal.agent.estimators.objective import loss_chunks
 
     tokens, targets = lm_batch
@@ -155,6 +154,33 @@ def test_a_finite_difference_product_is_two_units_one_gradient_each(mlp, classif
     assert kinds == [GRADIENT_KIND, GRADIENT_KIND]
     assert torch.equal(product, operator(v)) and operator.count == 2
     eps = operator._step_length / float(v.norm())
-    reference = (operator.gradient(operator._as_params(operator._x + eps * v))
-                 - operator.gradient(operator._as_params(operator._x - eps * v))) / (2 * eps)
+    x = operator._x
+    reference = (operator.gradient(operator._as_params(torch.add(x, v, alpha=eps)))
+                 - operator.gradient(operator._as_params(torch.add(x, v, alpha=-eps)))
+                 ) / (2 * eps)
     assert torch.equal(product, reference)
+
+
+def test_finite_difference_chunks_of_one_point_share_its_copy_and_scratch(
+        mlp, classification_batch) -> None:
+    """The chunks of a curvature batch are operators at one point: one flat copy of the
+    point and one pair of scratch vectors serve them all (not a copy per chunk, and no
+    fresh model-sized vectors per gradient), and the accumulated product is the same."""
+    likelihood = ClassificationLikelihood()
+    inputs, targets = classification_batch
+    halves = [_objective(mlp, likelihood, inputs[part], targets[part])
+              for part in (slice(0, 4), slice(4, 8))]
+    (first, params), (second, _) = halves
+    operator = make_hvp("finite_difference", first, params)
+    other = operator.for_objective(second)
+    assert other._x is operator._x
+    v = torch.randn(params.numel, generator=torch.Generator().manual_seed(5))
+    chunked = ChunkedHVP([operator, other], [0.5, 0.5])
+    product = chunked(v)
+    scratch = [t.data_ptr() for t in operator._scratch]
+    assert len(scratch) == 2 and [t.data_ptr() for t in other._scratch] == scratch
+    chunked(v)
+    assert [t.data_ptr() for t in operator._scratch] == scratch
+    separate = 0.5 * make_hvp("finite_difference", first, params)(v) + 0.5 * make_hvp(
+        "finite_difference", second, params)(v)
+    assert _relative_error(product, separate) <= 1e-6

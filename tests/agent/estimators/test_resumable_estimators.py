@@ -275,7 +275,7 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
                                    "sharpness_interval": 1000,
                                    # Chunks of a quarter batch, and the whole basis
                                    # in one reorthogonalisation unit: the run fits
-                                   # 600 steps.
+                                   # 700 steps.
                                    "unit_batch_fraction": 0.25,
                                    "curvature_unit_vectors": 128})
     sharpness = _sharpness(model, optimizer, expensive)
@@ -294,7 +294,7 @@ def test_a_monitor_gives_an_expensive_sharpness_one_product_a_step(trained, monk
                         (published.extend(earlier), publish(step, measurements, earlier)))
 
     per_step, flight, checkpoint = [], None, None
-    for step in range(600):
+    for step in range(700):
         before = len(products)
         loss = _train_step(model, optimizer, 300 + step)
         monitor.step(loss=loss, batch=_data(step))
