@@ -17,7 +17,8 @@ of its length; the change ramps in over --ramp-steps:
 
   collapse  drop_rare, lr_spike, weight_decay_jump, finetune_other_task
   control   continued, rare_learned_late (the rare slice enters at the change step),
-            rare_thinning, warmup_cosine (the whole run), batch_size_change,
+            rare_thinning, warmup_cosine (the whole run), warm_restarts (SGDR: the
+            learning rate back at its peak at 10, 30 and 70 %), batch_size_change,
             checkpoint_resume (model, optimizer and Monitor state saved and loaded into
             new ones), edge_of_stability_gd and edge_of_stability_adam (one fixed
             batch the whole run, gradient descent with sharpness at 2 / lr, Adam with

@@ -3,11 +3,12 @@
 A collapse scenario changes the training setup from the run's change step, ramped in over
 ``ramp_steps`` (real failures are usually gradual: a data mix drifts away from a slice, a
 schedule climbs past stability, a fine-tuning mix shifts); it is expected to destroy the
-rare skill. A control changes a run as healthy runs change (a schedule, a batch size, a
-resume, a skill learned late, full-batch training at the edge of stability) and keeps the
-rare skill, so any rare-signal alert on it is a false alarm. Every control runs the full
-length of the plan. The full-batch controls train on one fixed batch with the optimiser
-and rate the family measured to reach the edge of stability (``FullBatchRun``).
+rare skill. A control changes a run as healthy runs change (a schedule, warm restarts, a
+batch size, a resume, a skill learned late, full-batch training at the edge of stability)
+and keeps the rare skill, so any rare-signal alert on it is a false alarm. Every control
+runs the full length of the plan. The full-batch controls train on one fixed batch with
+the optimiser and rate the family measured to reach the edge of stability
+(``FullBatchRun``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,28 @@ def _warmup_cosine(setup: TrainingSetup, settings: FamilySettings, done: float) 
     setup.set_learning_rate(settings.learning_rate * factor)
 
 
+# Cosine annealing with warm restarts (SGDR, Loshchilov and Hutter 2017): cycles of 10%,
+# 20% and 40% of the run (restarts at 10%, 30% and 70%), then a last one cut by the end;
+# each decays to COSINE_FLOOR of the peak and restarts at the peak at once.
+RESTART_FIRST_CYCLE = 0.1
+RESTART_CYCLE_GROWTH = 2
+
+
+def restart_cycle(done: float) -> tuple[float, float]:
+    """(share of the run done when the current cycle began, that cycle's length)."""
+    start, length = 0.0, RESTART_FIRST_CYCLE
+    while done >= start + length:
+        start, length = start + length, length * RESTART_CYCLE_GROWTH
+    return start, length
+
+
+def _warm_restarts(setup: TrainingSetup, settings: FamilySettings, done: float) -> None:
+    start, length = restart_cycle(done)
+    phase = (done - start) / length
+    factor = COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * phase))
+    setup.set_learning_rate(settings.learning_rate * factor)
+
+
 BATCH_GROWTH = 4  # the batch-size control grows the batch this many times
 
 
@@ -155,6 +178,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("warmup_cosine", False,
              f"linear learning-rate warm-up over {WARMUP_SHARE:.0%} of the run, then "
              f"cosine decay to {COSINE_FLOOR:g}x", schedule=_warmup_cosine),
+    Scenario("warm_restarts", False,
+             f"cosine annealing to {COSINE_FLOOR:g}x with warm restarts (SGDR) at 10%, 30% "
+             "and 70% of the run: the learning rate jumps back to its peak at once",
+             schedule=_warm_restarts),
     Scenario("batch_size_change", False, f"the batch grows {BATCH_GROWTH}x",
              change=_grow_batch),
     Scenario("checkpoint_resume", False,

@@ -14,10 +14,14 @@ import json
 import math
 import random
 import zlib
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, TextIO
+
+from raresignal.agent.estimators.gradient_stats import ratio_at_peak_learning_rate
 
 Labels = tuple[tuple[str, str], ...]
 RecordedSample = tuple[int, str, Labels, float]  # (step, metric, labels, value)
@@ -177,6 +181,7 @@ def read_trace(path: Path) -> RunTrace:
             ended = True
     if not ended:
         raise ValueError(f"{path}: the run did not end (no end line)")
+    trace.samples = with_ratio_at_peak_lr(trace.samples)
     return trace
 
 
@@ -187,3 +192,30 @@ def recorded(directory: Path) -> set[str]:
 
 def read_traces(directory: Path) -> list[RunTrace]:
     return [read_trace(path) for path in sorted(directory.glob("*.jsonl"))]
+
+
+AT_PEAK_LR = "update_to_weight_ratio_at_peak_lr"
+
+
+def with_ratio_at_peak_lr(samples: Sequence[RecordedSample]) -> list[RecordedSample]:
+    """The samples, with the update/weight ratio at the run's peak learning rate derived
+    from the recorded ratio and learning rate (as the agent computes it) when a trace was
+    recorded by an agent that did not report it yet."""
+    if any(metric == AT_PEAK_LR for _, metric, _, _ in samples):
+        return list(samples)
+    rates = {step: value for step, metric, labels, value in samples
+             if metric == "learning_rate" and not labels}
+    steps = sorted(rates)
+    peaks = list(accumulate((rates[s] if math.isfinite(rates[s]) else 0.0 for s in steps),
+                            max))
+    out: list[RecordedSample] = []
+    for step, metric, labels, value in samples:
+        out.append((step, metric, labels, value))
+        if metric == "update_to_weight_ratio" and not labels:
+            index = bisect_right(steps, step) - 1  # the rate of this step, as the agent
+            if index >= 0:
+                at_peak = ratio_at_peak_learning_rate(value, rates[steps[index]],
+                                                      peaks[index])
+                if at_peak is not None:
+                    out.append((step, AT_PEAK_LR, labels, at_peak))
+    return out

@@ -51,6 +51,8 @@ _SPECS: tuple[MetricSpec, ...] = (
     _g("loss", "Training loss of the last step."),
     _g("grad_norm", "L2 norm of the full gradient before clipping."),
     _g("update_to_weight_ratio", "L2 norm of the last parameter update over the weight norm."),
+    _g("update_to_weight_ratio_at_peak_lr",
+       "update_to_weight_ratio rescaled to the highest learning rate the run has used."),
     _g("learning_rate", "Learning rate of the first parameter group."),
     _g("nonfinite_values", "Non-finite values in the loss and gradients of the last step."),
     _c("nonfinite_steps_total", "Steps whose loss or gradient held a non-finite value."),

@@ -71,6 +71,19 @@ def _squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).double().pow(2)
 
 
+def ratio_at_peak_learning_rate(ratio: float, learning_rate: float | None,
+                                peak_learning_rate: float) -> float | None:
+    """The update/weight ratio rescaled to the highest learning rate the run has used:
+    ``ratio * peak / lr``. A schedule moves the raw ratio with its rate (a warm restart
+    multiplies it at once); rescaled, a rate back at a level the run already trained at
+    leaves it where it was, while a rate climbing past its peak, a weight decay raised or
+    a new data mix still move it. None without a positive, finite learning rate."""
+    if (learning_rate is None or not math.isfinite(learning_rate) or learning_rate <= 0.0
+            or not math.isfinite(peak_learning_rate)):
+        return None
+    return ratio * max(peak_learning_rate, learning_rate) / learning_rate
+
+
 @dataclass
 class UpdateRatioTracker:
     """|theta_t - theta_{t-1}| / |theta_t| from a copy of the parameters of the step

@@ -20,7 +20,7 @@ from detection_detectors import Alarm, MarginAlarm, probe_loss_alarms, raresigna
 from detection_families import SETTINGS
 from detection_scenarios import SCENARIOS_BY_NAME, TrainingSetup, ramp
 from detection_scoring import ground_truth_step, score, summarize
-from detection_traces import RunPlan, RunTrace
+from detection_traces import RunPlan, RunTrace, with_ratio_at_peak_lr
 from detection_tuning import (
     Fold,
     candidate_rules_yaml,
@@ -172,6 +172,14 @@ def test_changes_ramp_in_from_the_change_step() -> None:
     assert group["lr"] == pytest.approx(settings.learning_rate)  # the warm-up's peak
     cosine(setup, settings, 0.999)
     assert group["lr"] == pytest.approx(0.1 * settings.learning_rate, rel=1e-3)
+    restarts = SCENARIOS_BY_NAME["warm_restarts"].schedule
+    for restart in (0.1, 0.3, 0.7):  # SGDR: each cycle twice the last, peak at once
+        restarts(setup, settings, restart - 1e-9)
+        assert group["lr"] == pytest.approx(0.1 * settings.learning_rate, rel=1e-3)
+        restarts(setup, settings, restart + 1e-9)
+        assert group["lr"] == pytest.approx(settings.learning_rate)
+    restarts(setup, settings, 0.5)  # half-way through the cycle from 30% to 70%
+    assert group["lr"] == pytest.approx(0.55 * settings.learning_rate)
 
 
 def test_tuning_chooses_the_for_that_warns_earliest_without_a_false_alarm() -> None:
@@ -364,3 +372,22 @@ def test_one_familys_runs_are_scored_with_the_shipped_rules_alone(
     printed = capsys.readouterr().out
     assert "tuned on nothing (one family: shipped rules only); held out: digits" in printed
     assert f"Targets, {detection_report.TUNED}" not in printed
+
+
+def test_traces_without_the_ratio_at_peak_lr_get_it_derived_as_the_agent_computes_it(
+        ) -> None:
+    """Traces recorded before the agent reported the ratio at the peak learning rate get
+    it from their recorded ratio and rate: each reading rescaled by the highest rate up
+    to its step over that step's rate (recorded after the ratio within a step)."""
+    samples = [(0, "update_to_weight_ratio", (), 0.02), (0, "learning_rate", (), 0.1),
+               (5, "learning_rate", (), 0.01),
+               (10, "update_to_weight_ratio", (), 0.002), (10, "learning_rate", (), 0.01),
+               (20, "update_to_weight_ratio", (), 0.02), (20, "learning_rate", (), 0.1),
+               (20, "probe_loss", (("probe", "rare"),), 0.3)]
+    derived = with_ratio_at_peak_lr(samples)
+    assert [(step, value) for step, metric, _, value in derived
+            if metric == "update_to_weight_ratio_at_peak_lr"] == [
+        (0, pytest.approx(0.02)), (10, pytest.approx(0.02)), (20, pytest.approx(0.02))]
+    assert [sample for sample in derived
+            if sample[1] != "update_to_weight_ratio_at_peak_lr"] == samples
+    assert with_ratio_at_peak_lr(derived) == derived  # reported by the agent: kept as is

@@ -693,11 +693,14 @@ def test_a_while_with_its_own_baseline_and_a_gained_margin_apart_from_the_thresh
     assert (rule.while_baseline.warmup, rule.while_baseline.window) == (0, 3)
 
 
-def _shipped_surge_run(probe_losses_after: list[float]) -> list[AlertChange]:
+def _shipped_surge_run(probe_losses_after: list[float], restart: bool = False,
+                       ) -> list[AlertChange]:
     """The shipped rules on a run whose rare probe learned (2.0 -> 0.2 nats) under calm
     updates (a ratio of 1e-3 for 60 readings), after which the updates surge 10 x while
     the probe's loss takes ``probe_losses_after``; the agent's cadences: the ratio every
-    10 steps, the probe's loss every 25."""
+    10 steps, the probe's loss every 25. With ``restart`` the surge is a warm restart's:
+    the learning rate back at the peak it had before decaying tenfold, so the ratio at
+    the peak rate (the agent's rescaling) stays flat while the raw ratio jumps."""
     from raresignal.server.alerting.rules import load_rules
 
     engine = AlertEngine(load_rules())
@@ -707,7 +710,9 @@ def _shipped_surge_run(probe_losses_after: list[float]) -> list[AlertChange]:
     for step in range(0, 25 * len(losses), 5):
         batch = []
         if step % 10 == 0:
-            batch.append(s("update_to_weight_ratio", step, 1e-3 if step < 600 else 1e-2))
+            raw = 1e-3 if step < 600 else 1e-2
+            batch += [s("update_to_weight_ratio", step, raw),
+                      s("update_to_weight_ratio_at_peak_lr", step, 1e-2 if restart else raw)]
         if step % 25 == 0:
             batch.append(s("probe_loss", step, losses[step // 25], probe="rare"))
         if batch:
@@ -722,6 +727,12 @@ def test_the_shipped_surge_rule_fires_on_a_small_rise_while_updates_surge() -> N
     # needs 0.5 nats and stays quiet.
     assert [(c.alert.rule, c.alert.step) for c in fired] == [
         ("RareProbeLossRiseOnUpdateSurge", 625)]
+
+
+def test_the_shipped_surge_rule_reads_the_ratio_at_the_peak_learning_rate() -> None:
+    # The same small rise at a warm restart: the raw ratio jumps tenfold, the ratio at
+    # the run's peak rate does not, and the rule stays quiet.
+    assert _shipped_surge_run([0.35, 0.45, 0.55, 0.6], restart=True) == []
 
 
 def test_the_shipped_surge_rule_is_quiet_when_the_probe_gains_in_the_surge() -> None:

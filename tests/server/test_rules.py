@@ -46,7 +46,7 @@ def test_default_rules_are_the_shipped_set() -> None:
     surge = rules["RareProbeLossRiseOnUpdateSurge"]
     assert surge.while_condition is not None and surge.while_baseline is not None
     assert (surge.while_condition.metric, surge.while_condition.relative_to) == (
-        "update_to_weight_ratio", Relative.TRAILING_RATIO)
+        "update_to_weight_ratio_at_peak_lr", Relative.TRAILING_RATIO)
     assert surge.gained == loss_rise.threshold  # learned as RareProbeLossRise requires
     # The rare-signal rules watch the rare probes, not the common reference probe.
     for name in ("RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge", "RareSignalAbsorbed"):

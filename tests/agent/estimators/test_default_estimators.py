@@ -13,7 +13,8 @@ from raresignal.protos.catalog import CATALOG
 
 EXPECTED = {
     "gradient_stats": {"loss", "grad_norm", "learning_rate", "nonfinite_values",
-                       "nonfinite_steps_total", "update_to_weight_ratio"},
+                       "nonfinite_steps_total", "update_to_weight_ratio",
+                       "update_to_weight_ratio_at_peak_lr"},
     "noise_scale": {"gradient_noise_scale"},
     "gradient_subspace": set(),
     "subspace_drift": {"subspace_overlap", "subspace_max_angle_radians"},
@@ -138,3 +139,48 @@ def test_building_the_shared_state_runs_the_full_garbage_collection_imports_made
     full_collections = gc.get_stats()[2]["collections"]
     build_shared_state(model, None, None, EstimatorConfig(), task="classification")
     assert gc.get_stats()[2]["collections"] > full_collections
+
+
+def test_the_update_ratio_at_peak_learning_rate_ignores_a_warm_restart() -> None:
+    """A warm restart multiplies the raw update/weight ratio by the rate's jump; rescaled
+    to the run's peak rate it stays where it was, while a rate past the peak still moves
+    it. The peak survives a checkpoint."""
+    from raresignal.agent.estimators.default.factory import build_shared_state
+    from raresignal.agent.estimators.default.gradient_stats import GradientStatsEstimator
+    from raresignal.agent.estimators.gradient_stats import ratio_at_peak_learning_rate
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = EstimatorConfig(update_ratio_interval=1)
+    stats = GradientStatsEstimator(build_shared_state(model, optimizer, None, config,
+                                                      task="classification"))
+    inputs, targets = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    raw: dict[float, float] = {}
+    at_peak: dict[float, float] = {}
+    # Peak 0.1, decayed to 0.01, restarted at 0.1, then past the peak (1.0).
+    for step, lr in enumerate([0.1] * 3 + [0.01] * 3 + [0.1] * 3 + [1.0] * 3):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        values = {m.metric: m.value for m in stats.run(StepContext(
+            step=step, model=model, optimizer=optimizer, forward=lambda m, x: m(x),
+            batch_size=32))}
+        optimizer.step()
+        if "update_to_weight_ratio" in values:
+            raw[lr], at_peak[lr] = (values["update_to_weight_ratio"],
+                                    values["update_to_weight_ratio_at_peak_lr"])
+    # The readings are of the update the previous step applied; the last of each rate's
+    # three steps read an update made at that rate.
+    assert raw[0.01] < raw[0.1] / 5  # the raw ratio follows the schedule
+    assert at_peak[0.01] == pytest.approx(raw[0.01] * 10, rel=1e-6)
+    assert at_peak[0.1] == pytest.approx(raw[0.1], rel=1e-6)  # back at the peak: as raw
+    assert 0.5 < at_peak[0.1] / at_peak[0.01] < 2  # the restart: no jump
+    assert at_peak[1.0] > 5 * at_peak[0.1]  # past the peak: the surge is seen
+    restored = GradientStatsEstimator(build_shared_state(model, optimizer, None, config,
+                                                         task="classification"))
+    restored.load_state_dict(stats.state_dict())
+    assert restored.peak_learning_rate == 1.0
+    assert ratio_at_peak_learning_rate(0.5, 0.0, 1.0) is None  # a rate of 0: no reading
+    assert ratio_at_peak_learning_rate(0.5, None, 1.0) is None
