@@ -43,4 +43,18 @@ def test_the_benchmark_prints_the_delay_of_every_monitored_step(
     assert 0 < median <= p99 <= maximum and bound >= 50.0 and bare > 0
     assert 0 < mean <= maximum
     assert int(row.group(8)) == 6
-    assert re.search(r"timed directly: mean delay [\d.]+% of a bare step", out), out
+    assert re.search(r"overhead timed directly \(mean delay [\d.]+% of a bare step\) "
+                     r"against the 3% target: (met|NOT met); throughput ratio -?[\d.]+%",
+                     out), out
+
+
+def test_the_null_monitor_run_measures_the_noise_floor_without_monitor_work(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    overhead.main(["--models", "cnn", "--blocks", "1", "--block-steps", "6",
+                   "--warmup-steps", "2", "--threads", "1", "--null-monitor"])
+    out = capsys.readouterr().out
+    assert "--null-monitor: the monitored blocks did no monitor work" in out
+    assert "verdicts" not in out  # no verdict on a monitor that did nothing
+    # The real monitor never ran: no self-reported overhead.
+    assert re.search(r"^cnn\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+-?[\d.]+%\s+-?[\d.]+%\s+n/a", out,
+                     re.MULTILINE), out
