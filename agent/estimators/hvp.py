@@ -190,7 +190,7 @@ class FiniteDifferenceHVP(HessianVectorProduct):
     def _product_units(self, vector: torch.Tensor) -> Units[torch.Tensor]:
         """H v in two units, a gradient each: with the passes over the parameters' size
         around them, a product even on a one-example chunk can outlast a step's slice."""
-        return (yield from self._difference_units(vector, None, 1.0))
+        return (yield from self._difference_units(vector, None, 1.0))  # a fresh vector
 
     def accumulate_units(self, vector: torch.Tensor, total: torch.Tensor,
                          weight: float) -> Units[None]:
@@ -199,7 +199,7 @@ class FiniteDifferenceHVP(HessianVectorProduct):
 
     def _difference_units(self, vector: torch.Tensor, total: torch.Tensor | None,
                           weight: float) -> Units[torch.Tensor]:
-        """weight * H v added to ``total``, or returned when ``total`` is None."""
+        """weight * H v added to ``total``; H v itself when ``total`` is None."""
         norm = float(vector.norm())
         if norm == 0.0 or not math.isfinite(norm):
             return torch.zeros_like(vector) if total is None else total
@@ -219,8 +219,7 @@ class FiniteDifferenceHVP(HessianVectorProduct):
         for view, gradient in zip(self.parameters.unflatten(difference), minus, strict=True):
             view.sub_(gradient)  # close values: the difference is exact before scaling
         if total is None:
-            product = difference / (2.0 * eps)
-            return product if weight == 1.0 else product.mul_(weight)
+            return difference / (2.0 * eps)
         return total.add_(difference, alpha=weight / (2.0 * eps))
 
 

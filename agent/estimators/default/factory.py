@@ -59,7 +59,8 @@ def build_shared_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
     # Importing torch (and torch._dynamo, which torch.func and many models import) leaves
     # some 10^5 long-lived objects the cyclic garbage collector has not yet passed over
     # in full; the estimators' first runs allocate enough to make that full collection
-    # (0.1-0.2 s on CPU) land in one of the first training steps. Run it here instead.
+    # (a pass over every object of the process) land in one of the first training steps.
+    # Run it here instead.
     gc.collect()
     per_example = None if likelihood is None else PerExampleGradients(
         functional, likelihood, sketcher, config.per_example_chunk,

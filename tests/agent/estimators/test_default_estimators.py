@@ -129,7 +129,7 @@ def test_building_the_shared_state_runs_the_full_garbage_collection_imports_made
         ) -> None:
     """The full collection that importing torch (and torch._dynamo) makes due runs when
     the estimators are built, not in one of the first training steps the monitor
-    measures (0.1-0.2 s on CPU, more than the stall bound of a small model's step)."""
+    measures (a pass over every object of the process, longer than a small model's step)."""
     import gc
 
     from raresignal.agent.estimators.config import EstimatorConfig
