@@ -196,6 +196,8 @@ def candidate_rules_yaml(shipped_text: str, choices: dict[str, Choice]) -> str:
             entry["for"] = choice.for_evaluations
         if choice.smoothing is not None and choice.smoothing < 1.0:
             entry["smoothing"] = choice.smoothing
+        elif choice.smoothing is not None:
+            entry.pop("smoothing", None)  # the raw value: a shipped smoothing is dropped
     header = ("# Candidate rules chosen by benchmarks/detection.py on its tuning "
               "families.\n"
               + (f"# No quiet threshold in the grid for: {', '.join(unquiet)}.\n"

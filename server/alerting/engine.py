@@ -75,6 +75,9 @@ class SeriesState:
     # the warm-up.
     start: float | None = None
     best: float | None = None
+    # A rule with ``median_of`` > 1: the series' latest raw values, newest last (None
+    # for every other rule, so that they carry no list).
+    recent: list[float] | None = None
 
     @property
     def baseline_ready(self) -> bool:
@@ -89,11 +92,21 @@ class SeriesState:
                 "episodes": self.episodes, "alert_id": self.alert_id,
                 "evaluated": self.evaluated, "hold_left": self.hold_left,
                 "started_at": self.started_at, "fired_at": self.fired_at, "start": self.start,
-                "best": self.best}
+                "best": self.best,
+                "recent": None if self.recent is None else list(self.recent)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
         return cls(**data)
+
+    def median_of_recent(self, count: int, value: float) -> float:
+        """The median of the last ``count`` raw values, ``value`` the newest (fewer while
+        the series is younger than that)."""
+        recent = self.recent if self.recent is not None else []
+        recent.append(value)
+        del recent[:-count]
+        self.recent = recent
+        return statistics.median(recent)
 
     def feed_best(self, warmup: int, value: float, lower_is_better: bool) -> bool:
         """Keeps the first value (where the series started), counts one evaluation
@@ -294,29 +307,38 @@ class AlertEngine:
                 state.last_value = sample.value
                 dirty.add((run_id, key))
                 value = sample.value
+                if is_fire and rule.median_of > 1:
+                    value = state.median_of_recent(rule.median_of, value)
                 if is_fire and rule.smoothing < 1.0:
                     if state.evaluated is not None:
                         value = (rule.smoothing * value
                                  + (1.0 - rule.smoothing) * state.evaluated)
                     state.evaluated = value
+                ready = True
                 if relative is Relative.ABSOLUTE:
                     pass
                 elif relative is Relative.RUNNING_BEST:
                     # The compared value (smoothed, for a smoothing rule) sets the best.
                     condition = rule.condition if is_fire else rule.while_condition
                     assert condition is not None
-                    if not state.feed_best(spec.warmup, value,
-                                           lower_is_better=not condition.points_down):
-                        continue
+                    ready = state.feed_best(spec.warmup, value,
+                                            lower_is_better=not condition.points_down)
                 elif relative is Relative.TRAILING_RATIO:
-                    if not state.feed_trailing(spec, sample.value):
-                        continue
+                    ready = state.feed_trailing(spec, sample.value)
                 elif state.median is None:
                     # Not ready before this value: it only feeds the baseline.
                     state.feed_baseline(spec, sample.value)
-                    continue
+                    ready = False
                 if is_fire:
-                    self._evaluate(run_id, rule, state, sample, value, now, changes)
+                    if ready:
+                        self._evaluate(run_id, rule, state, sample, value, now, changes)
+                else:
+                    # How many of the while metric's evaluations in a row held, this one
+                    # included (a rule's `while.for`).
+                    condition = rule.while_condition
+                    assert condition is not None
+                    held = ready and _holds(condition, state, condition.threshold)
+                    state.consecutive = state.consecutive + 1 if held else 0
         clock.last_step = last_step
         return changes
 
@@ -377,7 +399,7 @@ class AlertEngine:
         state = self._states[run_id].get(key)
         if state is None or state.last_value is None:
             return False
-        return _holds(condition, state, condition.threshold)
+        return state.consecutive >= rule.while_for
 
     def _evaluate(self, run_id: str, rule: Rule, state: SeriesState, sample: CheckedSample,
                   value: float, now: float, changes: list[AlertChange]) -> None:

@@ -25,6 +25,9 @@ Format::
         for: 3
         hold: 5                    # optional: evaluations without the condition after
                                    # which a resolved alert's episode ends (0: at once)
+        median_of: 1               # optional: compare the median of the series' last N
+                                   # values (before the smoothing): one outlying reading
+                                   # moves a median of 3 not at all
         smoothing: 1               # optional: EWMA weight of the newest value in the value
                                    # compared (1: the raw value)
         severity: critical         # critical | warning | info
@@ -36,6 +39,8 @@ Format::
           relative_to: baseline_ratio
           baseline: {warmup: 3}    # optional: the while metric's own baseline (default:
                                    # the rule's)
+          for: 1                   # optional: the condition held on the while metric's
+                                   # last N evaluations (a lasting change, not one reading)
         ignore_labels:             # optional: series with any of these label values are
           probe: [common]          # not evaluated (here: the common reference probe)
         gained: 0.5                # optional, running_best rules: evaluate once the best
@@ -169,6 +174,10 @@ class Rule:
     # EWMA weight of the newest value in the value compared with the threshold (1: raw).
     # The baseline is learned with its own smoothing, from the raw values.
     smoothing: float = 1.0
+    # The value smoothed is the median of the series' last ``median_of`` raw values: a
+    # single outlying reading (a catapult's spike, one unlucky probe subsample) does not
+    # move a median of three, a lasting change moves it one reading later.
+    median_of: int = 1
     # (label, values) pairs: a series whose label takes one of the values is not evaluated.
     ignore_labels: tuple[tuple[str, frozenset[str]], ...] = ()
     # Evaluations without the condition after which a resolved alert's episode ends; until
@@ -177,6 +186,9 @@ class Rule:
     hold: int = 5
     # The ``while`` metric's baseline, when it differs from the rule's.
     while_baseline: BaselineSpec | None = None
+    # The ``while`` condition counts once it held on this many of the while metric's
+    # evaluations in a row (the latest included).
+    while_for: int = 1
     # A running-best rule evaluates once its best lies this far past the first value
     # (None: its threshold).
     gained: float | None = None
@@ -215,14 +227,14 @@ RATIO_KINDS = frozenset({Relative.BASELINE_RATIO, Relative.TRAILING_RATIO})
 
 _RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
               "hold", "severity", "summary", "while", "baseline", "smoothing",
-              "ignore_labels", "gained"}
+              "ignore_labels", "gained", "median_of"}
 _STALL_RULE_KEYS = {"alert", "stall", "severity", "summary"}
 _STALL_KEYS = {"step_time_factor", "step_time_quantile", "floor_seconds", "history",
                "learn_after"}
 # What a stall rule's summary may say as {reason}.
 STALL_REASONS = ("its step stopped advancing", "nothing was heard from it")
 _CONDITION_KEYS = {"metric", "op", "threshold", "relative_to"}
-_WHILE_KEYS = _CONDITION_KEYS | {"baseline"}
+_WHILE_KEYS = _CONDITION_KEYS | {"baseline", "for"}
 _BASELINE_KEYS = {"warmup", "window", "smoothing", "mad_floor_fraction"}
 
 
@@ -415,12 +427,13 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
     resolve = _number(where, "resolve_threshold",
                       entry.get("resolve_threshold", condition.threshold))
     _check_resolve(where, condition, condition.threshold, resolve)
-    while_condition, while_baseline = None, None
+    while_condition, while_baseline, while_for = None, None, 1
     rule_baseline = _baseline(where, entry.get("baseline"), base)
     if "while" in entry:
         while_condition = _condition(where, entry["while"], "while", _WHILE_KEYS)
         if "baseline" in entry["while"]:
             while_baseline = _baseline(where, entry["while"]["baseline"], rule_baseline)
+        while_for = _integer(where, "while.for", entry["while"].get("for", 1), 1)
         missing = set(CATALOG[while_condition.metric].labels) - set(
             CATALOG[condition.metric].labels)
         if missing:
@@ -452,8 +465,10 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
         baseline=rule_baseline,
         while_condition=while_condition,
         while_baseline=while_baseline,
+        while_for=while_for,
         gained=gained,
         smoothing=smoothing,
+        median_of=_integer(where, "median_of", entry.get("median_of", 1), 1),
         ignore_labels=_ignore_labels(where, entry.get("ignore_labels"), condition.metric),
     )
 

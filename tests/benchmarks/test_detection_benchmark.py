@@ -238,6 +238,12 @@ def test_tuning_smooths_a_rule_when_that_warns_earlier_than_a_longer_for(
     loaded = next(r for r in load_rules(tmp_path / "candidate.yaml")
                   if r.alert == fisher.alert)
     assert (loaded.for_evaluations, loaded.smoothing) == (1, 0.5)
+    # A raw choice for a rule shipped smoothed leaves the candidate unsmoothed.
+    smoothed_rules = RATIO_RULES.replace("    for: 3\n", "    for: 3\n    smoothing: 0.5\n")
+    assert "smoothing: 0.5" in smoothed_rules
+    (tmp_path / "raw.yaml").write_text(candidate_rules_yaml(
+        smoothed_rules, {fisher.alert: replace(choice, smoothing=1.0)}))
+    assert load_rules(tmp_path / "raw.yaml")[0].smoothing == 1.0
 
 
 def test_a_threshold_is_chosen_only_with_a_notch_of_margin() -> None:
@@ -266,6 +272,7 @@ def test_help_teaches_and_bad_arguments_are_refused(capsys: pytest.CaptureFixtur
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for word in ("--quick", "--save-traces", "--load-traces", "--tune-families", "--jobs",
+                 "--no-tuning",
                  "ground truth", "held out", "drop_rare", "checkpoint_resume", "Examples"):
         assert word in text
     with pytest.raises(SystemExit):
@@ -370,7 +377,7 @@ def test_one_familys_runs_are_scored_with_the_shipped_rules_alone(
     assert detection_report.SHIPPED in detectors
     detection.print_report(report, {})
     printed = capsys.readouterr().out
-    assert "tuned on nothing (one family: shipped rules only); held out: digits" in printed
+    assert "tuned on nothing (the rules as given only); held out: digits" in printed
     assert f"Targets, {detection_report.TUNED}" not in printed
 
 

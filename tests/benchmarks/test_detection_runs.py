@@ -222,6 +222,52 @@ def test_spread_measurements_keep_their_own_step_and_old_files_still_read(
                                        (2, "probe_fisher_mass", rare, 0.25)]
 
 
+def _write_trace(directory: Path, plan: RunPlan, probe_losses: list[float]) -> None:
+    """A trace with the rare probe's loss every 5 steps and the held-out accuracy kept
+    at 0.9 (no collapse), written without training."""
+    writer = TraceWriter(directory, plan)
+    for index, value in enumerate(probe_losses):
+        step = 5 * index
+        writer.step(step, 1.0, 0.1, [(step, "probe_loss", (("probe", "rare"),), value)])
+        writer.evaluation(step, 0.9, value)
+    writer.end(RunTrace(plan, monitor_steps=5 * len(probe_losses)))
+
+
+def test_no_tuning_scores_the_rules_as_given_on_every_family_at_once(
+        tmp_path: Path) -> None:
+    import detection
+
+    # A control on each of two families; the rare probe learned (2.0 -> 0.2), then one
+    # reading 2 nats up. The raw rule cries wolf on it; the shipped median does not.
+    losses = [2.0, 2.0, 2.0, 1.0, 0.2, 0.2, 0.2, 2.2, 0.2, 0.2]
+    for family in ("minority_class", "digits"):
+        _write_trace(tmp_path / "traces", _plan("continued", steps=50, change_step=25,
+                                                family=family), losses)
+    raw = tmp_path / "raw.yaml"
+    raw.write_text("rules:\n  - {alert: RareProbeLossRise, metric: probe_loss, op: '>', "
+                   "threshold: 0.5, relative_to: running_best, baseline: {warmup: 3}}\n")
+    report = {}
+    for name, rules in (("shipped", []), ("raw", ["--rules", str(raw)])):
+        out = tmp_path / f"{name}.json"
+        assert detection.main(["--load-traces", str(tmp_path / "traces"), "--no-tuning",
+                               "--json", str(out), *rules]) == 0
+        report[name] = json.loads(out.read_text())
+    for figures in report.values():
+        assert [(f["tuning"], sorted(f["held_out"])) for f in figures["folds"]] == [
+            ([], ["digits", "minority_class"])]
+        assert "rare-signal rules, tuned on other families" not in {
+            o["detector"] for o in figures["outcomes"]}
+
+    def alarmed(figures: dict) -> int:
+        return sum(o["false_alarms"] > 0 for o in figures["outcomes"]
+                   if o["detector"] == "rare-signal rules, shipped")
+
+    assert (alarmed(report["shipped"]), alarmed(report["raw"])) == (0, 2)
+    with pytest.raises(SystemExit, match="exclude each other"):
+        detection.main(["--load-traces", str(tmp_path / "traces"), "--no-tuning",
+                        "--tune-families", "digits"])
+
+
 def test_a_killed_recording_resumes_by_skipping_the_runs_recorded(tmp_path: Path) -> None:
     done, todo = _plan("continued", steps=20, change_step=10), _plan("rare_thinning",
                                                                       steps=20, change_step=10)

@@ -535,6 +535,40 @@ rules:
 """
 
 
+MEDIAN_OF_THREE = PROBE_LOSS_RISE.replace("    for: 1\n", "    for: 1\n    median_of: 3\n")
+
+
+def test_a_median_of_three_ignores_one_outlying_reading_and_follows_a_lasting_climb(
+) -> None:
+    learned = [3.0, 2.9, 2.0, 1.0, 0.3, 0.3]
+    # One reading 3 nats up, then back: the raw rule fires, the median (0.3) does not
+    # move. One reading far down does not set the best either: 0.3 stays the best.
+    spike = [*learned, 3.3, 0.3, 0.3, 0.0, 0.3, 0.3]
+    assert states(feed(engine_for(PROBE_LOSS_RISE), "probe_loss", spike, probe="r"))[0] == (
+        UNSPECIFIED, FIRING)
+    engine = engine_for(MEDIAN_OF_THREE)
+    assert feed(engine, "probe_loss", spike, probe="r") == []
+    state = engine.state("r1", 'ProbeLossRise/fire/probe_loss/{"probe":"r"}')
+    assert state is not None and state.best == 0.3 and state.recent == [0.0, 0.3, 0.3]
+    # A lasting climb: the median passes best + 0.5 at the climb's second reading.
+    changes = feed(engine, "probe_loss", [0.9, 0.9, 0.9], start_step=13, probe="r")
+    assert states(changes) == [(UNSPECIFIED, FIRING)] and changes[0].alert.step == 14
+    assert changes[0].alert.value == pytest.approx(0.9)
+
+
+def test_the_recent_readings_of_a_median_survive_the_storage_round_trip() -> None:
+    engine = engine_for(MEDIAN_OF_THREE)
+    feed(engine, "probe_loss", [3.0, 2.9, 2.0, 1.0, 0.3, 0.3, 0.9], probe="r")
+    restored = restarted(engine, MEDIAN_OF_THREE, [engine.take_writes()])
+    # Median of (0.3, 0.9, 0.9) = 0.9: fires on the first reading after the restart.
+    changes = feed(restored, "probe_loss", [0.9], start_step=8, probe="r")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    # A rule without a median keeps no recent readings in its stored state.
+    plain = engine_for(PROBE_LOSS_RISE)
+    feed(plain, "probe_loss", [3.0, 2.9], probe="r")
+    assert all(data["recent"] is None for _, _, data in plain.take_writes().rule_states)
+
+
 def test_running_best_follows_the_loss_down_and_fires_on_a_climb_back() -> None:
     engine = engine_for(PROBE_LOSS_RISE)
     # The warm-up's values (3.0, 2.9) set nothing; the best follows the loss as it learns,
@@ -693,14 +727,43 @@ def test_a_while_with_its_own_baseline_and_a_gained_margin_apart_from_the_thresh
     assert (rule.while_baseline.warmup, rule.while_baseline.window) == (0, 3)
 
 
+SUSTAINED_SURGE = LOSS_RISE_ON_SURGE.replace(
+    "      baseline: {warmup: 0, window: 3}\n",
+    "      baseline: {warmup: 0, window: 3}\n      for: 2\n")
+
+
+def test_a_while_with_for_needs_the_condition_on_consecutive_readings() -> None:
+    engine = engine_for(SUSTAINED_SURGE)
+    feed(engine, "update_to_weight_ratio", [1.0, 1.0, 1.0])
+    feed(engine, "probe_loss", [2.0, 1.0, 1.0], probe="rare")  # learned: best 1.0
+    # One surging reading (a catapult) with the probe's loss up: quiet.
+    feed(engine, "update_to_weight_ratio", [9.0], start_step=4)
+    assert feed(engine, "probe_loss", [1.3], start_step=4, probe="rare") == []
+    # The surge back down, then up again: the count starts over, still quiet.
+    feed(engine, "update_to_weight_ratio", [1.0, 9.0], start_step=5)
+    assert feed(engine, "probe_loss", [1.3], start_step=6, probe="rare") == []
+    # A second surging reading in a row (40 > 4 x the median of 9, 1, 9): it fires.
+    feed(engine, "update_to_weight_ratio", [40.0], start_step=7)
+    changes = feed(engine, "probe_loss", [1.3], start_step=7, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    # Without `for` the first surging reading was enough.
+    single = engine_for(LOSS_RISE_ON_SURGE)
+    feed(single, "update_to_weight_ratio", [1.0, 1.0, 1.0])
+    feed(single, "probe_loss", [2.0, 1.0, 1.0], probe="rare")
+    feed(single, "update_to_weight_ratio", [9.0], start_step=4)
+    assert states(feed(single, "probe_loss", [1.3], start_step=4, probe="rare")) == [
+        (UNSPECIFIED, FIRING)]
+
+
 def _shipped_surge_run(probe_losses_after: list[float], restart: bool = False,
-                       ) -> list[AlertChange]:
+                       surge_readings: int | None = None) -> list[AlertChange]:
     """The shipped rules on a run whose rare probe learned (2.0 -> 0.2 nats) under calm
     updates (a ratio of 1e-3 for 60 readings), after which the updates surge 10 x while
     the probe's loss takes ``probe_losses_after``; the agent's cadences: the ratio every
     10 steps, the probe's loss every 25. With ``restart`` the surge is a warm restart's:
     the learning rate back at the peak it had before decaying tenfold, so the ratio at
-    the peak rate (the agent's rescaling) stays flat while the raw ratio jumps."""
+    the peak rate (the agent's rescaling) stays flat while the raw ratio jumps. With
+    ``surge_readings`` only that many ratio readings surge (a catapult)."""
     from raresignal.server.alerting.rules import load_rules
 
     engine = AlertEngine(load_rules())
@@ -710,7 +773,9 @@ def _shipped_surge_run(probe_losses_after: list[float], restart: bool = False,
     for step in range(0, 25 * len(losses), 5):
         batch = []
         if step % 10 == 0:
-            raw = 1e-3 if step < 600 else 1e-2
+            surging = step >= 600 and (surge_readings is None
+                                       or step < 600 + 10 * surge_readings)
+            raw = 1e-2 if surging else 1e-3
             batch += [s("update_to_weight_ratio", step, raw),
                       s("update_to_weight_ratio_at_peak_lr", step, 1e-2 if restart else raw)]
         if step % 25 == 0:
@@ -722,10 +787,22 @@ def _shipped_surge_run(probe_losses_after: list[float], restart: bool = False,
 
 def test_the_shipped_surge_rule_fires_on_a_small_rise_while_updates_surge() -> None:
     fired = _shipped_surge_run([0.35, 0.45, 0.55, 0.6])
-    # The smoothed loss passes best + 0.1 at 0.35 (0.3 x 0.35 + 0.7 x 0.2 = 0.245 <
-    # 0.3), then at 0.45 (0.3 x 0.45 + 0.7 x 0.245 = 0.31): step 625; RareProbeLossRise
-    # needs 0.5 nats and stays quiet.
+    # The loss is 0.15 above its best at step 600 already, but the surge has lasted one
+    # ratio reading (600); by the next probe reading (625) it has lasted three: fires.
+    # RareProbeLossRise needs 0.5 nats and stays quiet.
     assert [(c.alert.rule, c.alert.step) for c in fired] == [
+        ("RareProbeLossRiseOnUpdateSurge", 625)]
+
+
+def test_a_catapult_raises_no_rare_signal_alert() -> None:
+    # Full-batch training at the edge of stability: one update far larger than the rest
+    # and one probe reading 3 nats up, then settling back. Neither the surge rule (the
+    # surge lasted one reading) nor RareProbeLossRise (a median of three) fires.
+    settling = [3.4, 0.35, 0.2, 0.2]
+    assert _shipped_surge_run(settling, surge_readings=1) == []
+    # The same probe readings while the updates stay large: the surge rule fires on
+    # the second (0.15 above the best, the surge three readings old).
+    assert [(c.alert.rule, c.alert.step) for c in _shipped_surge_run(settling)] == [
         ("RareProbeLossRiseOnUpdateSurge", 625)]
 
 

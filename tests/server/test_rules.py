@@ -48,6 +48,10 @@ def test_default_rules_are_the_shipped_set() -> None:
     assert (surge.while_condition.metric, surge.while_condition.relative_to) == (
         "update_to_weight_ratio_at_peak_lr", Relative.TRAILING_RATIO)
     assert surge.gained == loss_rise.threshold  # learned as RareProbeLossRise requires
+    # One outlying probe reading, or one surging ratio reading, is not enough: the
+    # labelled rule reads a median of three readings, the surge must last two.
+    assert rules["RareProbeLossRise"].median_of == 3
+    assert surge.while_for == 2 and surge.median_of == 1
     # The rare-signal rules watch the rare probes, not the common reference probe.
     for name in ("RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge", "RareSignalAbsorbed"):
         assert rules[name].ignores({"probe": "common"}), name
@@ -97,6 +101,10 @@ def rule(**fields: object) -> str:
     (rule(baseline="{window: 0}"), "baseline.window must be an integer >= 1"),
     (rule(baseline="{smoothing: 2}"), "baseline.smoothing must be in (0, 1]"),
     (rule(smoothing=0), "smoothing must be in (0, 1], got 0"),
+    (rule(median_of=0), "median_of must be an integer >= 1, got 0"),
+    (rule(median_of=1.5), "median_of must be an integer >= 1, got 1.5"),
+    (rule(**{"while": "{metric: probe_loss, op: '>', threshold: 1, for: 0}"}),
+     "while.for must be an integer >= 1, got 0"),
     (rule(**{"while": "{metric: fisher_trace, op: '<', threshold: 1}"}),
      "has label(s) ['group'] that 'probe_retention' lacks"),
     (rule(alert='"not a name"'), "alert must be a name"),
