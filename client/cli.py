@@ -117,7 +117,7 @@ def build_parser(with_server: bool = True) -> argparse.ArgumentParser:
         "alerts", help="list or watch alerts",
         description="List alerts, newest first, or watch alert state changes as they happen.",
         epilog="examples:\n  raresignal alerts\n  raresignal alerts --watch --run RUN_ID\n"
-               "  raresignal alerts --state firing --rule RareSignalAbsorbed",
+               "  raresignal alerts --state firing --rule RareProbeLossRise",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     alerts.add_argument("--watch", action="store_true", help="stream changes until Ctrl-C")
     alerts.add_argument("--run", default="", help="only this run id")
