@@ -32,6 +32,13 @@ falls that far is "no collapse" and is scored apart. The agent's measurements ar
 into the server's own alert engine with the shipped rules (or --rules FILE) and compared
 with a labelled reference: the rare probe's loss 0.5 nats above its running minimum.
 
+The agent reads the probes' loss every 10 steps (its planned interval). These small
+models' training steps cost little next to a forward pass over the probes, so the
+overhead budget stretches that towards its floor (every 25 steps), and that is what the
+recordings hold; a larger model keeps the 10. --probe-loss-every 10 re-scores with the
+benchmark's own exact evaluations of the same probe at that cadence: the shipped rules
+must hold at both.
+
 Held-out families: the rare-signal rules are tuned on some families and reported on the
 others; by default every family is held out in turn (leave-one-family-out). Targets on
 held-out families: no rare-signal alert on at least 40 control runs; at least 90 % of
@@ -45,6 +52,7 @@ Examples::
     python benchmarks/detection.py --load-traces traces/ --rules candidate.yaml
     python benchmarks/detection.py --load-traces traces/ --rules candidate.yaml --no-tuning
     python benchmarks/detection.py --load-traces traces/ --tune-families digits char_lm
+    python benchmarks/detection.py --load-traces traces/ --probe-loss-every 10
     python benchmarks/detection.py --quick --save-traces /tmp/q   # 600-step smoke run
     python benchmarks/detection.py --families digits --scenarios continued --seeds 0
 
@@ -76,7 +84,7 @@ from detection_report import (
     verdicts,
 )
 from detection_scenarios import SCENARIOS
-from detection_traces import read_traces
+from detection_traces import read_traces, with_probe_loss_every
 from detection_tuning import Fold, folds
 
 from raresignal.server.alerting.rules import load_rules
@@ -125,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "every family at once, without the leave-one-family-out "
                              "tuning (seconds instead of minutes: for comparing rules "
                              "files on recorded traces)")
+    parser.add_argument("--probe-loss-every", type=int, default=None, metavar="N",
+                        help="score as if the agent had read the rare probe's loss every N "
+                             "steps (a multiple of --eval-every): its readings are replaced "
+                             "by the benchmark's exact evaluations of the same probe. The "
+                             "agent's planned interval is 10; on these small models its "
+                             "overhead budget stretches it to about 25, the recorded "
+                             "cadence. Rules must hold at both")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write every outcome and tuning choice to PATH")
     return parser
@@ -170,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             record(plans, directory, config.jobs)
             wanted = {p.file_name for p in plans}
             traces = [t for t in read_traces(directory) if t.plan.file_name in wanted]
+    if args.probe_loss_every is not None:
+        try:
+            traces = [with_probe_loss_every(t, args.probe_loss_every) for t in traces]
+        except ValueError as error:
+            raise SystemExit(f"--probe-loss-every: {error}") from None
     families = list(dict.fromkeys(t.plan.family for t in traces))
     if args.no_tuning and args.tune_families:
         raise SystemExit("--no-tuning and --tune-families exclude each other")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from detection_families import FAMILIES, Batch, CommonLabelNoise, FamilySettings, TaskFamily
 from detection_scenarios import SCENARIOS_BY_NAME, Scenario, TrainingSetup, ramp
-from detection_traces import RecordedSample, RunPlan, RunTrace, TraceWriter
+from detection_traces import RARE_PROBE_NAME, RecordedSample, RunPlan, RunTrace, TraceWriter
 from torch import nn
 
 from raresignal.agent import Measurement, Monitor, Probe
@@ -40,7 +40,7 @@ def build_monitor(model: nn.Module, optimizer: torch.optim.Optimizer, rare: Prob
         sink.extend((step, m.metric, m.labels, float(m.value)) for step, m in stamped)
 
     return Monitor(model, optimizer, server=None, run_name=plan.name,
-                   probes={"rare": rare}, common_probe=common, total_steps=plan.steps,
+                   probes={RARE_PROBE_NAME: rare}, common_probe=common, total_steps=plan.steps,
                    on_measurements=record)
 
 

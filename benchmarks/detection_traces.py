@@ -16,7 +16,7 @@ import random
 import zlib
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, TextIO
@@ -192,6 +192,30 @@ def recorded(directory: Path) -> set[str]:
 
 def read_traces(directory: Path) -> list[RunTrace]:
     return [read_trace(path) for path in sorted(directory.glob("*.jsonl"))]
+
+
+RARE_PROBE_NAME = "rare"  # the name of the agent's rare probe in every run
+RARE_PROBE = (("probe", RARE_PROBE_NAME),)
+
+
+def with_probe_loss_every(trace: RunTrace, every: int) -> RunTrace:
+    """The trace as the agent would have recorded it had it read the rare probe's loss
+    every ``every`` steps: its own readings of that loss are replaced by the benchmark's
+    exact evaluations of the same probe set (a forward pass in evaluation mode, as the
+    agent's) at the steps that are multiples of ``every``. The benchmark evaluates after
+    the optimizer's step, the agent before the next one: an evaluation at step s is the
+    agent's reading at step s + 1. The agent reads it every 10 steps (its planned
+    interval) unless the overhead budget stretches it, as it does on the benchmark's
+    small models; this scores the rules at the cadence a larger model gets."""
+    if every < 1 or every % trace.plan.eval_every:
+        raise ValueError(f"{trace.name}: the probe's loss was evaluated every "
+                         f"{trace.plan.eval_every} steps; {every} is not a multiple")
+    samples = [s for s in trace.samples if not (s[1] == "probe_loss" and s[2] == RARE_PROBE)]
+    samples += [(step + 1, "probe_loss", RARE_PROBE, value)
+                for step, value in zip(trace.eval_steps, trace.probe_loss, strict=True)
+                if step % every == 0 and step + 1 < trace.plan.steps]
+    samples.sort(key=lambda sample: sample[0])  # stable: a step's other samples keep order
+    return replace(trace, samples=samples)
 
 
 AT_PEAK_LR = "update_to_weight_ratio_at_peak_lr"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -75,9 +76,13 @@ class SeriesState:
     # the warm-up.
     start: float | None = None
     best: float | None = None
-    # A rule with ``median_of`` > 1: the series' latest raw values, newest last (None
-    # for every other rule, so that they carry no list).
+    # ...with ``best_over_steps``: [step, value] of the compared values that can still be
+    # the best of the window, oldest (the window's best) first.
+    trailing: list[list[float]] | None = None
+    # A rule with ``median_over_steps``: the series' raw values of its last steps and
+    # those steps, newest last (None for every other rule, so that they carry no list).
     recent: list[float] | None = None
+    recent_steps: list[int] | None = None
 
     @property
     def baseline_ready(self) -> bool:
@@ -93,25 +98,34 @@ class SeriesState:
                 "evaluated": self.evaluated, "hold_left": self.hold_left,
                 "started_at": self.started_at, "fired_at": self.fired_at, "start": self.start,
                 "best": self.best,
-                "recent": None if self.recent is None else list(self.recent)}
+                "trailing": None if self.trailing is None else [list(p) for p in self.trailing],
+                "recent": None if self.recent is None else list(self.recent),
+                "recent_steps": None if self.recent_steps is None else list(self.recent_steps)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeriesState:
         return cls(**data)
 
-    def median_of_recent(self, count: int, value: float) -> float:
-        """The median of the last ``count`` raw values, ``value`` the newest (fewer while
-        the series is younger than that)."""
-        recent = self.recent if self.recent is not None else []
+    def median_over_steps(self, steps: int, step: int, value: float) -> float:
+        """The median of the raw values read in the last ``steps`` steps (``step - steps``
+        included), ``value`` at ``step`` the newest."""
+        recent, stamps = self.recent, self.recent_steps
+        if recent is None or stamps is None or len(recent) != len(stamps):
+            recent, stamps = [], []  # nothing kept yet (or kept by an older server)
         recent.append(value)
-        del recent[:-count]
-        self.recent = recent
+        stamps.append(step)
+        first = bisect_left(stamps, step - steps)
+        del recent[:first], stamps[:first]
+        self.recent, self.recent_steps = recent, stamps
         return statistics.median(recent)
 
-    def feed_best(self, warmup: int, value: float, lower_is_better: bool) -> bool:
+    def feed_best(self, warmup: int, value: float, lower_is_better: bool, step: int,
+                  over_steps: int = 0) -> bool:
         """Keeps the first value (where the series started), counts one evaluation
-        towards the warm-up, then keeps the best value seen (this one included); True
-        once there is a best to compare with."""
+        towards the warm-up, then keeps the best value seen (this one included) and, with
+        ``over_steps``, the best of the last ``over_steps`` steps; True once there is a
+        best to compare with. While an episode is open the window stands still: the
+        alert compares with the best from before the climb, not with the climb."""
         if self.start is None:
             self.start = value
         if self.seen < warmup:
@@ -121,7 +135,24 @@ class SeriesState:
             self.best = value
         else:
             self.best = min(self.best, value) if lower_is_better else max(self.best, value)
+        if over_steps and self.alert_id is None:
+            trailing = self.trailing if self.trailing is not None else []
+            # A monotone queue: a value no better than a newer one can never again be
+            # the window's best.
+            while trailing and (trailing[-1][1] >= value if lower_is_better
+                                else trailing[-1][1] <= value):
+                trailing.pop()
+            trailing.append([step, value])
+            while trailing[0][0] < step - over_steps:
+                trailing.pop(0)
+            self.trailing = trailing
         return True
+
+    def best_to_compare(self, over_steps: int) -> float | None:
+        """The best the rule compares with: of its window, or of the whole run."""
+        if over_steps and self.trailing:
+            return self.trailing[0][1]
+        return self.best
 
     def improved_by(self, margin: float, lower_is_better: bool) -> bool:
         """Whether the best lies at least ``margin`` past the start: a value can only be
@@ -307,8 +338,8 @@ class AlertEngine:
                 state.last_value = sample.value
                 dirty.add((run_id, key))
                 value = sample.value
-                if is_fire and rule.median_of > 1:
-                    value = state.median_of_recent(rule.median_of, value)
+                if is_fire and rule.median_over_steps:
+                    value = state.median_over_steps(rule.median_over_steps, step, value)
                 if is_fire and rule.smoothing < 1.0:
                     if state.evaluated is not None:
                         value = (rule.smoothing * value
@@ -321,8 +352,9 @@ class AlertEngine:
                     # The compared value (smoothed, for a smoothing rule) sets the best.
                     condition = rule.condition if is_fire else rule.while_condition
                     assert condition is not None
-                    ready = state.feed_best(spec.warmup, value,
-                                            lower_is_better=not condition.points_down)
+                    ready = state.feed_best(
+                        spec.warmup, value, lower_is_better=not condition.points_down,
+                        step=step, over_steps=rule.best_over_steps if is_fire else 0)
                 elif relative is Relative.TRAILING_RATIO:
                     ready = state.feed_trailing(spec, sample.value)
                 elif state.median is None:
@@ -370,8 +402,9 @@ class AlertEngine:
             return None
         if condition.relative_to in RATIO_KINDS and (state.median or 0.0) <= 0:
             return None  # a ratio of a non-positive baseline means nothing
-        return (rule.boundary(condition.threshold, state.median, state.mad, state.best),
-                rule.boundary(rule.resolve_threshold, state.median, state.mad, state.best))
+        best = state.best_to_compare(rule.best_over_steps)
+        return (rule.boundary(condition.threshold, state.median, state.mad, best),
+                rule.boundary(rule.resolve_threshold, state.median, state.mad, best))
 
     def _labels(self, key: str) -> dict[str, str]:
         """The label mapping of a canonical label key (decoded once per key)."""

@@ -25,9 +25,9 @@ Format::
         for: 3
         hold: 5                    # optional: evaluations without the condition after
                                    # which a resolved alert's episode ends (0: at once)
-        median_of: 1               # optional: compare the median of the series' last N
-                                   # values (before the smoothing): one outlying reading
-                                   # moves a median of 3 not at all
+        median_over_steps: 0       # optional: compare the median of the series' values
+                                   # of the last N steps (before the smoothing): one
+                                   # outlying reading moves a median of 3 not at all
         smoothing: 1               # optional: EWMA weight of the newest value in the value
                                    # compared (1: the raw value)
         severity: critical         # critical | warning | info
@@ -46,6 +46,9 @@ Format::
         gained: 0.5                # optional, running_best rules: evaluate once the best
                                    # lies this far past the first value (default: the
                                    # threshold)
+        best_over_steps: 1000      # optional, running_best rules: compare with the best
+                                   # of the last N steps (0: of the whole run); it stands
+                                   # still while an alert is open
       - alert: RunStalled
         stall:                     # makes this the stall rule; every key is optional
           step_time_factor: 20     # stalled: the step is frozen, or nothing is heard, for
@@ -174,10 +177,12 @@ class Rule:
     # EWMA weight of the newest value in the value compared with the threshold (1: raw).
     # The baseline is learned with its own smoothing, from the raw values.
     smoothing: float = 1.0
-    # The value smoothed is the median of the series' last ``median_of`` raw values: a
-    # single outlying reading (a catapult's spike, one unlucky probe subsample) does not
-    # move a median of three, a lasting change moves it one reading later.
-    median_of: int = 1
+    # The value smoothed is the median of the series' raw values of its last
+    # ``median_over_steps`` steps (0: the newest value alone): a single outlying reading (a
+    # catapult's spike, one unlucky probe subsample) does not move a median of three, a
+    # lasting change moves it a reading or two later. A window in steps, not in readings,
+    # keeps the rule's meaning whatever cadence the agent's budget gives the metric.
+    median_over_steps: int = 0
     # (label, values) pairs: a series whose label takes one of the values is not evaluated.
     ignore_labels: tuple[tuple[str, frozenset[str]], ...] = ()
     # Evaluations without the condition after which a resolved alert's episode ends; until
@@ -192,6 +197,9 @@ class Rule:
     # A running-best rule evaluates once its best lies this far past the first value
     # (None: its threshold).
     gained: float | None = None
+    # A running-best rule compares with the best of its last ``best_over_steps`` steps (0:
+    # of the whole run): a value that drifts slowly over thousands of steps is not lost.
+    best_over_steps: int = 0
 
     def ignores(self, labels: Mapping[str, str]) -> bool:
         """Whether this rule leaves the series with these labels alone."""
@@ -227,7 +235,8 @@ RATIO_KINDS = frozenset({Relative.BASELINE_RATIO, Relative.TRAILING_RATIO})
 
 _RULE_KEYS = {"alert", "metric", "op", "threshold", "relative_to", "resolve_threshold", "for",
               "hold", "severity", "summary", "while", "baseline", "smoothing",
-              "ignore_labels", "gained", "median_of"}
+              "ignore_labels", "gained", "median_over_steps",
+              "best_over_steps"}
 _STALL_RULE_KEYS = {"alert", "stall", "severity", "summary"}
 _STALL_KEYS = {"step_time_factor", "step_time_quantile", "floor_seconds", "history",
                "learn_after"}
@@ -454,6 +463,12 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
         gained = _number(where, "gained", entry["gained"])
         if gained < 0:
             raise where.error(f"gained must be >= 0, got {gained:g}")
+    best_over_steps = 0
+    if "best_over_steps" in entry:
+        if condition.relative_to is not Relative.RUNNING_BEST:
+            raise where.error("best_over_steps applies to a rule relative_to: running_best "
+                              "only")
+        best_over_steps = _integer(where, "best_over_steps", entry["best_over_steps"], 1)
     return Rule(
         alert=name,
         severity=severity,
@@ -468,7 +483,9 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
         while_for=while_for,
         gained=gained,
         smoothing=smoothing,
-        median_of=_integer(where, "median_of", entry.get("median_of", 1), 1),
+        median_over_steps=_integer(where, "median_over_steps",
+                                   entry.get("median_over_steps", 0), 0),
+        best_over_steps=best_over_steps,
         ignore_labels=_ignore_labels(where, entry.get("ignore_labels"), condition.metric),
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from detection_traces import (
     draw_change_step,
     read_trace,
     recorded,
+    with_probe_loss_every,
 )
 
 from raresignal.server.alerting.rules import load_rules
@@ -222,14 +224,17 @@ def test_spread_measurements_keep_their_own_step_and_old_files_still_read(
                                        (2, "probe_fisher_mass", rare, 0.25)]
 
 
-def _write_trace(directory: Path, plan: RunPlan, probe_losses: list[float]) -> None:
-    """A trace with the rare probe's loss every 5 steps and the held-out accuracy kept
-    at 0.9 (no collapse), written without training."""
+def _write_trace(directory: Path, plan: RunPlan, probe_losses: list[float],
+                 evaluated: list[float] | None = None) -> None:
+    """A trace with the rare probe's loss every 5 steps (the benchmark's evaluations of
+    it ``evaluated``, by default the same) and the held-out accuracy kept at 0.9 (no
+    collapse), written without training."""
     writer = TraceWriter(directory, plan)
-    for index, value in enumerate(probe_losses):
+    for index, (value, exact) in enumerate(zip(probe_losses, evaluated or probe_losses,
+                                               strict=True)):
         step = 5 * index
         writer.step(step, 1.0, 0.1, [(step, "probe_loss", (("probe", "rare"),), value)])
-        writer.evaluation(step, 0.9, value)
+        writer.evaluation(step, 0.9, exact)
     writer.end(RunTrace(plan, monitor_steps=5 * len(probe_losses)))
 
 
@@ -239,9 +244,9 @@ def test_no_tuning_scores_the_rules_as_given_on_every_family_at_once(
 
     # A control on each of two families; the rare probe learned (2.0 -> 0.2), then one
     # reading 2 nats up. The raw rule cries wolf on it; the shipped median does not.
-    losses = [2.0, 2.0, 2.0, 1.0, 0.2, 0.2, 0.2, 2.2, 0.2, 0.2]
+    losses = [2.0, 2.0, 2.0, 1.0, *[0.2] * 12, 2.2, 0.2, 0.2, 0.2]
     for family in ("minority_class", "digits"):
-        _write_trace(tmp_path / "traces", _plan("continued", steps=50, change_step=25,
+        _write_trace(tmp_path / "traces", _plan("continued", steps=100, change_step=50,
                                                 family=family), losses)
     raw = tmp_path / "raw.yaml"
     raw.write_text("rules:\n  - {alert: RareProbeLossRise, metric: probe_loss, op: '>', "
@@ -266,6 +271,48 @@ def test_no_tuning_scores_the_rules_as_given_on_every_family_at_once(
     with pytest.raises(SystemExit, match="exclude each other"):
         detection.main(["--load-traces", str(tmp_path / "traces"), "--no-tuning",
                         "--tune-families", "digits"])
+
+
+def test_probe_loss_every_replaces_the_agents_rare_readings_by_the_benchmarks(
+        tmp_path: Path) -> None:
+    plan = _plan("continued", steps=40, change_step=20, eval_every=5)
+    rare, common = (("probe", "rare"),), (("probe", "common"),)
+    agent = [(s, "probe_loss", rare, 9.0) for s in (0, 25)]
+    others = [(s, "probe_loss", common, 7.0) for s in (0, 25)] + [(12, "loss", (), 1.0)]
+    trace = RunTrace(plan, samples=sorted(agent + others, key=lambda x: x[0]),
+                     eval_steps=list(range(0, 40, 5)), heldout_accuracy=[0.9] * 8,
+                     probe_loss=[float(s) for s in range(0, 40, 5)])
+    dense = with_probe_loss_every(trace, 10)
+    # The evaluation after step s is the agent's reading at s + 1; its own rare readings
+    # go, the common probe's and the other metrics stay.
+    assert [x for x in dense.samples if x[2] == rare] == [
+        (1, "probe_loss", rare, 0.0), (11, "probe_loss", rare, 10.0),
+        (21, "probe_loss", rare, 20.0), (31, "probe_loss", rare, 30.0)]
+    assert [x for x in dense.samples if x[2] != rare] == [x for x in trace.samples
+                                                          if x[2] != rare]
+    assert trace.samples == sorted(agent + others, key=lambda x: x[0])  # not modified
+    with pytest.raises(ValueError, match="every 5 steps; 12 is not a multiple"):
+        with_probe_loss_every(trace, 12)
+
+    import detection
+
+    # The agent's readings stay flat after the probe is learned; the benchmark's own
+    # evaluations climb 2 nats and stay there: only a re-scoring on those alarms.
+    learned = [2.0, 2.0, 2.0, 1.0, *[0.2] * 12]
+    _write_trace(tmp_path / "traces", replace(plan, steps=200, change_step=100),
+                 learned + [0.2] * 24, learned + [2.2] * 24)
+
+    def alarmed(*extra: str) -> bool:
+        out = tmp_path / "scored.json"
+        assert detection.main(["--load-traces", str(tmp_path / "traces"), "--no-tuning",
+                               "--json", str(out), *extra]) == 0
+        return any(o["false_alarms"] for o in json.loads(out.read_text())["outcomes"]
+                   if o["detector"] == "rare-signal rules, shipped")
+
+    assert (alarmed(), alarmed("--probe-loss-every", "10")) == (False, True)
+    with pytest.raises(SystemExit, match=r"--probe-loss-every: .* 7 is not a multiple"):
+        detection.main(["--load-traces", str(tmp_path / "traces"), "--no-tuning",
+                        "--probe-loss-every", "7"])
 
 
 def test_a_killed_recording_resumes_by_skipping_the_runs_recorded(tmp_path: Path) -> None:

@@ -535,7 +535,9 @@ rules:
 """
 
 
-MEDIAN_OF_THREE = PROBE_LOSS_RISE.replace("    for: 1\n", "    for: 1\n    median_of: 3\n")
+# Readings every step: a median over the last 2 steps is one of three readings.
+MEDIAN_OF_THREE = PROBE_LOSS_RISE.replace("    for: 1\n",
+                                          "    for: 1\n    median_over_steps: 2\n")
 
 
 def test_a_median_of_three_ignores_one_outlying_reading_and_follows_a_lasting_climb(
@@ -550,6 +552,7 @@ def test_a_median_of_three_ignores_one_outlying_reading_and_follows_a_lasting_cl
     assert feed(engine, "probe_loss", spike, probe="r") == []
     state = engine.state("r1", 'ProbeLossRise/fire/probe_loss/{"probe":"r"}')
     assert state is not None and state.best == 0.3 and state.recent == [0.0, 0.3, 0.3]
+    assert state.recent_steps == [10, 11, 12]
     # A lasting climb: the median passes best + 0.5 at the climb's second reading.
     changes = feed(engine, "probe_loss", [0.9, 0.9, 0.9], start_step=13, probe="r")
     assert states(changes) == [(UNSPECIFIED, FIRING)] and changes[0].alert.step == 14
@@ -566,7 +569,87 @@ def test_the_recent_readings_of_a_median_survive_the_storage_round_trip() -> Non
     # A rule without a median keeps no recent readings in its stored state.
     plain = engine_for(PROBE_LOSS_RISE)
     feed(plain, "probe_loss", [3.0, 2.9], probe="r")
-    assert all(data["recent"] is None for _, _, data in plain.take_writes().rule_states)
+    assert all(data["recent"] is None and data["recent_steps"] is None
+               for _, _, data in plain.take_writes().rule_states)
+
+
+def _every(engine: AlertEngine, interval: int, values: list[float], start: int = 0
+           ) -> list[AlertChange]:
+    """The rare probe's loss read every ``interval`` steps from step ``start``."""
+    changes = []
+    for index, value in enumerate(values):
+        step = start + interval * index
+        changes += engine.observe("r1", [s("probe_loss", step, value, probe="r")],
+                                  now=float(step))
+    return changes
+
+
+MEDIAN_OVER_50_STEPS = PROBE_LOSS_RISE.replace("    for: 1\n",
+                                               "    for: 1\n    median_over_steps: 50\n")
+
+
+@pytest.mark.parametrize("interval", [10, 25])
+def test_a_median_over_steps_means_the_same_at_any_cadence(interval: int) -> None:
+    # The probe learned, then one reading 3 nats up, at a reading every 10 or every 25
+    # steps: the median of the last 50 steps (6 or 3 readings) does not move.
+    learned = [3.0, 2.9, 2.0, 1.0, *[0.3] * 8]
+    engine = engine_for(MEDIAN_OVER_50_STEPS)
+    assert _every(engine, interval, [*learned, 3.3, *[0.3] * 5], start=0) == []
+    # A lasting climb: fires once half the window's readings are up, 30 or 25 steps in.
+    after = interval * (len(learned) + 6)
+    changes = _every(engine, interval, [0.9] * 6, start=after)
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    assert changes[0].alert.step - after == {10: 30, 25: 25}[interval]
+
+
+def test_recent_readings_stored_without_their_steps_start_the_window_again() -> None:
+    # A state stored by a server whose median counted readings: its readings carry no
+    # steps, so the window starts again from the next reading instead of failing.
+    engine = engine_for(MEDIAN_OVER_50_STEPS)
+    _every(engine, 10, [3.0, 2.9, 2.0, 1.0, 0.3, 0.3])
+    (run_id, key, data), = engine.take_writes().rule_states
+    data["recent"], data["recent_steps"] = [0.3, 0.3, 0.3], None
+    fresh = engine_for(MEDIAN_OVER_50_STEPS)
+    fresh.restore([(run_id, key, data)], [])
+    _every(fresh, 10, [0.4], start=60)
+    state = fresh.state("r1", key)
+    assert state is not None and (state.recent, state.recent_steps) == ([0.4], [60])
+
+
+BEST_OF_100_STEPS = PROBE_LOSS_RISE.replace("    for: 1\n",
+                                            "    for: 1\n    best_over_steps: 100\n")
+
+
+def test_a_best_over_steps_lets_a_slow_drift_pass_and_catches_a_climb() -> None:
+    # Learned to 0.2, then a drift of 0.1 nats per 100 steps: 1 nat over 1000 steps,
+    # which the run-long best takes for a loss; the best of the last 100 steps does not.
+    learned = [3.0, 2.9, 2.0, 1.0, 0.2]
+    drift = [0.2 + 0.01 * i for i in range(1, 101)]
+    assert states(_every(engine_for(PROBE_LOSS_RISE), 10, learned + drift))[0] == (
+        UNSPECIFIED, FIRING)
+    engine = engine_for(BEST_OF_100_STEPS)
+    assert _every(engine, 10, learned + drift) == []
+    key = 'ProbeLossRise/fire/probe_loss/{"probe":"r"}'
+    state = engine.state("r1", key)
+    assert state is not None and state.best == 0.2  # the run-long best, for `gained`
+    assert state.best_to_compare(100) == pytest.approx(1.1)  # the best of steps 940-1040
+    # A climb of 0.6 nats within 20 steps fires (1.7 at step 1060 against 1.12).
+    changes = _every(engine, 10, [1.5, 1.7, 1.9], start=1050)
+    assert [(c.previous_state, c.alert.state, c.alert.step) for c in changes] == [
+        (UNSPECIFIED, FIRING, 1060)]
+    # While the alert is open its best stands still: a loss that stays up stays firing,
+    # long after the climb has left the window, and resolves back near that best.
+    assert _every(engine, 10, [1.9] * 30, start=1080) == []
+    assert engine.state("r1", key).best_to_compare(100) == pytest.approx(1.12)
+    assert states(_every(engine, 10, [1.3], start=1380)) == [(FIRING, RESOLVED)]
+
+
+def test_a_best_over_steps_survives_the_storage_round_trip() -> None:
+    engine = engine_for(BEST_OF_100_STEPS)
+    _every(engine, 10, [3.0, 2.9, 2.0, 1.0, 0.2, 0.5, 0.4])
+    restored = restarted(engine, BEST_OF_100_STEPS, [engine.take_writes()])
+    # The window's best (0.2, at step 40) is kept: 0.75 at step 70 is 0.55 above it.
+    assert states(_every(restored, 10, [0.75], start=70)) == [(UNSPECIFIED, FIRING)]
 
 
 def test_running_best_follows_the_loss_down_and_fires_on_a_climb_back() -> None:
@@ -795,11 +878,11 @@ def test_the_shipped_surge_rule_fires_on_a_small_rise_while_updates_surge() -> N
 
 
 def test_a_catapult_raises_no_rare_signal_alert() -> None:
-    # Full-batch training at the edge of stability: one update far larger than the rest
-    # and one probe reading 3 nats up, then settling back. Neither the surge rule (the
-    # surge lasted one reading) nor RareProbeLossRise (a median of three) fires.
+    # Full-batch training at the edge of stability: updates far larger than the rest for
+    # two readings and one probe reading 3 nats up, then settling back. Neither the surge
+    # rule (the surge lasted two readings) nor RareProbeLossRise (a median) fires.
     settling = [3.4, 0.35, 0.2, 0.2]
-    assert _shipped_surge_run(settling, surge_readings=1) == []
+    assert _shipped_surge_run(settling, surge_readings=2) == []
     # The same probe readings while the updates stay large: the surge rule fires on
     # the second (0.15 above the best, the surge three readings old).
     assert [(c.alert.rule, c.alert.step) for c in _shipped_surge_run(settling)] == [

@@ -37,18 +37,21 @@ def test_default_rules_are_the_shipped_set() -> None:
     loss_rise = rules["RareProbeLossRise"].condition
     assert loss_rise is not None and (loss_rise.metric, loss_rise.op, loss_rise.threshold,
                                       loss_rise.relative_to) == (
-        "probe_loss", ">", 0.5, Relative.RUNNING_BEST)
+        "probe_loss", ">", 0.45, Relative.RUNNING_BEST)
     assert rules["RunStalled"].stall == StallSpec(step_time_factor=20, step_time_quantile=0.95,
                                                   floor_seconds=300, history=64, learn_after=8)
     surge = rules["RareProbeLossRiseOnUpdateSurge"]
     assert surge.while_condition is not None and surge.while_baseline is not None
     assert (surge.while_condition.metric, surge.while_condition.relative_to) == (
         "update_to_weight_ratio_at_peak_lr", Relative.TRAILING_RATIO)
-    assert surge.gained == loss_rise.threshold  # learned as RareProbeLossRise requires
-    # One outlying probe reading, or one surging ratio reading, is not enough: the
-    # labelled rule reads a median of three readings, the surge must last two.
-    assert rules["RareProbeLossRise"].median_of == 3
-    assert surge.while_for == 2 and surge.median_of == 1
+    assert surge.gained == 0.5  # the probe learned, by half a nat, before a rise counts
+    # One outlying probe reading, or a catapult's two surging ratio readings, is not
+    # enough: the labelled rule reads the median of the last 50 steps' readings and
+    # compares it with the best of the last 1000 steps, the surge must last three.
+    main = rules["RareProbeLossRise"]
+    assert (main.median_over_steps, main.best_over_steps) == (50, 1000)
+    assert surge.while_for == 3
+    assert (surge.median_over_steps, surge.best_over_steps) == (0, 0)
     # The rare-signal rules watch the rare probes, not the common reference probe.
     for name in ("RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge"):
         assert rules[name].ignores({"probe": "common"}), name
@@ -98,8 +101,12 @@ def rule(**fields: object) -> str:
     (rule(baseline="{window: 0}"), "baseline.window must be an integer >= 1"),
     (rule(baseline="{smoothing: 2}"), "baseline.smoothing must be in (0, 1]"),
     (rule(smoothing=0), "smoothing must be in (0, 1], got 0"),
-    (rule(median_of=0), "median_of must be an integer >= 1, got 0"),
-    (rule(median_of=1.5), "median_of must be an integer >= 1, got 1.5"),
+    (rule(median_over_steps=-1), "median_over_steps must be an integer >= 0, got -1"),
+    (rule(median_over_steps=1.5), "median_over_steps must be an integer >= 0, got 1.5"),
+    (rule(best_over_steps=100), "best_over_steps applies to a rule relative_to: "
+                                "running_best only"),
+    (rule(metric="probe_loss", op='">"', threshold=0.1, relative_to="running_best",
+          best_over_steps=0), "best_over_steps must be an integer >= 1, got 0"),
     (rule(**{"while": "{metric: probe_loss, op: '>', threshold: 1, for: 0}"}),
      "while.for must be an integer >= 1, got 0"),
     (rule(**{"while": "{metric: fisher_trace, op: '<', threshold: 1}"}),
