@@ -18,9 +18,10 @@ from detection_traces import RunPlan, draw_change_step, recorded
 
 @dataclass(frozen=True)
 class RecordingConfig:
-    """The shape of a recording. The defaults give 64 control runs and 40 collapse runs
-    over the five families (every family held out in turn: every control is reported
-    held out), about two hours on two cores (see BENCHMARKS.md for the measured costs)."""
+    """The shape of a recording. The defaults give 88 control runs and 48 collapse runs
+    over the six families (every family held out in turn: every control is reported
+    held out), about two and a quarter hours on two cores (see BENCHMARKS.md for the
+    measured costs)."""
 
     steps: int = 5000
     seeds: tuple[int, ...] = (0, 1)

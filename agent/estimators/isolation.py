@@ -2,6 +2,17 @@
 
 Estimators run between backward and ``optimizer.step()``; anything they disturb would
 change the training they are measuring.
+
+Most estimators measure the model as evaluated (eval mode: dropout off, batch norm on its
+running statistics). Curvature is about the training dynamics instead, and a batch norm
+normalises with the batch's own statistics there: a bias just before one cancels out of
+the training loss (its gradient is zero, so Adam's second moment for it is about zero and
+its preconditioner ``1 / eps``), while under running statistics it moves the output, so an
+eval-mode Hessian has curvature along it that training never feels and that the
+preconditioner multiplies a hundred-million-fold. ``batch_statistics=True`` keeps batch
+norms normalising with the batch's statistics, without touching their running ones;
+those statistics are then the ones of whatever examples a forward pass sees, so a caller
+that splits a batch into chunks must keep it whole (see :func:`batch_norms`).
 """
 
 from __future__ import annotations
@@ -15,18 +26,38 @@ from torch import nn
 from raresignal.agent.api import T, Units
 
 
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch norms that can normalise with batch statistics alone. A SyncBatchNorm is
+    left out: in training mode it reduces its statistics across ranks, a collective an
+    estimator must not issue on its own."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(m, nn.SyncBatchNorm)]
+
+
 @contextlib.contextmanager
-def preserved_training_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
-    """Runs the body (in eval mode by default) and restores modes, ``.grad``s and RNG."""
+def preserved_training_state(model: nn.Module, eval_mode: bool = True,
+                             batch_statistics: bool = False) -> Iterator[None]:
+    """Runs the body (in eval mode by default; with ``batch_statistics`` its batch norms
+    normalise with the batch's statistics and update no running ones) and restores modes,
+    ``.grad``s and RNG."""
     modes = [(module, module.training) for module in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    norms = batch_norms(model) if batch_statistics else []
+    tracking = [(norm, norm.track_running_stats) for norm in norms]
     if eval_mode:
         model.eval()
+    for norm in norms:
+        # Training mode without tracking: batch statistics, running buffers untouched.
+        norm.train()
+        norm.track_running_stats = False
     try:
         yield
     finally:
+        for norm, tracked in tracking:
+            norm.track_running_stats = tracked
         for module, training in modes:
             module.training = training
         for p, grad in grads:
@@ -36,13 +67,14 @@ def preserved_training_state(model: nn.Module, eval_mode: bool = True) -> Iterat
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def isolated_units(model: nn.Module, units: Units[T], eval_mode: bool = True) -> Units[T]:
+def isolated_units(model: nn.Module, units: Units[T], eval_mode: bool = True,
+                   batch_statistics: bool = False) -> Units[T]:
     """Runs each unit of ``units`` inside :func:`preserved_training_state`, so training,
     which goes on between two units, sees its own modes, gradients and RNG. The kinds
     the units name pass through."""
     try:
         while True:
-            with preserved_training_state(model, eval_mode):
+            with preserved_training_state(model, eval_mode, batch_statistics):
                 try:
                     kind = next(units)
                 except StopIteration as done:

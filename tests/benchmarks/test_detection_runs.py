@@ -341,6 +341,7 @@ SHORT_COLLAPSES = {
     "digits": (400, 200, "finetune_other_task"),
     "char_lm": (400, 200, "finetune_other_task"),
     "compositional_mlp": (800, 500, "finetune_other_task"),
+    "pulse_cnn": (400, 200, "finetune_other_task"),
 }
 
 

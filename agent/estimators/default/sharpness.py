@@ -30,7 +30,7 @@ from raresignal.agent.estimators.hvp import (
     make_hvp,
     operator_kind,
 )
-from raresignal.agent.estimators.isolation import isolated_units
+from raresignal.agent.estimators.isolation import batch_norms, isolated_units
 from raresignal.agent.estimators.objective import BatchObjective, Params, loss_chunks
 from raresignal.agent.estimators.shared import DefaultEstimator, SharedState, finite
 from raresignal.agent.estimators.sharpness import (
@@ -125,7 +125,9 @@ class SharpnessEstimator(DefaultEstimator):
         batch = self.shared.curvature_batch.get(ctx)
         if batch is None or ctx.step < config.sharpness_warmup_steps:
             return []
-        return (yield from isolated_units(self.shared.model, self._measure_units(ctx, batch)))
+        # The Hessian of the loss training descends: batch norms on batch statistics.
+        return (yield from isolated_units(self.shared.model, self._measure_units(ctx, batch),
+                                          batch_statistics=True))
 
     def _measure_units(self, ctx: StepContext, batch: tuple[Any, torch.Tensor]
                        ) -> MeasurementUnits:
@@ -138,9 +140,13 @@ class SharpnessEstimator(DefaultEstimator):
         profile = optimizer_profile(optimizer)
         diagonal = (adam_preconditioner(optimizer, params)
                     if profile.preconditioned and optimizer is not None else None)
+        # A batch norm normalises each forward pass by its own examples: chunks of the
+        # curvature batch would each be a different loss, so with batch norms it stays
+        # whole (one HVP per unit, a longer unit than the stall bound plans for).
+        chunk = (len(batch[1]) if batch_norms(self.shared.model)
+                 else self.shared.unit_examples(ctx, config.curvature_chunk_size))
         chunks = loss_chunks(self.shared.functional.with_frozen_buffers(),
-                                  self.shared.likelihood, batch,
-                                  self.shared.unit_examples(ctx, config.curvature_chunk_size))
+                             self.shared.likelihood, batch, chunk)
         hvp = yield from self._hvp_units(chunks, point)
         top = yield from self.plain.estimate_units(hvp.units, device)
         pre = None

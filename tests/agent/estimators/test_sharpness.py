@@ -9,6 +9,8 @@ import torch
 from estimator_models import MLP, call, exact_hessian
 from torch import nn
 
+from raresignal.agent.api import StepContext
+from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
 from raresignal.agent.estimators.hvp import make_hvp
 from raresignal.agent.estimators.likelihood import ClassificationLikelihood, mean_nll
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
@@ -156,3 +158,50 @@ def test_kato_temple_stop_is_within_its_bound_after_one_product() -> None:
     assert 0.0 <= error <= temple.residual**2 / (temple.value - 8.0) <= 0.01 * temple.value
     # With no gap estimate (a first, cold run), only the residual rule applies.
     assert lanczos_top(lambda v: matrix @ v, start, 20, 0.02, None).matvecs == plain.matvecs
+
+
+def test_sharpness_with_batch_norm_is_that_of_the_training_loss() -> None:
+    """A bias just before a batch norm cancels out of the training loss: Adam's second
+    moment for it stays about zero and its preconditioner about 1 / eps. Measured under
+    running statistics (eval mode), the Hessian has curvature along that bias, which the
+    preconditioner blows up; the agent measures the loss training descends (batch
+    statistics), whose preconditioned top eigenvalue it must match within 2 %, and leaves
+    the batch norm's modes and running statistics as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    inputs, targets = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    _train(model, optimizer, inputs, targets, 30)
+    model.train()
+    norm = model[1]
+    running = [norm.running_mean.clone(), norm.running_var.clone(),
+               norm.num_batches_tracked.clone()]
+    config = EstimatorConfig(sketch_dim=64, hutchinson_samples=0, sharpness_warmup_steps=0,
+                             curvature_batch_size=16, curvature_chunk_size=16,
+                             sharpness_cold_iterations=60)
+    sharpness = next(e for e in build_default_estimators(model, optimizer, None, None, config)
+                     if e.name == "sharpness")
+    ctx = StepContext(step=0, model=model, optimizer=optimizer, forward=lambda m, x: m(x),
+                      batch=(inputs, targets), batch_size=16)
+    measured = {m.metric: m.value for m in sharpness.run(ctx)}
+    assert model.training and norm.training and norm.track_running_stats
+    for before, after in zip(running, [norm.running_mean, norm.running_var,
+                                       norm.num_batches_tracked], strict=True):
+        assert torch.equal(before, after)
+
+    objective, params = _setup(model, inputs, targets)
+    scale = adam_preconditioner(optimizer, params).double().rsqrt()
+
+    def exact(train_mode: bool) -> float:
+        model.train(train_mode)
+        norm.track_running_stats = not train_mode
+        try:
+            hessian = exact_hessian(objective, params)
+        finally:
+            norm.track_running_stats = True
+            model.train()
+        return float(torch.linalg.eigvalsh(scale[:, None] * hessian * scale[None, :])[-1])
+
+    training, evaluation = exact(True), exact(False)
+    assert abs(measured["preconditioned_sharpness"] - training) <= 0.02 * abs(training)
+    assert evaluation > 1000 * training  # what a measurement under running statistics gives
