@@ -18,8 +18,9 @@ points even when the monitor does nothing (``--null-monitor``).
 throughput ratio it prints is then the noise floor of the ratio on this machine (an A/A
 comparison), to read the real run's ratio against.
 
-Two workloads: a ~3M-parameter causal transformer (``causal_lm`` task) and a small CNN
-(classification). Example::
+Workloads: a ~3M-parameter causal transformer (``causal_lm`` task), a small CNN
+(classification), and (``cnn_bn``, not run by default) the same CNN with batch norms,
+trained with AdamW. Example::
 
     python benchmarks/overhead.py --models transformer cnn --blocks 10 --block-steps 100
     python benchmarks/overhead.py --models cnn --blocks 6 --null-monitor   # the noise floor
@@ -63,11 +64,15 @@ class CausalTransformer(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, batch_norm: bool = False) -> None:
         super().__init__()
+
+        def norm(channels: int) -> nn.Module:
+            return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+
         self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 32, 3, padding=1), norm(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), norm(64), nn.ReLU(), nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(),
                                   nn.Linear(128, classes))
@@ -114,8 +119,8 @@ def transformer_workload(device: torch.device, batch: int) -> Workload:
                     Probe(*sequences(16, False)))
 
 
-def cnn_workload(device: torch.device, batch: int) -> Workload:
-    model = SmallCNN().to(device)
+def cnn_workload(device: torch.device, batch: int, batch_norm: bool = False) -> Workload:
+    model = SmallCNN(batch_norm=batch_norm).to(device)
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,10 +129,17 @@ def cnn_workload(device: torch.device, batch: int) -> Workload:
             pixels[:, 1, :4, :4].mean(dim=(1, 2)) > 0).long()
         return pixels.to(device), labels.to(device)
 
-    return Workload("cnn", model,
-                    torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+    # With batch norms, AdamW: the preconditioned sharpness, whose curvature batch then
+    # stays whole in each Hessian-vector product (its statistics are the batch's).
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-3) if batch_norm
+                 else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return Workload("cnn_bn" if batch_norm else "cnn", model, optimizer,
                     lambda: images(batch), nn.functional.cross_entropy, "classification",
                     {"rare": Probe(*images(32))}, Probe(*images(64)))
+
+
+def cnn_bn_workload(device: torch.device, batch: int) -> Workload:
+    return cnn_workload(device, batch, batch_norm=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -347,7 +359,7 @@ def print_table(results: list[Result], target: float, null_monitor: bool = False
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=["transformer", "cnn"],
+    parser.add_argument("--models", nargs="+", choices=["transformer", "cnn", "cnn_bn"],
                         default=["transformer", "cnn"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--blocks", type=int, default=10,
@@ -383,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    builders = {"transformer": (transformer_workload, 8), "cnn": (cnn_workload, 64)}
+    builders = {"transformer": (transformer_workload, 8), "cnn": (cnn_workload, 64),
+                "cnn_bn": (cnn_bn_workload, 64)}
     results = []
     for name in args.models:
         build, default_batch = builders[name]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -31,12 +32,13 @@ def test_step_delays_against_the_stall_bound() -> None:
     assert slow.bound == pytest.approx(0.2) and slow.over_bound == 0
 
 
+@pytest.mark.parametrize("model", ["cnn", "cnn_bn"])
 def test_the_benchmark_prints_the_delay_of_every_monitored_step(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    overhead.main(["--models", "cnn", "--blocks", "1", "--block-steps", "6",
+        model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    overhead.main(["--models", model, "--blocks", "1", "--block-steps", "6",
                    "--warmup-steps", "2", "--threads", "1"])
     out = capsys.readouterr().out
-    row = re.search(r"^cnn\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
+    row = re.search(rf"^{model}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
                     r"([\d.]+)\s+(\d+) of (\d+)\s+([\d.]+)$", out, re.MULTILINE)
     assert row is not None, out
     bare, mean, median, p99, maximum, bound = map(float, row.groups()[:6])
@@ -58,3 +60,12 @@ def test_the_null_monitor_run_measures_the_noise_floor_without_monitor_work(
     # The real monitor never ran: no self-reported overhead.
     assert re.search(r"^cnn\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+-?[\d.]+%\s+-?[\d.]+%\s+n/a", out,
                      re.MULTILINE), out
+
+
+def test_the_batch_norm_workload_is_the_cnn_with_batch_norms_under_adamw() -> None:
+    workload = overhead.cnn_bn_workload(torch.device("cpu"), 4)
+    norms = [m for m in workload.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert workload.name == "cnn_bn" and len(norms) == 2
+    assert isinstance(workload.optimizer, torch.optim.AdamW)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d)
+                   for m in overhead.cnn_workload(torch.device("cpu"), 4).model.modules())

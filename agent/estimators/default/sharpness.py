@@ -3,8 +3,9 @@
 Its measurement runs in units that the monitor may spread over several training steps:
 the HVP backends' trials (backend "auto") and the operators' construction, one chunk's
 operator per unit; each Hessian-vector product split over chunks of the curvature batch
-(``EstimatorConfig.curvature_chunk_size``, ``unit_batch_fraction``), one chunk per unit
-(by finite differences, one of its two gradients per unit); the Lanczos
+(``EstimatorConfig.curvature_chunk_size``, ``unit_batch_fraction``; kept whole for a model
+with batch norms, whose curvature is that of the training loss, see ``isolation``), one
+chunk per unit (by finite differences, one of its two gradients per unit); the Lanczos
 reorthogonalisation, the Ritz vector's assembly and Hutch++'s orthonormalisation, a block
 of ``curvature_unit_vectors`` stored vectors per unit. Each unit names its kind, so the
 monitor predicts its cost from earlier units of that kind.
