@@ -12,6 +12,7 @@ from torch import nn
 from raresignal.agent.api import StepContext
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
 from raresignal.agent.estimators.hvp import make_hvp
+from raresignal.agent.estimators.isolation import preserved_training_state
 from raresignal.agent.estimators.likelihood import ClassificationLikelihood, mean_nll
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
 from raresignal.agent.estimators.parameters import ParameterSet
@@ -205,3 +206,22 @@ def test_sharpness_with_batch_norm_is_that_of_the_training_loss() -> None:
     training, evaluation = exact(True), exact(False)
     assert abs(measured["preconditioned_sharpness"] - training) <= 0.02 * abs(training)
     assert evaluation > 1000 * training  # what a measurement under running statistics gives
+
+
+def test_a_sync_batch_norm_stays_on_its_running_statistics() -> None:
+    """In training mode a SyncBatchNorm reduces its statistics across ranks, a collective
+    an estimator must not issue alone: only plain batch norms switch to batch statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8),
+                          nn.SyncBatchNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    seen: list[tuple[str, bool, bool]] = []
+
+    def record(module: nn.Module, _inputs: object) -> None:
+        seen.append((type(module).__name__, module.training, module.track_running_stats))
+
+    for norm in (model[1], model[4]):
+        norm.register_forward_pre_hook(record)
+    with preserved_training_state(model, batch_statistics=True):
+        model(torch.randn(4, 6))
+    assert seen == [("BatchNorm1d", True, False), ("SyncBatchNorm", False, True)]
+    assert model.training and model[1].track_running_stats
