@@ -127,11 +127,13 @@ class SharpnessEstimator(DefaultEstimator):
         if batch is None or ctx.step < config.sharpness_warmup_steps:
             return []
         # The Hessian of the loss training descends: batch norms on batch statistics.
-        return (yield from isolated_units(self.shared.model, self._measure_units(ctx, batch),
-                                          batch_statistics=True))
+        norms = batch_norms(self.shared.model)
+        return (yield from isolated_units(self.shared.model,
+                                          self._measure_units(ctx, batch, whole=bool(norms)),
+                                          batch_statistics=norms))
 
-    def _measure_units(self, ctx: StepContext, batch: tuple[Any, torch.Tensor]
-                       ) -> MeasurementUnits:
+    def _measure_units(self, ctx: StepContext, batch: tuple[Any, torch.Tensor],
+                       whole: bool = False) -> MeasurementUnits:
         config = self.shared.config
         params = self.shared.parameters
         device = params.device
@@ -144,7 +146,7 @@ class SharpnessEstimator(DefaultEstimator):
         # A batch norm normalises each forward pass by its own examples: chunks of the
         # curvature batch would each be a different loss, so with batch norms it stays
         # whole (one HVP per unit, a longer unit than the stall bound plans for).
-        chunk = (len(batch[1]) if batch_norms(self.shared.model)
+        chunk = (len(batch[1]) if whole
                  else self.shared.unit_examples(ctx, config.curvature_chunk_size))
         chunks = loss_chunks(self.shared.functional.with_frozen_buffers(),
                              self.shared.likelihood, batch, chunk)

@@ -12,7 +12,7 @@ from torch import nn
 from raresignal.agent.api import StepContext
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
 from raresignal.agent.estimators.hvp import make_hvp
-from raresignal.agent.estimators.isolation import preserved_training_state
+from raresignal.agent.estimators.isolation import batch_norms, preserved_training_state
 from raresignal.agent.estimators.likelihood import ClassificationLikelihood, mean_nll
 from raresignal.agent.estimators.objective import BatchObjective, FunctionalModel
 from raresignal.agent.estimators.parameters import ParameterSet
@@ -221,7 +221,7 @@ def test_a_sync_batch_norm_stays_on_its_running_statistics() -> None:
 
     for norm in (model[1], model[4]):
         norm.register_forward_pre_hook(record)
-    with preserved_training_state(model, batch_statistics=True):
+    with preserved_training_state(model, batch_statistics=batch_norms(model)):
         model(torch.randn(4, 6))
     assert seen == [("BatchNorm1d", True, False), ("SyncBatchNorm", False, True)]
     assert model.training and model[1].track_running_stats
