@@ -34,12 +34,12 @@ falls that far is "no collapse" and is scored apart. The agent's measurements ar
 into the server's own alert engine with the shipped rules (or --rules FILE) and compared
 with a labelled reference: the rare probe's loss 0.5 nats above its running minimum.
 
-The agent reads the probes' loss every 10 steps (its planned interval). These small
-models' training steps cost little next to a forward pass over the probes, so the
-overhead budget stretches that towards its floor (every 25 steps), and that is what the
-recordings hold; a larger model keeps the 10. --probe-loss-every 10 re-scores with the
-benchmark's own exact evaluations of the same probe at that cadence: the shipped rules
-must hold at both.
+The agent reads the rare probe's loss every 10 steps, and keeps that in a run planned
+for 5000 steps (at least 500 readings). --probe-loss-every N re-scores recorded runs as
+if it had read it every N steps, from the benchmark's own exact evaluations of the same
+probe (a multiple of --eval-every): recordings made while the agent's floor let its
+budget stretch that to every 25 steps on these small models are scored at 10 this way,
+and the rules must hold at both.
 
 Held-out families: the rare-signal rules are tuned on some families and reported on the
 others; by default every family is held out in turn (leave-one-family-out). Targets on
@@ -139,9 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score as if the agent had read the rare probe's loss every N "
                              "steps (a multiple of --eval-every): its readings are replaced "
                              "by the benchmark's exact evaluations of the same probe. The "
-                             "agent's planned interval is 10; on these small models its "
-                             "overhead budget stretches it to about 25, the recorded "
-                             "cadence. Rules must hold at both")
+                             "agent reads it every 10 steps in a 5000-step run; recordings "
+                             "made while its budget could stretch that hold every 25")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write every outcome and tuning choice to PATH")
     return parser

@@ -204,9 +204,9 @@ def with_probe_loss_every(trace: RunTrace, every: int) -> RunTrace:
     exact evaluations of the same probe set (a forward pass in evaluation mode, as the
     agent's) at the steps that are multiples of ``every``. The benchmark evaluates after
     the optimizer's step, the agent before the next one: an evaluation at step s is the
-    agent's reading at step s + 1. The agent reads it every 10 steps (its planned
-    interval) unless the overhead budget stretches it, as it does on the benchmark's
-    small models; this scores the rules at the cadence a larger model gets."""
+    agent's reading at step s + 1. The agent reads it every 10 steps in a run planned
+    for 5000; recordings made while its budget could stretch that (to every 25 steps on
+    the benchmark's small models) are scored at the agent's cadence this way."""
     if every < 1 or every % trace.plan.eval_every:
         raise ValueError(f"{trace.name}: the probe's loss was evaluated every "
                          f"{trace.plan.eval_every} steps; {every} is not a multiple")

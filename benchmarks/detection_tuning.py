@@ -30,7 +30,7 @@ from raresignal.server.alerting.rules import RATIO_KINDS, Relative, Rule
 # its baseline gets the grid of its kind (the shipped file may change a rule's kind);
 # an absolute rule gets the grid of its metric.
 RATIO_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # fraction of the baseline, for "<" rules
-RISE_RATIO_GRID = (20.0, 10.0, 5.0, 3.0, 2.0)  # multiple of the baseline, for ">" rules
+RISE_RATIO_GRID = (20.0, 10.0, 5.0, 3.0, 2.0, 1.5)  # multiple of the baseline, for ">" rules
 FOR_GRID = (3, 2, 1)  # evaluations in a row, tried below a rule's shipped `for`
 SMOOTHING_GRID = (0.5, 0.3)  # EWMA weight of the newest value, tried below the shipped one
 MAD_GRID = (30.0, 20.0, 10.0, 5.0, 3.0)  # MADs from the baseline

@@ -24,6 +24,7 @@ trained with AdamW. Example::
 
     python benchmarks/overhead.py --models transformer cnn --blocks 10 --block-steps 100
     python benchmarks/overhead.py --models cnn --blocks 6 --null-monitor   # the noise floor
+    python benchmarks/overhead.py --models cnn --planned-steps 5000  # a run of known length
 """
 
 from __future__ import annotations
@@ -266,7 +267,8 @@ ESTIMATOR_SECONDS = "agent_estimator_seconds{estimator="
 def measure(work: Workload, args: argparse.Namespace, device: torch.device) -> Result:
     monitor = Monitor(work.model, work.optimizer, server=args.server, run_name=work.name,
                       probes=work.probes, common_probe=work.common_probe, task=work.task,
-                      config=MonitorConfig(target_overhead=args.target))
+                      config=MonitorConfig(target_overhead=args.target),
+                      total_steps=args.planned_steps)
     # Warm-up: allocator, kernels, and the first (cold) run of every estimator. A cold
     # run spread over steps may outlast the fixed warm-up: the monitored warm-up goes on
     # until every expensive estimator has completed one run (or --warmup-max-steps), so
@@ -383,6 +385,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--target", type=float, default=MonitorConfig.target_overhead,
                         help="the monitor's overhead target (default: %(default)s)")
+    parser.add_argument("--planned-steps", type=int, default=None, metavar="N",
+                        help="tell the monitor the run is planned for N steps (as the "
+                             "Lightning and HF callbacks do), so every cadence and floor "
+                             "follows the planned-length rule (default: unknown length, "
+                             "each estimator's default cadence)")
     parser.add_argument("--server", default=None,
                         help="raresignal server address to report to (default: none, "
                              "measurements stay in process)")

@@ -37,9 +37,13 @@ class EstimatorConfig:
     # The probes' loss and accuracy (a forward pass) are read far more often than their
     # geometry: the default alert on the rare probe's loss needs many readings within a
     # collapse to warn ahead of it, so the budget keeps at least this many in a planned
-    # run (the cadence rule's M for this estimator; see raresignal.agent.cadence).
+    # run (the cadence rule's M for this estimator; see raresignal.agent.cadence): a
+    # 5000-step run keeps the planned 10-step interval, since collapses on the detection
+    # benchmark halve a rare skill within 50-300 steps of their start and every 25 steps
+    # the alert warned ahead of fewer of them (BENCHMARKS.md). The common reference
+    # probe, which no default alert reads, is read at ``probes_interval`` instead.
     probe_loss_interval: int = 10
-    probe_loss_floor_measurements: int = 200
+    probe_loss_floor_measurements: int = 500
     representation_interval: int = 1000
     # Curvature: the fixed probe batch, Lanczos and the trace.
     curvature_batch_size: int = 64

@@ -73,7 +73,7 @@ class SeriesState:
     started_at: float = 0.0
     fired_at: float = 0.0
     # A rule relative to its running best: the series' first value, and the best since
-    # the warm-up.
+    # the warm-up (a trailing-ratio rule with ``gained``: since the first value).
     start: float | None = None
     best: float | None = None
     # ...with ``best_over_steps``: [step, value] of the compared values that can still be
@@ -153,6 +153,16 @@ class SeriesState:
         if over_steps and self.trailing:
             return self.trailing[0][1]
         return self.best
+
+    def track_gain(self, value: float, lower_is_better: bool) -> None:
+        """Keeps the first value and the best, for a rule on another baseline that waits
+        until the series gained ground (``gained``)."""
+        if self.start is None:
+            self.start = value
+        if self.best is None:
+            self.best = value
+        else:
+            self.best = min(self.best, value) if lower_is_better else max(self.best, value)
 
     def improved_by(self, margin: float, lower_is_better: bool) -> bool:
         """Whether the best lies at least ``margin`` past the start: a value can only be
@@ -357,6 +367,10 @@ class AlertEngine:
                         step=step, over_steps=rule.best_over_steps if is_fire else 0)
                 elif relative is Relative.TRAILING_RATIO:
                     ready = state.feed_trailing(spec, sample.value)
+                    if is_fire and rule.gained is not None:
+                        assert rule.condition is not None
+                        state.track_gain(sample.value,
+                                         lower_is_better=not rule.condition.points_down)
                 elif state.median is None:
                     # Not ready before this value: it only feeds the baseline.
                     state.feed_baseline(spec, sample.value)
@@ -399,6 +413,10 @@ class AlertEngine:
         if condition.relative_to is Relative.RUNNING_BEST and not state.improved_by(
                 condition.threshold if rule.gained is None else rule.gained,
                 lower_is_better=not condition.points_down):
+            return None
+        if (condition.relative_to is Relative.TRAILING_RATIO and rule.gained is not None
+                and not state.improved_by(rule.gained,
+                                          lower_is_better=not condition.points_down)):
             return None
         if condition.relative_to in RATIO_KINDS and (state.median or 0.0) <= 0:
             return None  # a ratio of a non-positive baseline means nothing

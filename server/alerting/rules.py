@@ -43,9 +43,9 @@ Format::
                                    # last N evaluations (a lasting change, not one reading)
         ignore_labels:             # optional: series with any of these label values are
           probe: [common]          # not evaluated (here: the common reference probe)
-        gained: 0.5                # optional, running_best rules: evaluate once the best
-                                   # lies this far past the first value (default: the
-                                   # threshold)
+        gained: 0.5                # optional, running_best and trailing_ratio rules:
+                                   # evaluate once the best lies this far past the first
+                                   # value (default for running_best: the threshold)
         best_over_steps: 1000      # optional, running_best rules: compare with the best
                                    # of the last N steps (0: of the whole run); it stands
                                    # still while an alert is open
@@ -458,8 +458,9 @@ def _rule(source: str, index: int, entry: Any, base: BaselineSpec) -> Rule:
     _check_summary(where, summary, condition.metric)
     gained = None
     if "gained" in entry:
-        if condition.relative_to is not Relative.RUNNING_BEST:
-            raise where.error("gained applies to a rule relative_to: running_best only")
+        if condition.relative_to not in (Relative.RUNNING_BEST, Relative.TRAILING_RATIO):
+            raise where.error("gained applies to a rule relative_to: running_best or "
+                              "trailing_ratio only")
         gained = _number(where, "gained", entry["gained"])
         if gained < 0:
             raise where.error(f"gained must be >= 0, got {gained:g}")

@@ -47,24 +47,26 @@ def test_the_rule_reads_its_settings_from_the_monitor_config() -> None:
 
 
 def test_an_estimator_that_needs_more_readings_declares_its_own_floor_count() -> None:
-    # The probes' forward-only loss: every 10 steps, and at least 200 readings kept, so a
-    # 5000-step run reads it at least every 25 steps (the default M of 40 would allow 125).
-    assert plan_cadence(10, False, 5000, 0, None, 200) == Cadence(10, 25)
+    # The probes' forward-only loss: every 10 steps, and at least 500 readings kept, so a
+    # 5000-step run reads it every 10 steps (the default M of 40 would allow 125).
+    assert plan_cadence(10, False, 5000, 0, None, 500) == Cadence(10, 10)
+    assert plan_cadence(10, False, 20_000, 0, None, 500) == Cadence(10, 40)
     assert plan_cadence(10, False, 5000) == Cadence(10, 125)
     # Never past 64x its default, and never tighter than its starting interval.
-    assert plan_cadence(10, False, 10_000_000, 0, None, 200) == Cadence(10, 640)
-    assert plan_cadence(10, False, 600, 0, None, 200) == Cadence(10, 10)
+    assert plan_cadence(10, False, 10_000_000, 0, None, 500) == Cadence(10, 640)
+    assert plan_cadence(10, False, 600, 0, None, 500) == Cadence(10, 10)
 
 
-def test_the_monitor_keeps_the_probe_loss_floor_dense() -> None:
+def test_the_monitor_keeps_the_rare_probe_loss_dense_and_the_common_one_sparse() -> None:
     model = torch.nn.Linear(4, 3)
     probe = Probe(torch.randn(8, 4), torch.randint(0, 3, (8,)))
     monitor = Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1), server=None,
                       probes={"rare": probe}, common_probe=probe, total_steps=5000)
     try:
-        assert monitor.floors["probe_loss"] == 25
-        assert monitor.floors["probes"] == 125
-        assert monitor.intervals["probe_loss"] == 10
+        assert (monitor.intervals["probe_loss"], monitor.floors["probe_loss"]) == (10, 10)
+        # The common probe's loss, which no default alert reads, goes with the geometry.
+        assert monitor.floors["common_probe_loss"] == monitor.floors["probes"] == 125
+        assert monitor.intervals["common_probe_loss"] == monitor.intervals["probes"] == 62
     finally:
         monitor.close()
 

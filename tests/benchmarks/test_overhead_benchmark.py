@@ -50,6 +50,19 @@ def test_the_benchmark_prints_the_delay_of_every_monitored_step(
                      out), out
 
 
+def test_a_planned_run_reads_the_rare_probes_every_10_steps_and_the_common_one_rarely(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    overhead.main(["--models", "cnn", "--blocks", "1", "--block-steps", "6",
+                   "--warmup-steps", "2", "--threads", "1", "--planned-steps", "5000"])
+    out = capsys.readouterr().out
+    cadences = dict(re.findall(r"^  (\w+)\s+(\d+)  ", out, re.MULTILINE))
+    # 5000 planned steps: the rare probe's loss keeps its 10 (500 readings kept), the
+    # common probe's starts at 5000 // 80 = 62 and the budget may stretch it to its floor
+    # of 5000 // 40 = 125.
+    assert cadences["probe_loss"] == "10", out
+    assert 62 <= int(cadences["common_probe_loss"]) <= 125, out
+
+
 def test_the_null_monitor_run_measures_the_noise_floor_without_monitor_work(
         capsys: pytest.CaptureFixture[str]) -> None:
     overhead.main(["--models", "cnn", "--blocks", "1", "--block-steps", "6",

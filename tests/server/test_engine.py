@@ -724,6 +724,37 @@ def test_running_best_waits_until_the_value_gained_the_margin() -> None:
     assert states(changes) == [(UNSPECIFIED, FIRING)]
 
 
+PROBE_LOSS_DOUBLING = """
+rules:
+  - alert: ProbeLossDoubling
+    metric: probe_loss
+    op: ">"
+    threshold: 2.0
+    relative_to: trailing_ratio
+    gained: 0.5
+    resolve_threshold: 1.5
+    for: 1
+    hold: 0
+    baseline: {warmup: 0, window: 3}
+"""
+
+
+def test_a_trailing_ratio_rule_with_gained_waits_until_the_value_gained_the_margin(
+) -> None:
+    # A slice not yet learned: its loss doubles over its recent median as the model grows
+    # sure of the other classes, but it never fell 0.5 nats below its start: quiet.
+    engine = engine_for(PROBE_LOSS_DOUBLING)
+    assert feed(engine, "probe_loss", [1.0, 1.0, 1.0, 2.5, 2.4, 2.3], probe="rare") == []
+    # Learned (0.05, 0.95 below the start), then doubled over its recent median: fires.
+    assert feed(engine, "probe_loss", [0.05, 0.05, 0.05], start_step=7, probe="rare") == []
+    changes = feed(engine, "probe_loss", [0.11], start_step=10, probe="rare")
+    assert states(changes) == [(UNSPECIFIED, FIRING)]
+    # The same series under the rule without `gained` fires on the unlearned doubling.
+    plain = engine_for(PROBE_LOSS_DOUBLING.replace("    gained: 0.5\n", ""))
+    assert states(feed(plain, "probe_loss", [1.0, 1.0, 1.0, 2.5], probe="rare")) == [
+        (UNSPECIFIED, FIRING)]
+
+
 TRAILING = """
 rules:
   - alert: UpdateSurge
@@ -839,9 +870,10 @@ def test_a_while_with_for_needs_the_condition_on_consecutive_readings() -> None:
 
 
 def _shipped_surge_run(probe_losses_after: list[float], restart: bool = False,
-                       surge_readings: int | None = None) -> list[AlertChange]:
-    """The shipped rules on a run whose rare probe learned (2.0 -> 0.2 nats) under calm
-    updates (a ratio of 1e-3 for 60 readings), after which the updates surge 10 x while
+                       surge_readings: int | None = None, held_at: float = 0.2,
+                       surge: float = 10.0) -> list[AlertChange]:
+    """The shipped rules on a run whose rare probe learned (2.0 -> ``held_at`` nats) under calm
+    updates (a ratio of 1e-3 for 60 readings), after which the updates surge ``surge`` x while
     the probe's loss takes ``probe_losses_after``; the agent's cadences: the ratio every
     10 steps, the probe's loss every 25. With ``restart`` the surge is a warm restart's:
     the learning rate back at the peak it had before decaying tenfold, so the ratio at
@@ -851,14 +883,14 @@ def _shipped_surge_run(probe_losses_after: list[float], restart: bool = False,
 
     engine = AlertEngine(load_rules())
     engine.track_run("r1", "run-one", 0.0, last_report_at=0.0)
-    losses = [2.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.3, *[0.2] * 17, *probe_losses_after]
+    losses = [2.0, 2.0, 2.0, 1.5, 1.0, 0.5, 0.3, *[held_at] * 17, *probe_losses_after]
     changes: list[AlertChange] = []
     for step in range(0, 25 * len(losses), 5):
         batch = []
         if step % 10 == 0:
             surging = step >= 600 and (surge_readings is None
                                        or step < 600 + 10 * surge_readings)
-            raw = 1e-2 if surging else 1e-3
+            raw = 1e-3 * (surge if surging else 1.0)
             batch += [s("update_to_weight_ratio", step, raw),
                       s("update_to_weight_ratio_at_peak_lr", step, 1e-2 if restart else raw)]
         if step % 25 == 0:
@@ -872,9 +904,33 @@ def test_the_shipped_surge_rule_fires_on_a_small_rise_while_updates_surge() -> N
     fired = _shipped_surge_run([0.35, 0.45, 0.55, 0.6])
     # The loss is 0.15 above its best at step 600 already, but the surge has lasted one
     # ratio reading (600); by the next probe reading (625) it has lasted three: fires.
-    # RareProbeLossRise needs 0.5 nats and stays quiet.
+    # RareProbeLossRise needs 0.5 nats and stays quiet. At 625 the loss is also past
+    # twice its recent median (0.45 against 0.2), the surge two readings old: the jump
+    # rule fires with it.
     assert [(c.alert.rule, c.alert.step) for c in fired] == [
-        ("RareProbeLossRiseOnUpdateSurge", 625)]
+        ("RareProbeLossRiseOnUpdateSurge", 625), ("RareProbeLossJumpOnUpdateSurge", 625)]
+
+
+def test_the_jump_rule_warns_on_a_confident_probe_that_no_margin_in_nats_sees() -> None:
+    # A skill held at 0.01 nats: the loss creeps to 0.015 and 0.03 while the updates
+    # surge, then the skill is gone (8 nats). Neither margin in nats (0.1 over the best,
+    # 0.45 over the best) is crossed before that reading; twice the recent median is, at
+    # 625 (0.03 against 0.01), the surge two readings old by then.
+    fired = _shipped_surge_run([0.015, 0.03, 8.0], held_at=0.01)
+    # The finer margin in nats sees it one reading later, with the skill gone.
+    assert [(c.alert.rule, c.alert.step) for c in fired] == [
+        ("RareProbeLossJumpOnUpdateSurge", 625), ("RareProbeLossRiseOnUpdateSurge", 650)]
+    # The same creep with calm updates (a surge of 2 x, under the rule's 4 x) is noise.
+    assert [c.alert.rule for c in _shipped_surge_run([0.015, 0.03], held_at=0.01,
+                                                     surge=2.0)] == []
+
+
+def test_a_catapult_raises_no_jump_alert() -> None:
+    # One surging ratio reading with the probe's loss ten times its median at the same
+    # step (a catapult at the edge of stability), then settling: the surge did not last
+    # two readings, so the jump rule stays quiet.
+    assert _shipped_surge_run([0.1, 0.01, 0.01, 0.01], held_at=0.01,
+                              surge_readings=1) == []
 
 
 def test_a_catapult_raises_no_rare_signal_alert() -> None:

@@ -18,7 +18,8 @@ from raresignal.server.alerting.rules import (
 )
 
 DEFAULT_ALERTS = {
-    "RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge", "SharpnessAboveStability",
+    "RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge", "RareProbeLossJumpOnUpdateSurge",
+    "SharpnessAboveStability",
     "SubspaceDriftSpike", "FisherRankCollapse", "NonFiniteGradients",
     "RunStalled",
 }
@@ -52,8 +53,16 @@ def test_default_rules_are_the_shipped_set() -> None:
     assert (main.median_over_steps, main.best_over_steps) == (50, 1000)
     assert surge.while_for == 3
     assert (surge.median_over_steps, surge.best_over_steps) == (0, 0)
+    # The jump: twice the probe's own recent median, while the same surge has lasted two
+    # ratio readings (one is a catapult's).
+    jump = rules["RareProbeLossJumpOnUpdateSurge"]
+    assert jump.condition is not None and jump.while_condition is not None
+    assert (jump.condition.metric, jump.condition.threshold, jump.condition.relative_to,
+            jump.while_for) == ("probe_loss", 2.0, Relative.TRAILING_RATIO, 2)
+    assert jump.while_condition == surge.while_condition
     # The rare-signal rules watch the rare probes, not the common reference probe.
-    for name in ("RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge"):
+    for name in ("RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge",
+                 "RareProbeLossJumpOnUpdateSurge"):
         assert rules[name].ignores({"probe": "common"}), name
         assert not rules[name].ignores({"probe": "rare"}), name
     assert rules["SubspaceDriftSpike"].condition.relative_to is Relative.BASELINE_MAD
@@ -112,7 +121,8 @@ def rule(**fields: object) -> str:
     (rule(**{"while": "{metric: fisher_trace, op: '<', threshold: 1}"}),
      "has label(s) ['group'] that 'probe_retention' lacks"),
     (rule(alert='"not a name"'), "alert must be a name"),
-    (rule(gained=0.5), "gained applies to a rule relative_to: running_best only"),
+    (rule(gained=0.5), "gained applies to a rule relative_to: running_best or "
+                       "trailing_ratio only"),
     (rule(metric="probe_loss", op='">"', threshold=0.1, relative_to="running_best",
           gained=-1), "gained must be >= 0"),
     (rule(**{"while": "{metric: probe_loss, op: '>', threshold: 1, window: 3}"}),

@@ -14,13 +14,17 @@ from raresignal.agent.estimators.default.fisher import FisherEstimator
 from raresignal.agent.estimators.default.gradient_stats import GradientStatsEstimator
 from raresignal.agent.estimators.default.gradient_subspace import GradientSubspaceEstimator
 from raresignal.agent.estimators.default.noise_scale import NoiseScaleEstimator
-from raresignal.agent.estimators.default.probe_loss import ProbeLossEstimator
+from raresignal.agent.estimators.default.probe_loss import (
+    CommonProbeLossEstimator,
+    ProbeLossEstimator,
+)
 from raresignal.agent.estimators.default.probes import ProbeEstimator
 from raresignal.agent.estimators.default.representation import RepresentationEstimator
 from raresignal.agent.estimators.default.sharpness import SharpnessEstimator
 from raresignal.agent.estimators.default.subspace_drift import SubspaceDriftEstimator
 
 __all__ = [
+    "CommonProbeLossEstimator",
     "FisherEstimator",
     "GradientStatsEstimator",
     "GradientSubspaceEstimator",

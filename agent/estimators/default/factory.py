@@ -19,7 +19,10 @@ from raresignal.agent.estimators.default.fisher import FisherEstimator
 from raresignal.agent.estimators.default.gradient_stats import GradientStatsEstimator
 from raresignal.agent.estimators.default.gradient_subspace import GradientSubspaceEstimator
 from raresignal.agent.estimators.default.noise_scale import NoiseScaleEstimator
-from raresignal.agent.estimators.default.probe_loss import ProbeLossEstimator
+from raresignal.agent.estimators.default.probe_loss import (
+    CommonProbeLossEstimator,
+    ProbeLossEstimator,
+)
 from raresignal.agent.estimators.default.probes import ProbeEstimator
 from raresignal.agent.estimators.default.representation import RepresentationEstimator
 from raresignal.agent.estimators.default.sharpness import SharpnessEstimator
@@ -126,8 +129,10 @@ def build_default_estimators(
     if shared.per_example is not None:
         estimators.append(FisherEstimator(shared))
     if probes:
-        estimators += [ProbeLossEstimator(shared, probes, common_probe),
+        estimators += [ProbeLossEstimator(shared, probes),
                        ProbeEstimator(shared, probes, common_probe)]
+        if common_probe is not None:
+            estimators.append(CommonProbeLossEstimator(shared, common_probe))
     unavailable = _unavailable_signals(shared, bool(probes))
     if unavailable:
         estimators.append(UnavailableSignalsEstimator(shared, unavailable))

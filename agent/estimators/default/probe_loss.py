@@ -9,6 +9,11 @@ whole of each probe set: a rotating share would save the budget little (a forwar
 and make the alarm's input noisier, which costs the alarm more warning than a longer
 interval does; the budget stretches it towards its floor instead.
 
+The common reference probe is read by an estimator of its own, ``common_probe_loss``, at
+the cadence of the probes' geometry (``probes_interval``): no default alert
+reads it (it is there to compare with on a dashboard), so reading it as often as the rare
+probes would spend half of this forward pass's budget on nothing that warns.
+
 On a model whose forward pass over every probe set takes a large share of a training step,
 one reading in one step would stall it, so once a whole reading has cost more than a
 step's slice the monitor runs the next ones in units, one probe set each, on a copy of
@@ -34,13 +39,12 @@ from raresignal.agent.estimators.shared import (
     DefaultEstimator,
     SharedState,
     finite,
-    with_common_first,
 )
 
 
 class ProbeLossEstimator(DefaultEstimator):
-    """``probe_loss`` and (with a likelihood) ``probe_accuracy`` of every probe set, the
-    common probe included: the mean over the examples measured, in evaluation mode."""
+    """``probe_loss`` and (with a likelihood) ``probe_accuracy`` of every named probe set
+    (the ones the alerts read): the mean over the examples measured, in evaluation mode."""
 
     name = "probe_loss"
     expensive = False
@@ -48,11 +52,10 @@ class ProbeLossEstimator(DefaultEstimator):
     # only this rank's shard.
     needs_whole_parameters = True
 
-    def __init__(self, shared: SharedState, probes: Mapping[str, Probe],
-                 common: Probe | None) -> None:
+    def __init__(self, shared: SharedState, probes: Mapping[str, Probe]) -> None:
         super().__init__(shared, shared.config.probe_loss_interval)
-        self.floor_measurements = shared.config.probe_loss_floor_measurements
-        self.probes = with_common_first(probes, common, shared.config.common_probe_name)
+        self.floor_measurements: int | None = shared.config.probe_loss_floor_measurements
+        self.probes = dict(probes)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
         out: list[Measurement] = []
@@ -102,4 +105,16 @@ class ProbeLossEstimator(DefaultEstimator):
         accuracy = float(likelihood.correct(logits, targets).sum() / counts)
         out.append(Measurement("probe_accuracy", accuracy, labels))
         return out
+
+
+class CommonProbeLossEstimator(ProbeLossEstimator):
+    """The same readings of the common reference probe alone, at the probes' geometry
+    cadence (with the cadence rule's default floor)."""
+
+    name = "common_probe_loss"
+
+    def __init__(self, shared: SharedState, common: Probe) -> None:
+        super().__init__(shared, {shared.config.common_probe_name: common})
+        self.default_interval = shared.config.probes_interval
+        self.floor_measurements = None
 

@@ -25,6 +25,7 @@ EXPECTED = {
     "probes": {"probe_fisher_mass", "probe_fisher_mass_ratio", "probe_absorption",
                "probe_bulk_residual", "probe_retention", "probe_interference"},
     "probe_loss": {"probe_loss", "probe_accuracy"},
+    "common_probe_loss": {"probe_loss", "probe_accuracy"},
     "representation": {"representation_effective_rank", "representation_stable_rank",
                        "representation_dormant_fraction"},
 }

@@ -17,6 +17,7 @@ from torch import nn
 from raresignal.agent.api import Probe, StepContext
 from raresignal.agent.estimators import EstimatorConfig, build_default_estimators
 from raresignal.agent.estimators.default import (
+    CommonProbeLossEstimator,
     GradientSubspaceEstimator,
     ProbeEstimator,
     ProbeLossEstimator,
@@ -255,15 +256,23 @@ def test_the_probe_loss_always_reads_the_whole_probe() -> None:
         model.weight.normal_(generator=torch.Generator().manual_seed(7))
     probes = {"rare": Probe(*_data(30, rare=True, seed=8))}
     common = Probe(*_data(40, rare=False, seed=9))
-    estimator = _by_name(build_default_estimators(model, None, probes, common, _config()),
-                         ProbeLossEstimator)
+    estimators = build_default_estimators(model, None, probes, common, _config())
+    estimator = _by_name(estimators, ProbeLossEstimator)
     ctx = StepContext(0, model, None, lambda m, i: m(i))
     full = _values(list(estimator.run(ctx)), "probe_loss")
     assert estimator.set_effort(0.25) == 1.0  # it cannot do less
     assert _values(list(estimator.run(ctx)), "probe_loss") == pytest.approx(full, rel=1e-6)
     with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(probes["rare"].inputs),
+                                                     probes["rare"].targets))
+    assert full == pytest.approx({"rare": expected}, rel=1e-6)
+    # The common probe, which no default alert reads, has an estimator (and cadence) of
+    # its own: the same exact reading.
+    common_loss = _by_name(estimators, CommonProbeLossEstimator)
+    with torch.no_grad():
         expected = float(nn.functional.cross_entropy(model(common.inputs), common.targets))
-    assert full["common"] == pytest.approx(expected, rel=1e-6)
+    assert _values(list(common_loss.run(ctx)), "probe_loss") == pytest.approx(
+        {"common": expected}, rel=1e-6)
 
 
 def test_a_planned_run_shorter_than_the_retention_warm_up_takes_its_reference_early(

@@ -493,12 +493,15 @@ def test_probe_loss_units_spread_over_training_steps_equal_the_one_shot_reading(
     however far training moves between them: equal to the one-shot reading (rel 1e-6)."""
     model, optimizer = trained
     ctx = _ctx(5, model, optimizer, _train_step(model, optimizer, 7))
-    estimator = _probe_estimators(model, optimizer, CONFIG)["probe_loss"]
+    estimator = next(e for e in build_default_estimators(
+        model, optimizer, {"rare": Probe(*_data(9, 12)), "other": Probe(*_data(1, 20))},
+        None, CONFIG, task="classification", forward=lambda m, x: m(x))
+        if e.name == "probe_loss")
     one_shot = _values(list(estimator.run(ctx)))
     spread, steps = _spread_over_training(estimator.run_in_units(ctx), model, optimizer, 700)
-    assert steps == 2  # the common probe set, then the rare one
+    assert steps == 2  # one probe set, then the other
     assert set(spread) == set(one_shot) == {
-        f"{metric}{{probe={name}}}" for name in ("common", "rare")
+        f"{metric}{{probe={name}}}" for name in ("other", "rare")
         for metric in ("probe_loss", "probe_accuracy")}
     for key, value in one_shot.items():
         assert spread[key] == pytest.approx(value, rel=1e-6), key
