@@ -4,7 +4,7 @@ early, on task families they were never tuned on, without crying wolf on healthy
 Every run trains a small model on CPU for 5000 steps (--steps) with the real agent at its
 shipped defaults: ``Monitor(model, optimizer, probes=..., common_probe=...)`` with no hand-
 set cadence or reference step, budget on; the one thing the benchmark tells it is the
-run's planned length. Six task families, each with a common skill and a rare one:
+run's planned length. Seven task families, each with a common skill and a rare one:
 
   minority_class      a 3 % minority class of a Gaussian mixture (MLP)
   token_rule          a rare compositional token rule (two-block transformer)
@@ -13,6 +13,9 @@ run's planned length. Six task families, each with a common skill and a rare one
   compositional_mlp   a common rule and a rare compositional rule on 5 % (tanh MLP)
   pulse_cnn           a rare pulse on periodic signals, a class of its own (1-D CNN with
                       batch norm; recorded after the shipped rules were chosen)
+  keyword_text        a rare intent marked by two keywords among 24 tokens (mean-pooled
+                      bag-of-words MLP; recorded after RareProbeLossJumpOnUpdateSurge was
+                      chosen)
 
 and these scenarios. Each run draws its change step from its seed, uniformly in 30-70 %
 of its length; the change ramps in over --ramp-steps:

@@ -18,8 +18,8 @@ from detection_traces import RunPlan, draw_change_step, recorded
 
 @dataclass(frozen=True)
 class RecordingConfig:
-    """The shape of a recording. The defaults give 88 control runs and 48 collapse runs
-    over the six families (every family held out in turn: every control is reported
+    """The shape of a recording. The defaults give 102 control runs and 56 collapse runs
+    over the seven families (every family held out in turn: every control is reported
     held out), about two and a quarter hours on two cores (see BENCHMARKS.md for the
     measured costs)."""
 

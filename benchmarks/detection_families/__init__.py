@@ -14,12 +14,13 @@ from detection_families.base import (
 from detection_families.char_lm import CharLMTask
 from detection_families.compositional_mlp import CompositionalMLPTask
 from detection_families.digits import DigitsTask
+from detection_families.keyword_text import KeywordTextTask
 from detection_families.minority_class import MinorityClassTask
 from detection_families.pulse_cnn import PulseCNNTask
 from detection_families.token_rule import TokenRuleTask
 
 _CLASSES = (MinorityClassTask, TokenRuleTask, DigitsTask, CharLMTask, CompositionalMLPTask,
-            PulseCNNTask)
+            PulseCNNTask, KeywordTextTask)
 FAMILIES: dict[str, Callable[[], TaskFamily]] = {cls.name: cls for cls in _CLASSES}
 # Read without building a family (some load data sets when built).
 SETTINGS: dict[str, FamilySettings] = {cls.name: cls.settings for cls in _CLASSES}

@@ -342,6 +342,7 @@ SHORT_COLLAPSES = {
     "char_lm": (400, 200, "finetune_other_task"),
     "compositional_mlp": (800, 500, "finetune_other_task"),
     "pulse_cnn": (400, 200, "finetune_other_task"),
+    "keyword_text": (1400, 1100, "lr_spike"),
 }
 
 
