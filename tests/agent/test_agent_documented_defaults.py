@@ -16,8 +16,8 @@ def test_readme_states_the_sketch_size_and_overhead_target_the_agent_uses() -> N
     readme = README.read_text()
     assert f"(d = {EstimatorConfig().sketch_dim})" in readme
     target = f"{MonitorConfig().target_overhead:.0%}"
-    assert f"held under {target} of step time" in readme
-    assert f"≤ {target} of step time" in readme
+    assert f"held near {target} of step time" in readme
+    assert f"at about {target} of step time" in readme
 
 
 def test_readme_states_the_overhead_window_and_the_curvature_unit_size() -> None:
