@@ -94,6 +94,23 @@ class CommonLabelNoise(Protocol):
         ...
 
 
+class ProbesFromExamples:
+    """``probes`` and ``heldout`` for a family that draws a rare or a common set with
+    ``examples(size, rare, generator)``, from the seed offsets that keep them apart."""
+
+    def examples(self, size: int, rare: bool, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def probes(self, seed: int, size: int) -> tuple[Probe, Probe]:
+        generator = torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET)
+        return (Probe(*self.examples(size, True, generator)),
+                Probe(*self.examples(size, False, generator)))
+
+    def heldout(self, seed: int, size: int) -> Batch:
+        return self.examples(size, True,
+                             torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET))
+
+
 def mix(rare: Batch, common: Batch, generator: torch.Generator) -> Batch:
     """One shuffled batch of the two parts."""
     inputs = torch.cat([rare[0], common[0]])

@@ -20,13 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detection_families.base import (
-    HELDOUT_SEED_OFFSET,
-    PROBE_SEED_OFFSET,
-    Batch,
-    FamilySettings,
-)
-from raresignal.agent import Probe
+from detection_families.base import Batch, FamilySettings, ProbesFromExamples
 
 VOCABULARY = 256
 LENGTH = 24
@@ -54,7 +48,7 @@ class MeanPooledClassifier(nn.Module):
         return self.head(self.embedding(tokens).mean(dim=1))
 
 
-class KeywordTextTask:
+class KeywordTextTask(ProbesFromExamples):
     name = "keyword_text"
     settings = FamilySettings(learning_rate=3e-3, batch_size=64, rare_fraction=0.03,
                               classes=RARE + 1, base_weight_decay=0.0, lr_spike_factor=30.0,
@@ -82,7 +76,7 @@ class KeywordTextTask:
                                                  generator=generator)
         return documents.scatter(1, places, keywords)
 
-    def _examples(self, size: int, rare: bool, generator: torch.Generator) -> Batch:
+    def examples(self, size: int, rare: bool, generator: torch.Generator) -> Batch:
         topics = torch.randint(0, TOPICS, (size,), generator=generator)
         documents = self._documents(topics, generator)
         if rare:
@@ -99,12 +93,3 @@ class KeywordTextTask:
         marked = self._with_keywords(documents, generator)
         return (torch.where(is_rare[:, None], marked, documents),
                 torch.where(is_rare, torch.full_like(topics, RARE), topics))
-
-    def probes(self, seed: int, size: int) -> tuple[Probe, Probe]:
-        generator = torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET)
-        return (Probe(*self._examples(size, True, generator)),
-                Probe(*self._examples(size, False, generator)))
-
-    def heldout(self, seed: int, size: int) -> Batch:
-        return self._examples(size, True,
-                              torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET))

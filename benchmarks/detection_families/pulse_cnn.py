@@ -22,13 +22,7 @@ import math
 import torch
 from torch import nn
 
-from detection_families.base import (
-    HELDOUT_SEED_OFFSET,
-    PROBE_SEED_OFFSET,
-    Batch,
-    FamilySettings,
-)
-from raresignal.agent import Probe
+from detection_families.base import Batch, FamilySettings, ProbesFromExamples
 
 LENGTH = 32
 FREQUENCIES = (1.0, 2.0, 4.0)
@@ -38,7 +32,7 @@ PULSE_HEIGHT = 2.5
 NOISE = 0.5
 
 
-class PulseCNNTask:
+class PulseCNNTask(ProbesFromExamples):
     name = "pulse_cnn"
     settings = FamilySettings(learning_rate=3e-3, batch_size=64, rare_fraction=0.04,
                               classes=PULSE + 1, base_weight_decay=0.0, lr_spike_factor=100.0,
@@ -67,7 +61,7 @@ class PulseCNNTask:
         inside = (offset >= 0) & (offset < PULSE_WIDTH)
         return waves + PULSE_HEIGHT * inside.float()
 
-    def _examples(self, size: int, rare: bool, generator: torch.Generator) -> Batch:
+    def examples(self, size: int, rare: bool, generator: torch.Generator) -> Batch:
         waves, frequency, _ = self._waves(size, generator)
         if rare:
             return self._with_pulses(waves, generator)[:, None], torch.full((size,), PULSE)
@@ -83,12 +77,3 @@ class PulseCNNTask:
         pulsed = self._with_pulses(waves, generator)
         inputs = torch.where(is_rare[:, None], pulsed, waves)[:, None]
         return inputs, torch.where(is_rare, torch.full_like(frequency, PULSE), frequency)
-
-    def probes(self, seed: int, size: int) -> tuple[Probe, Probe]:
-        generator = torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET)
-        return (Probe(*self._examples(size, True, generator)),
-                Probe(*self._examples(size, False, generator)))
-
-    def heldout(self, seed: int, size: int) -> Batch:
-        return self._examples(size, True,
-                              torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET))
