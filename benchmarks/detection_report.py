@@ -19,7 +19,7 @@ from typing import Any
 from detection_detectors import Alarm, is_rare_signal, probe_loss_alarms, raresignal_alarms
 from detection_scoring import Outcome, Summary, score, summarize
 from detection_traces import RunTrace
-from detection_tuning import Fold, tune_rules, tuned_rules
+from detection_tuning import AlarmCache, Fold, tune_rules, tuned_rules
 
 from raresignal.server.alerting.rules import Rule
 
@@ -38,15 +38,15 @@ def _outcomes(traces: Sequence[RunTrace], detector: str, detect: Detect) -> list
     return [score(trace, detector, detect(trace)) for trace in traces]
 
 
-def score_fold(traces: Sequence[RunTrace], rules: Sequence[Rule], fold: Fold
-               ) -> tuple[list[Outcome], dict[str, Any]]:
+def score_fold(traces: Sequence[RunTrace], rules: Sequence[Rule], fold: Fold,
+               cache: AlarmCache | None = None) -> tuple[list[Outcome], dict[str, Any]]:
     """Tunes the rare-signal rules on the fold's tuning families only, then scores every
     detector on its held-out families (a fold with no tuning family scores the shipped
     rules and the reference alone)."""
     rare = [r for r in rules if is_rare_signal(r)]
     tuning = [t for t in traces if t.plan.family in fold.tuning]
     held_out = [t for t in traces if t.plan.family in fold.held_out]
-    choices = tune_rules(rare, tuning) if tuning else {}
+    choices = tune_rules(rare, tuning, cache) if tuning else {}
     detectors: dict[str, Detect] = {
         SHIPPED: lambda t: raresignal_alarms(t, rare),
         TUNED: lambda t: raresignal_alarms(t, tuned_rules(rare, choices)),
@@ -65,8 +65,9 @@ def run_report(traces: Sequence[RunTrace], rules: Sequence[Rule], fold_list: Seq
                ) -> dict[str, Any]:
     outcomes: list[Outcome] = []
     folds_out = []
+    cache: AlarmCache = {}  # the folds share one: each run is replayed once per setting
     for fold in fold_list:
-        fold_outcomes, fold_info = score_fold(traces, rules, fold)
+        fold_outcomes, fold_info = score_fold(traces, rules, fold, cache)
         outcomes.extend(fold_outcomes)
         folds_out.append(fold_info)
     return {"outcomes": outcomes, "folds": folds_out}

@@ -57,6 +57,10 @@ def grid_for(rule: Rule) -> tuple[float, ...] | None:
 
 
 DetectFn = Callable[[RunTrace], list[Alarm]]
+# One rule's alarms per trace, kept across folds: a leave-one-family-out report tunes on
+# each family many times over, and a rule's alarms on a run do not depend on the fold.
+# Keyed by the trace's identity, so a cache must not outlive the traces it was filled on.
+AlarmCache = dict[tuple[Rule, int], list[Alarm]]
 
 
 def for_grid(rule: Rule) -> tuple[int, ...]:
@@ -126,12 +130,13 @@ def choose(name: str, grid: Sequence[float], traces: Sequence[RunTrace],
     return Choice(name, best_value if quiet else None, quiet, tuple(scored))
 
 
-def choose_rule(rule: Rule, grid: Sequence[float], traces: Sequence[RunTrace]) -> Choice:
+def choose_rule(rule: Rule, grid: Sequence[float], traces: Sequence[RunTrace],
+                cache: AlarmCache | None = None) -> Choice:
     """Threshold, `for` and smoothing of one rule: per (`for`, smoothing) pair the best
     threshold as :func:`choose` picks it, its margin checked at that same pair; then the
     pair whose pick did best (ties to the earlier pair: the shipped one first). With no
     quiet pick at all, the shipped pair's choice, which shows its false alarms."""
-    choices = [replace(choose(rule.alert, grid, traces, _detector_at(rule, n, a)),
+    choices = [replace(choose(rule.alert, grid, traces, _detector_at(rule, n, a, cache)),
                        for_evaluations=n, smoothing=a) for n, a in settings_grid(rule)]
     quiet = [c for c in choices if c.value is not None]
     if not quiet:
@@ -139,24 +144,39 @@ def choose_rule(rule: Rule, grid: Sequence[float], traces: Sequence[RunTrace]) -
     return max(quiet, key=lambda c: dict(c.tried)[c.value])
 
 
-def _detector_at(rule: Rule, for_evaluations: int, smoothing: float
-                 ) -> Callable[[float], DetectFn]:
-    return lambda value: rules_detector([with_threshold(rule, value, for_evaluations,
-                                                        smoothing)])
+def _detector_at(rule: Rule, for_evaluations: int, smoothing: float,
+                 cache: AlarmCache | None = None) -> Callable[[float], DetectFn]:
+    return lambda value: rule_detector(with_threshold(rule, value, for_evaluations,
+                                                      smoothing), cache)
+
+
+def rule_detector(rule: Rule, cache: AlarmCache | None = None) -> DetectFn:
+    """One rule's alarms, looked up in ``cache`` when given one."""
+    if cache is None:
+        return rules_detector([rule])
+
+    def detect(trace: RunTrace) -> list[Alarm]:
+        key = (rule, id(trace))
+        if key not in cache:
+            cache[key] = raresignal_alarms(trace, [rule])
+        return cache[key]
+    return detect
 
 
 def rules_detector(rules: Sequence[Rule]) -> DetectFn:
     return lambda trace: raresignal_alarms(trace, rules)
 
 
-def tune_rules(rules: Sequence[Rule], traces: Sequence[RunTrace]) -> dict[str, Choice]:
-    """Each tunable rare-signal rule on its own, on the tuning runs."""
+def tune_rules(rules: Sequence[Rule], traces: Sequence[RunTrace],
+               cache: AlarmCache | None = None) -> dict[str, Choice]:
+    """Each tunable rare-signal rule on its own, on the tuning runs (``cache``: see
+    :data:`AlarmCache`)."""
     choices: dict[str, Choice] = {}
     for rule in rules:
         grid = grid_for(rule) if is_rare_signal(rule) else None
         if grid is None:
             continue
-        choices[rule.alert] = choose_rule(rule, grid, traces)
+        choices[rule.alert] = choose_rule(rule, grid, traces, cache)
     return choices
 
 

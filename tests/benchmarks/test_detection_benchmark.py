@@ -311,9 +311,9 @@ def test_leave_one_family_out_never_tunes_on_the_family_it_reports(
     tuned_on: list[set[str]] = []
     real_tune = detection_report.tune_rules
 
-    def spy(rules, tuning_traces):
+    def spy(rules, tuning_traces, cache=None):
         tuned_on.append({t.plan.family for t in tuning_traces})
-        return real_tune(rules, tuning_traces)
+        return real_tune(rules, tuning_traces, cache)
 
     monkeypatch.setattr(detection_report, "tune_rules", spy)
     report = detection_report.run_report(traces, load_rules(None), folds(list(SETTINGS), None))
@@ -325,6 +325,39 @@ def test_leave_one_family_out_never_tunes_on_the_family_it_reports(
     # Every run is reported once per detector: under the one fold that held it out.
     per_detector = [o for o in report["outcomes"] if o.detector == detection_report.TUNED]
     assert sorted(o.run for o in per_detector) == sorted(t.name for t in traces)
+
+
+def test_the_folds_replay_each_run_once_per_rule_setting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Collapse runs whose rare probe learns and then loses its skill; healthy runs that
+    # learn and keep it: the rules alarm on the first kind only.
+    def probe(collapse: bool) -> list:
+        losses = [2.0, 1.5, 1.0, 0.5] + [0.1] * 16 + ([3.0] * 20 if collapse else [0.1] * 20)
+        return [(10 * i, "probe_loss", (("probe", "rare"),), v) for i, v in enumerate(losses)]
+
+    traces = [_trace(family=f, seed=s, collapse=s == 0, switch=150, samples=probe(s == 0),
+                     accuracy=[0.9] * 30 + ([0.1] if s == 0 else [0.9]) * 10)
+              for f in ("minority_class", "digits") for s in (0, 1)]
+    rare = [r for r in load_rules(None) if detection_tuning.is_rare_signal(r)]
+    uncached = [detection_tuning.tune_rules(rare, traces[:2]),
+                detection_tuning.tune_rules(rare, traces)]
+    replays: list[tuple] = []
+    real = detection_tuning.raresignal_alarms
+
+    def counted(trace, rules):
+        replays.append((tuple(rules), trace.name))
+        return real(trace, rules)
+
+    monkeypatch.setattr(detection_tuning, "raresignal_alarms", counted)
+    cache: detection_tuning.AlarmCache = {}
+    cached = [detection_tuning.tune_rules(rare, traces[:2], cache),
+              detection_tuning.tune_rules(rare, traces, cache)]
+    # The same choices as replaying every time, and no run replayed twice with the same
+    # rule: the second tuning replays only the runs the first did not see.
+    assert cached == uncached
+    assert any(c.value is not None for c in cached[1].values())
+    assert len(replays) == len(set(replays))
+    assert {name for _, name in replays} == {t.name for t in traces}
 
 
 def _outcome(run: str, detector: str, collapse: bool, lead: int | None = None,
