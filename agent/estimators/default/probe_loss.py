@@ -42,19 +42,20 @@ from raresignal.agent.estimators.shared import (
 )
 
 
-class ProbeLossEstimator(DefaultEstimator):
-    """``probe_loss`` and (with a likelihood) ``probe_accuracy`` of every named probe set
-    (the ones the alerts read): the mean over the examples measured, in evaluation mode."""
+class ProbeSetLoss(DefaultEstimator):
+    """``probe_loss`` and (with a likelihood) ``probe_accuracy`` of each of ``probes``:
+    the mean over the examples measured, in evaluation mode, every ``interval`` steps
+    (``floor_measurements``: the cadence rule's ``M``; None for the monitor's)."""
 
-    name = "probe_loss"
     expensive = False
     # Its forward runs on a functional copy of the parameters, which under FSDP hold
     # only this rank's shard.
     needs_whole_parameters = True
 
-    def __init__(self, shared: SharedState, probes: Mapping[str, Probe]) -> None:
-        super().__init__(shared, shared.config.probe_loss_interval)
-        self.floor_measurements: int | None = shared.config.probe_loss_floor_measurements
+    def __init__(self, shared: SharedState, probes: Mapping[str, Probe], interval: int,
+                 floor_measurements: int | None) -> None:
+        super().__init__(shared, interval)
+        self.floor_measurements = floor_measurements
         self.probes = dict(probes)
 
     def run(self, ctx: StepContext) -> Sequence[Measurement]:
@@ -107,14 +108,23 @@ class ProbeLossEstimator(DefaultEstimator):
         return out
 
 
-class CommonProbeLossEstimator(ProbeLossEstimator):
-    """The same readings of the common reference probe alone, at the probes' geometry
-    cadence (with the cadence rule's default floor)."""
+class ProbeLossEstimator(ProbeSetLoss):
+    """The named probe sets (the ones the alerts read), at their own cadence and floor."""
+
+    name = "probe_loss"
+
+    def __init__(self, shared: SharedState, probes: Mapping[str, Probe]) -> None:
+        super().__init__(shared, probes, shared.config.probe_loss_interval,
+                         shared.config.probe_loss_floor_measurements)
+
+
+class CommonProbeLossEstimator(ProbeSetLoss):
+    """The common reference probe alone, at the probes' geometry cadence (with the
+    cadence rule's default floor)."""
 
     name = "common_probe_loss"
 
     def __init__(self, shared: SharedState, common: Probe) -> None:
-        super().__init__(shared, {shared.config.common_probe_name: common})
-        self.default_interval = shared.config.probes_interval
-        self.floor_measurements = None
+        super().__init__(shared, {shared.config.common_probe_name: common},
+                         shared.config.probes_interval, None)
 
