@@ -917,9 +917,11 @@ def test_the_jump_rule_warns_on_a_confident_probe_that_no_margin_in_nats_sees() 
     # 0.45 over the best) is crossed before that reading; twice the recent median is, at
     # 625 (0.03 against 0.01), the surge two readings old by then.
     fired = _shipped_surge_run([0.015, 0.03, 8.0], held_at=0.01)
-    # The finer margin in nats sees it one reading later, with the skill gone.
+    # The finer margin in nats sees it one reading later, with the skill gone, as does
+    # the spike rule (8 nats, 800 x the median).
     assert [(c.alert.rule, c.alert.step) for c in fired] == [
-        ("RareProbeLossJumpOnUpdateSurge", 625), ("RareProbeLossRiseOnUpdateSurge", 650)]
+        ("RareProbeLossJumpOnUpdateSurge", 625), ("RareProbeLossRiseOnUpdateSurge", 650),
+        ("RareProbeLossSpikeOnUpdateSurge", 650)]
     # The same creep with calm updates (a surge of 2 x, under the rule's 4 x) is noise.
     assert [c.alert.rule for c in _shipped_surge_run([0.015, 0.03], held_at=0.01,
                                                      surge=2.0)] == []
@@ -928,9 +930,25 @@ def test_the_jump_rule_warns_on_a_confident_probe_that_no_margin_in_nats_sees() 
 def test_a_catapult_raises_no_jump_alert() -> None:
     # One surging ratio reading with the probe's loss ten times its median at the same
     # step (a catapult at the edge of stability), then settling: the surge did not last
-    # two readings, so the jump rule stays quiet.
+    # two readings, so the jump rule stays quiet, and ten times is short of the spike
+    # rule's twenty.
     assert _shipped_surge_run([0.1, 0.01, 0.01, 0.01], held_at=0.01,
                               surge_readings=1) == []
+
+
+def test_a_skill_lost_at_the_first_surging_reading_raises_the_spike_alert() -> None:
+    # The surge's first ratio reading (600) and, at the same step, the probe's loss at 30
+    # times its median: the skill went within one reading. The spike rule fires there;
+    # the jump rule a reading later (the surge two readings old), as does the finer
+    # margin in nats.
+    fired = _shipped_surge_run([0.3, 0.5, 0.5], held_at=0.01)
+    assert [(c.alert.rule, c.alert.step) for c in fired][:1] == [
+        ("RareProbeLossSpikeOnUpdateSurge", 600)]
+    assert ("RareProbeLossJumpOnUpdateSurge", 625) in [(c.alert.rule, c.alert.step)
+                                                       for c in fired]
+    # The same spike with calm updates (a surge of 2 x) is not a change of course.
+    assert "RareProbeLossSpikeOnUpdateSurge" not in [
+        c.alert.rule for c in _shipped_surge_run([0.3, 0.5, 0.5], held_at=0.01, surge=2.0)]
 
 
 def test_a_catapult_raises_no_rare_signal_alert() -> None:

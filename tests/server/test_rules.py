@@ -19,7 +19,7 @@ from raresignal.server.alerting.rules import (
 
 DEFAULT_ALERTS = {
     "RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge", "RareProbeLossJumpOnUpdateSurge",
-    "SharpnessAboveStability",
+    "RareProbeLossSpikeOnUpdateSurge", "SharpnessAboveStability",
     "SubspaceDriftSpike", "FisherRankCollapse", "NonFiniteGradients",
     "RunStalled",
 }
@@ -60,9 +60,15 @@ def test_default_rules_are_the_shipped_set() -> None:
     assert (jump.condition.metric, jump.condition.threshold, jump.condition.relative_to,
             jump.while_for) == ("probe_loss", 2.0, Relative.TRAILING_RATIO, 2)
     assert jump.while_condition == surge.while_condition
+    # The spike: twenty times that median, at the first reading of the same surge.
+    spike = rules["RareProbeLossSpikeOnUpdateSurge"]
+    assert spike.condition is not None
+    assert (spike.condition.threshold, spike.condition.relative_to, spike.while_for,
+            spike.gained) == (20.0, Relative.TRAILING_RATIO, 1, 0.5)
+    assert spike.while_condition == surge.while_condition
     # The rare-signal rules watch the rare probes, not the common reference probe.
     for name in ("RareProbeLossRise", "RareProbeLossRiseOnUpdateSurge",
-                 "RareProbeLossJumpOnUpdateSurge"):
+                 "RareProbeLossJumpOnUpdateSurge", "RareProbeLossSpikeOnUpdateSurge"):
         assert rules[name].ignores({"probe": "common"}), name
         assert not rules[name].ignores({"probe": "rare"}), name
     assert rules["SubspaceDriftSpike"].condition.relative_to is Relative.BASELINE_MAD
