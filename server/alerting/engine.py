@@ -410,13 +410,12 @@ class AlertEngine:
         assert condition is not None
         if condition.relative_to is Relative.ABSOLUTE:
             return condition.threshold, rule.resolve_threshold
-        if condition.relative_to is Relative.RUNNING_BEST and not state.improved_by(
-                condition.threshold if rule.gained is None else rule.gained,
-                lower_is_better=not condition.points_down):
-            return None
-        if (condition.relative_to is Relative.TRAILING_RATIO and rule.gained is not None
-                and not state.improved_by(rule.gained,
-                                          lower_is_better=not condition.points_down)):
+        # The ground a series must have gained before it can lose it: `gained` (running-
+        # best and trailing-ratio rules only), a running-best rule's threshold otherwise.
+        gain = (rule.gained if rule.gained is not None else condition.threshold
+                if condition.relative_to is Relative.RUNNING_BEST else None)
+        if gain is not None and not state.improved_by(
+                gain, lower_is_better=not condition.points_down):
             return None
         if condition.relative_to in RATIO_KINDS and (state.median or 0.0) <= 0:
             return None  # a ratio of a non-positive baseline means nothing
